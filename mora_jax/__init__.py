@@ -1,0 +1,37 @@
+"""mora-jax: MoRA (high-rank parameter-efficient fine-tuning) for JAX/Flax.
+
+Core API (see README):
+  rank_hat, apply_mora, delta_weight                 exact operators (pure jax.numpy)
+  MoRAConfig, LoRAConfig, FullConfig                 method configs (frozen dataclasses)
+  init_adapters, apply_model, merge, unmerge         adapters as parameter-pytree transforms
+  split, combine, partition, unpartition, masked     trainable-only training
+"""
+
+from mora_jax.adapters import (
+    LoRAAdapter,
+    MoRAAdapter,
+    combine,
+    count_params,
+    dense_layout,
+    init_adapters,
+    is_adapter,
+    merge,
+    split,
+    summary,
+    trainable_patterns,
+    unmerge,
+)
+from mora_jax.config import (
+    LLAMA_FULLY_TRAINED,
+    LLAMA_TARGETS,
+    MORA_TYPES,
+    FullConfig,
+    LoRAConfig,
+    MoRAConfig,
+    make_config,
+)
+from mora_jax.intercept import apply_model
+from mora_jax.ops import apply_lora, apply_mora, delta_weight, lora_delta_weight, rank_hat
+from mora_jax.optim import masked, param_labels, partition, unpartition
+
+__version__ = "0.1.0"

@@ -1,0 +1,321 @@
+"""Adapters as transforms of a Flax model's parameter pytree.
+
+The adapter pytree is separate from the base parameters and mirrors only the targeted kernels:
+``adapters['model']['layers_0']['self_attn']['q_proj']['kernel']`` is a :class:`MoRAAdapter` (or
+:class:`LoRAAdapter`) whose only array leaves are the trainable matrices; the sizes and operator
+type are static pytree metadata, so an adapter tree is self-describing and ``jax.jit`` specialises
+on it. Kernels with a leading layer axis (``nn.scan``) get adapters with the same leading axis.
+
+Functions here are pure: ``init_adapters``, ``merge``, ``unmerge``, ``split``, ``combine``.
+Running a model with adapters in effect is :func:`mora_jax.apply_model` (``intercept.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from mora_jax import ops
+from mora_jax.config import AdapterConfig, FullConfig, LoRAConfig, MoRAConfig
+
+Path = tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter nodes (one per adapted kernel).
+# ---------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class MoRAAdapter:
+    """MoRA on one kernel: ``m`` is ``(*stack, r̂, r̂)`` in kernel layout (``z @ m``), float32."""
+
+    m: jax.Array
+    in_features: int = flax.struct.field(pytree_node=False)
+    out_features: int = flax.struct.field(pytree_node=False)
+    mora_type: int = flax.struct.field(pytree_node=False)
+    r: int = flax.struct.field(pytree_node=False)
+    dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def r_hat(self) -> int:
+        return int(self.m.shape[-1])
+
+    def delta(self, x_BxK):
+        """``Δy`` for inputs ``(..., in_features)`` (single layer: no stack axis)."""
+        return ops.apply_mora(
+            x_BxK, self.m, in_features=self.in_features, out_features=self.out_features, mora_type=self.mora_type
+        )
+
+    def delta_weight(self):
+        """``ΔK`` as ``(*stack, in_features, out_features)`` float32."""
+        fn = lambda m: ops.delta_weight(
+            m, in_features=self.in_features, out_features=self.out_features, mora_type=self.mora_type
+        )
+        for _ in range(self.m.ndim - 2):
+            fn = jax.vmap(fn)
+        return fn(self.m)
+
+
+@flax.struct.dataclass
+class LoRAAdapter:
+    """LoRA on one kernel: ``a (*stack, k, r)``, ``b (*stack, r, d)``, ``Δy = scale·(x @ a) @ b``."""
+
+    a: jax.Array
+    b: jax.Array
+    in_features: int = flax.struct.field(pytree_node=False)
+    out_features: int = flax.struct.field(pytree_node=False)
+    alpha: float = flax.struct.field(pytree_node=False)
+    rslora: bool = flax.struct.field(pytree_node=False, default=False)
+    dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def r(self) -> int:
+        return int(self.a.shape[-1])
+
+    @property
+    def scale(self) -> float:
+        return ops.lora_scale(self.r, self.alpha, self.rslora)
+
+    def delta(self, x_BxK):
+        return ops.apply_lora(x_BxK, self.a, self.b, scale=self.scale)
+
+    def delta_weight(self):
+        return self.scale * jnp.matmul(self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+
+
+Adapter = MoRAAdapter | LoRAAdapter
+
+
+def is_adapter(x) -> bool:
+    return isinstance(x, (MoRAAdapter, LoRAAdapter))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths.
+# ---------------------------------------------------------------------------------------------
+
+
+def path_str(path: Path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def flatten(tree: Mapping) -> dict[Path, Any]:
+    """Nested dicts → ``{path tuple: leaf}``; adapter nodes count as leaves."""
+    if hasattr(tree, "unfreeze"):  # flax FrozenDict
+        tree = tree.unfreeze()
+    return traverse_util.flatten_dict(dict(tree)) if tree else {}
+
+
+def unflatten(flat: Mapping[Path, Any]) -> dict:
+    return traverse_util.unflatten_dict(dict(flat)) if flat else {}
+
+
+def _select(paths, patterns: tuple[str, ...], what: str, *, allow_empty: bool = False) -> list[Path]:
+    names = {path_str(p): p for p in paths}
+    selected = []
+    for pattern in patterns:
+        hits = [p for name, p in names.items() if re.fullmatch(pattern, name)]
+        if not hits and not allow_empty:
+            shown = sorted(names)
+            listing = "\n  ".join(shown[:40]) + (f"\n  ... and {len(shown) - 40} more" if len(shown) > 40 else "")
+            raise ValueError(
+                f"{what} pattern {pattern!r} matches no parameter (patterns use re.fullmatch over "
+                f"'/'-joined paths). The parameters are:\n  {listing}"
+            )
+        selected += hits
+    return sorted(set(selected), key=path_str)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: which axes of a kernel are the layer stack, the inputs and the outputs.
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_shape(path: Path, shape, layout) -> tuple[tuple, int, int]:
+    """``(stack_shape, in_features, out_features)`` for a targeted kernel."""
+    if len(shape) < 2:
+        raise ValueError(
+            f"target {path_str(path)!r} has shape {tuple(shape)}: only kernels with >= 2 dims can be "
+            "adapted; narrow the targets pattern (e.g. end it with '/kernel')"
+        )
+    n_stack, n_in = (layout or {}).get(path_str(path), (0, 1))
+    if n_stack + n_in >= len(shape):
+        raise ValueError(f"layout {n_stack, n_in} for {path_str(path)!r} leaves no output axis in shape {shape}")
+    stack = tuple(shape[:n_stack])
+    k = math.prod(shape[n_stack : n_stack + n_in])
+    d = math.prod(shape[n_stack + n_in :])
+    return stack, k, d
+
+
+def dense_layout(model, *args, **kwargs) -> dict[str, tuple[int, int]]:
+    """Trace ``model.init(*args, **kwargs)`` abstractly and record, for each Dense/DenseGeneral kernel,
+    ``(number of leading stacked axes, number of input axes)``.
+
+    Needed by :func:`init_adapters` only for kernels that are not plain 2-D ``(in, out)``: layers
+    under ``nn.scan`` (a leading layer axis) or ``DenseGeneral`` with several input axes.
+    """
+    from mora_jax.intercept import record_dense_calls
+
+    with record_dense_calls() as calls:
+        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+    flat = flatten(variables["params"])
+    layout = {}
+    for module_path, (kernel_ndim, n_in) in calls.items():
+        path = (*module_path, "kernel")
+        if path in flat:
+            layout[path_str(path)] = (flat[path].ndim - kernel_ndim, n_in)
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Init, merge, unmerge.
+# ---------------------------------------------------------------------------------------------
+
+
+def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None) -> dict:
+    """A new adapter pytree for the kernels that ``config.targets`` selects.
+
+    MoRA ``m`` starts at zero; LoRA ``a`` is kaiming-uniform (PyTorch's ``a=√5`` on the ``(r, k)``
+    matrix, i.e. ``U(-1/√k, 1/√k)``) and ``b`` zero; all float32. ``FullConfig`` has no adapters and
+    returns ``{}``. ``layout`` (from :func:`dense_layout`) is needed only for stacked or
+    multi-input-axis kernels.
+    """
+    flat = flatten(params)
+    paths = _select(flat, config.targets, "targets")
+    if isinstance(config, FullConfig):
+        return {}
+    out = {}
+    for i, path in enumerate(paths):
+        stack, k, d = _split_shape(path, flat[path].shape, layout)
+        if isinstance(config, MoRAConfig):
+            r_hat = ops.rank_hat(k, d, config.r, config.mora_type)
+            out[path] = MoRAAdapter(
+                m=jnp.zeros((*stack, r_hat, r_hat), jnp.float32),
+                in_features=k, out_features=d, mora_type=config.mora_type, r=config.r, dropout=config.dropout,
+            )
+        elif isinstance(config, LoRAConfig):
+            bound = 1.0 / math.sqrt(k)
+            a = jax.random.uniform(jax.random.fold_in(rng, i), (*stack, k, config.r), jnp.float32, -bound, bound)
+            out[path] = LoRAAdapter(
+                a=a, b=jnp.zeros((*stack, config.r, d), jnp.float32), in_features=k, out_features=d,
+                alpha=float(config.alpha), rslora=bool(config.rslora), dropout=config.dropout,
+            )
+        else:
+            raise TypeError(f"config must be MoRAConfig, LoRAConfig or FullConfig, got {type(config).__name__}")
+    return unflatten(out)
+
+
+def _check_fits(path: Path, kernel, adapter) -> tuple:
+    stack_ndim = _adapter_stack_ndim(adapter)
+    stack = tuple(kernel.shape[:stack_ndim])
+    kd = kernel.shape[stack_ndim:]
+    k_times_d = math.prod(kd) if kd else 0
+    adapter_stack = _adapter_stack_shape(adapter)
+    if adapter_stack != stack or k_times_d != adapter.in_features * adapter.out_features:
+        raise ValueError(
+            f"adapter for {path_str(path)!r} does not fit the kernel: adapter is "
+            f"{adapter.in_features}x{adapter.out_features} (stack {adapter_stack}) but the kernel has shape "
+            f"{tuple(kernel.shape)}; were the adapters built for other params (another model size, or "
+            "scan_layers on/off)? Re-create them with init_adapters(params, ...)"
+        )
+    return stack
+
+
+def _adapter_stack_ndim(adapter) -> int:
+    return (adapter.m.ndim if isinstance(adapter, MoRAAdapter) else adapter.a.ndim) - 2
+
+
+def _adapter_stack_shape(adapter) -> tuple:
+    leaf = adapter.m if isinstance(adapter, MoRAAdapter) else adapter.a
+    return tuple(leaf.shape[:-2])
+
+
+def _merge(params, adapters, sign: float):
+    flat_params = flatten(params)
+    flat_adapters = flatten(adapters)
+    for path, adapter in flat_adapters.items():
+        if not is_adapter(adapter):
+            raise TypeError(f"{path_str(path)!r} in the adapter tree is {type(adapter).__name__}, not an adapter")
+        if path not in flat_params:
+            raise ValueError(
+                f"adapter path {path_str(path)!r} is not in params; the adapters were built for another model"
+            )
+        kernel = flat_params[path]
+        _check_fits(path, kernel, adapter)
+        delta = adapter.delta_weight().reshape(kernel.shape)
+        flat_params[path] = (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
+    return unflatten(flat_params)
+
+
+def merge(params, adapters):
+    """Params with every adapter folded in, ``K ← K + ΔK`` (float32 accumulate, cast back to ``K``'s dtype).
+
+    Pure and jit-able; use ``jax.jit(merge, donate_argnums=0)`` to update sharded weights in place.
+    """
+    return _merge(params, adapters, +1.0)
+
+
+def unmerge(params, adapters):
+    """The inverse of :func:`merge`: ``K ← K − ΔK``."""
+    return _merge(params, adapters, -1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Split / combine: trainable versus frozen base parameters.
+# ---------------------------------------------------------------------------------------------
+
+
+def trainable_patterns(config: AdapterConfig) -> tuple[str, ...]:
+    """Regexes of the base parameters trained in full under ``config``."""
+    full = config.targets if isinstance(config, FullConfig) else ()
+    return tuple(full) + tuple(config.unfreeze)
+
+
+def split(params, patterns, *, allow_empty: bool = False) -> tuple[dict, dict]:
+    """Split ``params`` into ``(selected, rest)`` sparse trees by regexes over paths (``re.fullmatch``).
+
+    Each output keeps only its own leaves, so the selected tree can be differentiated and given to
+    an optimizer without touching the rest. ``combine(selected, rest)`` rebuilds ``params``.
+    A pattern that matches nothing is an error unless ``allow_empty``.
+    """
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    flat = flatten(params)
+    chosen = set(_select(flat, tuple(patterns), "unfreeze", allow_empty=allow_empty))
+    selected = {p: v for p, v in flat.items() if p in chosen}
+    rest = {p: v for p, v in flat.items() if p not in chosen}
+    return unflatten(selected), unflatten(rest)
+
+
+def combine(*trees) -> dict:
+    """Merge sparse trees with disjoint leaves (the inverse of :func:`split`)."""
+    out: dict[Path, Any] = {}
+    for tree in trees:
+        for path, leaf in flatten(tree).items():
+            if path in out:
+                raise ValueError(f"combine: {path_str(path)!r} appears in more than one tree")
+            out[path] = leaf
+    return unflatten(out)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def summary(params, adapters, config: AdapterConfig) -> str:
+    """One line: trainable versus total parameters."""
+    trainable, _ = split(params, trainable_patterns(config), allow_empty=True)
+    n_train = count_params(adapters) + count_params(trainable)
+    n_total = count_params(params) + count_params(adapters)
+    return (
+        f"{config.method}: trainable {n_train:,} / total {n_total:,} parameters "
+        f"({100.0 * n_train / max(n_total, 1):.3f}%), {len(flatten(adapters))} adapted kernels"
+    )

@@ -1,0 +1,134 @@
+"""Adapter method configurations: frozen dataclasses, hashable, safe to close over in ``jax.jit``.
+
+All three methods select kernels the same way, by regular expression over ``/``-joined parameter
+paths (``re.fullmatch``), so experiments compare MoRA, LoRA and full fine-tuning with one code path.
+``unfreeze`` names base parameters trained in full alongside the adapters (e.g. embeddings, LM head
+and norms in the reference's pretraining recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Union
+
+from mora_jax.ops import MORA_TYPES, _check_type
+
+# The seven projections of a LLaMA block, as named by Hugging Face and by mora_jax.models.llama.
+LLAMA_TARGETS = r".*/(q|k|v|o|gate|up|down)_proj/kernel"
+# Embeddings, LM head and every norm: what the reference's pretraining recipe trains in full.
+LLAMA_FULLY_TRAINED = (r".*embed_tokens/.*", r"lm_head/.*", r".*norm/.*")
+
+
+def _as_patterns(value, field: str) -> tuple[str, ...]:
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{field} must be regular expressions (str), got {p!r}")
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"{field}: invalid regular expression {p!r}: {e}") from None
+    return patterns
+
+
+def _check_selection(config) -> None:
+    object.__setattr__(config, "targets", _as_patterns(config.targets, "targets"))
+    object.__setattr__(config, "unfreeze", _as_patterns(config.unfreeze, "unfreeze"))
+    if not config.targets:
+        raise ValueError("targets is empty: give at least one pattern, e.g. mora_jax.LLAMA_TARGETS")
+
+
+def _check_rank(name: str, r) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{name}.r must be a positive int (the LoRA rank), got {r!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoRAConfig:
+    """MoRA: one trainable square matrix ``m`` (``r̂ × r̂``, ``r̂ ≈ sqrt((k+d)·r)``) per targeted kernel.
+
+    Attributes:
+      r: the LoRA rank whose parameter count MoRA matches (the reference's ``r``).
+      mora_type: operator pair, one of 1, 2, 3, 4, 6 (1 for large r, 6 for small r).
+      targets: regexes over ``/``-joined parameter paths selecting the kernels to adapt.
+      dropout: dropout rate on the adapter input (active only when a ``'dropout'`` rng is passed).
+      unfreeze: regexes of base parameters trained in full alongside the adapters.
+    """
+
+    r: int = 8
+    mora_type: int = 6
+    targets: tuple[str, ...] = (LLAMA_TARGETS,)
+    dropout: float = 0.0
+    unfreeze: tuple[str, ...] = ()
+    method = "mora"
+
+    def __post_init__(self):
+        _check_rank("MoRAConfig", self.r)
+        _check_type(self.mora_type)
+        _check_dropout(self.dropout)
+        _check_selection(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA: ``Δy = (α/r)·(x·A)·B`` (rsLoRA: ``α/√r``), ``A`` kaiming-uniform, ``B`` zero."""
+
+    r: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    targets: tuple[str, ...] = (LLAMA_TARGETS,)
+    dropout: float = 0.0
+    unfreeze: tuple[str, ...] = ()
+    method = "lora"
+
+    def __post_init__(self):
+        _check_rank("LoRAConfig", self.r)
+        if not self.alpha > 0:
+            raise ValueError(f"LoRAConfig.alpha must be positive, got {self.alpha!r}")
+        _check_dropout(self.dropout)
+        _check_selection(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullConfig:
+    """Full fine-tuning of the targeted kernels (no adapters): the baseline in the same code path."""
+
+    targets: tuple[str, ...] = (LLAMA_TARGETS,)
+    unfreeze: tuple[str, ...] = ()
+    method = "full"
+
+    def __post_init__(self):
+        _check_selection(self)
+
+
+AdapterConfig = Union[MoRAConfig, LoRAConfig, FullConfig]
+
+
+def _check_dropout(rate) -> None:
+    if not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {rate!r}")
+
+
+def make_config(method: str, **kwargs) -> AdapterConfig:
+    """Build a config by method name (``"mora"``, ``"lora"`` or ``"full"``), e.g. from a CLI flag."""
+    classes = {"mora": MoRAConfig, "lora": LoRAConfig, "full": FullConfig}
+    if method not in classes:
+        raise ValueError(f"unknown method {method!r}: choose one of {sorted(classes)}")
+    fields = {f.name for f in dataclasses.fields(classes[method])}
+    unknown = set(kwargs) - fields
+    if unknown:
+        raise ValueError(f"{method} config has no field(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    return classes[method](**kwargs)
+
+
+__all__ = [
+    "AdapterConfig",
+    "FullConfig",
+    "LLAMA_FULLY_TRAINED",
+    "LLAMA_TARGETS",
+    "LoRAConfig",
+    "MORA_TYPES",
+    "MoRAConfig",
+    "make_config",
+]

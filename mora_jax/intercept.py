@@ -1,0 +1,108 @@
+"""Running any Flax linen model with adapters in effect, without editing the model.
+
+``apply_model`` passes the adapter pytree to ``model.apply`` as an extra variable collection,
+``'adapters'``, that mirrors the parameter tree, and intercepts every ``nn.Dense`` /
+``nn.DenseGeneral`` call (``flax.linen.intercept_methods``): a layer that finds an adapter under its
+own scope returns ``x @ K + Δy(x)``. The adapter's contribution is computed in activation space, so
+``ΔK`` is never built in the forward or backward pass, and differentiating with respect to the
+adapters alone computes no weight gradient for the frozen kernel.
+
+Because the adapters travel as a variable collection, lifted transforms see them like params: a
+model that scans over layers must list ``'adapters'`` in ``nn.scan(variable_axes=...)`` (the
+project's LLaMA does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import flax.linen as nn
+import jax
+
+ADAPTER_COLLECTION = "adapters"
+_DENSE_TYPES = (nn.Dense, nn.DenseGeneral)
+
+
+def _input_axes(module, x) -> int:
+    """Number of trailing input axes of ``x`` that the layer contracts."""
+    if isinstance(module, nn.Dense):
+        return 1
+    if module.batch_dims:
+        raise NotImplementedError(
+            f"adapters on DenseGeneral with batch_dims ({'/'.join(module.scope.path)}) are not supported"
+        )
+    axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    axes = sorted(a % x.ndim for a in axes)
+    if axes != list(range(x.ndim - len(axes), x.ndim)):
+        raise NotImplementedError(
+            f"adapters need DenseGeneral to contract trailing input axes; "
+            f"{'/'.join(module.scope.path)} contracts axes {module.axis} of a {x.ndim}-d input"
+        )
+    return len(axes)
+
+
+def _adapter_delta(module, adapter, x, y):
+    n_in = _input_axes(module, x)
+    lead = x.shape[: x.ndim - n_in]
+    x_BxK = x.reshape(*lead, -1).astype(y.dtype)
+    in_features, out_features = x_BxK.shape[-1], math.prod(y.shape[len(lead):])
+    if (in_features, out_features) != (adapter.in_features, adapter.out_features):
+        raise ValueError(
+            f"adapter at {'/'.join(module.scope.path)}/kernel is {adapter.in_features}x{adapter.out_features} "
+            f"but the layer maps {in_features} -> {out_features} features. For stacked (nn.scan) or "
+            "multi-input-axis kernels pass layout=mora_jax.dense_layout(model, ...) to init_adapters"
+        )
+    if adapter.dropout > 0.0 and module.scope.has_rng("dropout"):
+        keep = 1.0 - adapter.dropout
+        mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x_BxK.shape)
+        x_BxK = jax.numpy.where(mask, x_BxK / keep, 0).astype(x_BxK.dtype)
+    delta = adapter.delta(x_BxK)
+    return delta.reshape(y.shape).astype(y.dtype)
+
+
+def _adapter_interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, _DENSE_TYPES):
+        return next_fun(*args, **kwargs)
+    if not module.has_variable(ADAPTER_COLLECTION, "kernel"):
+        return next_fun(*args, **kwargs)
+    adapter = module.get_variable(ADAPTER_COLLECTION, "kernel")
+    y = next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs["inputs"]
+    return y + _adapter_delta(module, adapter, x, y)
+
+
+def apply_model(model: nn.Module, params, *args, adapters=None, **kwargs):
+    """``model.apply({'params': params}, *args, **kwargs)`` with ``adapters`` in effect.
+
+    Works for any linen model whose adapted layers are ``nn.Dense`` / ``nn.DenseGeneral``; extra
+    keyword arguments (``rngs``, ``method``, ``mutable``, model inputs) go to ``model.apply``.
+    Adapter dropout is active when a ``'dropout'`` rng is given (``rngs={'dropout': key}``).
+    """
+    variables = {"params": params}
+    if adapters:
+        variables[ADAPTER_COLLECTION] = adapters
+    with nn.intercept_methods(_adapter_interceptor):
+        return model.apply(variables, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def record_dense_calls():
+    """Record ``{module path: (kernel ndim per call, number of input axes)}`` of Dense layers called."""
+    calls: dict[tuple, tuple[int, int]] = {}
+
+    def recorder(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, _DENSE_TYPES):
+            x = args[0] if args else kwargs["inputs"]
+            n_in = _input_axes(module, x)
+            n_out = 1 if isinstance(module, nn.Dense) else len(
+                module.features if isinstance(module.features, (tuple, list)) else (module.features,)
+            )
+            calls[tuple(module.scope.path)] = (n_in + n_out, n_in)
+        return y
+
+    with nn.intercept_methods(recorder):
+        yield calls

@@ -1,0 +1,92 @@
+"""Optimizers that train only what should train.
+
+Two equivalent ways, both with no optimizer state for frozen parameters:
+
+1. ``partition`` → differentiate and optimize only the trainable tree (what the training loop does;
+   frozen kernels then get no weight gradient at all)::
+
+       trainables, frozen = mora_jax.partition(params, adapters, config)
+       opt_state = tx.init(trainables)
+       grads = jax.grad(loss)(trainables, frozen, batch)
+
+2. ``masked`` → one optax transformation over the whole ``{'params', 'adapters'}`` tree that sends
+   frozen leaves through ``optax.set_to_zero`` (stateless), for code that keeps a single tree.
+   (A bare ``optax.masked`` would pass frozen gradients through unchanged.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mora_jax.adapters import combine, flatten, split, trainable_patterns, unflatten
+from mora_jax.config import AdapterConfig
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+
+
+def partition(params, adapters, config: AdapterConfig, *, dtype=jnp.float32):
+    """``(trainables, frozen)``: ``trainables = {'params': <unfrozen base params>, 'adapters': adapters}``
+    cast to ``dtype`` (float32: a master copy for bf16 models), ``frozen`` the rest of ``params``
+    untouched. :func:`unpartition` is the inverse."""
+    unfrozen, frozen = split(params, trainable_patterns(config))
+    unfrozen = jax.tree_util.tree_map(lambda x: x.astype(dtype), unfrozen)
+    return {"params": unfrozen, "adapters": adapters}, frozen
+
+
+def unpartition(trainables, frozen, *, params_dtypes=None):
+    """``(params, adapters)`` from :func:`partition`'s output. ``params_dtypes`` (a tree like params, or a
+    dtype) casts the trained base params back to the model's parameter dtype."""
+    unfrozen = trainables["params"]
+    if params_dtypes is not None:
+        if isinstance(params_dtypes, dict):
+            flat_dtypes = flatten(params_dtypes)
+            cast = {p: v.astype(flat_dtypes[p]) for p, v in flatten(unfrozen).items()}
+        else:
+            cast = {p: v.astype(params_dtypes) for p, v in flatten(unfrozen).items()}
+        unfrozen = unflatten(cast)
+    return combine(unfrozen, frozen), trainables["adapters"]
+
+
+def param_labels(variables, config: AdapterConfig):
+    """``'trainable'`` / ``'frozen'`` for every leaf of ``{'params': params, 'adapters': adapters}``."""
+    unfrozen, _ = split(variables["params"], trainable_patterns(config), allow_empty=True)
+    trainable_paths = set(flatten(unfrozen))
+    labels = {"params": unflatten({p: (TRAINABLE if p in trainable_paths else FROZEN)
+                                   for p in flatten(variables["params"])})}
+    if "adapters" in variables:
+        labels["adapters"] = jax.tree_util.tree_map(lambda _: TRAINABLE, variables["adapters"])
+    return labels
+
+
+def masked(tx: optax.GradientTransformation, config: AdapterConfig) -> optax.GradientTransformation:
+    """``tx`` on the adapters and unfrozen params of a ``{'params', 'adapters'}`` tree; frozen leaves get
+    zero updates and no state (``optax.multi_transform`` with ``set_to_zero``)."""
+    return optax.multi_transform(
+        {TRAINABLE: tx, FROZEN: optax.set_to_zero()}, lambda variables: param_labels(variables, config)
+    )
+
+
+def adamw(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.0, clip_norm: float | None = 1.0) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and float32 moments, the loop's default optimizer.
+
+    ``learning_rate`` is a float or an optax schedule; it is injected as a hyperparameter so the
+    loop can restart it (ReMoRA) without rebuilding the optimizer.
+    """
+    def make(learning_rate):
+        return optax.chain(
+            optax.clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
+            optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=jnp.float32),
+        )
+
+    return optax.inject_hyperparams(make)(learning_rate=learning_rate)
+
+
+def state_bytes(opt_state) -> int:
+    """Bytes held by an optimizer state's arrays."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(opt_state) if hasattr(x, "dtype")))
+
+
+__all__ = ["adamw", "masked", "param_labels", "partition", "state_bytes", "unpartition"]

@@ -1,0 +1,168 @@
+"""The operators against the reference's golden vectors, and their algebraic properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mora_jax
+from mora_jax import apply_mora, delta_weight, rank_hat
+
+GOLDEN = np.load(__import__("pathlib").Path(__file__).parent / "fixtures" / "mora_ops_public.npz")
+CASES = range(int(GOLDEN["n_cases"]))
+
+
+def golden_case(i):
+    g = lambda key: GOLDEN[f"{i}/{key}"]
+    k, d, r, t, r_hat, seed = (int(g(n)) for n in ("in_features", "out_features", "r", "mora_type", "r_hat", "seed"))
+    rng = np.random.default_rng(seed)
+    m = (rng.standard_normal((r_hat, r_hat)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    probe = rng.standard_normal((k, 4)).astype(np.float32)
+    return dict(k=k, d=d, r=r, t=t, r_hat=r_hat, m=m, x=x, probe=probe, y=g("y"), dk=g("dk"), dk_probe=g("dk_probe"))
+
+
+def assert_close_to_ref(actual, ref):
+    tol = 1e-4 * np.abs(ref).max() + 1e-5
+    np.testing.assert_array_less(np.abs(np.asarray(actual) - ref).max(), tol)
+
+
+@pytest.mark.parametrize("i", CASES)
+def test_golden(i):
+    c = golden_case(i)
+    assert rank_hat(c["k"], c["d"], c["r"], c["t"]) == c["r_hat"]
+    kw = dict(in_features=c["k"], out_features=c["d"], mora_type=c["t"])
+    assert_close_to_ref(apply_mora(jnp.asarray(c["x"]), jnp.asarray(c["m"]), **kw), c["y"])
+    dk = np.asarray(delta_weight(jnp.asarray(c["m"]), **kw))
+    assert dk.shape == (c["k"], c["d"]) and dk.dtype == np.float32
+    assert_close_to_ref(dk, c["dk"])
+    assert_close_to_ref(c["probe"].T @ dk, c["dk_probe"])
+
+
+def test_rank_hat_examples_from_spec():
+    assert rank_hat(4096, 4096, 8, 1) == 256
+    assert rank_hat(4096, 11008, 8, 1) == 348
+    assert rank_hat(768, 768, 128, 1) == 443
+    assert rank_hat(768, 768, 128, 6) == 442
+
+
+# Shapes that stress every branch: non-dividing, r̂ > k, r̂ > d, r̂ > 2k, single-chunk type 6.
+EDGE_SHAPES = [(64, 96, 4), (100, 70, 8), (5, 40, 8), (40, 5, 8), (7, 9, 30), (3, 200, 16), (33, 33, 64), (1, 1, 1)]
+
+
+def _random(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("k,d,r", EDGE_SHAPES)
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 6])
+def test_forward_equals_merged_weight(k, d, r, t):
+    try:
+        r_hat = rank_hat(k, d, r, t)
+    except ValueError:  # type 6 with r̂ = 1 cannot exist (needs an even r̂)
+        assert t == 6
+        return
+    m = _random((r_hat, r_hat), 1)
+    x = _random((2, 3, k), 2)  # two leading dims
+    kw = dict(in_features=k, out_features=d, mora_type=t)
+    y = apply_mora(x, m, **kw)
+    assert y.shape == (2, 3, d)
+    dk = delta_weight(m, **kw)
+    np.testing.assert_allclose(np.asarray(x @ dk), np.asarray(y), rtol=1e-4, atol=1e-4)
+
+
+def _dense_reference_dk(m, k, d, t):
+    """ΔK by pushing the identity through the forward (the slow definition: row j = Δy(e_j))."""
+    return apply_mora(jnp.eye(k), m, in_features=k, out_features=d, mora_type=t)
+
+
+@pytest.mark.parametrize("k,d,r", [(7, 9, 30), (3, 200, 16), (40, 5, 8)])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 6])
+def test_delta_weight_matches_definition_when_r_hat_exceeds_k(k, d, r, t):
+    r_hat = rank_hat(k, d, r, t)
+    assert r_hat > k or r_hat > d
+    m = _random((r_hat, r_hat), 3)
+    kw = dict(in_features=k, out_features=d, mora_type=t)
+    np.testing.assert_allclose(delta_weight(m, **kw), _dense_reference_dk(m, k, d, t), rtol=1e-5, atol=1e-5)
+
+
+def test_wrap_padding_beyond_2k():
+    # r̂ > 2k: the reference's x[:pad] append fails; P(x)_j = x_{j mod k} must hold.
+    k, d, r = 3, 200, 16
+    r_hat = rank_hat(k, d, r, 1)
+    assert r_hat > 2 * k
+    m = jnp.eye(r_hat)
+    x = jnp.asarray([[1.0, 2.0, 3.0]])
+    y = apply_mora(x, m, in_features=k, out_features=d, mora_type=1)
+    # Sum-of-chunks compression of one chunk is the wrap padding itself; tile decompression repeats it.
+    padded = np.array([[1.0, 2.0, 3.0][j % 3] for j in range(r_hat)])
+    np.testing.assert_allclose(np.asarray(y)[0], np.tile(padded, -(-d // r_hat))[:d])
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("k,d,r", [(64, 96, 4), (128, 48, 8), (96, 96, 2)])
+def test_rank_property(t, k, d, r):
+    r_hat = rank_hat(k, d, r, t)
+    dk = np.asarray(delta_weight(_random((r_hat, r_hat), 4), in_features=k, out_features=d, mora_type=t), np.float64)
+    expected = min(k, d) if t == 6 else min(r_hat, k, d)
+    assert np.linalg.matrix_rank(dk) == expected
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 6])
+def test_zero_m_is_identity(t):
+    r_hat = rank_hat(64, 96, 8, t)
+    kw = dict(in_features=64, out_features=96, mora_type=t)
+    m = jnp.zeros((r_hat, r_hat))
+    assert not np.any(np.asarray(apply_mora(_random((4, 64), 5), m, **kw)))
+    assert not np.any(np.asarray(delta_weight(m, **kw)))
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 6])
+def test_jit_equals_eager_and_bf16(t):
+    k, d = 100, 70
+    r_hat = rank_hat(k, d, 8, t)
+    m, x = _random((r_hat, r_hat), 6) * 0.1, _random((5, k), 7)
+    kw = dict(in_features=k, out_features=d, mora_type=t)
+    eager = apply_mora(x, m, **kw)
+    jitted = jax.jit(lambda x, m: apply_mora(x, m, **kw))(x, m)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda m: delta_weight(m, **kw))(m), delta_weight(m, **kw), rtol=1e-6, atol=1e-6)
+    y_bf16 = apply_mora(x.astype(jnp.bfloat16), m, **kw)
+    assert y_bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y_bf16, np.float32), eager, rtol=0.05, atol=0.05 * float(jnp.abs(eager).max()))
+
+
+def test_type6_rotation_uses_float32_angles():
+    # With bf16 inputs, cos/sin of large chunk angles must not be computed in bf16: compare to f32 path.
+    k, d = 4096, 64
+    r_hat = rank_hat(k, d, 1, 6)
+    m = jnp.eye(r_hat, dtype=jnp.float32)
+    x = _random((1, k), 8).astype(jnp.bfloat16)
+    kw = dict(in_features=k, out_features=d, mora_type=6)
+    y16 = apply_mora(x, m, **kw).astype(jnp.float32)
+    y32 = apply_mora(x.astype(jnp.float32), m, **kw)
+    np.testing.assert_allclose(y16, y32, rtol=2e-2, atol=2e-2)
+
+
+def test_lora_ops():
+    a, b, x = _random((16, 4), 9), _random((4, 8), 10), _random((3, 16), 11)
+    scale = mora_jax.ops.lora_scale(4, 8.0)
+    assert scale == 2.0 and mora_jax.ops.lora_scale(4, 8.0, rslora=True) == 4.0
+    np.testing.assert_allclose(x @ mora_jax.lora_delta_weight(a, b, scale=scale), mora_jax.apply_lora(x, a, b, scale=scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: rank_hat(64, 64, 0, 1), "positive int"),
+        (lambda: rank_hat(64, 64, -3, 1), "positive int"),
+        (lambda: rank_hat(64, 64, 8, 5), "unknown mora_type 5"),
+        (lambda: rank_hat(0, 64, 8, 1), "in_features must be a positive int"),
+        (lambda: apply_mora(jnp.ones((2, 63)), jnp.ones((4, 4)), in_features=64, out_features=8, mora_type=1), "in_features=64"),
+        (lambda: apply_mora(jnp.ones((2, 64)), jnp.ones((4, 5)), in_features=64, out_features=8, mora_type=1), "square"),
+        (lambda: delta_weight(jnp.ones((5, 5)), in_features=64, out_features=8, mora_type=6), "even"),
+    ],
+)
+def test_operator_errors(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
