@@ -1,0 +1,117 @@
+"""ReMoRA / ReLoRA: merge the adapters into the weights every ``T`` steps and start fresh ones.
+
+After the update of step ``s`` with ``s % T == 0`` (``s > 0``): every adapted kernel becomes
+``K + ΔK`` (float32 accumulate, cast back, inside ``jax.jit`` on the sharded, donated weights),
+MoRA's ``m`` restarts at zero with the next operator type of the cycle (reference: 1→2→3→4→1),
+LoRA's ``a`` is re-initialised and ``b`` zeroed, and the adapters get a fresh optimizer state
+(moments and step count) while fully trained parameters keep theirs. The learning-rate restart is
+part of the schedule (``mora_jax.schedules``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mora_jax import ops
+from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, merge, unflatten
+from mora_jax.training import TrainState
+
+REFERENCE_CYCLE = (1, 2, 3, 4)  # the reference's remora_types=4; (1, 2) is its alternative
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoraConfig:
+    """Attributes:
+      every: merge period T in optimizer steps (0 = never merge).
+      type_cycle: MoRA operator types used in turn, one per merge period; the first is the initial type.
+      reset_optimizer: give the adapters fresh optimizer state at each merge (the reference does).
+    """
+
+    every: int = 0
+    type_cycle: tuple[int, ...] = REFERENCE_CYCLE
+    reset_optimizer: bool = True
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"ReMoRA merge period must be >= 0, got {self.every}")
+        cycle = tuple(self.type_cycle)
+        if not cycle:
+            raise ValueError("type_cycle is empty: give at least one MoRA type, e.g. (1, 2, 3, 4)")
+        for t in cycle:
+            ops._check_type(t)
+        if 6 in cycle and len(set(cycle)) > 1:
+            raise ValueError(
+                f"type_cycle {cycle} mixes type 6 with other types: type 6 needs an even r̂, so m's shape could "
+                "change at a merge; use (6,) alone or a cycle of types 1-4"
+            )
+        object.__setattr__(self, "type_cycle", cycle)
+
+    def is_merge_step(self, completed_steps: int) -> bool:
+        return bool(self.every) and completed_steps > 0 and completed_steps % self.every == 0
+
+    def type_at(self, completed_steps: int) -> int:
+        """The operator type in use while training after ``completed_steps`` updates."""
+        if not self.every:
+            return self.type_cycle[0]
+        return self.type_cycle[(completed_steps // self.every) % len(self.type_cycle)]
+
+
+def fresh_adapters(adapters, rng, mora_type: int | None = None):
+    """New adapters of the same shapes: MoRA ``m = 0`` (optionally another type), LoRA ``a`` re-initialised
+    (kaiming-uniform) and ``b = 0``."""
+    flat = flatten(adapters)
+    out = {}
+    for i, (path, adapter) in enumerate(sorted(flat.items())):
+        if isinstance(adapter, MoRAAdapter):
+            new_type = adapter.mora_type if mora_type is None else mora_type
+            if new_type != adapter.mora_type and (new_type == 6) != (adapter.mora_type == 6):
+                raise ValueError(f"cannot switch {'/'.join(path)} between type 6 and types 1-4 at a merge")
+            out[path] = adapter.replace(m=jnp.zeros_like(adapter.m), mora_type=new_type)
+        elif isinstance(adapter, LoRAAdapter):
+            bound = 1.0 / math.sqrt(adapter.in_features)
+            a = jax.random.uniform(jax.random.fold_in(rng, i), adapter.a.shape, adapter.a.dtype, -bound, bound)
+            out[path] = adapter.replace(a=a, b=jnp.zeros_like(adapter.b))
+        else:
+            raise TypeError(f"not an adapter at {'/'.join(path)}: {type(adapter).__name__}")
+    return unflatten(out)
+
+
+def merge_and_reset(state: TrainState, *, tx: optax.GradientTransformation, next_type: int | None,
+                    reset_optimizer: bool = True) -> TrainState:
+    """Fold the adapters into the frozen kernels and start fresh adapters (pure; jit with donation).
+
+    ``next_type`` (static) is the MoRA type for the next period (None keeps the current one).
+    """
+    adapters = state.trainables["adapters"]
+    frozen = merge(state.frozen, adapters)
+    rng, init_rng = jax.random.split(state.rng)
+    new_adapters = fresh_adapters(adapters, init_rng, next_type)
+    trainables = dict(state.trainables, adapters=new_adapters)
+    opt_state = dict(state.opt_state)
+    if reset_optimizer:
+        opt_state["adapters"] = tx.init(new_adapters)
+    else:  # keep the moments, re-labelled for the new adapter tree (same shapes)
+        opt_state["adapters"] = _retarget(opt_state["adapters"], adapters, new_adapters)
+    return state.replace(frozen=frozen, trainables=trainables, opt_state=opt_state, rng=rng)
+
+
+def _retarget(opt_state, old_adapters, new_adapters):
+    """Re-wrap optimizer-state subtrees shaped like ``old_adapters`` as ``new_adapters`` (type change)."""
+    old_def = jax.tree_util.tree_structure(old_adapters)
+    new_def = jax.tree_util.tree_structure(new_adapters)
+
+    def is_adapter_tree(x):
+        try:
+            return jax.tree_util.tree_structure(x) == old_def
+        except Exception:  # noqa: BLE001 - arbitrary optax state nodes
+            return False
+
+    return jax.tree_util.tree_map(
+        lambda x: jax.tree_util.tree_unflatten(new_def, jax.tree_util.tree_leaves(x)) if is_adapter_tree(x) else x,
+        opt_state, is_leaf=is_adapter_tree,
+    )

@@ -1,0 +1,117 @@
+"""Learning-rate schedules, including ReMoRA's restarts after each merge (``MORA_SPEC.md``, "ReMoRA").
+
+Every schedule is a pure function ``step -> lr`` usable inside ``jax.jit`` (an optax schedule).
+
+Restart flavours, with merges every ``restart_every`` steps (after the update of step ``s``):
+
+* ``"reference"`` (the MoRA/ReMoRA code's default): after a merge at step ``s`` a new
+  warm-up-plus-decay schedule starts, over the remaining steps, from the learning rate the previous
+  schedule had reached at ``s``; its warm-up is ``restart_warmup`` steps from 0.
+* ``"cosine_restarts"`` (ReLoRA): one global cosine (floor ``min_lr_ratio``), multiplied after each
+  reset by a linear re-warm-up from 0 over ``restart_warmup`` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+DECAYS = ("cosine", "linear", "constant")
+FLAVOURS = ("reference", "cosine_restarts")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Attributes:
+      peak_lr: learning rate after warm-up.
+      total_steps: optimizer steps in the run.
+      warmup_steps: linear warm-up from 0 at the start.
+      decay: "cosine", "linear" or "constant" after warm-up.
+      min_lr_ratio: floor of the decay as a fraction of peak_lr.
+      restart_every: ReMoRA/ReLoRA merge period T (0 = no restarts).
+      restart_warmup: re-warm-up steps after each merge (reference: 50).
+      flavour: "reference" or "cosine_restarts" (see module docstring).
+    """
+
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.0
+    restart_every: int = 0
+    restart_warmup: int = 50
+    flavour: str = "reference"
+
+    def __post_init__(self):
+        if self.decay not in DECAYS:
+            raise ValueError(f"unknown decay {self.decay!r}: choose one of {DECAYS}")
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"unknown restart flavour {self.flavour!r}: choose one of {FLAVOURS}")
+        if self.total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {self.total_steps}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.restart_every < 0 or self.restart_warmup < 0:
+            raise ValueError("restart_every and restart_warmup must be >= 0")
+
+
+def _warmup_decay(step, *, start, length, warmup, peak, floor, decay):
+    """Warm-up from 0 to ``peak`` over ``warmup`` steps, then decay to ``floor`` by ``start + length``."""
+    t = jnp.asarray(step, jnp.float32) - start
+    warm = peak * jnp.clip(t / jnp.maximum(warmup, 1), 0.0, 1.0) if warmup else jnp.asarray(peak, jnp.float32)
+    progress = jnp.clip((t - warmup) / max(length - warmup, 1), 0.0, 1.0)
+    if decay == "cosine":
+        shape = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    elif decay == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = jnp.ones_like(progress)
+    decayed = floor + (peak - floor) * shape
+    return jnp.where(t < warmup, warm, decayed)
+
+
+def _reference_cycles(cfg: ScheduleConfig):
+    """(start, peak) of each restart cycle, computed ahead in float64 on the host."""
+    floor = cfg.min_lr_ratio * cfg.peak_lr
+    cycles = [(0, cfg.warmup_steps, cfg.peak_lr)]
+    if cfg.restart_every:
+        for start in range(cfg.restart_every, cfg.total_steps, cfg.restart_every):
+            prev_start, prev_warmup, prev_peak = cycles[-1]
+            lr_at = float(_warmup_decay(start, start=prev_start, length=cfg.total_steps - prev_start,
+                                        warmup=prev_warmup, peak=prev_peak, floor=floor, decay=cfg.decay))
+            cycles.append((start, min(cfg.restart_warmup, cfg.total_steps - start), lr_at))
+    return cycles
+
+
+def make_schedule(cfg: ScheduleConfig):
+    """An optax-style schedule ``step -> learning rate`` for ``cfg``."""
+    floor = cfg.min_lr_ratio * cfg.peak_lr
+    base = lambda step: _warmup_decay(step, start=0, length=cfg.total_steps, warmup=cfg.warmup_steps,
+                                      peak=cfg.peak_lr, floor=floor, decay=cfg.decay)
+    if not cfg.restart_every:
+        return base
+    if cfg.flavour == "cosine_restarts":
+        def schedule(step):
+            step_f = jnp.asarray(step, jnp.float32)
+            since = step_f - jnp.floor(step_f / cfg.restart_every) * cfg.restart_every
+            rewarm = jnp.clip(since / max(cfg.restart_warmup, 1), 0.0, 1.0) if cfg.restart_warmup else 1.0
+            return base(step) * jnp.where(step_f >= cfg.restart_every, rewarm, 1.0)
+        return schedule
+
+    cycles = _reference_cycles(cfg)
+    starts = np.array([c[0] for c in cycles], np.float32)
+
+    def schedule(step):
+        step_f = jnp.asarray(step, jnp.float32)
+        lr = jnp.asarray(0.0, jnp.float32)
+        for (start, warmup, peak), next_start in zip(cycles, list(starts[1:]) + [np.inf]):
+            value = _warmup_decay(step_f, start=start, length=cfg.total_steps - start, warmup=warmup,
+                                  peak=peak, floor=min(floor, peak), decay=cfg.decay)
+            lr = jnp.where((step_f >= start) & (step_f < next_start), value, lr)
+        return lr
+
+    return schedule

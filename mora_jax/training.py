@@ -1,0 +1,175 @@
+"""The pure training step: trainables-only gradients, gradient accumulation, clipping, AdamW.
+
+State is explicit and split the way the memory should be:
+
+* ``frozen``: base parameters that are not trained (in the model's ``param_dtype``, e.g. bf16);
+  adapted kernels live here and change only at ReMoRA merges;
+* ``trainables = {'params': <unfrozen base params>, 'adapters': <adapter tree>}`` in float32;
+* ``opt_state = {'params': ..., 'adapters': ...}``: one optimizer state per group, so ReMoRA can
+  give the adapters fresh moments and step count while fully trained parameters keep theirs.
+
+``train_step`` and ``eval_step`` are pure functions of ``(state, batch)``; ``jax.jit`` them with
+``in_shardings`` / ``out_shardings`` / ``donate_argnums=0`` (see ``mora_jax.sharding``).
+Frozen kernels get no weight gradient: only ``trainables`` are differentiated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from mora_jax import adapters as adapters_lib
+from mora_jax.config import AdapterConfig
+from mora_jax.intercept import apply_model
+from mora_jax.optim import partition, unpartition
+
+Batch = dict[str, jax.Array]
+MODEL_INPUTS = ("attention_mask", "segment_ids", "positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # completed optimizer updates, int32 scalar
+    frozen: Any
+    trainables: Any
+    opt_state: Any
+    rng: jax.Array  # typed PRNG key, for adapter dropout
+
+    @property
+    def adapters(self):
+        return self.trainables["adapters"]
+
+    def params(self, params_dtypes=None):
+        """The full base parameter tree (frozen + trained), trained leaves cast to ``params_dtypes``."""
+        return unpartition(self.trainables, self.frozen, params_dtypes=params_dtypes)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static configuration of the train step (hashable; closed over by jit).
+
+    Attributes:
+      grad_accum: micro-batches per optimizer step; the batch's leading dim is split into them.
+      clip_norm: global-norm gradient clipping over all trainables (None/0 = off).
+      z_loss: optional z-loss coefficient on the log-partition (0 = off).
+    """
+
+    grad_accum: int = 1
+    clip_norm: float | None = 1.0
+    z_loss: float = 0.0
+
+
+def create_train_state(params, adapters, config: AdapterConfig, tx: optax.GradientTransformation, rng) -> TrainState:
+    """Split ``params`` into frozen/trainable (float32 master copy) and initialise per-group optimizer state."""
+    trainables, frozen = partition(params, adapters, config)
+    opt_state = {name: tx.init(tree) for name, tree in trainables.items()}
+    return TrainState(step=jnp.zeros((), jnp.int32), frozen=frozen, trainables=trainables, opt_state=opt_state, rng=rng)
+
+
+def next_token_loss(logits_BxTxV, batch: Batch, z_loss: float = 0.0):
+    """Sum of next-token cross-entropy over positions with ``loss_mask`` (position t predicts token t+1),
+    and the number of such positions. Computed in float32."""
+    targets_BxT = batch["input_ids"][:, 1:]
+    weights_BxT = batch.get("loss_mask", jnp.ones_like(batch["input_ids"]))[:, :-1].astype(jnp.float32)
+    logits = logits_BxTxV[:, :-1].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxT)
+    if z_loss:
+        ce = ce + z_loss * jax.nn.logsumexp(logits, axis=-1) ** 2
+    return jnp.sum(ce * weights_BxT), jnp.sum(weights_BxT)
+
+
+def _forward_loss(model, trainables, frozen, batch, rng, step_config, params_dtypes):
+    params, adapters = unpartition(trainables, frozen, params_dtypes=params_dtypes)
+    kwargs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+    rngs = {"dropout": rng} if rng is not None else None
+    logits = apply_model(model, params, batch["input_ids"], adapters=adapters, rngs=rngs, **kwargs)
+    return next_token_loss(logits, batch, step_config.z_loss)
+
+
+def _params_dtypes(frozen_like, trainables):
+    """The model's dtype for trained base params: the frozen params' dtype (bf16 models stay bf16)."""
+    leaves = jax.tree_util.tree_leaves(frozen_like)
+    return leaves[0].dtype if leaves else None
+
+
+def loss_and_grads(model, state: TrainState, batch: Batch, step_config: StepConfig, rng=None):
+    """Mean loss, float32 gradients w.r.t. ``state.trainables`` and token count, accumulated over
+    ``step_config.grad_accum`` micro-batches with ``lax.scan`` (the mean is over all tokens)."""
+    params_dtypes = _params_dtypes(state.frozen, state.trainables)
+    grad_fn = jax.value_and_grad(
+        lambda t, b, key: _forward_loss(model, t, state.frozen, b, key, step_config, params_dtypes), has_aux=True
+    )
+    n = step_config.grad_accum
+    if n == 1:
+        (loss_sum, count), grads = grad_fn(state.trainables, batch, rng)
+    else:
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+        keys = jax.random.split(rng, n) if rng is not None else None
+
+        def body(carry, inputs):
+            grads_acc, loss_acc, count_acc = carry
+            mb, key = inputs
+            (loss_sum, count), grads = grad_fn(state.trainables, mb, key)
+            grads_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+
+        zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainables)
+        (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, keys))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32) / denom, grads)
+    return loss_sum / denom, grads, count
+
+
+def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
+               schedule: Callable, step_config: StepConfig = StepConfig(), use_dropout: bool = False):
+    """One optimizer step. Returns ``(new_state, metrics)`` with loss, grad norm, lr and token count."""
+    rng, step_rng = jax.random.split(state.rng)
+    loss, grads, count = loss_and_grads(model, state, batch, step_config, step_rng if use_dropout else None)
+    grad_norm = optax.tree.norm(grads)
+    if step_config.clip_norm:
+        scale = jnp.minimum(1.0, step_config.clip_norm / (grad_norm + 1e-6))
+        grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+    lr = schedule(state.step)
+    new_trainables, new_opt_state = {}, {}
+    for name, tree in state.trainables.items():
+        opt_state = _set_learning_rate(state.opt_state[name], lr)
+        updates, new_opt_state[name] = tx.update(grads[name], opt_state, tree)
+        new_trainables[name] = optax.apply_updates(tree, updates)
+    new_state = state.replace(step=state.step + 1, trainables=new_trainables, opt_state=new_opt_state, rng=rng)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "tokens": count}
+
+
+def _set_learning_rate(opt_state, lr):
+    """Overwrite an ``optax.inject_hyperparams`` state's learning rate (our schedules live outside optax
+    so that ReMoRA restarts and the per-group states share one clock)."""
+    if hasattr(opt_state, "hyperparams") and "learning_rate" in opt_state.hyperparams:
+        hyperparams = dict(opt_state.hyperparams)
+        hyperparams["learning_rate"] = jnp.asarray(lr, hyperparams["learning_rate"].dtype)
+        return opt_state._replace(hyperparams=hyperparams)
+    return opt_state
+
+
+def eval_step(state: TrainState, batch: Batch, *, model, step_config: StepConfig = StepConfig()):
+    """Summed loss and token count over ``batch`` (no dropout), for perplexity over a held-out split."""
+    params_dtypes = _params_dtypes(state.frozen, state.trainables)
+    loss_sum, count = _forward_loss(model, state.trainables, state.frozen, batch, None, step_config, params_dtypes)
+    return {"loss_sum": loss_sum, "tokens": count}
+
+
+def logits_fn(model, state: TrainState, input_ids, **kwargs):
+    """Logits of the model as trained so far (adapters unmerged)."""
+    params = state.params(_params_dtypes(state.frozen, state.trainables))
+    return apply_model(model, params, input_ids, adapters=state.adapters, **kwargs)
+
+
+def trainable_summary(state: TrainState) -> str:
+    n_train = adapters_lib.count_params(state.trainables)
+    n_total = adapters_lib.count_params(state.frozen) + adapters_lib.count_params(state.trainables["params"])
+    n_adapter = adapters_lib.count_params(state.trainables["adapters"])
+    return (f"trainable parameters: {n_train:,} ({n_adapter:,} in adapters) of {n_total + n_adapter:,} "
+            f"({100.0 * n_train / max(n_total + n_adapter, 1):.3f}%)")

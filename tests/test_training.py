@@ -1,0 +1,146 @@
+"""The pure train step, schedules and ReMoRA on the tiny LLaMA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mora_jax as mj
+from mora_jax import remora, schedules, training
+from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
+
+CFG = LLAMA_CONFIGS["tiny"]
+MODEL = LlamaForCausalLM(CFG)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0))
+
+
+def _batch(seed=0, b=8, t=16):
+    ids = jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, (b, t)), jnp.int32)
+    return {"input_ids": ids, "loss_mask": jnp.ones_like(ids)}
+
+
+def _state(params, config, tx, seed=1):
+    adapters = mj.init_adapters(params, config, jax.random.key(seed))
+    return training.create_train_state(params, adapters, config, tx, jax.random.key(seed + 1))
+
+
+def test_grad_accumulation_equals_full_batch(params):
+    config = mj.MoRAConfig(r=4, mora_type=6, unfreeze=(r".*norm/.*",))
+    tx = mj.optim.adamw(1e-2)
+    state = _state(params, config, tx)
+    state = state.replace(trainables=jax.tree_util.tree_map(lambda x: x + 0.01, state.trainables))
+    batch = _batch()
+    batch["loss_mask"] = batch["loss_mask"].at[:3, :5].set(0)  # uneven token counts per micro-batch
+    l1, g1, c1 = training.loss_and_grads(MODEL, state, batch, training.StepConfig(grad_accum=1))
+    l4, g4, c4 = training.loss_and_grads(MODEL, state, batch, training.StepConfig(grad_accum=4))
+    assert float(c1) == float(c4) == 8 * 15 - 15
+    np.testing.assert_allclose(l1, l4, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g4)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_mask_excludes_positions(params):
+    config = mj.MoRAConfig(r=4, mora_type=1)
+    state = _state(params, config, mj.optim.adamw(1e-3))
+    batch = _batch()
+    logits = training.logits_fn(MODEL, state, batch["input_ids"])
+    masked = dict(batch, loss_mask=batch["loss_mask"].at[:, 8:].set(0))
+    total, count = training.next_token_loss(logits, masked)
+    assert float(count) == 8 * 8
+    # changing tokens only in the masked region (targets after position 8) leaves the loss unchanged
+    altered = dict(masked, input_ids=masked["input_ids"].at[:, 10:].set(3))
+    total2, _ = training.next_token_loss(logits, altered)
+    np.testing.assert_allclose(total, total2, rtol=1e-6)
+
+
+def test_train_step_trains_and_frozen_stay_bit_identical(params):
+    config = mj.MoRAConfig(r=4, mora_type=1, unfreeze=mj.LLAMA_FULLY_TRAINED)
+    tx = mj.optim.adamw(3e-3)
+    state = _state(params, config, tx)
+    frozen0 = state.frozen
+    sched = schedules.make_schedule(schedules.ScheduleConfig(peak_lr=3e-3, total_steps=10))
+    step = jax.jit(lambda s, b: training.train_step(s, b, model=MODEL, tx=tx, schedule=sched))
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, _batch())
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.3
+    for a, b in zip(jax.tree_util.tree_leaves(state.frozen), jax.tree_util.tree_leaves(frozen0)):
+        np.testing.assert_array_equal(a, b)
+    assert "embed_tokens" in state.trainables["params"]["model"] and "lm_head" in state.trainables["params"]
+
+
+def test_schedule_warmup_cosine_and_restarts():
+    base = schedules.ScheduleConfig(peak_lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    plain = schedules.make_schedule(base)
+    assert float(plain(0)) == 0.0 and float(plain(5)) == pytest.approx(0.5)
+    assert float(plain(10)) == pytest.approx(1.0) and float(plain(100)) == pytest.approx(0.1)
+    for flavour in schedules.FLAVOURS:
+        cfg = schedules.ScheduleConfig(peak_lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1,
+                                       restart_every=30, restart_warmup=5, flavour=flavour)
+        lr = np.array([float(schedules.make_schedule(cfg)(s)) for s in range(100)])
+        np.testing.assert_allclose(lr[:30], [float(plain(s)) for s in range(30)], rtol=1e-6)
+        for start in (30, 60, 90):  # restarts at the merge steps: back to 0, re-warm over 5 steps
+            assert lr[start] == 0.0 and lr[start - 1] > 0.1
+            assert np.all(np.diff(lr[start:start + 6]) > 0)
+        if flavour == "cosine_restarts":  # rejoins the global cosine after the re-warm-up
+            np.testing.assert_allclose(lr[40], float(plain(40)), rtol=1e-6)
+        else:  # the reference: a new schedule whose peak is the lr reached at the merge
+            np.testing.assert_allclose(lr[35], float(plain(30)), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown restart flavour"):
+        schedules.ScheduleConfig(peak_lr=1.0, total_steps=10, flavour="x")
+
+
+def test_remora_cycle_and_merge_invariant(params):
+    rc = remora.RemoraConfig(every=3)
+    assert [rc.type_at(s) for s in range(0, 15, 3)] == [1, 2, 3, 4, 1]
+    assert [s for s in range(10) if rc.is_merge_step(s)] == [3, 6, 9]
+    config = mj.MoRAConfig(r=4, mora_type=1, unfreeze=(r".*norm/.*",))
+    tx = mj.optim.adamw(1e-2)
+    state = _state(params, config, tx)
+    sched = lambda step: 1e-2
+    step = jax.jit(lambda s, b: training.train_step(s, b, model=MODEL, tx=tx, schedule=sched))
+    frozen_history = []
+    for i in range(7):
+        state, _ = step(state, _batch(i))
+        if rc.is_merge_step(int(state.step)):
+            ids = _batch(99)["input_ids"]
+            before = training.logits_fn(MODEL, state, ids)
+            params_count_before = int(state.opt_state["params"].count)
+            next_type = rc.type_at(int(state.step))
+            state = jax.jit(lambda s: remora.merge_and_reset(s, tx=tx, next_type=next_type), donate_argnums=0)(state)
+            after = training.logits_fn(MODEL, state, ids)
+            np.testing.assert_allclose(after, before, atol=2e-5)
+            adapter = state.adapters["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+            assert adapter.mora_type == rc.type_at(int(state.step)) and not np.any(adapter.m)
+            # adapters' optimizer state is fresh; fully trained params keep theirs
+            assert int(state.opt_state["adapters"].count) == 0
+            assert int(state.opt_state["params"].count) == params_count_before > 0
+        frozen_history.append(np.asarray(state.frozen["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]))
+    changed = [not np.array_equal(frozen_history[i], frozen_history[i - 1]) for i in range(1, 7)]
+    # steps 1..7; the kernel changes exactly at the merges after steps 3 and 6
+    assert changed == [False, True, False, False, True, False]
+
+
+def test_relora_reinitialises_a_and_zeros_b(params):
+    config = mj.LoRAConfig(r=4, alpha=8.0)
+    tx = mj.optim.adamw(1e-2)
+    state = _state(params, config, tx)
+    state = state.replace(trainables=jax.tree_util.tree_map(lambda x: x + 0.05, state.trainables))
+    old = state.adapters["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
+    new_state = remora.merge_and_reset(state, tx=tx, next_type=None)
+    new = new_state.adapters["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
+    assert not np.any(new.b) and np.any(new.a) and not np.allclose(new.a, old.a)
+    np.testing.assert_allclose(
+        training.logits_fn(MODEL, new_state, _batch()["input_ids"]), training.logits_fn(MODEL, state, _batch()["input_ids"]), atol=2e-5)
+
+
+def test_remora_config_errors():
+    with pytest.raises(ValueError, match="mixes type 6"):
+        remora.RemoraConfig(every=10, type_cycle=(1, 6))
+    with pytest.raises(ValueError, match="unknown mora_type 5"):
+        remora.RemoraConfig(every=10, type_cycle=(1, 5))
