@@ -31,7 +31,9 @@ def partition(params, adapters, config: AdapterConfig, *, dtype=jnp.float32):
     cast to ``dtype`` (float32: a master copy for bf16 models), ``frozen`` the rest of ``params``
     untouched. :func:`unpartition` is the inverse."""
     unfrozen, frozen = split(params, trainable_patterns(config))
-    unfrozen = jax.tree_util.tree_map(lambda x: x.astype(dtype), unfrozen)
+    # Copies (never aliases of the caller's arrays), so that a jitted step may donate them.
+    unfrozen = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=dtype, copy=True), unfrozen)
+    adapters = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), adapters)
     return {"params": unfrozen, "adapters": adapters}, frozen
 
 

@@ -1,0 +1,159 @@
+"""The UUID memorization experiment (the paper's headline table), reusable from code and tests.
+
+``run_uuid_memorization(config)`` pre-trains a small LLaMA-style base on fresh random pairs, then
+fine-tunes it on a fixed set of pairs with every method in ``config.methods`` and measures the
+character accuracy of generating each value from its key at ``config.eval_steps``. It writes
+``results.json``, ``results.md`` and ``results.png`` into ``config.workdir`` and returns the results.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mora_jax import adapters as adapters_lib
+from mora_jax import loop, remora, schedules, training, uuid_task
+from mora_jax.config import FullConfig, LoRAConfig, MoRAConfig
+from mora_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
+
+
+def model_config(config) -> LlamaConfig:
+    m = config.model
+    return LlamaConfig(
+        vocab_size=uuid_task.VOCAB_SIZE, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, max_position_embeddings=uuid_task.SEQ_LEN,
+        dtype=m.dtype, bos_token_id=uuid_task.BOS, eos_token_id=uuid_task.EOS, pad_token_id=uuid_task.PAD,
+    )
+
+
+def adapter_config(spec, targets: str):
+    if spec.method == "full":
+        return FullConfig(targets=(r".*",))  # every parameter, as in the paper's full fine-tuning
+    if spec.method == "lora":
+        return LoRAConfig(r=int(spec.r), alpha=float(spec.alpha), targets=(targets,))
+    if spec.method == "mora":
+        return MoRAConfig(r=int(spec.r), mora_type=int(spec.mora_type), targets=(targets,))
+    raise ValueError(f"unknown method {spec.method!r} in config.methods: use full, lora or mora")
+
+
+def _loop_config(steps, lr, warmup, weight_decay, seed, eval_every=0) -> loop.LoopConfig:
+    return loop.LoopConfig(
+        total_steps=steps, seed=seed, weight_decay=weight_decay, log_every=max(1, min(50, steps // 10)),
+        schedule=schedules.ScheduleConfig(peak_lr=lr, total_steps=steps, warmup_steps=min(warmup, steps),
+                                          decay="constant"),
+        step=training.StepConfig(clip_norm=1.0), progress=False, eval_every=eval_every,
+    )
+
+
+def pretrain_base(config, model, workdir: pathlib.Path):
+    """The base model: trained on fresh random pairs, so it knows the format but no pair."""
+    params = init_params(model.config, jax.random.key(config.seed))
+    if not config.pretrain_steps:
+        return params
+    result = loop.run(
+        model, params, FullConfig(targets=(r".*",)),
+        _loop_config(config.pretrain_steps, config.pretrain_lr, config.warmup_steps, 0.0, config.seed),
+        train_batches=uuid_task.RandomPairBatches(config.batch_size, seed=config.seed + 1000),
+        workdir=workdir / "base", run_config=config.to_dict(),
+    )
+    return result.state.params()
+
+
+def run_uuid_memorization(config) -> dict:
+    workdir = pathlib.Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = LlamaForCausalLM(model_config(config))
+    pairs = uuid_task.make_pairs(config.num_pairs, seed=config.seed)
+    prompts = jnp.asarray(uuid_task.encode_pairs(pairs)["input_ids"][:, : uuid_task.PROMPT_LEN])
+    eval_steps = sorted(int(s) for s in config.eval_steps)
+
+    t0 = time.perf_counter()
+    base_params = pretrain_base(config, model, workdir)
+    base_seconds = time.perf_counter() - t0
+
+    @jax.jit
+    def generate(state):
+        return uuid_task.greedy_values(lambda ids: training.logits_fn(model, state, ids), prompts)
+
+    results = {"config": config.to_dict(), "num_pairs": len(pairs), "base_pretrain_s": base_seconds,
+               "eval_steps": eval_steps, "methods": []}
+    names = [n.strip() for n in str(config.run).split(",") if n.strip()]
+    unknown = [n for n in names if n not in config.methods]
+    if unknown:
+        raise ValueError(f"config.run names {unknown}, which are not in config.methods ({sorted(config.methods)})")
+    for name in names:
+        spec = config.methods[name]
+        method_config = adapter_config(spec, config.targets)
+        accuracy: dict[int, float] = {}
+
+        def on_step(step, state, log, accuracy=accuracy):
+            if step in eval_steps:
+                accuracy[step] = uuid_task.char_accuracy(generate(state), pairs)
+                log({"char_accuracy": accuracy[step]})
+
+        t = time.perf_counter()
+        run = loop.run(
+            model, base_params, method_config,
+            _loop_config(eval_steps[-1], spec.lr, config.warmup_steps, config.weight_decay, config.seed),
+            train_batches=uuid_task.PairBatches(pairs, config.batch_size, seed=config.seed),
+            workdir=workdir / name, callbacks=[on_step], run_config={"method": spec.to_dict()},
+        )
+        n_trainable = adapters_lib.count_params(run.state.trainables)
+        row = {"name": name, "method": spec.method, "r": spec.r, "mora_type": spec.mora_type, "lr": spec.lr,
+               "trainable_params": n_trainable, "seconds": time.perf_counter() - t,
+               "final_loss": run.history[-1].get("loss") if run.history else None,
+               "char_accuracy": {str(k): v for k, v in sorted(accuracy.items())}}
+        results["methods"].append(row)
+        print(f"{name}: " + ", ".join(f"{k}: {v:.1f}%" for k, v in sorted(accuracy.items())), flush=True)
+    results["total_s"] = time.perf_counter() - t0
+    write_results(results, workdir)
+    return results
+
+
+def _label(row) -> str:
+    if row["method"] == "full":
+        return "full fine-tuning"
+    kind = "LoRA" if row["method"] == "lora" else f"MoRA (type {row['mora_type']})"
+    return f"{kind} r={row['r']}"
+
+
+def results_markdown(results) -> str:
+    steps = results["eval_steps"]
+    lines = ["| method | trainable params | " + " | ".join(str(s) for s in steps) + " |",
+             "|---|---:|" + "---:|" * len(steps)]
+    for row in results["methods"]:
+        acc = [row["char_accuracy"].get(str(s)) for s in steps]
+        lines.append(f"| {_label(row)} | {row['trainable_params']:,} | "
+                     + " | ".join("" if a is None else f"{a:.1f}" for a in acc) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results, workdir: pathlib.Path) -> None:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    header = (f"Character accuracy (%) of generating the value from its key, {results['num_pairs']} UUID pairs, "
+              f"after N training steps.\n\n")
+    (workdir / "results.md").write_text(header + results_markdown(results))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in results["methods"]:
+        steps = [int(s) for s in row["char_accuracy"]]
+        ax.plot(steps, list(row["char_accuracy"].values()), "o-", label=_label(row))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("character accuracy (%)")
+    ax.set_ylim(0, 101)
+    ax.set_title("Memorizing UUID pairs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(workdir / "results.png", dpi=110)
+    plt.close(fig)
