@@ -1,0 +1,471 @@
+"""Checkpoints of a training run: atomic, asynchronous, keep-last-N, resumable across ReMoRA merges.
+
+:class:`Checkpointer` wraps ``orbax.checkpoint.CheckpointManager``. Each checkpoint is a directory
+``<directory>/<step>/`` with up to three items:
+
+* ``state``: the adapters and unfrozen base parameters (``state.trainables``), the optimizer state of
+  both groups, ``step`` and the PRNG key (saved as ``jax.random.key_data`` and re-wrapped on restore);
+* ``frozen``: the frozen base weights, saved **only** when ReMoRA/ReLoRA merges have changed them
+  (``frozen_changed=True``). Before the first merge they equal the weights the run loads from its
+  source, so saving them would only copy a possibly huge model; restore then takes them from
+  ``initial_frozen``. Every checkpoint is self-contained: no checkpoint depends on another one
+  (deleting old ones with ``max_to_keep`` never breaks a newer one);
+* ``meta``: JSON (see :class:`CheckpointMetadata`): the data-iterator state, the MoRA type in use,
+  the run config, whether the frozen weights changed / were saved, and the caller's own ``meta``.
+
+Safety:
+
+* orbax writes each step to ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete, so a crash
+  mid-save leaves the previous checkpoints intact and ``latest_step()`` ignores the partial one
+  (left-over temporary directories are removed when the next Checkpointer opens the directory);
+* ``mode='new'`` (the default) refuses a directory that already holds checkpoints; ``'resume'``
+  continues them and ``'overwrite'`` deletes them explicitly. A step is never overwritten;
+* when the frozen weights are not saved, a small sample of their values is recorded, and restoring
+  with ``initial_frozen`` that do not match (other source weights, or merged weights passed with
+  ``frozen_changed=False``) is an error instead of a silently wrong model.
+
+Typical loop::
+
+    ckpt = Checkpointer(out_dir, mode="resume", max_to_keep=3, save_interval_steps=1000,
+                        run_config=config_dict)
+    if ckpt.latest_step() is not None:
+        info = ckpt.restore_metadata()
+        abstract = jax.eval_shape(make_state, ...)       # with shardings, see restore()
+        state, data_state, _ = ckpt.restore(abstract_state=abstract,
+                                            initial_frozen=None if info.frozen_saved else load_base())
+        loader.set_state(data_state)
+    for batch in loader:
+        state, metrics = train_step(state, batch)
+        ...                                             # ReMoRA merge at step s: frozen_changed = True
+        ckpt.save(int(state.step), state, data_state=loader.get_state(), frozen_changed=merged_once)
+    ckpt.close()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Literal, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mora_jax.adapters import MoRAAdapter
+from mora_jax.training import TrainState
+
+logger = logging.getLogger(__name__)
+
+METADATA_FORMAT = "mora_jax.checkpoint/1"
+STATE_ITEM, FROZEN_ITEM, META_ITEM = "state", "frozen", "meta"
+MODES = ("new", "resume", "overwrite")
+Mode = Literal["new", "resume", "overwrite"]
+_SAMPLES_PER_AXIS = 4  # frozen-weight fingerprint: a 4 x 4 (x ...) grid of values per leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMetadata:
+    """The JSON item of one checkpoint (readable without touching any array).
+
+    Attributes:
+      step: the step the checkpoint was saved at.
+      data_state: the data iterator's ``get_state()`` dict.
+      mora_type: MoRA operator type of the adapters at that step (ReMoRA switches it at merges);
+        None when there are no MoRA adapters (LoRA, full fine-tuning).
+      frozen_changed: whether the frozen base weights differed from the run's initial weights.
+      frozen_saved: whether this checkpoint holds the frozen base weights (== ``frozen_changed``).
+      rng_impl: PRNG implementation name of the typed key (None for a raw ``uint32`` key).
+      run_config: the Checkpointer's ``run_config``.
+      meta: the caller's ``meta`` dict given to :meth:`Checkpointer.save`.
+      frozen_fingerprint: sampled values of the frozen weights when they were not saved.
+    """
+
+    step: int
+    data_state: dict | None
+    mora_type: int | list[int] | None
+    frozen_changed: bool
+    frozen_saved: bool
+    rng_impl: str | None
+    run_config: dict | None
+    meta: dict
+    frozen_fingerprint: dict | None = None
+    format: str = METADATA_FORMAT
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> "CheckpointMetadata":
+        if record.get("format") != METADATA_FORMAT:
+            raise ValueError(f"unsupported checkpoint metadata format {record.get('format')!r}; expected "
+                             f"{METADATA_FORMAT!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in fields})
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers on trees.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_mora(x) -> bool:
+    return isinstance(x, MoRAAdapter)
+
+
+def mora_types(tree) -> set[int]:
+    """The MoRA operator types of every :class:`MoRAAdapter` node anywhere in ``tree``."""
+    nodes = jax.tree_util.tree_leaves(tree, is_leaf=_is_mora)
+    return {node.mora_type for node in nodes if _is_mora(node)}
+
+
+def with_mora_type(tree, mora_type: int):
+    """``tree`` (a TrainState, an adapter tree, an optimizer state, abstract or not) with every
+    :class:`MoRAAdapter` node's static ``mora_type`` replaced.
+
+    Use it to turn a restore target built from the run's initial config into the structure of a
+    checkpoint taken after ReMoRA switched types (:meth:`Checkpointer.restore` does it for you).
+    """
+    return jax.tree_util.tree_map(
+        lambda x: x.replace(mora_type=mora_type) if _is_mora(x) else x, tree, is_leaf=_is_mora
+    )
+
+
+def _is_typed_key(x) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _abstract(x):
+    """A ``jax.ShapeDtypeStruct`` for a leaf (array or struct), keeping its sharding if it has one."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _fingerprint_tree(tree):
+    """A few values of every leaf, on a small grid of indices per axis (exact float32 values)."""
+
+    def sample(x):
+        if x.ndim == 0:
+            return x.astype(jnp.float32).reshape(1)
+        grid = [np.unique(np.linspace(0, n - 1, _SAMPLES_PER_AXIS).astype(np.int64)) if n else np.arange(0)
+                for n in x.shape]
+        return x[np.ix_(*grid)].astype(jnp.float32).reshape(-1)
+
+    return jax.tree_util.tree_map(sample, tree)
+
+
+_fingerprint_jit = jax.jit(_fingerprint_tree)
+
+
+def frozen_fingerprint(frozen) -> dict[str, list[float]]:
+    """JSON-able fingerprint of a weight tree: ``{key path: sampled values}``.
+
+    Exact sampled values (not sums), so it does not depend on the sharding or the reduction order,
+    yet differs for other weights (another seed or source) and for merged weights.
+    """
+    sampled = _fingerprint_jit(frozen)
+    if jax.process_count() > 1:  # sampled values of arrays sharded across hosts
+        from jax.experimental import multihost_utils
+
+        sampled = multihost_utils.process_allgather(sampled, tiled=True)
+    sampled = jax.device_get(sampled)
+    flat, _ = jax.tree_util.tree_flatten_with_path(sampled)
+    return {jax.tree_util.keystr(path): [float(v) for v in np.asarray(values)] for path, values in flat}
+
+
+def _fingerprint_mismatch(expected: Mapping[str, list], actual: Mapping[str, list]) -> str | None:
+    """A description of the first difference between two fingerprints, or None if they agree."""
+    if set(expected) != set(actual):
+        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+        return f"different parameters (missing {missing[:5]}, unexpected {extra[:5]})"
+    for name in sorted(expected):
+        if not np.array_equal(np.asarray(expected[name]), np.asarray(actual[name]), equal_nan=True):
+            return f"{name} differs (sampled values {expected[name][:3]}... vs {actual[name][:3]}...)"
+    return None
+
+
+def _json_copy(value, what: str):
+    """A deep copy of ``value`` through JSON (so later mutation by the caller cannot leak into an
+    asynchronous save), with a clear error for values JSON cannot hold."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-serialisable (dicts, lists, str, numbers, bool, None): {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpointer.
+# ---------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores :class:`~mora_jax.training.TrainState` checkpoints of one run in ``directory``.
+
+    Args:
+      directory: where the run's checkpoints live (created if missing; a local path or a URL orbax
+        understands, e.g. ``gs://``).
+      mode: ``'new'`` starts a run and refuses a directory that already has checkpoints;
+        ``'resume'`` continues the checkpoints there (an empty directory is fine: nothing to
+        restore, so the same command works for the first start and every restart);
+        ``'overwrite'`` deletes the existing checkpoints first (only orbax step directories;
+        other files are left alone).
+      max_to_keep: keep only the newest N checkpoints (None keeps all).
+      save_interval_steps: :meth:`save` writes at steps that are multiples of this (and when a
+        preemption signal was received, or ``force=True``); other calls return False.
+      enable_async_checkpointing: write in a background thread; :meth:`save` returns once the arrays
+        are copied to host memory, so the caller may donate or delete them right away.
+      run_config: JSON-able description of the run, stored in every checkpoint's metadata; on
+        resume, differences from the stored one are logged as warnings.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, mode: Mode = "new", max_to_keep: int | None = None,
+                 save_interval_steps: int = 1, enable_async_checkpointing: bool = True,
+                 run_config: Mapping[str, Any] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        self.directory = directory
+        self.mode = mode
+        self.run_config = _json_copy(dict(run_config), "run_config") if run_config is not None else None
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=enable_async_checkpointing,
+            cleanup_tmp_directories=True,  # partial saves of a crashed run
+            # Multiples of the interval, and on preemption. (orbax's default would also save the first
+            # step offered to an empty directory, whatever it is.)
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
+                ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+            ]),
+        )
+        self._manager = ocp.CheckpointManager(directory, options=options,
+                                              item_names=(STATE_ITEM, FROZEN_ITEM, META_ITEM))
+        self._base_fingerprint: dict | None = None  # of the unchanged frozen weights, once known
+        self._check_mode()
+
+    # ---- directory policy --------------------------------------------------------------------------
+    def _check_mode(self) -> None:
+        steps = self.all_steps()
+        if not steps:
+            return
+        if self.mode == "new":
+            self._manager.close()
+            raise FileExistsError(
+                f"checkpoint directory {self.directory} already holds checkpoints (steps {steps[:10]}"
+                f"{' ...' if len(steps) > 10 else ''}) of an earlier run; refusing to start a new run there. "
+                "Pass mode='resume' to continue that run, mode='overwrite' to delete its checkpoints, "
+                "or choose another directory."
+            )
+        if self.mode == "overwrite":
+            logger.warning("mode='overwrite': deleting checkpoints %s in %s", steps, self.directory)
+            for step in steps:
+                self._manager.delete(step)
+            self._manager.reload()
+            return
+        # resume: the run config may legitimately change (e.g. more steps), but say so.
+        stored = self.restore_metadata(steps[-1]).run_config
+        if self.run_config is not None and stored is not None and stored != self.run_config:
+            changed = sorted(k for k in set(stored) | set(self.run_config) if stored.get(k) != self.run_config.get(k))
+            logger.warning("resuming %s with a run_config that differs from the checkpoint's in %s",
+                           self.directory, changed)
+
+    # ---- queries -----------------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (None if there is none)."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending (partial/in-progress saves are not listed)."""
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether :meth:`save` would write at ``step`` without ``force``."""
+        return self._manager.should_save(step)
+
+    def _resolve_step(self, step: int | None) -> int:
+        self.wait_until_finished()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+        elif step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                                    f"available steps: {self.all_steps()}")
+        return step
+
+    def restore_metadata(self, step: int | None = None) -> CheckpointMetadata:
+        """The JSON metadata of checkpoint ``step`` (default: the latest), without reading arrays.
+
+        Read it before :meth:`restore` to learn ``mora_type``, the run config and whether the
+        initial frozen weights are needed (``not frozen_saved``).
+        """
+        step = self._resolve_step(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
+        return CheckpointMetadata.from_json(restored[META_ITEM])
+
+    # ---- save --------------------------------------------------------------------------------------
+    def save(self, step: int, state: TrainState, *, data_state: Mapping[str, Any] | None = None,
+             meta: Mapping[str, Any] | None = None, frozen_changed: bool, force: bool = False) -> bool:
+        """Save ``state`` as checkpoint ``step``; returns whether a checkpoint was started.
+
+        Args:
+          step: the checkpoint's step (normally ``int(state.step)``, the completed updates).
+          state: the train state; arrays may be sharded.
+          data_state: the data iterator's JSON-able position (``loader.get_state()``).
+          meta: any other JSON-able values to keep with the checkpoint (e.g. tokens seen).
+          frozen_changed: True once ReMoRA/ReLoRA merges have changed ``state.frozen`` (step >= the
+            first merge step): the frozen weights are then saved too. While False they are not saved
+            and must equal the weights the run started from (checked against earlier checkpoints).
+          force: save even if ``step`` is not a multiple of ``save_interval_steps`` (e.g. at the end).
+
+        With asynchronous checkpointing the write continues in the background; call
+        :meth:`wait_until_finished` (or :meth:`close`) before exiting the process.
+        """
+        step = int(step)
+        if force:
+            if step in self.all_steps():
+                raise FileExistsError(f"{self.directory} already has a checkpoint for step {step}; checkpoints "
+                                      "are never overwritten (save under another step or delete it first)")
+        elif not self.should_save(step):
+            return False
+        data_state = _json_copy(data_state, "data_state") if data_state is not None else None
+        user_meta = _json_copy(dict(meta or {}), "meta")
+        fingerprint = None
+        if not frozen_changed:
+            fingerprint = frozen_fingerprint(state.frozen)
+            if self._base_fingerprint is not None:
+                mismatch = _fingerprint_mismatch(self._base_fingerprint, fingerprint)
+                if mismatch:
+                    raise ValueError(
+                        f"save(step={step}, frozen_changed=False) but state.frozen is not the run's initial base "
+                        f"weights ({mismatch}): a ReMoRA/ReLoRA merge has changed them, and without "
+                        "frozen_changed=True they would not be saved and be lost. Pass frozen_changed=True."
+                    )
+            self._base_fingerprint = fingerprint
+        types = sorted(mora_types(state.trainables))
+        typed_key = _is_typed_key(state.rng)
+        record = CheckpointMetadata(
+            step=step, data_state=data_state,
+            mora_type=(types[0] if len(types) == 1 else types or None),
+            frozen_changed=bool(frozen_changed), frozen_saved=bool(frozen_changed),
+            rng_impl=str(jax.random.key_impl(state.rng)) if typed_key else None,
+            run_config=self.run_config, meta=user_meta, frozen_fingerprint=fingerprint,
+        )
+        arrays = {
+            "step": state.step,
+            "trainables": state.trainables,
+            "opt_state": state.opt_state,
+            "rng": jax.random.key_data(state.rng) if typed_key else state.rng,
+        }
+        items = {STATE_ITEM: ocp.args.StandardSave(arrays), META_ITEM: ocp.args.JsonSave(record.to_json())}
+        if frozen_changed:
+            items[FROZEN_ITEM] = ocp.args.StandardSave(state.frozen)
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+
+    # ---- restore -----------------------------------------------------------------------------------
+    def restore(self, step: int | None = None, *, abstract_state: TrainState, initial_frozen=None
+                ) -> tuple[TrainState, dict | None, dict]:
+        """Restore checkpoint ``step`` (default: the latest) into the structure of ``abstract_state``.
+
+        Args:
+          abstract_state: a TrainState whose leaves are ``jax.ShapeDtypeStruct`` (e.g. from
+            ``jax.eval_shape`` of the code that builds the state) or arrays, for the run's config.
+            Leaves that carry a ``sharding`` are restored with it; leaves without one get the sharding
+            recorded at save time. The MoRA type is taken from the checkpoint (targets built with the
+            run's initial type are fine: :func:`with_mora_type` is applied).
+          initial_frozen: the frozen base weights as the run loads them from its source (the same
+            tree as ``state.frozen`` at the start). Needed only when the checkpoint did not save
+            them (``restore_metadata(step).frozen_saved`` is False); ignored otherwise.
+
+        Returns:
+          ``(state, data_state, meta)``: the restored TrainState, the data iterator's state and the
+          ``meta`` dict given to :meth:`save`.
+        """
+        step = self._resolve_step(step)
+        info = self.restore_metadata(step)
+        if isinstance(info.mora_type, int):
+            abstract_state = with_mora_type(abstract_state, info.mora_type)
+        rng_target = abstract_state.rng
+        if info.rng_impl is not None:
+            key_data = jax.eval_shape(jax.random.key_data, rng_target)
+            rng_sharding = getattr(rng_target, "sharding", None)  # valid for the key data too (one more axis)
+            rng_target = jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=rng_sharding)
+        target = jax.tree_util.tree_map(_abstract, {
+            "step": abstract_state.step,
+            "trainables": abstract_state.trainables,
+            "opt_state": abstract_state.opt_state,
+            "rng": rng_target,
+        })
+        items = {STATE_ITEM: ocp.args.StandardRestore(target)}
+        if info.frozen_saved:
+            items[FROZEN_ITEM] = ocp.args.StandardRestore(jax.tree_util.tree_map(_abstract, abstract_state.frozen))
+        else:
+            self._check_initial_frozen(step, info, abstract_state.frozen, initial_frozen)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"cannot restore step {step} of {self.directory} into abstract_state: {e}\n"
+                f"abstract_state must be built for the run's config (checkpoint: mora_type={info.mora_type}, "
+                f"run_config={info.run_config})."
+            ) from e
+        arrays = restored[STATE_ITEM]
+        rng = arrays["rng"]
+        if info.rng_impl is not None:
+            rng = jax.random.wrap_key_data(rng, impl=info.rng_impl)
+        frozen = restored[FROZEN_ITEM] if info.frozen_saved else initial_frozen
+        state = TrainState(step=arrays["step"], frozen=frozen, trainables=arrays["trainables"],
+                           opt_state=arrays["opt_state"], rng=rng)
+        return state, info.data_state, info.meta
+
+    def _check_initial_frozen(self, step: int, info: CheckpointMetadata, abstract_frozen, initial_frozen) -> None:
+        """``initial_frozen`` must be given, have the target's structure, and be the weights the run used."""
+        if initial_frozen is None:
+            raise ValueError(
+                f"checkpoint {step} in {self.directory} did not save the frozen base weights (no ReMoRA merge "
+                "had changed them): pass initial_frozen=, the base weights loaded from the run's source "
+                "(the frozen part of the initial params)."
+            )
+        expected = jax.tree_util.tree_map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), abstract_frozen)
+        given = jax.tree_util.tree_map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), initial_frozen)
+        if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(given) or expected != given:
+            raise ValueError("initial_frozen does not have the structure, shapes and dtypes of "
+                             "abstract_state.frozen; were they loaded for another model or config?")
+        if info.frozen_fingerprint is not None:
+            actual = frozen_fingerprint(initial_frozen)
+            mismatch = _fingerprint_mismatch(info.frozen_fingerprint, actual)
+            if mismatch:
+                raise ValueError(
+                    f"initial_frozen are not the base weights checkpoint {step} in {self.directory} was trained "
+                    f"from ({mismatch}); reload the run's original source weights."
+                )
+            self._base_fingerprint = info.frozen_fingerprint
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def wait_until_finished(self) -> None:
+        """Block until pending asynchronous saves are written and committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release orbax's resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+__all__ = [
+    "CheckpointMetadata",
+    "Checkpointer",
+    "frozen_fingerprint",
+    "mora_types",
+    "with_mora_type",
+]
