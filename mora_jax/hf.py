@@ -463,3 +463,8 @@ def save_llama(
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     written.append(directory / "config.json")
     return written
+
+
+# PEFT adapter files (the reference's MoRA fork and plain LoRA) live in mora_jax.peft; they are
+# part of the Hugging Face interoperability API, so ``mora_jax.hf`` offers them too.
+from mora_jax.peft import load_adapter, save_adapter  # noqa: E402

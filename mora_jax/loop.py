@@ -170,10 +170,11 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
         from mora_jax.checkpoint import Checkpointer
 
         checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints,
-                                    async_save=cfg.async_checkpoints, mode=checkpoint_mode if resume else "new")
+                                    enable_async_checkpointing=cfg.async_checkpoints,
+                                    mode=checkpoint_mode if resume else "new", run_config=run_config)
     start_step = 0
     if checkpointer is not None and checkpointer.latest_step() is not None:
-        state, start_step = _restore(checkpointer, state, initial_frozen, train_batches, cfg, adapter_config)
+        state, start_step = _restore(checkpointer, state, initial_frozen, train_batches)
     metrics_writer = metrics_lib.MetricsWriter(workdir, enabled=is_main,
                                                resume_step=start_step if start_step else None)
     if is_main:
@@ -306,17 +307,11 @@ def _current_type(state) -> int | None:
     return None
 
 
-def _restore(checkpointer, state, initial_frozen, train_batches, cfg: LoopConfig, adapter_config):
-    meta = checkpointer.restore_metadata()
-    saved_type = meta.get("meta", meta).get("mora_type")
-    if saved_type is not None and saved_type != _current_type(state):
-        state = state.replace(trainables=dict(state.trainables, adapters=remora.fresh_adapters(
-            state.adapters, jax.random.key(0), saved_type)))
-        tx = optim.adamw(cfg.schedule.peak_lr)
-        state = state.replace(opt_state=dict(state.opt_state, adapters=tx.init(state.trainables["adapters"])))
-    abstract = jax.eval_shape(lambda: state)
+def _restore(checkpointer, state, initial_frozen, train_batches):
+    """The latest checkpoint, restored into ``state``'s structure and shardings (the checkpoint's
+    MoRA type is applied by the checkpointer); the data iterator resumes where it was."""
     abstract = jax.tree_util.tree_map(
-        lambda a, x: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(x, "sharding", None)), abstract, state)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
     restored, data_state, _ = checkpointer.restore(abstract_state=abstract, initial_frozen=initial_frozen)
     if data_state and hasattr(train_batches, "set_state"):
         train_batches.set_state(data_state)

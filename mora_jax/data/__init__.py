@@ -60,7 +60,12 @@ from mora_jax.data.finetune import (
 )
 from mora_jax.data.pretrain import PretrainBatchIterator, PretrainDataConfig, pretrain_batches
 from mora_jax.data.sources import load_text_dataset, resolve_data_files
-from mora_jax.data.synthetic import synthetic_corpus_lines, write_synthetic_corpus
+from mora_jax.data.synthetic import (
+    synthetic_corpus_lines,
+    synthetic_math_records,
+    write_synthetic_corpus,
+    write_synthetic_math,
+)
 from mora_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
@@ -81,7 +86,9 @@ __all__ = [
     "pretrain_batches",
     "resolve_data_files",
     "synthetic_corpus_lines",
+    "synthetic_math_records",
     "template_fields",
     "train_tokenizer",
     "write_synthetic_corpus",
+    "write_synthetic_math",
 ]

@@ -114,3 +114,34 @@ def write_synthetic_corpus(path: str | os.PathLike, num_lines: int, seed: int = 
         for line in synthetic_corpus_lines(num_lines, seed):
             file.write(line + "\n")
     return num_lines
+
+
+def synthetic_math_records(num_records: int, seed: int = 0) -> Iterator[dict]:
+    """Deterministic MetaMathQA-style ``{"query", "response"}`` records of small arithmetic word problems,
+    for running the fine-tuning pipeline offline."""
+    rng = _ReproducibleRandom(seed)
+    for _ in range(num_records):
+        name, noun = rng.choice(_NAMES), rng.choice(_NOUNS)
+        a, b = rng.index(90) + 10, rng.index(90) + 10
+        if rng.index(2):
+            query = f"{name} has {a} {noun}s and finds {b} more. How many {noun}s does {name} have now?"
+            response = f"{name} has {a} + {b} = {a + b} {noun}s. The answer is: {a + b}"
+        else:
+            big, small = max(a, b), min(a, b)
+            query = f"{name} has {big} {noun}s and gives away {small}. How many {noun}s are left?"
+            response = f"{name} has {big} - {small} = {big - small} {noun}s left. The answer is: {big - small}"
+        yield {"query": query, "response": response}
+
+
+def write_synthetic_math(path: str | os.PathLike, num_records: int, seed: int = 0) -> int:
+    """Write :func:`synthetic_math_records` as JSON lines to ``path``; returns the record count."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("w") as f:
+        for record in synthetic_math_records(num_records, seed):
+            f.write(json.dumps(record) + "\n")
+            count += 1
+    return count

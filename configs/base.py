@@ -1,0 +1,81 @@
+"""Fields shared by the pretraining and fine-tuning configs (one comment per field)."""
+
+import ml_collections
+
+from mora_jax.config import LLAMA_TARGETS
+
+
+def base_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds model init (presets), adapters, dropout and data shuffling
+    c.workdir = "runs/default"  # metrics.jsonl, tensorboard/, loss_curve.png, run_config.json, checkpoints/, export/
+    c.method = "mora"  # "mora", "lora" or "full" (full fine-tuning of adapter.targets + adapter.unfreeze)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # a mora_jax.models.llama.LLAMA_CONFIGS name, used when hf_path is empty
+    c.model.hf_path = ""  # a Hugging Face LLaMA directory to start from (config.json + *.safetensors)
+    c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
+    c.model.param_dtype = "float32"  # storage dtype of the frozen weights (trainables are always float32)
+    c.model.remat_policy = "none"  # activation checkpointing: "none", "full", "dots_saveable", ...
+    c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
+    c.model.overrides = ml_collections.ConfigDict()  # other LlamaConfig fields for a preset, e.g. vocab_size
+
+    c.adapter = ml_collections.ConfigDict()
+    c.adapter.r = 8  # LoRA rank; MoRA uses r̂ = round(sqrt((k+d)·r)) (same trainable count)
+    c.adapter.mora_type = 6  # MoRA operators: 1 (large r) or 6 (small r); 2/3/4 appear in ReMoRA cycles
+    c.adapter.alpha = 16.0  # LoRA only: scale alpha/r
+    c.adapter.rslora = False  # LoRA only: scale alpha/sqrt(r)
+    c.adapter.dropout = 0.0  # dropout on the adapter input
+    c.adapter.targets = LLAMA_TARGETS  # comma-separated regexes of kernels to adapt (all seven projections)
+    c.adapter.unfreeze = ""  # comma-separated regexes of base params trained in full
+
+    c.remora = ml_collections.ConfigDict()
+    c.remora.every = 0  # ReMoRA/ReLoRA: merge into the weights every T steps (0 = never)
+    c.remora.type_cycle = (1, 2, 3, 4)  # MoRA types used in turn after each merge (reference default)
+    c.remora.reset_optimizer = True  # fresh optimizer state for the adapters at each merge
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-4  # peak learning rate
+    c.optim.warmup_steps = 100  # linear warm-up from 0
+    c.optim.decay = "cosine"  # "cosine", "linear" or "constant"
+    c.optim.min_lr_ratio = 0.0  # decay floor as a fraction of lr
+    c.optim.restart_warmup = 50  # ReMoRA: re-warm-up steps after each merge
+    c.optim.restart_flavour = "reference"  # "reference" (new schedule from the lr at the merge) or "cosine_restarts"
+    c.optim.weight_decay = 0.0  # AdamW decoupled weight decay
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.999  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.clip_norm = 1.0  # global gradient-norm clipping (0 = off)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000  # optimizer steps
+    c.train.batch_size = 8  # global batch in sequences (split over processes and micro-batches)
+    c.train.grad_accum = 1  # micro-batches per optimizer step
+    c.train.seq_len = 512  # tokens per sequence
+    c.train.log_every = 10  # steps between metric lines
+    c.train.eval_every = 0  # steps between evaluations (0 = only at the end)
+    c.train.eval_batches = 20  # batches per evaluation (0 = the whole eval split)
+    c.train.progress = True  # progress bar
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = ""  # "c4", or local .txt/.jsonl/.parquet files (a path or glob)
+    c.data.eval_source = ""  # held-out split for evaluation (same kinds); empty = no evaluation
+    c.data.tokenizer = ""  # SentencePiece .model file
+    c.data.text_field = "text"  # field holding the text in JSON/Parquet records
+    c.data.overlong = "truncate"  # what to do with too long documents/examples: "truncate" or "drop"
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis size (-1 = the rest of the devices)
+    c.mesh.fsdp = 1  # parameter-sharded data-parallel axis size
+    c.mesh.tensor = 1  # tensor-parallel axis size
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500  # steps between orbax checkpoints (0 = none)
+    c.checkpoint.keep = 3  # checkpoints kept
+    c.checkpoint.async_save = True  # save in the background
+    c.checkpoint.mode = "resume"  # "resume" an existing run in workdir, "new" (refuse if one exists), "overwrite"
+
+    c.export = ml_collections.ConfigDict()
+    c.export.adapter = True  # write export/adapter in PEFT format (the reference's MoRA fork reads it)
+    c.export.merged = False  # write export/merged as a Hugging Face checkpoint
+    return c
