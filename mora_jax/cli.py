@@ -1,0 +1,234 @@
+"""The ``mora-jax`` command line.
+
+  mora-jax merge --base HF_DIR --adapter ADAPTER_DIR --out OUT_DIR [--dtype float32|bfloat16] [--overwrite]
+      Fold a PEFT adapter (MoRA reference format or plain LoRA) into a Hugging Face LLaMA checkpoint
+      and write the merged model (plus the base's generation config and tokenizer files) to OUT_DIR.
+  mora-jax info ADAPTER_DIR
+      Describe an adapter: method, type, r, r̂ per module, trainable parameter count.
+
+User errors (missing files, adapters that do not fit the base model, an existing output
+directory, ...) are reported on stderr as one ``mora-jax: error: ...`` line with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+
+# Files copied unchanged from the base model directory into a merged checkpoint.
+BASE_FILES_TO_COPY = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+OUT_DTYPES = ("float32", "bfloat16")
+_LOADABLE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UserError(Exception):
+    """A problem with the command's inputs: reported as one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------------
+
+
+def _stored_dtype(base_dir: pathlib.Path) -> str:
+    """The base checkpoint's parameter dtype from ``config.json`` (``float32`` if unknown)."""
+    try:
+        hf_config = json.loads((base_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"  # load_llama reports a missing or broken config.json itself
+    stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return stored if stored in _LOADABLE_DTYPES else "float32"
+
+
+def _check_merge_paths(base: pathlib.Path, adapter: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+    """Fail fast, before loading anything, on paths that cannot work."""
+    for what, directory in (("base model", base), ("adapter", adapter)):
+        if not directory.is_dir():
+            raise UserError(f"{what} directory {directory} does not exist or is not a directory")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    resolved_out = out.resolve()
+    if resolved_out in (base.resolve(), adapter.resolve()):
+        raise UserError(f"--out {out} is the base model or adapter directory; write the merged model elsewhere")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"output directory {out} is not empty; choose a new directory or pass --overwrite to replace "
+            "the model files in it"
+        )
+
+
+def merge_command(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from mora_jax.adapters import flatten, merge, path_str, unflatten
+    from mora_jax.hf import load_llama, read_config, save_llama
+    from mora_jax.models.llama import abstract_params
+    from mora_jax.peft import load_adapter
+
+    base, adapter_dir, out = pathlib.Path(args.base), pathlib.Path(args.adapter), pathlib.Path(args.out)
+    _check_merge_paths(base, adapter_dir, out, args.overwrite)
+    # Check the adapter against the base's shapes before spending time loading the weights.
+    load_adapter(adapter_dir, abstract_params(read_config(base)))
+
+    stored = _stored_dtype(base)
+    out_dtype = args.dtype or stored
+    # Merge at the checkpoint's precision when it is kept; otherwise in float32, then cast once.
+    load_dtype = stored if out_dtype == stored else "float32"
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"loading base model {base} ({load_dtype})")
+    model, params = load_llama(base, param_dtype=load_dtype)
+    config, adapters = load_adapter(adapter_dir, params)
+    method = f"MoRA type {config.mora_type}" if config.method == "mora" else "LoRA"
+
+    flat_params, flat_adapters = flatten(params), flatten(adapters)
+    for path, adapter in tqdm(
+        sorted(flat_adapters.items(), key=lambda kv: path_str(kv[0])),
+        desc="merging", unit="kernel", disable=None, file=sys.stderr,
+    ):  # one kernel at a time: K <- K + ΔK in float32, cast back to K's dtype
+        merged = merge(unflatten({path: flat_params[path]}), unflatten({path: adapter}))
+        flat_params[path] = flatten(merged)[path]
+    if out_dtype != load_dtype:
+        flat_params = {p: jnp.asarray(x, out_dtype) for p, x in flat_params.items()}
+    params = jax.block_until_ready(unflatten(flat_params))
+
+    log(f"writing {out} ({out_dtype})")
+    save_llama(out, model.config.replace(param_dtype=out_dtype), params, overwrite=args.overwrite)
+    copied = []
+    for name in BASE_FILES_TO_COPY:
+        if (base / name).is_file():
+            shutil.copy2(base / name, out / name)
+            copied.append(name)
+    print(
+        f"merged {len(flat_adapters)} kernels ({method}, r={config.r}) from {adapter_dir} into {base}; "
+        f"wrote {out} ({out_dtype}" + (f"; copied {', '.join(copied)})" if copied else ")")
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------
+
+
+def describe_adapter(path) -> str:
+    """A short human-readable description of the adapter directory ``path`` (no base model needed)."""
+    import re
+
+    from mora_jax.peft import _TENSOR_NAME, _check_supported, read_adapter_config, read_adapter_tensors
+
+    raw = read_adapter_config(path)
+    _check_supported(raw, str(path))
+    tensors = read_adapter_tensors(path)
+    use_mora = bool(raw.get("use_mora"))
+    r = raw["r"]
+    kinds: dict[str, dict[tuple, int]] = {}  # module kind (layer index removed) -> {shape: count}
+    n_modules = n_trainable = 0
+    for name, array in sorted(tensors.items()):
+        match = _TENSOR_NAME.fullmatch(name)
+        if match is None:
+            continue
+        if match.group("part") == "lora_B" and use_mora:
+            continue  # MoRA's lora_B is the same matrix as lora_A
+        kind = re.sub(r"(^|\.)layers\.\d+\.", r"\1layers.*.", match.group("module"))
+        key = (match.group("part"), tuple(array.shape))
+        kinds.setdefault(kind, {})
+        kinds[kind][key] = kinds[kind].get(key, 0) + 1
+        n_trainable += array.size
+        n_modules += match.group("part") == "lora_A"
+
+    lines = [f"adapter: {path}"]
+    if use_mora:
+        mora_type = raw.get("mora_type", 1)
+        flavour = {1: "sharing", 6: "RoPE-based"}.get(mora_type, "ReMoRA cycle type")
+        lines.append(f"method: MoRA, type {mora_type} ({flavour}), r={r}")
+    else:
+        alpha, rslora = raw.get("lora_alpha", 8), bool(raw.get("use_rslora"))
+        scale = alpha / (r**0.5 if rslora else r)
+        lines.append(f"method: LoRA, r={r}, alpha={alpha}, scale={scale:g}" + (" (rsLoRA)" if rslora else ""))
+    lines.append(f"target_modules: {raw.get('target_modules')}")
+    lines.append(f"lora_dropout: {raw.get('lora_dropout', 0.0)}")
+    if raw.get("base_model_name_or_path"):
+        lines.append(f"base_model_name_or_path: {raw['base_model_name_or_path']}")
+    lines.append(f"adapted modules: {n_modules}")
+    for kind, shapes in sorted(kinds.items()):
+        if use_mora:
+            parts = [f"r̂={shape[0]} ({count} x M {shape[0]}x{shape[1]})" for (_, shape), count in sorted(shapes.items())]
+        else:
+            a = {shape: c for (part, shape), c in shapes.items() if part == "lora_A"}
+            b = {shape: c for (part, shape), c in shapes.items() if part == "lora_B"}
+            parts = [f"{count} x in={shape[1]}" for shape, count in sorted(a.items())]
+            parts += [f"out={shape[0]}" for shape in sorted(b)]
+        lines.append(f"  {kind}: {', '.join(parts)}")
+    lines.append(f"trainable parameters: {n_trainable:,}")
+    return "\n".join(lines)
+
+
+def info_command(args) -> int:
+    print(describe_adapter(pathlib.Path(args.adapter)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mora-jax", description="MoRA / LoRA adapters for Hugging Face LLaMA checkpoints (JAX)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge_parser = commands.add_parser(
+        "merge", help="fold an adapter into a base model and write a Hugging Face checkpoint",
+        description="Load a Hugging Face LLaMA checkpoint and a PEFT adapter (MoRA reference format or plain "
+        "LoRA), merge K <- K + ΔK (float32 accumulate) and write the merged checkpoint.",
+    )
+    merge_parser.add_argument("--base", required=True, metavar="HF_DIR", help="base model directory (config.json + safetensors)")
+    merge_parser.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="adapter_config.json + adapter_model.safetensors")
+    merge_parser.add_argument("--out", required=True, metavar="OUT_DIR", help="directory for the merged model")
+    merge_parser.add_argument("--dtype", choices=OUT_DTYPES, default=None, help="dtype of the written weights (default: the base's)")
+    merge_parser.add_argument("--overwrite", action="store_true", help="replace the model files in a non-empty OUT_DIR")
+    merge_parser.set_defaults(run=merge_command)
+
+    info_parser = commands.add_parser("info", help="describe an adapter directory")
+    info_parser.add_argument("adapter", metavar="ADAPTER_DIR")
+    info_parser.set_defaults(run=info_command)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run ``mora-jax``; returns the exit status (0 on success, 1 on a user error, 2 on bad usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # e.g. `mora-jax info DIR | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (UserError, OSError, ValueError) as e:
+        # OSError covers missing files/directories and FileExistsError; ValueError covers
+        # mora_jax's own validation (AdapterFormatError, config and shape checks).
+        print(f"mora-jax: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mora-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
