@@ -115,7 +115,7 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
         train_batches: Iterator[Mapping[str, np.ndarray]], workdir: str | pathlib.Path,
         eval_batches: Callable[[], Iterator] | None = None, run_config: Mapping[str, Any] | None = None,
         callbacks: Sequence[Callable] = (), resume: bool = True, layout=None,
-        sharding=None, checkpoint_mode: str = "resume", frozen_source: str = "") -> RunResult:
+        mesh=None, rules=None, checkpoint_mode: str = "resume", frozen_source: str = "") -> RunResult:
     """Train ``model`` from base ``params`` with ``adapter_config`` (MoRA, LoRA or full fine-tuning).
 
     Args:
@@ -125,7 +125,10 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
       eval_batches: a function returning a fresh iterator over the held-out split.
       callbacks: ``fn(step, state, log)`` called after each step (after merges); ``log(dict)``
         writes metrics for that step.
-      sharding: an optional ``mora_jax.sharding`` plan (mesh + shardings); None = default placement.
+      mesh: a ``jax.sharding.Mesh`` (``mora_jax.sharding.make_mesh``): the state is laid out by the
+        sharding rules (``rules``, default ``mora_jax.sharding.DEFAULT_RULES``), each batch is
+        assembled from this process's rows, and the steps run jitted with in/out shardings and
+        donation. None = the default device.
       checkpoint_mode: ``"resume"`` (continue a run in ``workdir``), ``"new"`` (refuse if checkpoints
         exist) or ``"overwrite"``.
     """
@@ -162,8 +165,9 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
                 donate_argnums=0 if donate else ())
         return merge_fns[next_type, donate](state)
 
-    if sharding is not None:
-        state, step_fn, eval_fn, merge_fn = sharding.wrap(state, step_fn=step_fn, eval_fn=eval_fn, merge_fn=merge_fn)
+    if mesh is not None:
+        state, initial_frozen, step_fn, eval_fn, merge_fn = _sharded_functions(
+            state, mesh, rules, model=model, tx=tx, schedule=schedule, cfg=cfg, use_dropout=use_dropout)
 
     checkpointer = None
     if cfg.checkpoint_every:
@@ -189,11 +193,10 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
 
     pending: list[tuple[int, dict]] = []  # device metrics not yet fetched
     tokens_since, time_since = 0.0, time.perf_counter()
-    last_good = start_step
 
     def flush(step):
         """Fetch pending metrics, check they are finite, write the log line at ``step``."""
-        nonlocal tokens_since, time_since, last_good
+        nonlocal tokens_since, time_since
         if not pending:
             return
         fetched = jax.device_get([m for _, m in pending])
@@ -216,7 +219,6 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
                                  tok_s=f"{row['tokens_per_s']:.0f}")
         pending.clear()
         tokens_since, time_since = 0.0, time.perf_counter()
-        last_good = step
 
     def save(step, force=False):
         if checkpointer is None:
@@ -229,6 +231,7 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
 
     preempted = False
     step = start_step
+    last_eval, last_eval_step = None, None
     try:
         with _SigtermFlag() as sigterm:
             while step < cfg.total_steps:
@@ -241,10 +244,11 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
                 step += 1
                 pending.append((step, step_metrics))
                 extra: dict = {}
-                if cfg.remora.is_merge_step(step) and adapters_lib.flatten(state.adapters):
+                if cfg.remora.is_merge_step(step) and step < cfg.total_steps and adapters_lib.flatten(state.adapters):
                     flush(step)
                     next_type = cfg.remora.type_at(step) if isinstance(adapter_config, MoRAConfig) else None
                     state = merge_fn(state, next_type)
+                    time_since = time.perf_counter()  # tokens/s measures training only
                     extra["remora_merge"] = 1
                     if next_type is not None:
                         extra["mora_type"] = next_type
@@ -257,7 +261,10 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
                     flush(step)
                 if eval_batches is not None and cfg.eval_every and step % cfg.eval_every == 0:
                     flush(step)
-                    metrics_writer.write(step, evaluate(eval_fn, state, eval_batches()))
+                    last_eval = evaluate(eval_fn, state, eval_batches())
+                    last_eval_step = step
+                    metrics_writer.write(step, last_eval)
+                    time_since = time.perf_counter()  # tokens/s measures training only
                 if checkpointer is not None and (step % cfg.checkpoint_every == 0 or step == cfg.total_steps):
                     save(step)
                 if progress is not None:
@@ -270,8 +277,11 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
         flush(step)
         final_eval = None
         if eval_batches is not None and not preempted:
-            final_eval = evaluate(eval_fn, state, eval_batches())
-            metrics_writer.write(step, final_eval)
+            if last_eval_step == step:
+                final_eval = last_eval
+            else:
+                final_eval = evaluate(eval_fn, state, eval_batches())
+                metrics_writer.write(step, final_eval)
     finally:
         if progress is not None:
             progress.close()
@@ -281,8 +291,30 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
     history = metrics_writer.history() if is_main else []
     if is_main:
         metrics_lib.plot_loss_curve(history, workdir / "loss_curve.png", title=f"{adapter_config.method} training loss")
-    del last_good
     return RunResult(state=state, history=history, preempted=preempted, workdir=workdir, final_eval=final_eval)
+
+
+def _sharded_functions(state, mesh, rules, *, model, tx, schedule, cfg: LoopConfig, use_dropout: bool):
+    """The state laid out on ``mesh`` (a copy: donating it never deletes the caller's arrays) and the
+    jitted, sharded train / eval / merge functions, with batches assembled from process-local rows."""
+    from mora_jax import sharding
+
+    rules = rules or sharding.DEFAULT_RULES
+    shardings = sharding.state_shardings(jax.eval_shape(lambda: state), mesh, rules)
+    state = sharding.place(state, shardings)
+    train = sharding.jit_train_step(model, tx, schedule, cfg.step, mesh, shardings, rules, use_dropout=use_dropout)
+    evaluate_ = sharding.jit_eval_step(model, cfg.step, mesh, shardings, rules)
+    merges = {donate: sharding.jit_merge_and_reset(tx, mesh, shardings, rules, donate=donate,
+                                                   reset_optimizer=cfg.remora.reset_optimizer)
+              for donate in (False, True)}
+    initial_frozen = state.frozen
+
+    def merge_fn(state, next_type):
+        # The frozen weights of the first merge are also the checkpointer's initial_frozen: keep them.
+        return merges[state.frozen is not initial_frozen](state, next_type=next_type)
+
+    return (state, initial_frozen, lambda s, b: train(s, sharding.shard_batch(b, mesh, rules)),
+            lambda s, b: evaluate_(s, sharding.shard_batch(b, mesh, rules)), merge_fn)
 
 
 def _without_frozen(out):

@@ -83,13 +83,15 @@ def _tokenizer(config):
     return data_lib.Tokenizer(path)
 
 
-def _sharding_plan(config, model):
-    """A device-mesh plan when there is more than one device (None: default single-device placement)."""
+def _mesh(config):
+    """The device mesh from ``config.mesh`` when there is more than one device (None: the default device)."""
     if jax.device_count() == 1 or not config.get("mesh"):
         return None
     from mora_jax import sharding
 
-    return sharding.plan_for_loop(model, sharding.MeshConfig(**dict(config.mesh)))
+    m = config.mesh
+    return sharding.make_mesh(sharding.MeshConfig(axis_names=("data", "fsdp", "tensor"),
+                                                  axis_sizes=(m.data, m.fsdp, m.tensor)))
 
 
 def _export(config, model, result, adapter_config):
@@ -181,7 +183,7 @@ def _run(config, model, params, batches, eval_batches):
         layout = dense_layout(model, jax.numpy.zeros((1, 8), jax.numpy.int32))
     result = loop.run(model, params, adapter_config, loop_config, train_batches=batches,
                       eval_batches=eval_batches, workdir=config.workdir, run_config=config.to_dict(),
-                      layout=layout, sharding=_sharding_plan(config, model),
+                      layout=layout, mesh=_mesh(config),
                       checkpoint_mode=config.checkpoint.get("mode", "resume"),
                       frozen_source=config.model.get("hf_path", "") or f"preset:{config.model.get('preset')}")
     if hasattr(batches, "report") and jax.process_index() == 0:

@@ -510,3 +510,16 @@ def test_finetune_from_local_json_files(tokenizer, tmp_path):
     assert [trained_text(batch["input_ids"][r], batch["loss_mask"][r], tokenizer) for r in range(4)] == [
         r["output"] for r in records
     ]
+
+
+def test_finetune_all_examples_too_long_is_an_error_not_a_hang(tmp_path):
+    from mora_jax import data as data_lib
+
+    records = [{"query": "word " * 200, "response": "yes"} for _ in range(5)]
+    corpus = tmp_path / "c.txt"
+    data_lib.write_synthetic_corpus(corpus, 300)
+    tok = data_lib.train_tokenizer(str(corpus), str(tmp_path / "tok"), vocab_size=400)
+    config = data_lib.FinetuneDataConfig.metamathqa(32, 2, num_epochs=None)
+    it = data_lib.finetune_batches(records, tok, config)
+    with pytest.raises(ValueError, match="every one of this process's 5 fine-tuning examples is dropped.*raise seq_len"):
+        next(it)

@@ -220,8 +220,16 @@ class FinetuneBatchIterator:
             if self._lookahead is None or self._lookahead[0] != key:
                 self._lookahead = (key, self._tokenize(*self.examples[order[self._index]]))
             if self._lookahead[1] is not None:
+                self._consecutive_drops = 0
                 return self._lookahead[1]
             self.stats["dropped"] += 1
+            self._consecutive_drops = getattr(self, "_consecutive_drops", 0) + 1
+            if self._consecutive_drops >= len(order):  # a whole epoch without one usable example
+                raise ValueError(
+                    f"every one of this process's {len(order)} fine-tuning examples is dropped as too long for "
+                    f"seq_len={self.config.seq_len} (overlong={self.config.overlong!r}; an example whose prompt "
+                    "alone fills seq_len is always dropped): raise seq_len or shorten the prompt template"
+                )
             self._index += 1
         return None
 

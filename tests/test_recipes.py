@@ -1,0 +1,163 @@
+"""End to end: offline pretraining and fine-tuning runs, their artifacts, exact resume after SIGKILL,
+SIGTERM preemption and the NaN stop."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import c4_pretrain, math_finetune
+from mora_jax import data as data_lib
+from mora_jax import hf, loop, recipes
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    data_lib.write_synthetic_corpus(d / "corpus.txt", 1500, seed=0)
+    data_lib.write_synthetic_corpus(d / "corpus_eval.txt", 100, seed=1)
+    data_lib.write_synthetic_math(d / "math_train.jsonl", 300, seed=0)
+    data_lib.write_synthetic_math(d / "math_eval.jsonl", 30, seed=1)
+    data_lib.train_tokenizer(str(d / "corpus.txt"), str(d / "tok"), vocab_size=512)
+    return d
+
+
+def _pretrain_config(corpus, workdir, **train):
+    c = c4_pretrain.get_config("tiny")
+    c.workdir = str(workdir)
+    c.data.source = str(corpus / "corpus.txt")
+    c.data.eval_source = str(corpus / "corpus_eval.txt")
+    c.data.tokenizer = str(corpus / "tok.model")
+    c.train.progress = False
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_offline_pretraining_run_artifacts_and_remora(corpus, tmp_path):
+    config = _pretrain_config(corpus, tmp_path / "run")
+    result = recipes.pretrain(config)
+    assert int(result.state.step) == config.train.steps and not result.preempted
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    merges = [(r["step"], r["mora_type"]) for r in rows if r.get("remora_merge")]
+    assert merges == [(10, 2), (20, 3)]  # ReMoRA every 10 steps, cycling 1 -> 2 -> 3 (none at the last step)
+    losses = _losses(tmp_path / "run")
+    assert losses[30] < losses[5] - 0.5
+    assert [r["step"] for r in rows if "eval_loss" in r] == [10, 20, 30]
+    for name in ("loss_curve.png", "run_config.json", "metrics.jsonl", "export/adapter/adapter_config.json",
+                 "export/merged/config.json", "export/merged/model.safetensors"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert saved["run"]["adapter"]["r"] == 8 and "trainable parameters" in saved["summary"]
+    # The merged export equals the trained model (adapters in effect), and the PEFT adapter loads back.
+    model, merged = hf.load_llama(tmp_path / "run" / "export" / "merged")
+    ids = np.arange(32, dtype=np.int32).reshape(2, 16) % 500
+    from mora_jax import training
+
+    np.testing.assert_allclose(model.apply({"params": merged}, ids),
+                               training.logits_fn(model, result.state, ids), atol=1e-4)
+    adapter_config, adapters = hf.load_adapter(tmp_path / "run" / "export" / "adapter", result.state.params())
+    assert adapter_config.mora_type == 3 and adapter_config.r == 8
+
+
+def test_finetuning_run_trains_on_responses(corpus, tmp_path):
+    c = math_finetune.get_config("tiny")
+    c.workdir = str(tmp_path / "ft")
+    c.data.source = str(corpus / "math_train.jsonl")
+    c.data.eval_source = str(corpus / "math_eval.jsonl")
+    c.data.tokenizer = str(corpus / "tok.model")
+    c.train.progress = False
+    result = recipes.finetune(c)
+    losses = _losses(tmp_path / "ft")
+    assert losses[max(losses)] < losses[min(losses)]
+    assert result.final_eval["eval_tokens"] > 0
+    assert (tmp_path / "ft" / "export" / "merged" / "model.safetensors").exists()
+
+
+def _launch(corpus, workdir, *extra):
+    cmd = [sys.executable, "-m", "train.pretrain", "--config=configs/c4_pretrain.py:tiny",
+           f"--config.workdir={workdir}", f"--config.data.source={corpus / 'corpus.txt'}",
+           f"--config.data.eval_source={corpus / 'corpus_eval.txt'}", f"--config.data.tokenizer={corpus / 'tok.model'}",
+           "--config.train.progress=False", "--config.train.log_every=1", "--config.train.steps=24",
+           "--config.checkpoint.every=4", "--config.train.eval_every=0", "--config.export.merged=False", *extra]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (workdir / "metrics.jsonl").exists() and max(_losses(workdir), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("timed out waiting for the run")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact_across_a_merge(corpus, tmp_path):
+    reference = _launch(corpus, tmp_path / "ref")
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+    expected = _losses(tmp_path / "ref")
+    assert len(expected) == 24
+
+    killed = _launch(corpus, tmp_path / "run")
+    _wait_for_step(tmp_path / "run", 14, killed)  # past the merge at step 10 and the checkpoint at 12
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    resumed = _launch(corpus, tmp_path / "run")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed from step" in out
+    got = _losses(tmp_path / "run")
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_array_equal([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
+    proc = _launch(corpus, tmp_path / "run", "--config.checkpoint.every=1000")
+    _wait_for_step(tmp_path / "run", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saving a checkpoint" in out and "preempted" in out
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= 3
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    from mora_jax import schedules
+
+    real = schedules.make_schedule
+
+    def poisoned(cfg):  # the learning rate becomes NaN from step 6 on
+        base = real(cfg)
+        return lambda step: jax.numpy.where(step >= 6, jax.numpy.nan, base(step))
+
+    monkeypatch.setattr(schedules, "make_schedule", poisoned)
+    config = _pretrain_config(corpus, tmp_path / "nan", steps=12, log_every=1, eval_every=0)
+    config.checkpoint.every = 2
+    config.checkpoint.async_save = False
+    with pytest.raises(loop.TrainingDiverged, match=r"loss became nan at step 8.*last good checkpoint is step 6"):
+        recipes.pretrain(config)
+    steps = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6
