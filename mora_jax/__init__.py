@@ -5,6 +5,9 @@ Core API (see README):
   MoRAConfig, LoRAConfig, FullConfig                 method configs (frozen dataclasses)
   init_adapters, apply_model, merge, unmerge         adapters as parameter-pytree transforms
   split, combine, partition, unpartition, masked     trainable-only training
+
+Modules: models (LLaMA), hf (Hugging Face weights and PEFT adapters), sharding, distributed,
+training (the pure step), remora, schedules, loop, checkpoint, data, recipes, cli.
 """
 
 from mora_jax.adapters import (
@@ -31,6 +34,7 @@ from mora_jax.config import (
     make_config,
 )
 from mora_jax.intercept import apply_model
+from mora_jax.models import LLAMA_CONFIGS, LlamaConfig, LlamaForCausalLM
 from mora_jax.ops import apply_lora, apply_mora, delta_weight, lora_delta_weight, rank_hat
 from mora_jax.optim import masked, param_labels, partition, unpartition
 
