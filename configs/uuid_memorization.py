@@ -27,7 +27,7 @@ def get_config(variant: str = ""):
     c.seed = 0  # seeds the pairs, the base model and the adapters
     c.workdir = "runs/uuid_memorization"  # results.md, results.json, results.png and one folder per method
     c.num_pairs = 64  # key -> value pairs to memorise
-    c.batch_size = 32  # pairs per optimizer step
+    c.batch_size = 16  # pairs per optimizer step
     c.eval_steps = (300, 500, 700, 900)  # steps at which character accuracy is measured (the paper's)
 
     c.model = ml_collections.ConfigDict()
