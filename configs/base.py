@@ -35,6 +35,8 @@ def base_config():
     c.remora.reset_optimizer = True  # fresh optimizer state for the adapters at each merge
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # any optax optimizer by name ("adamw", "lion", "sgd", ...)
+    c.optim.kwargs = ml_collections.ConfigDict()  # its arguments besides the lr, for optimizers other than adamw
     c.optim.lr = 3e-4  # peak learning rate
     c.optim.warmup_steps = 100  # linear warm-up from 0
     c.optim.decay = "cosine"  # "cosine", "linear" or "constant"
@@ -42,9 +44,9 @@ def base_config():
     c.optim.restart_warmup = 50  # ReMoRA: re-warm-up steps after each merge
     c.optim.restart_flavour = "reference"  # "reference" (new schedule from the lr at the merge) or "cosine_restarts"
     c.optim.weight_decay = 0.0  # AdamW decoupled weight decay
-    c.optim.b1 = 0.9  # Adam beta1
-    c.optim.b2 = 0.999  # Adam beta2
-    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.b1 = 0.9  # AdamW beta1
+    c.optim.b2 = 0.999  # AdamW beta2
+    c.optim.eps = 1e-8  # AdamW epsilon
     c.optim.clip_norm = 1.0  # global gradient-norm clipping (0 = off)
 
     c.train = ml_collections.ConfigDict()

@@ -44,7 +44,8 @@ def adapter_config(spec, targets: str):
 
 def _loop_config(steps, lr, warmup, weight_decay, seed, eval_every=0) -> loop.LoopConfig:
     return loop.LoopConfig(
-        total_steps=steps, seed=seed, weight_decay=weight_decay, log_every=max(1, min(50, steps // 10)),
+        total_steps=steps, seed=seed, optimizer_kwargs={"weight_decay": weight_decay},
+        log_every=max(1, min(50, steps // 10)),
         schedule=schedules.ScheduleConfig(peak_lr=lr, total_steps=steps, warmup_steps=min(warmup, steps),
                                           decay="constant"),
         step=training.StepConfig(clip_norm=1.0), progress=False, eval_every=eval_every,

@@ -37,7 +37,8 @@ class LoopConfig:
       schedule: learning-rate schedule (ReMoRA restarts included when restart_every > 0).
       remora: merge period and type cycle (every=0: no merges).
       step: grad accumulation, clipping.
-      weight_decay, b1, b2, eps: AdamW.
+      optimizer: an optax optimizer name ("adamw", "lion", "sgd", ...), optimizer_kwargs its
+        arguments besides the learning rate (for "adamw": b1, b2, eps, weight_decay).
       log_every: steps between metric lines (and NaN checks).
       eval_every: steps between evaluations (0 = only at the end when eval data is given).
       checkpoint_every: steps between checkpoints (0 = none); keep_checkpoints: how many to keep.
@@ -50,10 +51,8 @@ class LoopConfig:
     schedule: schedules.ScheduleConfig
     remora: remora.RemoraConfig = remora.RemoraConfig()
     step: training.StepConfig = training.StepConfig()
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    optimizer: str = "adamw"
+    optimizer_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     log_every: int = 10
     eval_every: int = 0
     checkpoint_every: int = 0
@@ -141,8 +140,8 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
     rng = jax.random.key(cfg.seed)
     adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
     schedule = schedules.make_schedule(cfg.schedule)
-    tx = optim.adamw(cfg.schedule.peak_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                     clip_norm=None)  # clipping is global over both groups, in the step
+    # Clipping is global over both parameter groups, in the step; the lr is set every step.
+    tx = optim.from_name(cfg.optimizer, cfg.schedule.peak_lr, **dict(cfg.optimizer_kwargs))
     state = training.create_train_state(params, adapters, adapter_config, tx, jax.random.fold_in(rng, 2))
     initial_frozen = state.frozen
     use_dropout = float(getattr(adapter_config, "dropout", 0.0)) > 0.0

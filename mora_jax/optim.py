@@ -86,9 +86,24 @@ def adamw(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-
     return optax.inject_hyperparams(make)(learning_rate=learning_rate)
 
 
+def from_name(name: str, learning_rate, **kwargs) -> optax.GradientTransformation:
+    """Any optax optimizer by name (``"adamw"``, ``"lion"``, ``"sgd"``, ...), with its learning rate
+    injected as a hyperparameter (the loop sets it every step). ``"adamw"`` uses :func:`adamw`
+    without clipping (the train step clips globally)."""
+    if name == "adamw":
+        return adamw(learning_rate, clip_norm=None, **kwargs)
+    factory = getattr(optax, name, None)
+    if factory is None or not callable(factory):
+        raise ValueError(f"unknown optimizer {name!r}: use the name of an optax optimizer, e.g. adamw, lion, sgd")
+    try:
+        return optax.inject_hyperparams(factory)(learning_rate=learning_rate, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"optimizer {name!r} does not accept {sorted(kwargs)}: {e}") from None
+
+
 def state_bytes(opt_state) -> int:
     """Bytes held by an optimizer state's arrays."""
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(opt_state) if hasattr(x, "dtype")))
 
 
-__all__ = ["adamw", "masked", "param_labels", "partition", "state_bytes", "unpartition"]
+__all__ = ["adamw", "from_name", "masked", "param_labels", "partition", "state_bytes", "unpartition"]

@@ -61,7 +61,8 @@ def build_loop_config(config) -> loop.LoopConfig:
     o, t = config.optim, config.train
     remora_every = config.remora.every if config.method in ("mora", "lora") else 0
     return loop.LoopConfig(
-        total_steps=t.steps, seed=config.seed, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+        total_steps=t.steps, seed=config.seed, optimizer=o.get("name", "adamw"),
+        optimizer_kwargs=_optimizer_kwargs(o),
         log_every=t.log_every, eval_every=t.eval_every, checkpoint_every=config.checkpoint.every,
         keep_checkpoints=config.checkpoint.keep, async_checkpoints=config.checkpoint.get("async_save", True),
         schedule=schedules.ScheduleConfig(
@@ -73,6 +74,14 @@ def build_loop_config(config) -> loop.LoopConfig:
         step=training.StepConfig(grad_accum=t.grad_accum, clip_norm=o.clip_norm or None),
         progress=t.get("progress", True),
     )
+
+
+def _optimizer_kwargs(optim_config) -> dict:
+    """AdamW's fields from config.optim, or ``optim.kwargs`` for any other optax optimizer."""
+    name = optim_config.get("name", "adamw")
+    if name == "adamw":
+        return {k: optim_config[k] for k in ("b1", "b2", "eps", "weight_decay")}
+    return dict(optim_config.get("kwargs", {}) or {})
 
 
 def _tokenizer(config):

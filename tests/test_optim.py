@@ -133,3 +133,16 @@ def test_unfreeze_pattern_that_matches_nothing_is_an_error():
     config = mj.MoRAConfig(r=4, mora_type=1, targets=(r".*up_proj/kernel",), unfreeze=(r"embeddings/.*",))
     with pytest.raises(ValueError, match=r"unfreeze pattern 'embeddings/\.\*' matches no parameter[\s\S]*lm_head/kernel"):
         mj.partition(params, {}, config)
+
+
+def test_optimizer_by_name():
+    params = {"w": jnp.ones((3,))}
+    for name, kwargs in (("adamw", {"weight_decay": 0.1}), ("lion", {"b1": 0.9}), ("sgd", {"momentum": 0.9})):
+        tx = mj.optim.from_name(name, 1e-2, **kwargs)
+        state = tx.init(params)
+        updates, _ = tx.update({"w": jnp.ones((3,))}, state, params)
+        assert float(updates["w"][0]) < 0
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
+        mj.optim.from_name("adamx", 1e-3)
+    with pytest.raises(ValueError, match="does not accept"):
+        mj.optim.from_name("sgd", 1e-3, beta=3)
