@@ -26,6 +26,7 @@ def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds the pairs, the base model and the adapters
     c.workdir = "runs/uuid_memorization"  # results.md, results.json, results.png and one folder per method
+    c.base_dir = ""  # where the pre-trained base model is cached (default: workdir/base_model)
     c.num_pairs = 64  # key -> value pairs to memorise
     c.batch_size = 16  # pairs per optimizer step
     c.eval_steps = (300, 500, 700, 900)  # steps at which character accuracy is measured (the paper's)

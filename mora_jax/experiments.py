@@ -52,18 +52,36 @@ def _loop_config(steps, lr, warmup, weight_decay, seed, eval_every=0) -> loop.Lo
     )
 
 
+def _pretrain_signature(config) -> dict:
+    return {"seed": config.seed, "model": config.model.to_dict(), "steps": config.pretrain_steps,
+            "lr": config.pretrain_lr, "batch_size": config.batch_size, "warmup_steps": config.warmup_steps}
+
+
 def pretrain_base(config, model, workdir: pathlib.Path):
-    """The base model: trained on fresh random pairs, so it knows the format but no pair."""
+    """The base model: trained on fresh random pairs, so it knows the format but no pair.
+
+    Saved as a Hugging Face checkpoint in ``config.base_dir`` (default ``workdir/base_model``) and
+    reused by later runs with the same pretraining settings."""
+    from mora_jax import hf
+
     params = init_params(model.config, jax.random.key(config.seed))
     if not config.pretrain_steps:
         return params
+    base_dir = pathlib.Path(config.get("base_dir") or workdir / "base_model")
+    signature_file = base_dir / "uuid_pretraining.json"
+    if signature_file.exists() and json.loads(signature_file.read_text()) == _pretrain_signature(config):
+        print(f"reusing the pre-trained base model in {base_dir}", flush=True)
+        return hf.load_llama(base_dir, dtype=model.config.dtype)[1]
     result = loop.run(
         model, params, FullConfig(targets=(r".*",)),
         _loop_config(config.pretrain_steps, config.pretrain_lr, config.warmup_steps, 0.0, config.seed),
         train_batches=uuid_task.RandomPairBatches(config.batch_size, seed=config.seed + 1000),
         workdir=workdir / "base", run_config=config.to_dict(),
     )
-    return result.state.params()
+    params = result.state.params()
+    hf.save_llama(base_dir, model, params, overwrite=True)
+    signature_file.write_text(json.dumps(_pretrain_signature(config), indent=2) + "\n")
+    return params
 
 
 def run_uuid_memorization(config) -> dict:

@@ -74,6 +74,13 @@ def test_tiny_experiment_end_to_end(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| MoRA (type 6) r=1 |" in table and "| full fine-tuning |" in table
     assert (tmp_path / "results.png").stat().st_size > 1000
+    # the pre-trained base is cached and reused (same settings), not trained again
+    assert (tmp_path / "base_model" / "uuid_pretraining.json").exists()
+    model = experiments.LlamaForCausalLM(experiments.model_config(config))
+    (tmp_path / "base" / "metrics.jsonl").unlink()
+    again = experiments.pretrain_base(config, model, tmp_path)
+    assert not (tmp_path / "base" / "metrics.jsonl").exists()
+    assert again["model"]["norm"]["weight"].shape == (config.model.hidden_size,)
 
 
 def test_unknown_method_in_run_list_is_an_error(tmp_path):
