@@ -73,7 +73,11 @@ def _wrap_pad(x_Bxk, length: int):
         return x_Bxk
     reps = -(-length // k)
     if reps > 1:
-        x_Bxk = jnp.concatenate([x_Bxk] * reps, axis=-1)
+        # A broadcast + reshape, not a concatenate of ``reps`` copies: XLA fuses it into the consumer
+        # as index arithmetic (a many-operand concatenate becomes a chain of selects per element on
+        # CPU), and its transpose is one reduction instead of ``reps`` slices and adds.
+        lead = x_Bxk.shape[:-1]
+        x_Bxk = jnp.broadcast_to(x_Bxk[..., None, :], (*lead, reps, k)).reshape(*lead, reps * k)
     return x_Bxk[..., :length]
 
 
@@ -150,6 +154,33 @@ def _rotate_chunks(chunks_BxNxR):
     return v * cos_NxR + rotated_half * sin_NxR
 
 
+def _compress_adjoint_rows(m_RxR, k: int, mora_type: int):
+    """``C·M`` of shape ``(k, r̂)``: the adjoint of the compression ``x ↦ compress(x)`` (a ``(k, r̂)``
+    matrix ``C``, ``compress(x) = x·C``) applied to the rows of ``M``.
+
+    Sum (types 1, 4): padded input ``j < n·r̂`` is feature ``j mod k`` and lands in slot ``j mod r̂``,
+    so row ``i`` sums ``M[j mod r̂]`` over ``j ≡ i (mod k)``: tile ``M``'s rows, fold them mod ``k``.
+    Group (types 2, 3): feature ``i`` lands in its group's slot, so ``M``'s rows repeat by group size.
+    """
+    r_hat = m_RxR.shape[0]
+    if _COMPRESSION[mora_type] == "sum":
+        n = -(-k // r_hat)
+        rows = n * r_hat
+        tiled = jnp.broadcast_to(m_RxR[None], (n, r_hat, r_hat)).reshape(rows, r_hat)
+        # Fold rows mod k as a sum of row slices (a pad + reshape + reduce gets fused with the
+        # decompression by XLA's CPU backend into a padded output plus a copy: ~2x slower).
+        out = tiled[:k]
+        for start in range(k, rows, k):
+            part = tiled[start:start + k]
+            out = out + jnp.pad(part, ((0, k - part.shape[0]), (0, 0)))
+        return out
+    q, rem = divmod(k, r_hat)
+    if q == 0:  # k < r̂: feature i alone in group i
+        return m_RxR[:k]
+    tail = jnp.repeat(m_RxR[rem:], q, axis=0)
+    return jnp.concatenate([jnp.repeat(m_RxR[:rem], q + 1, axis=0), tail], axis=0) if rem else tail
+
+
 def _check_m(m, in_features, out_features, mora_type):
     _check_features(in_features, out_features)
     mora_type = _check_type(mora_type)
@@ -176,6 +207,10 @@ def apply_mora(x, m, *, in_features: int, out_features: int, mora_type: int):
         z_BxR = _compress(x, r_hat, mora_type)
         return _decompress(z_BxR @ m, out_features, mora_type)
     n = -(-in_features // r_hat)
+    # The chunk products are concatenated and truncated/tiled to out_features: when d < n·r̂ only
+    # the first ceil(d/r̂) chunks reach the output, so only those are rotated and multiplied
+    # (e.g. a 2560→768 down_proj at r=8 needs 5 of its 16 chunks). Chunk c keeps its angle c·θ.
+    n = min(n, -(-out_features // r_hat))
     chunks_BxNxR = _wrap_pad(x, n * r_hat).reshape(*x.shape[:-1], n, r_hat)
     u_BxNxR = _rotate_chunks(chunks_BxNxR).astype(dtype) @ m
     return _decompress_tile(u_BxNxR.reshape(*x.shape[:-1], n * r_hat), out_features)
@@ -184,33 +219,53 @@ def apply_mora(x, m, *, in_features: int, out_features: int, mora_type: int):
 def delta_weight(m, *, in_features: int, out_features: int, mora_type: int):
     """The dense update ``ΔK`` (``(in_features, out_features)``, float32) with ``x @ ΔK == apply_mora(x, m)``.
 
-    Built in ``O(k·d)`` from the transposed compression (types 1–4: ``ΔK = C·M·D``) or from a
-    scatter-add of the rotated blocks (type 6), never by pushing an identity through the forward
+    Built in ``O(k·d)`` from the transposed compression (types 1–4: ``ΔK = C·M·D``) or by placing
+    the rotated blocks ``R_c·M`` into a zero output (type 6), never by pushing an identity through the forward
     path. Works for every shape the forward supports, including type 6 with one chunk.
     """
     r_hat, mora_type = _check_m(m, in_features, out_features, mora_type)
     k, d = in_features, out_features
     m = m.astype(jnp.float32)
     if mora_type != 6:
-        # C·M: the adjoint of compression applied to the rows of Mᵀ; then D on each row.
-        compress_T = jax.linear_transpose(
-            lambda x: _compress(x, r_hat, mora_type), jax.ShapeDtypeStruct((r_hat, k), jnp.float32)
-        )
-        (cm_RxK,) = compress_T(m.T)
-        return _decompress(cm_RxK.T, d, mora_type)
+        # C·M (k, r̂), built directly in (k, r̂) layout so that the decompression reads it
+        # contiguously (jax.linear_transpose of the compression yields (r̂, k) and a transposed
+        # operand makes the output loop a strided gather, ~2x slower); then D on each row.
+        return _decompress(_compress_adjoint_rows(m, k, mora_type), d, mora_type)
     n = -(-k // r_hat)
     width = min(d, n * r_hat)  # columns of Cp·B that the truncate/tile can reach
     n_blocks = -(-width // r_hat)
-    # Block c of B is R_c·M; row s of R_c·M is rot_c(e_s)·M.
-    rot_NxRxR = _rotate_chunks(jnp.broadcast_to(jnp.eye(r_hat, dtype=jnp.float32), (n_blocks, r_hat, r_hat)).transpose(1, 0, 2))
-    blocks_NxRxR = jnp.einsum("snt,tu->nsu", rot_NxRxR, m)
-    # Row p = c·r̂ + s of the padded input is input feature p mod k.
-    rows_NxR = (np.arange(n_blocks)[:, None] * r_hat + np.arange(r_hat)[None, :]) % k
-    cols_N = np.arange(n_blocks)
-    cp_b = jnp.zeros((k, n_blocks, r_hat), jnp.float32)
-    cp_b = cp_b.at[rows_NxR, cols_N[:, None]].add(blocks_NxRxR)
-    cp_b_KxW = cp_b.reshape(k, n_blocks * r_hat)[:, :width]
-    return _wrap_pad(cp_b_KxW, d)
+    # Block c of B is R_c·M; row s of R_c·M is rot_c(e_s)·M = cos_s·M[s] ± sin_s·M[s ∓ r̂/2]
+    # (the rotation pairs s with s ± r̂/2): O(n·r̂²) elementwise, no n·r̂³ matmul with a rotation matrix.
+    cos_NxR, sin_NxR = rope_cos_sin(r_hat, n_blocks)
+    half = r_hat // 2
+    m_swapped = jnp.concatenate([m[half:], -m[:half]], axis=0)
+    blocks_NxRxR = cos_NxR[:, :, None] * m[None] + sin_NxR[:, :, None] * m_swapped[None]
+    # ΔK is block-structured: padded input row p = c·r̂ + s (input feature p mod k) meets block c in
+    # output columns c·r̂ + u, repeated every `width` columns (the tile), zero elsewhere. So write
+    # zeros once and drop the blocks in place (static dynamic-update-slices): about the cost of
+    # writing the output, no scatter and no dense intermediate.
+    pieces = []  # per block: [(first output row, rows of the block)]
+    for c in range(n_blocks):
+        block = blocks_NxRxR[c]
+        start = c * r_hat
+        if r_hat > k:  # a single chunk longer than the input wraps onto itself: fold it
+            reps = -(-r_hat // k)
+            block = jnp.pad(block, ((0, reps * k - r_hat), (0, 0))).reshape(reps, k, r_hat).sum(axis=0)
+            pieces.append([(0, block)])
+        elif start + r_hat <= k:
+            pieces.append([(start, block)])
+        else:  # the last chunk's rows wrap to the first input features
+            pieces.append([(start, block[: k - start]), (0, block[k - start:])])
+    out = jnp.zeros((k, d), jnp.float32)
+    for tile_start in range(0, d, width):
+        for c in range(n_blocks):
+            col = tile_start + c * r_hat
+            n_cols = min(r_hat, width - c * r_hat, d - col)
+            if n_cols <= 0:
+                break
+            for row, piece in pieces[c]:
+                out = jax.lax.dynamic_update_slice(out, piece[:, :n_cols], (row, col))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
