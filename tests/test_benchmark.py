@@ -1,0 +1,233 @@
+"""The benchmark harness: FLOP counting against hand-computed numbers, and a smoke run on the tiny model.
+
+Timings are noisy: nothing here asserts a timing ratio or threshold, only that the harness runs,
+writes the documented schema and produces sane (positive, finite) values.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from configs import bench_tiny
+from mora_jax import benchmark
+from mora_jax.models.llama import LLAMA_CONFIGS
+
+TINY = LLAMA_CONFIGS["tiny"]  # D=64, F=172, L=2, N=4 heads, K=2 kv heads, H=16, V=256
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP count, by hand for the tiny model at batch 2 x seq 8 (16 tokens).
+#   per block: q 64*64=4096, k 64*32=2048, v 2048, o 4096, gate/up/down 64*172=11008 each -> 45312
+#   2 blocks 90624 + LM head 64*256=16384 -> 107008 matmul params
+#   forward 2*107008*16 = 3,424,256
+#   attention forward 2 layers * 4*B*T^2*N*H = 2*4*2*64*4*16 = 65,536; backward twice that
+#   input grads: forward minus layer 0's q/k/v (64*128=8192 params): 2*(107008-8192)*16 = 3,162,112
+#   weight grads (full only): 2*90624*16 = 2,899,968
+# ---------------------------------------------------------------------------------------------
+FROZEN = 3_424_256 + 65_536 + 3_162_112 + 131_072  # = 6,782,976
+FULL = FROZEN + 2_899_968  # = 9,682,944
+
+
+def test_flops_frozen_and_full_by_hand():
+    assert benchmark.model_flops_per_step(TINY, 2, 8, "frozen") == FROZEN == 6_782_976
+    assert benchmark.model_flops_per_step(TINY, 2, 8, "full") == FULL == 9_682_944
+    parts = benchmark.flop_breakdown(TINY, 2, 8, "full")
+    assert parts == {"forward": 3_424_256, "attention_forward": 65_536, "input_grad": 3_162_112,
+                     "attention_backward": 131_072, "weight_grad": 2_899_968, "adapter": 0}
+
+
+def test_full_and_frozen_differ_by_exactly_the_weight_gradient():
+    for b, t in ((1, 1), (2, 8), (3, 17)):
+        diff = benchmark.model_flops_per_step(TINY, b, t, "full") - benchmark.model_flops_per_step(TINY, b, t, "frozen")
+        assert diff == 2 * 90_624 * b * t  # 2 x (trained block params) x tokens
+    cfg = LLAMA_CONFIGS["mora-250m"]
+    diff = benchmark.model_flops_per_step(cfg, 1, 256, "full") - benchmark.model_flops_per_step(cfg, 1, 256, "frozen")
+    block = 4 * 768 * 768 + 3 * 768 * 2560
+    assert diff == 2 * 24 * block * 256
+
+
+def test_textbook_formula_without_dead_gradients():
+    # skip_dead_input_grads=False: input gradient of every kernel, the brief's plain formula
+    plain = benchmark.model_flops_per_step(TINY, 2, 8, "frozen", skip_dead_input_grads=False)
+    assert plain == 2 * 3_424_256 + 3 * 65_536 == 7_045_120  # forward + every input gradient + attention x3
+    assert plain - FROZEN == 2 * 8192 * 16
+
+
+def test_lora_flops_by_hand():
+    # per token and layer: 2*r*(k+d) = 16*(128 + 96 + 96 + 128 + 236*3) = 18,496; x3 (fwd + bwd), x2 layers
+    # minus layer 0's q/k/v input gradient 2*k*r = 2*64*8 each
+    adapter = 16 * (18_496 * 3 * 2 - 3 * 2 * 64 * 8)
+    assert adapter == 1_726_464
+    assert benchmark.model_flops_per_step(TINY, 2, 8, "lora", 8) == FROZEN + adapter
+    plain = benchmark.model_flops_per_step(TINY, 2, 8, "lora", 8, skip_dead_input_grads=False)
+    assert plain - (FROZEN + 2 * 8192 * 16) == 16 * 18_496 * 3 * 2 == 1_775_616
+
+
+def test_mora_flops_by_hand():
+    # type 1, r=8: r_hat = round(sqrt((k+d)*8)): q 32, k 28, v 28, o 32, mlp 43 (sqrt(1888)=43.45)
+    per_layer = 2 * (32**2 + 28**2 + 28**2 + 32**2 + 3 * 43**2)  # 18,326 per token
+    adapter = 16 * (per_layer * 3 * 2 - 2 * (32**2 + 28**2 + 28**2))
+    assert adapter == 1_676_352
+    assert benchmark.model_flops_per_step(TINY, 2, 8, "mora", 8, 1) == FROZEN + adapter
+    # type 6: even r_hat (mlp 42); every kernel needs 2 chunks (e.g. down: k=172 -> 5 chunks, but
+    # only ceil(d/r_hat) = ceil(64/42) = 2 of them reach the 64 outputs)
+    assert benchmark.mora_chunks_used(172, 64, 42) == 2
+    assert benchmark.mora_chunks_used(64, 172, 42) == 2
+    assert benchmark.mora_chunks_used(4096, 11008, 346) == 12
+    per_layer6 = 2 * 2 * (32**2 + 28**2 + 28**2 + 32**2 + 3 * 42**2)  # 35,632
+    adapter6 = 16 * (per_layer6 * 3 * 2 - 2 * 2 * (32**2 + 28**2 + 28**2))
+    assert benchmark.model_flops_per_step(TINY, 2, 8, "mora", 8, 6) == FROZEN + adapter6
+
+
+def test_flops_errors():
+    with pytest.raises(ValueError, match="method"):
+        benchmark.model_flops_per_step(TINY, 1, 1, "dora")
+    with pytest.raises(ValueError, match="rank"):
+        benchmark.model_flops_per_step(TINY, 1, 1, "lora")
+    with pytest.raises(ValueError, match="mora_type"):
+        benchmark.model_flops_per_step(TINY, 1, 1, "mora", 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness on the tiny model.
+# ---------------------------------------------------------------------------------------------
+
+
+def _quick_config():
+    c = bench_tiny.get_config()
+    c.batch, c.seq_len = 2, 16
+    c.r_large = 16
+    c.steps, c.warmup = 2, 1
+    c.matmul_size, c.matmul_chain, c.matmul_repeats = 256, 2, 2
+    c.delta_weight.in_features, c.delta_weight.out_features, c.delta_weight.repeats = 256, 512, 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def result():
+    return benchmark.run_benchmark(_quick_config(), log=lambda _: None)
+
+
+def test_harness_writes_the_schema(result, tmp_path):
+    path = benchmark.write_json(result, tmp_path / "results.json")
+    data = json.loads(path.read_text())  # valid JSON, no NaN/inf
+    benchmark.validate_schema(data)
+    for key in benchmark.SCHEMA_TOP:
+        assert key in data
+    assert set(data["model"]) == {"name", "params", "batch", "seq_len"}
+    assert set(data["merge"]) == {"step_s", "merge_s"}
+    assert isinstance(data["device"], str) and data["dtype"] == "float32"
+    assert data["model"] == {"name": "tiny", "params": data["model"]["params"], "batch": 2, "seq_len": 16}
+    assert data["model"]["params"] == 123_712
+    methods = [(row["method"], row["r"], row["mora_type"]) for row in data["results"]]
+    assert methods == [("full", None, None), ("lora", 8, None), ("mora", 8, 1), ("mora", 8, 6),
+                       ("lora", 16, None), ("mora", 16, 1), ("mora", 16, 6)]
+    for row in data["results"]:
+        assert set(row) == set(benchmark.SCHEMA_ROW)
+        assert row["step_s"] > 0 and math.isfinite(row["step_s"])
+        assert row["tokens_per_s"] == pytest.approx(32 / row["step_s"])
+        assert row["model_flops_per_step"] == benchmark.model_flops_per_step(
+            benchmark.LLAMA_CONFIGS["tiny"], 2, 16, row["method"], row["r"], row["mora_type"])
+        assert 0 < row["mfu"] < 1.5
+        assert row["mfu"] == pytest.approx(row["model_flops_per_step"] / row["step_s"] / data["peak_matmul_flops"])
+        assert row["peak_mem_bytes"] is None or row["peak_mem_bytes"] > 0
+    assert data["peak_matmul_flops"] > 0
+    assert data["merge"]["merge_s"] > 0 and data["merge"]["step_s"] > 0
+    mora1_large = next(r for r in data["results"] if r["method"] == "mora" and r["r"] == 16 and r["mora_type"] == 1)
+    assert data["merge"]["step_s"] == mora1_large["step_s"]  # the merge is compared with its own MoRA step
+
+
+def test_harness_extras(result):
+    assert set(result["ratios"]["step"]) >= {"mora1_r8/lora_r8", "mora6_r16/lora_r16", "mora6_r8/full"}
+    assert all(v > 0 for v in result["ratios"]["step"].values())
+    for detail in result["details"]:
+        assert math.isfinite(detail["loss"])  # the step really trains
+        assert detail["compile_s"] > 0 and len(detail["step_s_all"]) == 2
+    dw = result["delta_weight"]
+    assert dw["fill_s"] > 0 and [t["mora_type"] for t in dw["types"]] == [1, 6]
+    assert all(t["delta_weight_s"] > 0 and t["ratio_to_fill"] > 0 for t in dw["types"])
+    assert all(t["met"] in (True, False, None) for t in result["targets"].values())
+    text = benchmark.report(result)
+    assert "mora" in text and "merge" in text
+    assert benchmark.report(result, markdown=True).count("|") > 20
+
+
+def test_memory_is_measured_on_cpu(result):
+    # XLA's CPU backend implements memory_analysis(): full fine-tuning holds float32 copies of the
+    # trained kernels, their gradients and two Adam moments, so it needs more than MoRA at r=8.
+    rows = {(r["method"], r["r"], r["mora_type"]): r for r in result["results"]}
+    assert all(r["peak_mem_bytes"] for r in rows.values())
+    assert result["details"][0]["memory"]["argument_bytes"] > 0
+
+
+def test_validate_schema_rejects_extra_row_keys(result):
+    bad = json.loads(json.dumps(result))
+    bad["results"][0]["extra"] = 1
+    with pytest.raises(ValueError, match="row keys"):
+        benchmark.validate_schema(bad)
+
+
+def test_scaling_runs_and_writes_markdown_and_plot(tmp_path):
+    c = _quick_config()
+    c.mora_types = (6,)
+    # 6 distinct compiled steps: the base point (batch 2 x seq 16, r=8) is shared by the three sweeps
+    c.scaling.seq_lens, c.scaling.batches, c.scaling.ranks = (16,), (1, 2), (8,)
+    c.scaling.kernel_sizes = ((64, 128), (128, 256))
+    c.scaling.steps, c.scaling.warmup, c.scaling.repeats = 1, 0, 1
+    logged = []
+    scaling = benchmark.run_scaling(c, log=logged.append)
+    assert len(scaling["vs_seq_len"]) == 3 and len(scaling["vs_batch"]) == 2 * 3
+    assert len(scaling["vs_rank"]) == 1 + 2 and len(scaling["vs_kernel_size"]) == 2
+    assert sum("MFU" in line for line in logged) == 6  # each distinct point timed once
+    assert all(row["step_s"] > 0 for key in ("vs_seq_len", "vs_batch", "vs_rank") for row in scaling[key])
+    json.loads(benchmark.write_json(scaling, tmp_path / "s.json").read_text())
+    text = benchmark.scaling_markdown(scaling)
+    assert "vs rank" in text and "| 128x256 |" in text and "vs batch" in text
+    png = benchmark.plot_scaling(scaling, tmp_path / "s.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_peer_without_torch_names_the_pip_command(tmp_path):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torch is installed")
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.benchmark", "--config", "configs/bench_tiny.py", "--peer",
+         "--out", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=120,
+        cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert proc.returncode != 0
+    assert benchmark.PEER_INSTALL in proc.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_configs_have_the_documented_fields():
+    import importlib
+
+    for name, r_large in (("bench_tiny", 32), ("bench_250m", 128), ("bench_1b", 256)):
+        c = importlib.import_module(f"configs.{name}").get_config()
+        assert isinstance(c, ml_collections.ConfigDict)
+        assert c.r_small == 8 and c.r_large == r_large
+        for field in ("model", "batch", "seq_len", "dtype", "steps", "warmup"):
+            assert field in c
+        assert c.model in LLAMA_CONFIGS
+
+
+@pytest.mark.torch
+def test_peer_rows_with_hf_peft():
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    c = _quick_config()
+    c.peer.steps, c.warmup = 1, 1
+    _, llama_config = benchmark.llama_config_from(c)
+    rows = benchmark.run_peer(c, llama_config, 1e11, log=lambda _: None)
+    assert [(row["method"], row["r"]) for row in rows] == [("full", None), ("lora", 8), ("lora", 16)]
+    for row in rows:
+        assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] > 0
+        assert row["model_flops_per_step"] == benchmark.model_flops_per_step(llama_config, 2, 16, row["method"], row["r"])

@@ -1,0 +1,67 @@
+"""Entry point: benchmark MoRA vs LoRA vs full fine-tuning on this device (see mora_jax.benchmark).
+
+    python -m train.benchmark --config configs/bench_tiny.py --out results.json
+    python -m train.benchmark --config configs/bench_250m.py --out benchmarks/cpu_250m.json
+    python -m train.benchmark --config configs/bench_tiny.py --scaling --out scaling.json   # + .md, .png
+    python -m train.benchmark --config configs/bench_tiny.py --peer --out peer.json         # + HF PEFT rows
+    python -m train.benchmark --config configs/bench_tiny.py --config.steps=20 --config.batch=8 ...
+
+Writes ``--out`` (JSON) and a markdown report beside it (same name, ``.md``), and prints a table.
+JSON schema (extra keys such as "ratios", "details", "delta_weight", "targets", "peer" may follow):
+
+    {"device": str, "dtype": str, "peak_matmul_flops": float,
+     "model": {"name": str, "params": int, "batch": int, "seq_len": int},
+     "results": [{"method": "full"|"lora"|"mora", "r": int|null, "mora_type": int|null,
+                  "step_s": float, "tokens_per_s": float, "model_flops_per_step": float,
+                  "mfu": float, "peak_mem_bytes": int|null}],
+     "merge": {"step_s": float, "merge_s": float}}
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py)")
+_OUT = flags.DEFINE_string("out", "results.json", "JSON file to write (a .md report is written beside it)")
+_SCALING = flags.DEFINE_bool("scaling", False, "run the scaling study instead (JSON + .md table + .png plot)")
+_PEER = flags.DEFINE_bool("peer", False, "also time HF transformers + PEFT (needs torch, transformers, peft)")
+
+
+def main(argv):
+    del argv
+    from mora_jax import benchmark
+
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/bench_tiny.py")
+    out = benchmark.pathlib.Path(_OUT.value)
+    if _PEER.value:  # fail before spending minutes on the JAX side
+        try:
+            import peft, torch, transformers  # noqa: F401, E401
+        except ImportError as e:
+            sys.exit(f"--peer needs torch, transformers and peft ({e}). Install them with:\n    {benchmark.PEER_INSTALL}")
+    if _SCALING.value:
+        result = benchmark.run_scaling(config)
+        benchmark.write_json(result, out)
+        text = benchmark.scaling_markdown(result)
+        out.with_suffix(".md").write_text(text + "\n")
+        benchmark.plot_scaling(result, out.with_suffix(".png"))
+        print(text)
+        print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+        return
+    result = benchmark.run_benchmark(config)
+    if _PEER.value:
+        _, llama_config = benchmark.llama_config_from(config)
+        result["peer"] = benchmark.run_peer(config, llama_config, result["peak_matmul_flops"])
+    benchmark.validate_schema(result)
+    benchmark.write_json(result, out)
+    out.with_suffix(".md").write_text(benchmark.report(result, markdown=True) + "\n")
+    print(benchmark.report(result))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    app.run(main)
