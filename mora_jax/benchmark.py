@@ -589,7 +589,9 @@ def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
         "peak_matmul": peak,
         "settings": {"steps": int(config.steps), "warmup": int(config.warmup),
                      "interleave": bool(config.get("interleave", True)), "jax": jax.__version__,
-                     "peak_mem_bytes": "argument + output - alias + temp of compiled.memory_analysis()"},
+                     "peak_mem_bytes": "argument + output - alias + temp of compiled.memory_analysis()",
+                     "xla_flops": "compiled.cost_analysis()['flops'] (matmuls and elementwise); with scan_layers "
+                                  "XLA counts the scanned layer body once"},
     }
     dw = config.get("delta_weight")
     if dw is not None and dw.get("enabled", True):
@@ -758,55 +760,65 @@ def write_json(result: Mapping, path) -> pathlib.Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _time_step(spec: MethodSpec, model, params, llama_config, batch_size, seq_len, *, steps, warmup, seed, lr,
-               layout, peak_flops) -> dict:
-    batch = make_batch(llama_config, batch_size, seq_len, seed)
-    runner = StepRunner(spec, model, params, batch, seed=seed, lr=lr, layout=layout)
-    _interleaved([runner], steps, warmup)
-    step_s = _median(runner.times)
+def _row(point: Mapping, llama_config, batch_size: int, seq_len: int, peak_flops: float) -> dict:
+    spec = point["spec"]
+    step_s = _median(point["times"])
     flops = model_flops_per_step(llama_config, batch_size, seq_len, spec.method, spec.r, spec.mora_type)
-    row = {"method": spec.method, "r": spec.r, "mora_type": spec.mora_type, "batch": batch_size,
-           "seq_len": seq_len, "tokens": batch_size * seq_len, "step_s": step_s,
-           "tokens_per_s": batch_size * seq_len / step_s, "model_flops_per_step": flops,
-           "mfu": flops / step_s / peak_flops, "peak_mem_bytes": peak_memory_bytes(runner.compiled)}
-    runner.release()
-    return row
+    return {"method": spec.method, "r": spec.r, "mora_type": spec.mora_type, "batch": batch_size,
+            "seq_len": seq_len, "tokens": batch_size * seq_len, "step_s": step_s, "step_s_min": min(point["times"]),
+            "tokens_per_s": batch_size * seq_len / step_s, "model_flops_per_step": flops,
+            "mfu": flops / step_s / peak_flops, "peak_mem_bytes": point["peak_mem_bytes"]}
 
 
 def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
-    """Step time versus tokens (sequence length, batch) and rank, and merge time versus kernel size."""
+    """Step time versus tokens (sequence length, batch) and rank, and merge time versus kernel size.
+
+    Each sweep compiles all its points first and then times them interleaved round-robin (with the
+    matmul peak in the rotation), like :func:`run_benchmark`, so the ratios within a sweep are
+    measured under the same load; a point shared by several sweeps (the base batch x seq_len at
+    r_small) is timed again in each.
+    """
     sc = config.scaling
     name, llama_config = llama_config_from(config)
     model = LlamaForCausalLM(llama_config)
     seed, lr = int(config.seed), float(config.lr)
     steps, warmup = int(sc.steps), int(sc.warmup)
-    peak = measure_peak_matmul(config.dtype, size=int(config.matmul_size), chain=int(config.matmul_chain),
-                               repeats=int(config.matmul_repeats))
     params = init_params(llama_config, jax.random.key(seed))
     layout = adapters_lib.dense_layout(model, jnp.zeros((1, 8), jnp.int32)) if llama_config.scan_layers else None
-    common = dict(steps=steps, warmup=warmup, seed=seed, lr=lr, layout=layout, peak_flops=peak["flops"])
+    matmul = MatmulRunner(config.dtype, size=int(config.matmul_size), chain=int(config.matmul_chain))
     token_specs = [MethodSpec("full"), MethodSpec("lora", int(config.r_small)),
                    *(MethodSpec("mora", int(config.r_small), int(t)) for t in config.mora_types)]
     base_b, base_t = int(config.batch), int(config.seq_len)
+    def sweep(title, points):
+        log(title)
+        done: dict = {}  # (spec, batch, seq_len) -> {"spec", "times", "peak_mem_bytes"}
+        runners = []
+        for spec, b, t in points:
+            if (spec, b, t) in done:
+                continue
+            runner = StepRunner(spec, model, params, make_batch(llama_config, b, t, seed), seed=seed, lr=lr, layout=layout)
+            runner.point = (b, t)
+            runners.append(runner)
+        _interleaved([*runners, matmul], steps, warmup)
+        for runner in runners:
+            done[(runner.spec, *runner.point)] = {"spec": runner.spec, "times": runner.times,
+                                                  "peak_mem_bytes": peak_memory_bytes(runner.compiled)}
+            log(f"  {runner.spec.label:<14} batch {runner.point[0]:>3} seq {runner.point[1]:>5}: "
+                f"{_median(runner.times):.4f} s")
+            runner.release()
+        return [(done[spec, b, t], b, t) for spec, b, t in points]
 
-    done: dict = {}  # (spec, batch, seq_len) -> row: the sweeps share their base point
-
-    def timed(spec, b, t):
-        if (spec, b, t) not in done:
-            row = done[spec, b, t] = _time_step(spec, model, params, llama_config, b, t, **common)
-            log(f"  {spec.label:<14} batch {b:>3} seq {t:>5}: {row['step_s']:.4f} s, MFU {100 * row['mfu']:.1f}%")
-        return dict(done[spec, b, t])
-
-    log("step time vs sequence length")
-    vs_seq = [timed(spec, base_b, int(t)) for t in sc.seq_lens for spec in token_specs]
-    log("step time vs batch")
-    vs_batch = [timed(spec, int(b), base_t) for b in sc.batches for spec in token_specs]
-    log("step time vs rank")
-    vs_rank = [timed(MethodSpec("full"), base_b, base_t)]
+    raw_seq = sweep("step time vs sequence length", [(s, base_b, int(t)) for t in sc.seq_lens for s in token_specs])
+    raw_batch = sweep("step time vs batch", [(s, int(b), base_t) for b in sc.batches for s in token_specs])
+    rank_points = [(MethodSpec("full"), base_b, base_t)]
     for r in sc.ranks:
-        vs_rank.append(timed(MethodSpec("lora", int(r)), base_b, base_t))
-        for t in config.mora_types:
-            vs_rank.append(timed(MethodSpec("mora", int(r), int(t)), base_b, base_t))
+        rank_points.append((MethodSpec("lora", int(r)), base_b, base_t))
+        rank_points += [(MethodSpec("mora", int(r), int(t)), base_b, base_t) for t in config.mora_types]
+    raw_rank = sweep("step time vs rank", rank_points)
+    peak_flops = matmul.flops
+    log(f"matmul peak (best, interleaved): {peak_flops / 1e9:.1f} GFLOP/s")
+    vs_seq, vs_batch, vs_rank = ([_row(point, llama_config, b, t, peak_flops) for point, b, t in raw]
+                                 for raw in (raw_seq, raw_batch, raw_rank))
     log("delta_weight vs kernel size")
     vs_kernel = []
     for k, d in sc.kernel_sizes:
@@ -815,9 +827,9 @@ def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
         log(f"  {k}x{d}: fill {row['fill_s'] * 1e3:.2f} ms; " + ", ".join(
             f"type {x['mora_type']} {x['delta_weight_s'] * 1e3:.2f} ms ({x['ratio_to_fill']:.2f}x)" for x in row["types"]))
     return {"device": device_description(), "dtype": jnp.dtype(config.dtype).name,
-            "peak_matmul_flops": peak["flops"],
+            "peak_matmul_flops": peak_flops,
             "model": {"name": name, "params": count_params(params), "batch": base_b, "seq_len": base_t},
-            "settings": {"steps": steps, "warmup": warmup, "jax": jax.__version__},
+            "settings": {"steps": steps, "warmup": warmup, "jax": jax.__version__, "interleaved": True},
             "vs_seq_len": vs_seq, "vs_batch": vs_batch, "vs_rank": vs_rank, "vs_kernel_size": vs_kernel}
 
 
