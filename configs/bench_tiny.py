@@ -26,6 +26,7 @@ def bench_config():
     c.steps = 5  # timed training steps per method (median reported), interleaved across methods
     c.warmup = 2  # untimed steps per method after compilation
     c.interleave = True  # time the methods round-robin, one step each, so background load hits all alike
+    c.xla_tuning_ablation = True  # also time the small-rank adapter steps without mora_jax.xla_tuning's options (CPU)
     c.lr = 1e-4  # AdamW learning rate (constant; does not change the timings)
     c.seed = 0  # model init, adapters and the random token batch
     c.merge_type = 1  # MoRA type of the timed ReMoRA merge (the reference's cycle starts at type 1)

@@ -41,17 +41,15 @@ import numpy as np
 import optax
 
 from mora_jax import adapters as adapters_lib
-from mora_jax import ops, optim, remora, training
+from mora_jax import ops, optim, remora, training, xla_tuning
 from mora_jax.config import LLAMA_TARGETS, FullConfig, LoRAConfig, MoRAConfig
 from mora_jax.models.llama import LLAMA_CONFIGS, LlamaConfig, LlamaForCausalLM, count_params, init_params
 
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The JSON schema (top level, "model", each "results" row, "merge"); other top-level keys are extras.
 SCHEMA_TOP = ("device", "dtype", "peak_matmul_flops", "model", "results", "merge")
 SCHEMA_MODEL = ("name", "params", "batch", "seq_len")
 SCHEMA_ROW = ("method", "r", "mora_type", "step_s", "tokens_per_s", "model_flops_per_step", "mfu", "peak_mem_bytes")
 SCHEMA_MERGE = ("step_s", "merge_s")
-PEER_INSTALL = "pip install torch==2.13.0 transformers peft"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,8 +368,10 @@ class StepRunner:
     through untouched; trainables and optimizer state are updated in place)."""
 
     def __init__(self, spec: MethodSpec, model, params, batch, *, seed: int = 0, lr: float = 1e-4,
-                 layout=None, step_config: training.StepConfig = training.StepConfig()):
+                 layout=None, step_config: training.StepConfig = training.StepConfig(), tuned: bool = True):
+        """``tuned``: compile with :func:`mora_jax.xla_tuning.train_step_compiler_options`, as the loop does."""
         self.spec = spec
+        self.compiler_options = xla_tuning.train_step_compiler_options() if tuned else None
         adapter_config = spec.adapter_config()
         rng = jax.random.key(seed)
         adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
@@ -383,7 +383,7 @@ class StepRunner:
         jitted = jax.jit(
             lambda frozen, rest, b: _without_frozen(training.train_step(
                 rest.replace(frozen=frozen), b, model=model, tx=tx, schedule=schedule, step_config=step_config)),
-            donate_argnums=1)
+            donate_argnums=1, compiler_options=self.compiler_options)
         self.frozen = state.frozen
         self.rest = state.replace(frozen=None)
         self.batch = batch
@@ -535,13 +535,21 @@ def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
         runner = StepRunner(spec, model, params, batch, seed=int(config.seed), lr=float(config.lr), layout=layout)
         log(f"compiled {spec.label:<14} in {runner.compile_s:6.1f} s")
         runners.append(runner)
+    # Ablation: the small-rank adapter steps compiled without mora_jax.xla_tuning's options.
+    untuned = []
+    if config.get("xla_tuning_ablation", False) and xla_tuning.train_step_compiler_options() is not None:
+        for spec in specs:
+            if spec.method != "full" and spec.r == int(config.r_small):
+                untuned.append(StepRunner(spec, model, params, batch, seed=int(config.seed), lr=float(config.lr),
+                                          layout=layout, tuned=False))
+                log(f"compiled {spec.label:<14} without XLA tuning in {untuned[-1].compile_s:6.1f} s")
     merge_spec = MethodSpec("mora", int(config.merge_r or config.r_large), int(config.merge_type))
     merger = MergeRunner(merge_spec, params, seed=int(config.seed), layout=layout)
     log(f"compiled merge ({merge_spec.label}) in {merger.compile_s:6.1f} s")
 
     # The matmul chain also runs once per round, so the peak is measured under the same load as the steps.
     matmul = MatmulRunner(config.dtype, size=int(config.matmul_size), chain=int(config.matmul_chain))
-    _interleaved([*runners, merger, matmul], int(config.steps), int(config.warmup), bool(config.get("interleave", True)))
+    _interleaved([*runners, *untuned, merger, matmul], int(config.steps), int(config.warmup), bool(config.get("interleave", True)))
     peak["flops_interleaved"] = matmul.flops
     peak["flops_before"] = peak["flops"]
     peak["flops"] = max(peak["flops"], matmul.flops)
@@ -573,7 +581,13 @@ def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
                      "peak_mem_bytes": peak_memory_bytes(merger.compiled), "memory": memory_stats(merger.compiled),
                      "kernels": sum(math.prod(a.m.shape[:-2]) for a in adapters_lib.flatten(merger.state.adapters).values()),
                      "merge_over_step": merge_s / step_for_merge}
-    for runner in [*runners, merger, matmul]:
+    tuned_step = {runner.spec: _median(runner.times) for runner in runners}
+    tuning = {"compiler_options": xla_tuning.train_step_compiler_options(), "ablation": [
+        {"label": r.spec.label, "method": r.spec.method, "r": r.spec.r, "mora_type": r.spec.mora_type,
+         "step_s_tuned": tuned_step[r.spec], "step_s_untuned": _median(r.times),
+         "tuned_over_untuned": tuned_step[r.spec] / _median(r.times), "step_s_untuned_all": r.times}
+        for r in untuned]}
+    for runner in [*runners, *untuned, merger, matmul]:
         runner.release()
 
     out = {
@@ -587,6 +601,7 @@ def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
         "details": details,
         "merge_details": merge_details,
         "peak_matmul": peak,
+        "xla_tuning": tuning,
         "settings": {"steps": int(config.steps), "warmup": int(config.warmup),
                      "interleave": bool(config.get("interleave", True)), "jax": jax.__version__,
                      "peak_mem_bytes": "argument + output - alias + temp of compiled.memory_analysis()",
@@ -654,6 +669,10 @@ def check_targets(result: Mapping) -> dict:
     if "delta_weight" in result:
         for row in result["delta_weight"]["types"]:
             put(f"e: delta_weight type {row['mora_type']} / output write", row["ratio_to_fill"], 2.0)
+    for row in result.get("peer_comparison", []):
+        tag = "full" if row["method"] == "full" else (
+            f"lora_r{row['r']}" if row["method"] == "lora" else f"mora{row['mora_type']}_r{row['r']}")
+        put(f"f: {tag} tokens/s / PyTorch's", row["speedup"], 1.2, le=False)
     return targets
 
 
@@ -715,6 +734,13 @@ def report(result: Mapping, markdown: bool = False) -> str:
                   f"{row['ratio_to_fill']:.2f}x", f"{row['ratio_to_copy']:.2f}x", f"{row['merge_s'] * 1e3:.1f}",
                   f"{row['merge_ratio_to_copy']:.2f}x"] for row in dw["types"]]
         parts.append(_table(header, lines, markdown))
+    tuning = result.get("xla_tuning") or {}
+    if tuning.get("ablation"):
+        parts += ["", f"XLA tuning ({tuning['compiler_options']}), same steps compiled without it:", ""]
+        header = ["method", "step s tuned", "step s untuned", "tuned / untuned"]
+        lines = [[row["label"], f"{row['step_s_tuned']:.4f}", f"{row['step_s_untuned']:.4f}",
+                  f"{row['tuned_over_untuned']:.2f}x"] for row in tuning["ablation"]]
+        parts.append(_table(header, lines, markdown))
     if result.get("targets"):
         parts += ["", "targets:" if not markdown else "Targets:", ""]
         header = ["target", "value", "limit", "met"]
@@ -723,11 +749,19 @@ def report(result: Mapping, markdown: bool = False) -> str:
         parts.append(_table(header, lines, markdown))
     if result.get("peer"):
         parts += ["", "PyTorch peer (HF transformers + PEFT, same CPU):", ""]
-        header = ["framework", "method", "r", "step s", "tokens/s", "MFU", "MFU vs torch matmul peak"]
-        lines = [[p["framework"], p["method"], "-" if p["r"] is None else str(p["r"]), f"{p['step_s']:.4f}",
+        header = ["framework", "method", "r", "type", "step s", "tokens/s", "MFU", "MFU vs torch matmul peak"]
+        lines = [[p["framework"], p["method"], "-" if p["r"] is None else str(p["r"]),
+                  "-" if p.get("mora_type") is None else str(p["mora_type"]), f"{p['step_s']:.4f}",
                   f"{p['tokens_per_s']:,.0f}", f"{100 * p['mfu']:.1f}%",
                   f"{100 * p.get('mfu_vs_torch_peak', float('nan')):.1f}% of {p.get('torch_peak_matmul_flops', 0) / 1e9:.0f} GFLOP/s"]
                  for p in result["peer"]]
+        parts.append(_table(header, lines, markdown))
+    if result.get("peer_comparison"):
+        parts += ["", "mora-jax vs PyTorch, same method (tokens/s):", ""]
+        header = ["method", "r", "type", "mora-jax", "PyTorch", "speed-up"]
+        lines = [[c["method"], "-" if c["r"] is None else str(c["r"]), "-" if c["mora_type"] is None else str(c["mora_type"]),
+                  f"{c['tokens_per_s']:,.0f}", f"{c['peer_tokens_per_s']:,.0f}", f"{c['speedup']:.2f}x"]
+                 for c in result["peer_comparison"]]
         parts.append(_table(header, lines, markdown))
     return "\n".join(parts)
 
@@ -920,100 +954,8 @@ def plot_scaling(scaling: Mapping, path) -> pathlib.Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# PyTorch peer (optional): HF transformers + PEFT on the same CPU.
-# ---------------------------------------------------------------------------------------------
-
-
-class PeerUnavailable(RuntimeError):
-    """torch / transformers / peft are not installed."""
-
-
-def run_peer(config, llama_config: LlamaConfig, peak_flops: float, *, log: Callable[[str], None] = print) -> list[dict]:
-    """Time HF PEFT LoRA (``r_small``, ``r_large``) and full fine-tuning of the same-size
-    ``LlamaForCausalLM`` on this CPU (all cores, same batch and sequence length, AdamW, median step).
-
-    Raises :class:`PeerUnavailable` naming the pip command when torch, transformers or peft is missing.
-    """
-    try:
-        import peft
-        import torch
-        import transformers
-    except ImportError as e:
-        raise PeerUnavailable(f"--peer needs torch, transformers and peft ({e}); install them with: {PEER_INSTALL}") from None
-    threads = int(config.peer.get("threads", 0)) or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    torch.manual_seed(int(config.seed))
-    hf = llama_config.to_hf_dict()
-    hf.pop("architectures", None)
-    hf.pop("model_type", None)
-    hf["torch_dtype"] = "float32"
-    batch_size, seq_len = int(config.batch), int(config.seq_len)
-    tokens = batch_size * seq_len
-    ids = torch.from_numpy(np.random.default_rng(int(config.seed)).integers(
-        0, llama_config.vocab_size, (batch_size, seq_len)))
-    rows = []
-    specs = [MethodSpec("full")] + [MethodSpec("lora", r) for r in dict.fromkeys((int(config.r_small), int(config.r_large)))]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[jnp.dtype(config.dtype).name]
-    # PyTorch's own matmul peak (same chain as the JAX one): its MFU is also given against it.
-    size, chain = int(config.matmul_size), int(config.matmul_chain)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype) / math.sqrt(size)
-    best = math.inf
-    for _ in range(int(config.matmul_repeats) + 1):
-        t0 = time.perf_counter()
-        x = a
-        for _ in range(chain):
-            x = x @ b
-        best = min(best, time.perf_counter() - t0)
-    torch_peak = chain * 2.0 * size ** 3 / best
-    log(f"peer: torch matmul peak {torch_peak / 1e9:.1f} GFLOP/s ({threads} threads)")
-    del a, b, x
-    for spec in specs:
-        hf_config = transformers.LlamaConfig(**hf)
-        hf_config._attn_implementation = "eager"
-        model = transformers.LlamaForCausalLM(hf_config).to(dtype)
-        model.train()
-        if spec.method == "lora":
-            lora = peft.LoraConfig(r=spec.r, lora_alpha=16, lora_dropout=0.0, bias="none",
-                                   target_modules=list(LLAMA_PROJECTIONS))
-            model = peft.get_peft_model(model, lora)
-        else:
-            for name, p in model.named_parameters():
-                p.requires_grad_(any(f"{proj}." in name for proj in LLAMA_PROJECTIONS))
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=float(config.lr))
-
-        def step():
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(int(config.warmup)):
-            step()
-        times = []
-        for _ in range(int(config.peer.get("steps", config.steps))):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        step_s = _median(times)
-        flops = model_flops_per_step(llama_config, batch_size, seq_len, spec.method, spec.r)
-        rows.append({"framework": f"torch {torch.__version__} + transformers {transformers.__version__}"
-                                  + (f" + peft {peft.__version__}" if spec.method == "lora" else ""),
-                     "method": spec.method, "r": spec.r, "step_s": step_s, "tokens_per_s": tokens / step_s,
-                     "model_flops_per_step": flops, "mfu": flops / step_s / peak_flops, "threads": threads,
-                     "torch_peak_matmul_flops": torch_peak, "mfu_vs_torch_peak": flops / step_s / torch_peak,
-                     "step_s_all": times})
-        log(f"peer {spec.label:<12}: {step_s:.4f} s")
-        del model, opt
-    return rows
-
-
 __all__ = [
-    "LLAMA_PROJECTIONS",
     "MethodSpec",
-    "PeerUnavailable",
     "adapter_flops_per_token",
     "check_targets",
     "delta_weight_benchmark",
@@ -1026,7 +968,6 @@ __all__ = [
     "report",
     "results_table",
     "run_benchmark",
-    "run_peer",
     "run_scaling",
     "scaling_markdown",
     "validate_schema",

@@ -22,7 +22,7 @@ import numpy as np
 
 from mora_jax import adapters as adapters_lib
 from mora_jax import metrics as metrics_lib
-from mora_jax import optim, remora, schedules, training
+from mora_jax import optim, remora, schedules, training, xla_tuning
 from mora_jax.config import AdapterConfig, MoRAConfig
 
 
@@ -150,7 +150,7 @@ def run(model, params, adapter_config: AdapterConfig, loop_config: LoopConfig, *
         lambda frozen, rest, b: _without_frozen(training.train_step(
             rest.replace(frozen=frozen), b, model=model, tx=tx, schedule=schedule, step_config=cfg.step,
             use_dropout=use_dropout)),
-        donate_argnums=1))
+        donate_argnums=1, compiler_options=xla_tuning.train_step_compiler_options()))
     eval_fn = jax.jit(lambda s, b: training.eval_step(s, b, model=model, step_config=cfg.step))
     merge_fns: dict = {}
 

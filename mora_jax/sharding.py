@@ -49,7 +49,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mora_jax import adapters as adapters_lib
-from mora_jax import remora, training
+from mora_jax import remora, training, xla_tuning
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, is_adapter
 
 logger = logging.getLogger(__name__)
@@ -544,9 +544,11 @@ class StateJit:
 
     def __init__(self, fn: Callable, mesh: Mesh, state_shardings, rules: ShardingRules = DEFAULT_RULES, *,
                  args_shardings: tuple = (), out_shardings: Callable | None = None,
-                 returns_new_structure: bool = False, donate_state: bool = False):
+                 returns_new_structure: bool = False, donate_state: bool = False,
+                 compiler_options: dict | None = None):
         """``out_shardings(state_shardings_of_output) -> out_shardings`` (default: the state's own);
-        ``returns_new_structure``: the output state's structure may differ from the input's (merges)."""
+        ``returns_new_structure``: the output state's structure may differ from the input's (merges);
+        ``compiler_options``: XLA options for this function's compiles (see :mod:`mora_jax.xla_tuning`)."""
         self.fn = fn
         self.mesh = mesh
         self.rules = rules
@@ -555,6 +557,7 @@ class StateJit:
         self._out_shardings = out_shardings or (lambda state_sh: state_sh)
         self._returns_new_structure = returns_new_structure
         self._donate = (0,) if donate_state else ()
+        self.compiler_options = compiler_options
         self._cache: dict = {}
 
     def _traced(self, static: dict):
@@ -582,6 +585,7 @@ class StateJit:
                 in_shardings=(in_state_sh, *self.args_shardings),
                 out_shardings=self._out_shardings(out_state_sh),
                 donate_argnums=self._donate,
+                compiler_options=self.compiler_options,
             )
         return self._cache[key]
 
@@ -609,7 +613,8 @@ def jit_train_step(model, tx, schedule: Callable, step_config: training.StepConf
                            step_config=step_config, use_dropout=use_dropout)
     repl = replicated(mesh)
     return StateJit(fn, mesh, state_shardings, rules, args_shardings=(batch_sharding(mesh, rules),),
-                    out_shardings=lambda state_sh: (state_sh, repl), donate_state=donate)
+                    out_shardings=lambda state_sh: (state_sh, repl), donate_state=donate,
+                    compiler_options=xla_tuning.train_step_compiler_options(xla_tuning.mesh_platform(mesh)))
 
 
 def jit_eval_step(model, step_config: training.StepConfig, mesh: Mesh, state_shardings,

@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from configs import bench_tiny
-from mora_jax import benchmark
+from mora_jax import benchmark, benchmark_peer, xla_tuning
 from mora_jax.models.llama import LLAMA_CONFIGS
 
 TINY = LLAMA_CONFIGS["tiny"]  # D=64, F=172, L=2, N=4 heads, K=2 kv heads, H=16, V=256
@@ -203,7 +203,7 @@ def test_cli_peer_without_torch_names_the_pip_command(tmp_path):
          "--out", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=120,
         cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert proc.returncode != 0
-    assert benchmark.PEER_INSTALL in proc.stderr
+    assert benchmark_peer.PEER_INSTALL in proc.stderr
     assert not (tmp_path / "p.json").exists()
 
 
@@ -226,8 +226,79 @@ def test_peer_rows_with_hf_peft():
     c = _quick_config()
     c.peer.steps, c.warmup = 1, 1
     _, llama_config = benchmark.llama_config_from(c)
-    rows = benchmark.run_peer(c, llama_config, 1e11, log=lambda _: None)
-    assert [(row["method"], row["r"]) for row in rows] == [("full", None), ("lora", 8), ("lora", 16)]
+    rows = benchmark_peer.run_peer(c, llama_config, 1e11, log=lambda _: None)
+    assert [(row["method"], row["r"], row["mora_type"]) for row in rows] == [
+        ("full", None, None), ("lora", 8, None), ("mora", 8, 1), ("mora", 8, 6),
+        ("lora", 16, None), ("mora", 16, 1), ("mora", 16, 6)]
     for row in rows:
         assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] > 0
-        assert row["model_flops_per_step"] == benchmark.model_flops_per_step(llama_config, 2, 16, row["method"], row["r"])
+        assert row["model_flops_per_step"] == benchmark.model_flops_per_step(
+            llama_config, 2, 16, row["method"], row["r"], row["mora_type"])
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("mora_type", [1, 6])
+@pytest.mark.parametrize("k,d,r", [(48, 80, 4), (80, 48, 4), (64, 64, 16), (16, 96, 30)])
+def test_torch_mora_layer_is_the_same_method(mora_type, k, d, r):
+    """The peer's eager PyTorch MoRA layer computes apply_mora's Δy (so the timings compare the
+    same method), including a wrap pad longer than the input (r̂ > 2k) and tiled outputs."""
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mora_jax import ops
+
+    base = torch.nn.Linear(k, d, bias=False)
+    layer = benchmark_peer.torch_mora_linear_class()(base, r, mora_type)
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((layer.r_hat, layer.r_hat)).astype(np.float32)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    with torch.no_grad():
+        layer.m.copy_(torch.from_numpy(m))
+        got = layer.delta(torch.from_numpy(x)).numpy()
+        y = layer(torch.from_numpy(x)).numpy()
+    want = np.asarray(ops.apply_mora(jnp.asarray(x), jnp.asarray(m), in_features=k, out_features=d, mora_type=mora_type))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, want + x @ base.weight.detach().numpy().T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.torch
+def test_add_torch_mora_trains_only_m():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    _, llama_config = benchmark.llama_config_from(_quick_config())
+    hf = llama_config.to_hf_dict()
+    hf.pop("architectures", None)
+    hf.pop("model_type", None)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+    wrapped = benchmark_peer.add_torch_mora(model, 8, 6)
+    assert wrapped == 7 * llama_config.num_hidden_layers
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".m") for n in trainable)
+    ids = torch.zeros((1, 8), dtype=torch.long)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+
+
+def test_peer_comparison_and_its_targets(result):
+    fake = json.loads(json.dumps(result))
+    peer_row = {"framework": "torch", "step_s": 1.0, "mfu": 0.5, "torch_peak_matmul_flops": 1e11, "mfu_vs_torch_peak": 0.5}
+    fake["peer"] = [{**peer_row, "method": "lora", "r": 8, "mora_type": None, "tokens_per_s": 10.0},
+                    {**peer_row, "method": "mora", "r": 8, "mora_type": 6, "tokens_per_s": 1e12}]
+    fake["peer_comparison"] = benchmark_peer.peer_comparison(fake)
+    ours = {(r["method"], r["r"], r["mora_type"]): r["tokens_per_s"] for r in fake["results"]}
+    assert [(c["method"], c["r"], c["mora_type"]) for c in fake["peer_comparison"]] == [("lora", 8, None), ("mora", 8, 6)]
+    assert fake["peer_comparison"][0]["speedup"] == pytest.approx(ours["lora", 8, None] / 10.0)
+    targets = benchmark.check_targets(fake)
+    assert targets["f: lora_r8 tokens/s / PyTorch's"]["met"] is (ours["lora", 8, None] / 10.0 >= 1.2)
+    assert targets["f: mora6_r8 tokens/s / PyTorch's"]["met"] is False
+    assert "speed-up" in benchmark.report(fake)
+
+
+def test_xla_tuning_ablation_is_reported(result):
+    tuning = result["xla_tuning"]
+    assert tuning["compiler_options"] == xla_tuning.CPU_TRAIN_STEP_OPTIONS
+    assert [row["label"] for row in tuning["ablation"]] == ["lora r=8", "mora1 r=8", "mora6 r=8"]
+    for row in tuning["ablation"]:
+        assert row["step_s_untuned"] > 0 and row["tuned_over_untuned"] == pytest.approx(row["step_s_tuned"] / row["step_s_untuned"])
+    assert "XLA tuning" in benchmark.report(result)

@@ -3,11 +3,11 @@
     python -m train.benchmark --config configs/bench_tiny.py --out results.json
     python -m train.benchmark --config configs/bench_250m.py --out benchmarks/cpu_250m.json
     python -m train.benchmark --config configs/bench_tiny.py --scaling --out scaling.json   # + .md, .png
-    python -m train.benchmark --config configs/bench_tiny.py --peer --out peer.json         # + HF PEFT rows
+    python -m train.benchmark --config configs/bench_tiny.py --peer --out peer.json         # + PyTorch rows (HF PEFT LoRA, MoRA)
     python -m train.benchmark --config configs/bench_tiny.py --config.steps=20 --config.batch=8 ...
 
 Writes ``--out`` (JSON) and a markdown report beside it (same name, ``.md``), and prints a table.
-JSON schema (extra keys such as "ratios", "details", "delta_weight", "targets", "peer" may follow):
+JSON schema (extra keys such as "ratios", "details", "delta_weight", "targets", "peer", "peer_comparison", "xla_tuning" may follow):
 
     {"device": str, "dtype": str, "peak_matmul_flops": float,
      "model": {"name": str, "params": int, "batch": int, "seq_len": int},
@@ -27,12 +27,12 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py)")
 _OUT = flags.DEFINE_string("out", "results.json", "JSON file to write (a .md report is written beside it)")
 _SCALING = flags.DEFINE_bool("scaling", False, "run the scaling study instead (JSON + .md table + .png plot)")
-_PEER = flags.DEFINE_bool("peer", False, "also time HF transformers + PEFT (needs torch, transformers, peft)")
+_PEER = flags.DEFINE_bool("peer", False, "also time the same model in PyTorch: full, HF PEFT LoRA, the reference MoRA (needs torch, transformers, peft)")
 
 
 def main(argv):
     del argv
-    from mora_jax import benchmark
+    from mora_jax import benchmark, benchmark_peer
 
     config = _CONFIG.value
     if config is None:
@@ -42,7 +42,7 @@ def main(argv):
         try:
             import peft, torch, transformers  # noqa: F401, E401
         except ImportError as e:
-            sys.exit(f"--peer needs torch, transformers and peft ({e}). Install them with:\n    {benchmark.PEER_INSTALL}")
+            sys.exit(f"--peer needs torch, transformers and peft ({e}). Install them with:\n    {benchmark_peer.PEER_INSTALL}")
     if _SCALING.value:
         result = benchmark.run_scaling(config)
         benchmark.write_json(result, out)
@@ -55,7 +55,9 @@ def main(argv):
     result = benchmark.run_benchmark(config)
     if _PEER.value:
         _, llama_config = benchmark.llama_config_from(config)
-        result["peer"] = benchmark.run_peer(config, llama_config, result["peak_matmul_flops"])
+        result["peer"] = benchmark_peer.run_peer(config, llama_config, result["peak_matmul_flops"])
+        result["peer_comparison"] = benchmark_peer.peer_comparison(result)
+        result["targets"] = benchmark.check_targets(result)
     benchmark.validate_schema(result)
     benchmark.write_json(result, out)
     out.with_suffix(".md").write_text(benchmark.report(result, markdown=True) + "\n")
