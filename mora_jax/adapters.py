@@ -63,6 +63,16 @@ class MoRAAdapter:
             fn = jax.vmap(fn)
         return fn(self.m)
 
+    def add_to(self, kernel, sign: float = 1.0):
+        """``kernel + sign·ΔK`` for a kernel ``(*stack, in_features, out_features)`` (type 6 rewrites
+        only the blocks its ``ΔK`` touches, see :func:`mora_jax.ops.merge_into`)."""
+        fn = lambda k, m: ops.merge_into(
+            k, m, in_features=self.in_features, out_features=self.out_features, mora_type=self.mora_type, sign=sign
+        )
+        for _ in range(self.m.ndim - 2):
+            fn = jax.vmap(fn)
+        return fn(kernel, self.m)
+
 
 @flax.struct.dataclass
 class LoRAAdapter:
@@ -89,6 +99,10 @@ class LoRAAdapter:
 
     def delta_weight(self):
         return self.scale * jnp.matmul(self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+
+    def add_to(self, kernel, sign: float = 1.0):
+        """``kernel + sign·ΔK`` (float32 accumulate, ``kernel``'s dtype out)."""
+        return (kernel.astype(jnp.float32) + sign * self.delta_weight()).astype(kernel.dtype)
 
 
 Adapter = MoRAAdapter | LoRAAdapter
@@ -249,9 +263,9 @@ def _merge(params, adapters, sign: float):
                 f"adapter path {path_str(path)!r} is not in params; the adapters were built for another model"
             )
         kernel = flat_params[path]
-        _check_fits(path, kernel, adapter)
-        delta = adapter.delta_weight().reshape(kernel.shape)
-        flat_params[path] = (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
+        stack = _check_fits(path, kernel, adapter)
+        kernel_KxD = kernel.reshape(*stack, adapter.in_features, adapter.out_features)
+        flat_params[path] = adapter.add_to(kernel_KxD, sign).reshape(kernel.shape)
     return unflatten(flat_params)
 
 

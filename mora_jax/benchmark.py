@@ -480,7 +480,7 @@ def delta_weight_benchmark(in_features: int, out_features: int, r: int, mora_typ
         fn = jax.jit(functools.partial(ops.delta_weight, in_features=k, out_features=d, mora_type=t))
         compiled = fn.lower(m).compile()
         dw = statistics.median(time_calls(lambda: compiled(m), repeats=repeats))
-        merge_fn = jax.jit(lambda K, m, t=t: K + ops.delta_weight(m, in_features=k, out_features=d, mora_type=t),
+        merge_fn = jax.jit(lambda K, m, t=t: ops.merge_into(K, m, in_features=k, out_features=d, mora_type=t),
                            donate_argnums=0)
         kernel = [jnp.zeros((k, d), jnp.float32)]
         merge_compiled = merge_fn.lower(kernel[0], m).compile()

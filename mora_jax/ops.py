@@ -231,40 +231,69 @@ def delta_weight(m, *, in_features: int, out_features: int, mora_type: int):
         # contiguously (jax.linear_transpose of the compression yields (r̂, k) and a transposed
         # operand makes the output loop a strided gather, ~2x slower); then D on each row.
         return _decompress(_compress_adjoint_rows(m, k, mora_type), d, mora_type)
+    out = jnp.zeros((k, d), jnp.float32)
+    for row, col, piece in _type6_pieces(m, k, d):
+        out = jax.lax.dynamic_update_slice(out, piece, (row, col))
+    return out
+
+
+def _type6_pieces(m_RxR, k: int, d: int):
+    """Type 6's ``ΔK`` as non-overlapping blocks ``[(row, col, block)]``; zero elsewhere.
+
+    Block ``c`` of ``B`` is ``R_c·M``; row ``s`` of ``R_c·M`` is ``rot_c(e_s)·M = cos_s·M[s] ±
+    sin_s·M[s ∓ r̂/2]`` (the rotation pairs ``s`` with ``s ± r̂/2``): ``O(n·r̂²)`` elementwise, no
+    ``n·r̂³`` matmul with a rotation matrix. Padded input row ``p = c·r̂ + s`` (input feature
+    ``p mod k``) meets block ``c`` in output columns ``c·r̂ + u``, repeated every ``width`` columns
+    (the tile).
+    """
+    r_hat = m_RxR.shape[0]
     n = -(-k // r_hat)
     width = min(d, n * r_hat)  # columns of Cp·B that the truncate/tile can reach
     n_blocks = -(-width // r_hat)
-    # Block c of B is R_c·M; row s of R_c·M is rot_c(e_s)·M = cos_s·M[s] ± sin_s·M[s ∓ r̂/2]
-    # (the rotation pairs s with s ± r̂/2): O(n·r̂²) elementwise, no n·r̂³ matmul with a rotation matrix.
     cos_NxR, sin_NxR = rope_cos_sin(r_hat, n_blocks)
     half = r_hat // 2
-    m_swapped = jnp.concatenate([m[half:], -m[:half]], axis=0)
-    blocks_NxRxR = cos_NxR[:, :, None] * m[None] + sin_NxR[:, :, None] * m_swapped[None]
-    # ΔK is block-structured: padded input row p = c·r̂ + s (input feature p mod k) meets block c in
-    # output columns c·r̂ + u, repeated every `width` columns (the tile), zero elsewhere. So write
-    # zeros once and drop the blocks in place (static dynamic-update-slices): about the cost of
-    # writing the output, no scatter and no dense intermediate.
-    pieces = []  # per block: [(first output row, rows of the block)]
+    m_swapped = jnp.concatenate([m_RxR[half:], -m_RxR[:half]], axis=0)
+    blocks_NxRxR = cos_NxR[:, :, None] * m_RxR[None] + sin_NxR[:, :, None] * m_swapped[None]
+    rows_of_block = []  # per block: [(first output row, rows of the block)]
     for c in range(n_blocks):
         block = blocks_NxRxR[c]
         start = c * r_hat
         if r_hat > k:  # a single chunk longer than the input wraps onto itself: fold it
             reps = -(-r_hat // k)
             block = jnp.pad(block, ((0, reps * k - r_hat), (0, 0))).reshape(reps, k, r_hat).sum(axis=0)
-            pieces.append([(0, block)])
+            rows_of_block.append([(0, block)])
         elif start + r_hat <= k:
-            pieces.append([(start, block)])
+            rows_of_block.append([(start, block)])
         else:  # the last chunk's rows wrap to the first input features
-            pieces.append([(start, block[: k - start]), (0, block[k - start:])])
-    out = jnp.zeros((k, d), jnp.float32)
+            rows_of_block.append([(start, block[: k - start]), (0, block[k - start:])])
+    pieces = []
     for tile_start in range(0, d, width):
         for c in range(n_blocks):
             col = tile_start + c * r_hat
             n_cols = min(r_hat, width - c * r_hat, d - col)
             if n_cols <= 0:
                 break
-            for row, piece in pieces[c]:
-                out = jax.lax.dynamic_update_slice(out, piece[:, :n_cols], (row, col))
+            pieces += [(row, col, piece[:, :n_cols]) for row, piece in rows_of_block[c]]
+    return pieces
+
+
+def merge_into(kernel_KxD, m, *, in_features: int, out_features: int, mora_type: int, sign: float = 1.0):
+    """``kernel + sign·ΔK`` (float32 accumulate, ``kernel``'s dtype out), ``kernel`` ``(k, d)``.
+
+    Types 1-4 add the dense ``ΔK``. Type 6's ``ΔK`` is zero outside its rotated blocks, so only those
+    blocks of ``kernel`` are read and rewritten (in place under ``jax.jit(..., donate_argnums=...)``):
+    the merge touches ``~n_blocks·r̂²`` entries instead of all ``k·d``."""
+    r_hat, mora_type = _check_m(m, in_features, out_features, mora_type)
+    if kernel_KxD.shape != (in_features, out_features):
+        raise ValueError(f"kernel has shape {tuple(kernel_KxD.shape)}, expected ({in_features}, {out_features})")
+    sign = jnp.float32(sign)
+    if mora_type != 6:
+        delta = delta_weight(m, in_features=in_features, out_features=out_features, mora_type=mora_type)
+        return (kernel_KxD.astype(jnp.float32) + sign * delta).astype(kernel_KxD.dtype)
+    out = kernel_KxD
+    for row, col, piece in _type6_pieces(m.astype(jnp.float32), in_features, out_features):
+        region = jax.lax.dynamic_slice(out, (row, col), piece.shape)
+        out = jax.lax.dynamic_update_slice(out, (region.astype(jnp.float32) + sign * piece).astype(out.dtype), (row, col))
     return out
 
 

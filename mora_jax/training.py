@@ -74,12 +74,17 @@ def create_train_state(params, adapters, config: AdapterConfig, tx: optax.Gradie
 def next_token_loss(logits_BxTxV, batch: Batch, z_loss: float = 0.0):
     """Sum of next-token cross-entropy over positions with ``loss_mask`` (position t predicts token t+1),
     and the number of such positions. Computed in float32."""
-    targets_BxT = batch["input_ids"][:, 1:]
-    weights_BxT = batch.get("loss_mask", jnp.ones_like(batch["input_ids"]))[:, :-1].astype(jnp.float32)
-    logits = logits_BxTxV[:, :-1].astype(jnp.float32)
+    # All T positions with shifted targets and the last one weighted 0: the same sum as slicing
+    # logits[:, :-1], without copying the (B, T-1, V) logits (and padding their gradient back).
+    ids_BxT = batch["input_ids"]
+    targets_BxT = jnp.roll(ids_BxT, -1, axis=1)
+    mask_BxT = batch.get("loss_mask", jnp.ones_like(ids_BxT)).astype(jnp.float32)
+    weights_BxT = mask_BxT.at[:, -1].set(0.0)
+    logits = logits_BxTxV.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxT)
     if z_loss:
         ce = ce + z_loss * jax.nn.logsumexp(logits, axis=-1) ** 2
+    ce = jnp.where(weights_BxT > 0, ce, 0.0)  # a non-finite logit at an unweighted position stays out
     return jnp.sum(ce * weights_BxT), jnp.sum(weights_BxT)
 
 

@@ -71,6 +71,31 @@ def test_forward_equals_merged_weight(k, d, r, t):
     np.testing.assert_allclose(np.asarray(x @ dk), np.asarray(y), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("k,d,r", EDGE_SHAPES + [(256, 688, 8)])
+@pytest.mark.parametrize("t", [1, 6])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_merge_into_equals_kernel_plus_delta_weight(k, d, r, t, dtype):
+    """merge_into (type 6: block-by-block into the kernel) == K + ΔK in float32, cast back; jitted
+    with the kernel donated; sign -1 undoes it."""
+    try:
+        r_hat = rank_hat(k, d, r, t)
+    except ValueError:
+        assert t == 6
+        return
+    m = _random((r_hat, r_hat), 3)
+    kernel = _random((k, d), 4).astype(dtype)
+    kw = dict(in_features=k, out_features=d, mora_type=t)
+    want = (kernel.astype(jnp.float32) + delta_weight(m, **kw)).astype(dtype)
+    merged = jax.jit(lambda kern, m: mora_jax.ops.merge_into(kern, m, **kw), donate_argnums=0)(jnp.array(kernel), m)
+    assert merged.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(merged, np.float32), np.asarray(want, np.float32))
+    back = mora_jax.ops.merge_into(merged, m, sign=-1.0, **kw)
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(np.asarray(back), np.asarray(kernel), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel has shape"):
+        mora_jax.ops.merge_into(kernel.T if k != d else kernel[:, :-1], m, **kw)
+
+
 def _dense_reference_dk(m, k, d, t):
     """ΔK by pushing the identity through the forward (the slow definition: row j = Δy(e_j))."""
     return apply_mora(jnp.eye(k), m, in_features=k, out_features=d, mora_type=t)

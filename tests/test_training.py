@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import mora_jax as mj
@@ -55,6 +56,31 @@ def test_loss_mask_excludes_positions(params):
     altered = dict(masked, input_ids=masked["input_ids"].at[:, 10:].set(3))
     total2, _ = training.next_token_loss(logits, altered)
     np.testing.assert_allclose(total, total2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_next_token_loss_is_the_sliced_textbook_loss(z_loss):
+    """Position t predicts token t+1; the last position counts for nothing, even with a
+    non-finite logit there; the gradient reaches only the weighted positions."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((2, 6, 11)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 11, (2, 6)), jnp.int32)
+    mask = jnp.asarray(rng.integers(0, 2, (2, 6)), jnp.int32).at[:, -1].set(1)
+    batch = {"input_ids": ids, "loss_mask": mask}
+
+    def textbook(logits):
+        lg = logits[:, :-1]
+        ce = optax.softmax_cross_entropy_with_integer_labels(lg, ids[:, 1:])
+        ce = ce + z_loss * jax.nn.logsumexp(lg, axis=-1) ** 2
+        return jnp.sum(ce * mask[:, :-1])
+
+    total, count = training.next_token_loss(logits, batch, z_loss)
+    assert float(count) == float(jnp.sum(mask[:, :-1]))
+    np.testing.assert_allclose(total, textbook(logits), rtol=1e-6)
+    grad = jax.grad(lambda lg: training.next_token_loss(lg, batch, z_loss)[0])(logits)
+    np.testing.assert_allclose(grad, jax.grad(textbook)(logits), rtol=1e-6, atol=1e-7)
+    inf_last = logits.at[:, -1, 0].set(jnp.inf)
+    assert np.isfinite(float(training.next_token_loss(inf_last, batch, z_loss)[0]))
 
 
 def test_train_step_trains_and_frozen_stay_bit_identical(params):
