@@ -291,7 +291,12 @@ def merge_into(kernel_KxD, m, *, in_features: int, out_features: int, mora_type:
         delta = delta_weight(m, in_features=in_features, out_features=out_features, mora_type=mora_type)
         return (kernel_KxD.astype(jnp.float32) + sign * delta).astype(kernel_KxD.dtype)
     out = kernel_KxD
-    for row, col, piece in _type6_pieces(m.astype(jnp.float32), in_features, out_features):
+    placed = _type6_pieces(m.astype(jnp.float32), in_features, out_features)
+    # Materialise the blocks first: fused into each in-place update, XLA:CPU recomputes the
+    # rotation per element at a fraction of the speed (4096x11008, r=8: 54 ms this way, 100 ms
+    # fused, 85 ms for the dense K + ΔK).
+    blocks = jax.lax.optimization_barrier([piece for _, _, piece in placed])
+    for (row, col, _), piece in zip(placed, blocks):
         region = jax.lax.dynamic_slice(out, (row, col), piece.shape)
         out = jax.lax.dynamic_update_slice(out, (region.astype(jnp.float32) + sign * piece).astype(out.dtype), (row, col))
     return out

@@ -1,0 +1,65 @@
+"""Entry point: profile one method's training step, fusion by fusion (see mora_jax.step_profile).
+
+    python -m train.profile_step --config configs/bench_250m.py --config.num_layers=4 --method "mora1 r=8"
+    python -m train.profile_step --config configs/bench_250m.py --method "lora r=8" --untuned --out lora.md
+
+``--method`` is a benchmark label: "full", "lora r=<r>", "mora<type> r=<r>". ``--untuned`` compiles
+without mora_jax.xla_tuning's options (to see what they change).
+"""
+
+from __future__ import annotations
+
+import re
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py)")
+_METHOD = flags.DEFINE_string("method", "mora1 r=8", 'method label: "full", "lora r=8", "mora6 r=128", ...')
+_STEPS = flags.DEFINE_integer("steps", 3, "profiled steps (after one warm-up step)")
+_TOP = flags.DEFINE_integer("top", 20, "rows to print")
+_UNTUNED = flags.DEFINE_bool("untuned", False, "compile without mora_jax.xla_tuning's compiler options")
+_OUT = flags.DEFINE_string("out", "", "also write the markdown table here")
+
+
+def parse_method(label: str):
+    from mora_jax.benchmark import MethodSpec
+
+    m = re.fullmatch(r"\s*(full|lora r=(\d+)|mora([12346]) r=(\d+))\s*", label)
+    if not m:
+        raise app.UsageError(f'--method {label!r}: use "full", "lora r=<r>" or "mora<type> r=<r>" (e.g. "mora6 r=8")')
+    if m.group(1) == "full":
+        return MethodSpec("full")
+    if m.group(2):
+        return MethodSpec("lora", int(m.group(2)))
+    return MethodSpec("mora", int(m.group(4)), int(m.group(3)))
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from mora_jax import benchmark, step_profile
+    from mora_jax.models.llama import LlamaForCausalLM, init_params
+
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/bench_250m.py")
+    spec = parse_method(_METHOD.value)
+    name, llama_config = benchmark.llama_config_from(config)
+    model = LlamaForCausalLM(llama_config)
+    params = init_params(llama_config, jax.random.key(int(config.seed)))
+    batch = benchmark.make_batch(llama_config, int(config.batch), int(config.seq_len), int(config.seed))
+    runner = benchmark.StepRunner(spec, model, params, batch, seed=int(config.seed), tuned=not _UNTUNED.value)
+    runner.step(record=False)
+    profile = step_profile.profile_step(runner, _STEPS.value)
+    text = (f"{spec.label} on {name}, batch {config.batch} x {config.seq_len}, "
+            f"compiler options {runner.compiler_options}\n\n" + step_profile.profile_markdown(profile, _TOP.value))
+    print(text)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
