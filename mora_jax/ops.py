@@ -313,9 +313,10 @@ def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
 
 
 def _contract_leading(u, v):
-    """``uᵀ·v`` over all leading axes of ``u (..., p)`` and ``v (..., q)``: ``(p, q)``."""
-    lead = tuple(range(u.ndim - 1))
-    return jax.lax.dot_general(u, v, ((lead, lead), ((), ())))
+    """``uᵀ·v`` over all leading axes of ``u (..., p)`` and ``v (..., q)``: ``(p, q)``. Flattened to
+    rows first: contracting two axes at once makes XLA:CPU transpose both operands."""
+    u_NxP, v_NxQ = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
+    return jax.lax.dot_general(u_NxP, v_NxQ, (((0,), (0,)), ((), ())))
 
 
 @jax.custom_vjp

@@ -198,6 +198,29 @@ def test_lora_custom_gradient_matches_autodiff(dtype):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
 
 
+def test_lora_gradient_materialises_no_transposed_activations():
+    """The reason for apply_lora's custom VJP: under autodiff XLA:CPU writes ∂y (and x) transposed,
+    (d, B·T), before the skinny ∂b / ∂a dots; the hand-written gradient needs no such copy."""
+    import re
+
+    B, T, k, d, r = 2, 64, 96, 160, 4
+    x, w = jnp.ones((B, T, k)), jnp.ones((k, d))
+    a, b = jnp.ones((k, r)), jnp.ones((r, d))
+
+    def compiled_grad(delta):
+        def loss(x, a, b):
+            h = jnp.tanh(x @ w + delta(x, a, b))
+            return jnp.sum(h * h)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, a, b).compile().as_text()
+
+    transposed = re.compile(rf"= f32\[(?:{d},{B * T}|{k},{B * T}|{d},{B},{T}|{k},{B},{T})\]")
+    autodiff = compiled_grad(lambda x, a, b: ((x @ a) @ b) * 2.0)
+    ours = compiled_grad(lambda x, a, b: mora_jax.apply_lora(x, a, b, scale=2.0))
+    assert transposed.search(autodiff)  # the pattern this test looks for does occur
+    assert not transposed.search(ours)
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
