@@ -39,7 +39,7 @@ def fusion_table(hlo_text: str) -> dict[str, dict]:
     for body in bodies.values():
         shapes = dict(_SHAPE.findall(body))
         for line in body.splitlines():
-            m = re.match(r"\s*(?:ROOT )?%?(dot[.\d]*) = (\S+) dot\(([^)]*)\).*?lhs_contracting_dims=\{([\d,]*)\}.*?op_name=\"([^\"]*)\"", line)
+            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) dot\(([^)]*)\).*?lhs_contracting_dims=\{([\d,]*)\}.*?op_name=\"([^\"]*)\"", line)
             if m:
                 name, shape, operands, contracted, op_name = m.groups()
                 lhs = _dims(shapes.get(operands.split(",")[0].strip().lstrip("%"), ""))
