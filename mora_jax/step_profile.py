@@ -20,7 +20,7 @@ import tempfile
 import jax
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", re.S | re.M)
-_FUSION = re.compile(r"\s*%?([\w.\-]+) = (\S+) fusion\(.*?calls=%?([\w.\-]+).*?op_name=\"([^\"]*)\"")
+_FUSION = re.compile(r"\s*%?([\w.\-]+) = (\S+) fusion\(.*?calls=%?([\w.\-]+)(?:.*?op_name=\"([^\"]*)\")?")
 _DOT = re.compile(r"= (\S+) dot\(([^)]*)\).*?lhs_contracting_dims=\{([\d,]*)\}")
 _SHAPE = re.compile(r"%([\w.\-]+) = (\w+\[[\d,]*\])")
 
@@ -39,9 +39,10 @@ def fusion_table(hlo_text: str) -> dict[str, dict]:
     for body in bodies.values():
         shapes = dict(_SHAPE.findall(body))
         for line in body.splitlines():
-            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) dot\(([^)]*)\).*?lhs_contracting_dims=\{([\d,]*)\}.*?op_name=\"([^\"]*)\"", line)
+            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) dot\(([^)]*)\).*?lhs_contracting_dims=\{([\d,]*)\}(?:.*?op_name=\"([^\"]*)\")?", line)
             if m:
                 name, shape, operands, contracted, op_name = m.groups()
+                op_name = op_name or "(no op_name)"
                 lhs = _dims(shapes.get(operands.split(",")[0].strip().lstrip("%"), ""))
                 flops = 2 * math.prod(_dims(shape)) * math.prod(lhs[int(i)] for i in contracted.split(",") if i) if lhs else 0
                 parts = op_name.split("/")
@@ -52,6 +53,7 @@ def fusion_table(hlo_text: str) -> dict[str, dict]:
         if not m:
             continue
         name, shape, called, op_name = m.groups()
+        op_name = op_name or "(no op_name)"
         body = bodies.get(called, "")
         shapes = dict(_SHAPE.findall(body))
         flops = 0
