@@ -302,3 +302,25 @@ def test_xla_tuning_ablation_is_reported(result):
     for row in tuning["ablation"]:
         assert row["step_s_untuned"] > 0 and row["tuned_over_untuned"] == pytest.approx(row["step_s_tuned"] / row["step_s_untuned"])
     assert "XLA tuning" in benchmark.report(result)
+
+
+def test_accelerator_config_runs_in_bfloat16_on_a_shrunk_model():
+    """The H200 command (configs/bench_1b.py: bfloat16, scanned layers, dots-saveable remat,
+    r=8/256) runs end to end; only the model's widths and the batch are shrunk for a CPU."""
+    from configs import bench_1b
+
+    c = bench_1b.get_config()
+    c.model_overrides = ml_collections.ConfigDict({"hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4,
+                                                   "vocab_size": 256})
+    c.num_layers = 2
+    c.batch, c.seq_len, c.steps, c.warmup = 2, 32, 1, 1
+    c.matmul_size, c.matmul_chain, c.matmul_repeats = 256, 2, 1
+    c.xla_tuning_ablation = False
+    c.delta_weight.enabled = False
+    result = benchmark.run_benchmark(c, log=lambda _: None)
+    benchmark.validate_schema(json.loads(json.dumps(result)))
+    assert result["dtype"] == "bfloat16"
+    assert [(r["method"], r["r"]) for r in result["results"]][:2] == [("full", None), ("lora", 8)]
+    assert {r["r"] for r in result["results"] if r["r"]} == {8, 256}
+    assert all(math.isfinite(d["loss"]) for d in result["details"])
+    assert result["merge"]["merge_s"] > 0
