@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mora_jax import ops
-from mora_jax.benchmark import MethodSpec, model_flops_per_step
+from mora_jax.benchmark import MethodSpec, method_specs, model_flops_per_step
 from mora_jax.models.llama import LlamaConfig
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,7 +37,8 @@ class PeerUnavailable(RuntimeError):
     """torch / transformers / peft are not installed."""
 
 
-def _import_peer():
+def import_peer():
+    """``(torch, transformers, peft)``, or :class:`PeerUnavailable` naming the pip command."""
     try:
         import peft
         import torch
@@ -49,7 +50,7 @@ def _import_peer():
 
 def torch_mora_linear_class():
     """The ``TorchMoRALinear`` module class (built on first use: torch is optional)."""
-    torch, _, _ = _import_peer()
+    torch, _, _ = import_peer()
     nn = torch.nn
 
     class TorchMoRALinear(nn.Module):
@@ -105,7 +106,7 @@ def torch_mora_linear_class():
 def add_torch_mora(model, r: int, mora_type: int, projections=LLAMA_PROJECTIONS) -> int:
     """Freeze ``model`` and wrap every projection ``nn.Linear`` in a ``TorchMoRALinear``; returns
     how many layers were wrapped."""
-    torch, _, _ = _import_peer()
+    torch, _, _ = import_peer()
     cls = torch_mora_linear_class()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -118,19 +119,16 @@ def add_torch_mora(model, r: int, mora_type: int, projections=LLAMA_PROJECTIONS)
 
 
 def peer_specs(config) -> list[MethodSpec]:
+    """The benchmark's methods that the peer implements (MoRA types 1 and 6 only)."""
     ranks = tuple(dict.fromkeys((int(config.r_small), int(config.r_large))))
-    specs = [MethodSpec("full")]
-    for r in ranks:
-        specs.append(MethodSpec("lora", r))
-        specs += [MethodSpec("mora", r, t) for t in config.mora_types if int(t) in (1, 6)]
-    return specs
+    return method_specs(ranks, [int(t) for t in config.mora_types if int(t) in (1, 6)])
 
 
 def run_peer(config, llama_config: LlamaConfig, peak_flops: float, *, log: Callable[[str], None] = print) -> list[dict]:
     """Time full fine-tuning, HF PEFT LoRA and the reference's MoRA (``r_small``, ``r_large``) of the
     same-size ``LlamaForCausalLM`` on this CPU (all cores, same batch and sequence length, AdamW,
     median step). Rows carry ``framework``, ``method``, ``r``, ``mora_type``, ``step_s``, ``mfu``."""
-    torch, transformers, peft = _import_peer()
+    torch, transformers, peft = import_peer()
     threads = int(config.peer.get("threads", 0)) or os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(int(config.seed))
@@ -216,5 +214,5 @@ def peer_comparison(result) -> list[dict]:
     return out
 
 
-__all__ = ["LLAMA_PROJECTIONS", "PEER_INSTALL", "PeerUnavailable", "add_torch_mora", "peer_comparison",
+__all__ = ["LLAMA_PROJECTIONS", "PEER_INSTALL", "PeerUnavailable", "add_torch_mora", "import_peer", "peer_comparison",
            "peer_specs", "run_peer", "torch_mora_linear_class"]

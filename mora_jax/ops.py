@@ -223,7 +223,7 @@ def delta_weight(m, *, in_features: int, out_features: int, mora_type: int):
     the rotated blocks ``R_c·M`` into a zero output (type 6), never by pushing an identity through the forward
     path. Works for every shape the forward supports, including type 6 with one chunk.
     """
-    r_hat, mora_type = _check_m(m, in_features, out_features, mora_type)
+    _, mora_type = _check_m(m, in_features, out_features, mora_type)
     k, d = in_features, out_features
     m = m.astype(jnp.float32)
     if mora_type != 6:
@@ -283,7 +283,7 @@ def merge_into(kernel_KxD, m, *, in_features: int, out_features: int, mora_type:
     Types 1-4 add the dense ``ΔK``. Type 6's ``ΔK`` is zero outside its rotated blocks, so only those
     blocks of ``kernel`` are read and rewritten (in place under ``jax.jit(..., donate_argnums=...)``):
     the merge touches ``~n_blocks·r̂²`` entries instead of all ``k·d``."""
-    r_hat, mora_type = _check_m(m, in_features, out_features, mora_type)
+    _, mora_type = _check_m(m, in_features, out_features, mora_type)
     if kernel_KxD.shape != (in_features, out_features):
         raise ValueError(f"kernel has shape {tuple(kernel_KxD.shape)}, expected ({in_features}, {out_features})")
     sign = jnp.float32(sign)

@@ -30,41 +30,39 @@ def _dims(shape: str) -> list[int]:
     return [int(x) for x in m.group(1).split(",") if x] if m else []
 
 
+def _dot_flops(dot, shapes: dict) -> int:
+    """FLOPs of one ``_DOT`` match, ``2·|output|·|contracted|`` (0 when the lhs shape is unknown)."""
+    out_shape, operands, contracted = dot.group(1), dot.group(2), dot.group(3)
+    lhs = _dims(shapes.get(operands.split(",")[0].strip().lstrip("%"), ""))
+    return 2 * math.prod(_dims(out_shape)) * math.prod(lhs[int(i)] for i in contracted.split(",") if i) if lhs else 0
+
+
+def _entry(shape: str, op_name: str | None, flops: int) -> dict:
+    op_name = op_name or "(no op_name)"
+    return {"shape": shape.split("{")[0], "op": "/".join(op_name.split("/")[-2:]),
+            "backward": "transpose(" in op_name, "flops": flops}
+
+
 def fusion_table(hlo_text: str) -> dict[str, dict]:
-    """``{fusion name: {"shape", "op", "backward", "flops"}}`` from compiled HLO text; ``flops``
-    counts the dots inside the fusion (``2·|output|·|contracted|``)."""
+    """``{fusion or dot name: {"shape", "op", "backward", "flops"}}`` from compiled HLO text;
+    ``flops`` counts the dots inside a fusion, or the dot itself for one XLA left unfused (those
+    run, and are traced, under their own names)."""
     bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
+    shapes_of = {name: dict(_SHAPE.findall(body)) for name, body in bodies.items()}
     table = {}
-    # Dots XLA leaves outside fusions run (and are traced) under their own names.
-    for body in bodies.values():
-        shapes = dict(_SHAPE.findall(body))
+    for name, body in bodies.items():
         for line in body.splitlines():
-            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) dot\(([^)]*)\).*?lhs_contracting_dims=\{([\d,]*)\}(?:.*?op_name=\"([^\"]*)\")?", line)
-            if m:
-                name, shape, operands, contracted, op_name = m.groups()
-                op_name = op_name or "(no op_name)"
-                lhs = _dims(shapes.get(operands.split(",")[0].strip().lstrip("%"), ""))
-                flops = 2 * math.prod(_dims(shape)) * math.prod(lhs[int(i)] for i in contracted.split(",") if i) if lhs else 0
-                parts = op_name.split("/")
-                table[name] = {"shape": shape.split("{")[0], "op": "/".join(parts[-2:]),
-                               "backward": "transpose(" in op_name, "flops": flops}
+            dot = _DOT.search(line)
+            if dot:
+                instr = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) =", line).group(1)
+                op_name = re.search(r'op_name="([^"]*)"', line)
+                table[instr] = _entry(dot.group(1), op_name and op_name.group(1), _dot_flops(dot, shapes_of[name]))
     for line in hlo_text.splitlines():
         m = _FUSION.match(line)
-        if not m:
-            continue
-        name, shape, called, op_name = m.groups()
-        op_name = op_name or "(no op_name)"
-        body = bodies.get(called, "")
-        shapes = dict(_SHAPE.findall(body))
-        flops = 0
-        for dot in _DOT.finditer(body):
-            lhs = _dims(shapes.get(dot.group(2).split(",")[0].strip().lstrip("%"), ""))
-            contracted = [int(x) for x in dot.group(3).split(",") if x]
-            if lhs:
-                flops += 2 * math.prod(_dims(dot.group(1))) * math.prod(lhs[i] for i in contracted)
-        parts = op_name.split("/")
-        table[name] = {"shape": shape.split("{")[0], "op": "/".join(parts[-2:]),
-                       "backward": "transpose(" in op_name, "flops": flops}
+        if m:
+            name, shape, called, op_name = m.groups()
+            flops = sum(_dot_flops(dot, shapes_of.get(called, {})) for dot in _DOT.finditer(bodies.get(called, "")))
+            table[name] = _entry(shape, op_name, flops)
     return table
 
 

@@ -40,9 +40,9 @@ def main(argv):
     out = benchmark.pathlib.Path(_OUT.value)
     if _PEER.value:  # fail before spending minutes on the JAX side
         try:
-            import peft, torch, transformers  # noqa: F401, E401
-        except ImportError as e:
-            sys.exit(f"--peer needs torch, transformers and peft ({e}). Install them with:\n    {benchmark_peer.PEER_INSTALL}")
+            benchmark_peer.import_peer()
+        except benchmark_peer.PeerUnavailable as e:
+            sys.exit(str(e))
     if _SCALING.value:
         result = benchmark.run_scaling(config)
         benchmark.write_json(result, out)
