@@ -129,27 +129,29 @@ def describe_adapter(path) -> str:
     """A short human-readable description of the adapter directory ``path`` (no base model needed)."""
     import re
 
-    from mora_jax.peft import _TENSOR_NAME, _check_supported, read_adapter_config, read_adapter_tensors
+    from mora_jax.ops import lora_scale
+    from mora_jax.peft_format import check_supported, parse_tensor_name, read_adapter_config, read_adapter_tensors
 
     raw = read_adapter_config(path)
-    _check_supported(raw, str(path))
+    check_supported(raw, str(path))
     tensors = read_adapter_tensors(path)
     use_mora = bool(raw.get("use_mora"))
     r = raw["r"]
     kinds: dict[str, dict[tuple, int]] = {}  # module kind (layer index removed) -> {shape: count}
     n_modules = n_trainable = 0
     for name, array in sorted(tensors.items()):
-        match = _TENSOR_NAME.fullmatch(name)
-        if match is None:
+        parsed = parse_tensor_name(name)
+        if parsed is None:
             continue
-        if match.group("part") == "lora_B" and use_mora:
+        module, part = parsed
+        if part == "lora_B" and use_mora:
             continue  # MoRA's lora_B is the same matrix as lora_A
-        kind = re.sub(r"(^|\.)layers\.\d+\.", r"\1layers.*.", match.group("module"))
-        key = (match.group("part"), tuple(array.shape))
+        kind = re.sub(r"(^|\.)layers\.\d+\.", r"\1layers.*.", module)
+        key = (part, tuple(array.shape))
         kinds.setdefault(kind, {})
         kinds[kind][key] = kinds[kind].get(key, 0) + 1
         n_trainable += array.size
-        n_modules += match.group("part") == "lora_A"
+        n_modules += part == "lora_A"
 
     lines = [f"adapter: {path}"]
     if use_mora:
@@ -158,7 +160,7 @@ def describe_adapter(path) -> str:
         lines.append(f"method: MoRA, type {mora_type} ({flavour}), r={r}")
     else:
         alpha, rslora = raw.get("lora_alpha", 8), bool(raw.get("use_rslora"))
-        scale = alpha / (r**0.5 if rslora else r)
+        scale = lora_scale(r, alpha, rslora)
         lines.append(f"method: LoRA, r={r}, alpha={alpha}, scale={scale:g}" + (" (rsLoRA)" if rslora else ""))
     lines.append(f"target_modules: {raw.get('target_modules')}")
     lines.append(f"lora_dropout: {raw.get('lora_dropout', 0.0)}")

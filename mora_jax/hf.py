@@ -8,6 +8,11 @@ tensors are ``<module>.weight``; a projection's ``weight`` ``(out, in)`` is the 
 Loading reads one tensor (or, with shardings, one device's slice of it) at a time from memory-mapped
 safetensors files, so a large model is never held twice in host memory. Pickle checkpoints
 (``*.bin``) are refused unless ``allow_pickle=True``; remote code is never run.
+
+The name mapping and the safetensors reader/writer are shared with the PEFT adapter code and live in
+``mora_jax.hf_format``. PEFT adapter files are part of the Hugging Face interoperability API, so
+``load_adapter`` / ``save_adapter`` (from ``mora_jax.peft``) are offered here too; ``mora_jax.peft``
+never imports this module, so there is no import cycle.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import math
 import os
 import pathlib
 import re
-import struct
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -27,7 +31,9 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from mora_jax.hf_format import Path, SafetensorsFile, hf_name_to_path, path_to_hf_name, write_safetensors
 from mora_jax.models.llama import LlamaConfig, LlamaForCausalLM, abstract_params
+from mora_jax.peft import load_adapter, save_adapter
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -35,50 +41,9 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB
 # Tensors some LLaMA checkpoints carry that the model recomputes.
 _IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_LAYER_PART = re.compile(r"layers_(\d+)")
-
-_ST_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype(bool),
-}  # fmt: skip
-
-Path = tuple[str, ...]
 
 
 # ---- Names -------------------------------------------------------------------------------------
-def hf_name_to_path(name: str) -> Path:
-    """``'model.layers.0.self_attn.q_proj'`` -> ``('model', 'layers_0', 'self_attn', 'q_proj')``."""
-    parts = name.split(".")
-    path, i = [], 0
-    while i < len(parts):
-        if parts[i] == "layers" and i + 1 < len(parts) and parts[i + 1].isdigit():
-            path.append(f"layers_{int(parts[i + 1])}")
-            i += 2
-        else:
-            path.append(parts[i])
-            i += 1
-    return tuple(path)
-
-
-def path_to_hf_name(path: Sequence[str]) -> str:
-    """``('model', 'layers_0', 'self_attn', 'q_proj')`` -> ``'model.layers.0.self_attn.q_proj'``."""
-    parts = []
-    for p in path:
-        m = _LAYER_PART.fullmatch(str(p))
-        if m:
-            parts += ["layers", m.group(1)]
-        elif p == "layers":
-            raise ValueError(
-                f"path {tuple(path)} is from a scanned (stacked-layer) tree and names no single layer; "
-                "unstack it first (mora_jax.models.unstack_layers)"
-            )
-        else:
-            parts.append(str(p))
-    return ".".join(parts)
-
-
 def param_to_hf_tensor(path: Sequence[str]) -> tuple[str, bool]:
     """Parameter leaf path -> ``(HF tensor name, transpose?)``; e.g. ``.../q_proj/kernel`` ->
     ``('model.layers.0.self_attn.q_proj.weight', True)``."""
@@ -99,36 +64,8 @@ def _expected_tensors(config: LlamaConfig) -> dict[str, tuple[Path, tuple[int, .
 
 
 # ---- Reading -------------------------------------------------------------------------------------
-class _SafetensorsFile:
-    """Memory-mapped safetensors file: ``read(name, index)`` copies only the requested slice.
-
-    (Own reader rather than ``safe_open(framework='np')``, which cannot return bfloat16.)
-    """
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        size = path.stat().st_size - 8 - n
-        self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 0 else np.zeros(0, np.uint8)
-        self.entries = {}
-        for name, info in header.items():
-            if info["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
-            start, end = info["data_offsets"]
-            if end - start != math.prod(shape) * dtype.itemsize or end > size:
-                raise ValueError(f"{path} is corrupt: tensor {name} does not fit its byte range; re-download it")
-            self.entries[name] = (dtype, shape, start, end)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
-
-    def read(self, name: str, index=()) -> np.ndarray:
-        dtype, shape, start, end = self.entries[name]
-        return np.array(self._data[start:end].view(dtype).reshape(shape)[index])
+def _safetensors_reader(path: pathlib.Path) -> SafetensorsFile:
+    return SafetensorsFile(path, remedy="re-download it")
 
 
 class _TorchFile:
@@ -196,9 +133,9 @@ def _index_files(index_path: pathlib.Path) -> list[str]:
 
 def _open_checkpoint(directory: pathlib.Path, allow_pickle: bool) -> _Checkpoint:
     if (directory / SAFE_INDEX).is_file():
-        return _open_files(directory, _index_files(directory / SAFE_INDEX), _SafetensorsFile)
+        return _open_files(directory, _index_files(directory / SAFE_INDEX), _safetensors_reader)
     if (directory / SAFE_WEIGHTS).is_file():
-        return _open_files(directory, [SAFE_WEIGHTS], _SafetensorsFile)
+        return _open_files(directory, [SAFE_WEIGHTS], _safetensors_reader)
     pickles = sorted(p.name for p in directory.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
     if not pickles:
         found = sorted(p.name for p in directory.iterdir())
@@ -424,8 +361,6 @@ def save_llama(
     non-empty directory unless ``overwrite=True`` (which replaces config.json and model*.safetensors
     and keeps other files). Returns the written files.
     """
-    from safetensors.numpy import save_file
-
     config = model_or_config.config if isinstance(model_or_config, LlamaForCausalLM) else model_or_config
     if not isinstance(config, LlamaConfig):
         raise TypeError(f"model_or_config must be a LlamaForCausalLM or LlamaConfig, got {type(config).__name__}")
@@ -453,7 +388,7 @@ def save_llama(
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for fname, shard in zip(names, shards):  # one shard in host memory at a time
-        save_file({n: getters[n][0]() for n in shard}, str(directory / fname), metadata={"format": "pt"})
+        write_safetensors(directory / fname, {n: getters[n][0]() for n in shard})
         written.append(directory / fname)
     if len(shards) > 1:
         weight_map = {n: fname for fname, shard in zip(names, shards) for n in shard}
@@ -465,6 +400,17 @@ def save_llama(
     return written
 
 
-# PEFT adapter files (the reference's MoRA fork and plain LoRA) live in mora_jax.peft; they are
-# part of the Hugging Face interoperability API, so ``mora_jax.hf`` offers them too.
-from mora_jax.peft import load_adapter, save_adapter  # noqa: E402
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "SAFE_INDEX",
+    "SAFE_WEIGHTS",
+    "hf_name_to_path",
+    "load_adapter",
+    "load_llama",
+    "param_to_hf_tensor",
+    "params_to_hf_tensors",
+    "path_to_hf_name",
+    "read_config",
+    "save_adapter",
+    "save_llama",
+]

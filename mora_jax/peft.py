@@ -1,221 +1,57 @@
-"""Adapter files in Hugging Face PEFT format: the MoRA reference's fork, and plain LoRA.
+"""Adapter files in Hugging Face PEFT format <-> this project's adapter trees.
 
-A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. Tensors
-are named ``base_model.model.<HF module>.lora_A.weight`` / ``.lora_B.weight`` in PyTorch layout:
+``load_adapter(path, params)`` reads a PEFT adapter directory (the MoRA reference's fork, or plain
+LoRA) into an adapter tree for the given base parameters (unrolled ``model/layers_{i}`` or scanned
+``model/layers`` with a leading layer axis); ``save_adapter`` writes one that the reference (and, for
+LoRA, stock PEFT) loads. Everything that would change the adapted model's function but is not
+modelled here (DoRA, ``modules_to_save``, per-layer ranks, trained biases, ...) is refused with a
+message saying so.
 
-- plain LoRA: ``lora_A.weight`` is ``Aᵀ`` ``(r, k)`` and ``lora_B.weight`` is ``Bᵀ`` ``(d, r)``, with
-  ``Δy = scale·(x·A)·B`` and ``scale = lora_alpha / r`` (``lora_alpha / √r`` when ``use_rslora``);
-- MoRA (the reference's fork of PEFT: ``"peft_type": "LORA"``, ``"use_mora": true``,
-  ``"mora_type": t``): ``lora_A.weight`` is ``Mᵀ`` ``(r̂, r̂)`` and ``lora_B.weight`` is an identical
-  copy (the reference aliases B to A). ``r̂`` is not stored; it follows from ``r``, the type and each
-  layer's shape (``mora_jax.rank_hat``), and ``lora_alpha`` is ignored.
-
-``load_adapter(path, params)`` reads such a directory into this project's adapter tree for the
-given base parameters (unrolled ``model/layers_{i}`` or scanned ``model/layers`` with a leading
-layer axis); ``save_adapter`` writes one that the reference (and, for LoRA, stock PEFT) loads.
-Everything that would change the adapted model's function but is not modelled here (DoRA,
-``modules_to_save``, per-layer ranks, trained biases, ...) is refused with a message saying so.
+Design: the format itself (file and tensor names, safe reading, the supported options, the config
+the reference writes) is ``mora_jax.peft_format``, which knows nothing of base models; this module
+does the conversion, which is where shapes are checked against the base model: each tensor name
+resolves to a base kernel, ``r̂`` is recomputed from that kernel's shape (``mora_jax.ops.rank_hat``),
+and PyTorch's ``(out, in)`` layout becomes the kernel layout ``(in, out)``. Names map through
+``mora_jax.hf_format`` (shared with ``mora_jax.hf``); this module never imports ``mora_jax.hf``,
+which re-exports ``load_adapter`` / ``save_adapter``. The format's public names are re-exported here
+too, so ``from mora_jax.peft import AdapterFormatError, read_adapter_config, ...`` keeps working.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import re
-import struct
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from mora_jax import ops
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, is_adapter, path_str, unflatten
 from mora_jax.config import LoRAConfig, MoRAConfig
-
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_WEIGHTS_FILE = "adapter_model.bin"
-TENSOR_PREFIX = "base_model.model."
-# base_model.model.<module>.lora_A.weight (PEFT strips the adapter name "default" when saving).
-_TENSOR_NAME = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight")
-_LAYER_PART = re.compile(r"layers_(\d+)")
-_SAFETENSORS_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-}  # fmt: skip
-
-Path = tuple[str, ...]
-
-
-class AdapterFormatError(ValueError):
-    """An adapter directory that cannot be read into, or written from, this project's adapters.
-
-    The message names the problem and what to do about it.
-    """
-
+from mora_jax.hf_format import Path, hf_name_to_path, layer_index, write_safetensors
+from mora_jax.peft_format import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    PICKLE_WEIGHTS_FILE,
+    TENSOR_PREFIX,
+    AdapterFormatError,
+    adapter_directory,
+    check_supported,
+    group_tensors,
+    parse_tensor_name,
+    peft_config_dict,
+    read_adapter_config,
+    read_adapter_tensors,
+    target_modules_for,
+    tensor_name,
+)
 
 # ---------------------------------------------------------------------------------------------
-# Module names: HF dotted names <-> parameter tree paths.
+# load_adapter
 # ---------------------------------------------------------------------------------------------
-
-
-def _module_to_path(module: str) -> Path:
-    """``'model.layers.0.self_attn.q_proj'`` -> ``('model', 'layers_0', 'self_attn', 'q_proj')``."""
-    from mora_jax.hf import hf_name_to_path  # imported here: mora_jax.hf re-exports this module
-
-    return tuple(hf_name_to_path(module))
-
-
-def _path_to_module(path: Path) -> str:
-    """``('model', 'layers_0', 'self_attn', 'q_proj')`` -> ``'model.layers.0.self_attn.q_proj'``."""
-    from mora_jax.hf import path_to_hf_name
-
-    return path_to_hf_name(path)
-
-
-def _tensor_name(module_path: Path, part: str) -> str:
-    return f"{TENSOR_PREFIX}{_path_to_module(module_path)}.{part}.weight"
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the files.
-# ---------------------------------------------------------------------------------------------
-
-
-def _adapter_dir(path) -> pathlib.Path:
-    directory = pathlib.Path(path)
-    if not directory.exists():
-        raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    if not directory.is_dir():
-        raise NotADirectoryError(
-            f"{directory} is not a directory; give the adapter directory that holds {ADAPTER_CONFIG_FILE} "
-            f"and {ADAPTER_WEIGHTS_FILE}"
-        )
-    return directory
-
-
-def read_adapter_config(path) -> dict[str, Any]:
-    """The raw ``adapter_config.json`` of the adapter directory ``path`` (a dict, not validated)."""
-    directory = _adapter_dir(path)
-    config_path = directory / ADAPTER_CONFIG_FILE
-    if not config_path.is_file():
-        found = sorted(p.name for p in directory.iterdir())
-        raise FileNotFoundError(
-            f"{config_path} not found (the directory holds: {found}); a PEFT adapter directory needs "
-            f"{ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}, as written by save_pretrained() or save_adapter()"
-        )
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"{config_path} is not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(raw, dict):
-        raise AdapterFormatError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-def read_adapter_tensors(path) -> dict[str, np.ndarray]:
-    """All tensors of ``<path>/adapter_model.safetensors`` by name, in the file's layout and dtype."""
-    directory = _adapter_dir(path)
-    weights_path = directory / ADAPTER_WEIGHTS_FILE
-    if not weights_path.is_file():
-        if (directory / PICKLE_WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(
-                f"{directory} holds {PICKLE_WEIGHTS_FILE} (a PyTorch pickle) but no {ADAPTER_WEIGHTS_FILE}; "
-                "pickles are not read (unpickling can run arbitrary code). Re-save the adapter with "
-                "save_pretrained(..., safe_serialization=True)"
-            )
-        raise FileNotFoundError(
-            f"{weights_path} not found; a PEFT adapter directory needs {ADAPTER_CONFIG_FILE} and "
-            f"{ADAPTER_WEIGHTS_FILE}"
-        )
-    return _read_safetensors(weights_path)
-
-
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Small self-contained safetensors reader (float types incl. bfloat16; adapters are small)."""
-    data = path.read_bytes()
-    try:
-        (header_len,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + header_len])
-    except (struct.error, ValueError, UnicodeDecodeError):
-        raise AdapterFormatError(f"{path} is not a safetensors file (unreadable header); re-save the adapter") from None
-    header.pop("__metadata__", None)
-    body = memoryview(data)[8 + header_len :]
-    tensors = {}
-    for name, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise AdapterFormatError(
-                f"{path}: tensor {name} has dtype {info['dtype']}; adapter weights must be floating point "
-                f"({', '.join(_SAFETENSORS_DTYPES)})"
-            )
-        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
-        start, end = info["data_offsets"]
-        if end - start != math.prod(shape) * dtype.itemsize or end > len(body):
-            raise AdapterFormatError(f"{path} is corrupt: tensor {name} does not fit its byte range; re-save it")
-        tensors[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).copy()
-    return tensors
-
-
-# ---------------------------------------------------------------------------------------------
-# The config: what is supported.
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_set(value) -> bool:
-    """True for a config entry that is present and not its null/empty default."""
-    return value not in (None, False, {}, [], "")
-
-
-def _check_supported(raw: Mapping[str, Any], where) -> None:
-    """Refuse every PEFT option that changes the adapted model's function and is not modelled here."""
-    peft_type = raw.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterFormatError(
-            f"{where}: peft_type {peft_type!r} is not supported; only LoRA adapters (\"peft_type\": \"LORA\") "
-            "and the MoRA reference's adapters (\"LORA\" with \"use_mora\": true) can be loaded"
-        )
-    unsupported = {
-        "use_dora": "DoRA adapters (use_dora: true)",
-        "modules_to_save": "fully trained modules saved alongside the adapter (modules_to_save)",
-        "rank_pattern": "per-module ranks (rank_pattern)",
-        "alpha_pattern": "per-module alphas (alpha_pattern)",
-        "layer_replication": "layer replication (layer_replication)",
-        "lora_bias": "trained LoRA biases (lora_bias: true)",
-        "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
-        "use_qalora": "QA-LoRA (use_qalora: true)",
-    }
-    for key, what in unsupported.items():
-        if _is_set(raw.get(key)):
-            raise AdapterFormatError(
-                f"{where}: {what} is not supported (found {key}={raw[key]!r}); merge the adapter into the base "
-                "model with PEFT (merge_and_unload) and load the merged checkpoint with mora_jax.hf.load_llama"
-            )
-    bias = raw.get("bias", "none")
-    if bias not in (None, "none"):
-        raise AdapterFormatError(
-            f"{where}: bias={bias!r} (trained biases) is not supported; only bias='none' adapters can be loaded. "
-            "Merge the adapter with PEFT (merge_and_unload) and load the merged checkpoint instead"
-        )
-    r = raw.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise AdapterFormatError(f"{where}: 'r' must be a positive int (the LoRA rank), got {r!r}")
-    if raw.get("use_mora"):
-        mora_type = raw.get("mora_type", 1)  # the reference's default
-        if isinstance(mora_type, bool) or mora_type not in ops.MORA_TYPES:
-            raise AdapterFormatError(
-                f"{where}: unknown mora_type {mora_type!r}; MoRA defines types {ops.MORA_TYPES} "
-                "(1 = sharing, for large r; 6 = RoPE-based, for small r)"
-            )
-    else:
-        alpha = raw.get("lora_alpha", 8)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise AdapterFormatError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
-    dropout = raw.get("lora_dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise AdapterFormatError(f"{where}: lora_dropout must be in [0, 1), got {dropout!r}")
 
 
 def _targets_pattern(target_modules) -> str | None:
@@ -225,13 +61,8 @@ def _targets_pattern(target_modules) -> str | None:
     """
     if not isinstance(target_modules, (list, tuple)) or not target_modules:
         return None
-    alternatives = sorted(re.escape("/".join(_module_to_path(str(t)))) for t in target_modules)
+    alternatives = sorted(re.escape("/".join(hf_name_to_path(str(t)))) for t in target_modules)
     return rf"(?:.*/)?(?:{'|'.join(alternatives)})/kernel"
-
-
-# ---------------------------------------------------------------------------------------------
-# load_adapter
-# ---------------------------------------------------------------------------------------------
 
 
 def _resolve_module(module: str, flat_params: Mapping[Path, Any]) -> tuple[Path, int | None] | None:
@@ -240,38 +71,16 @@ def _resolve_module(module: str, flat_params: Mapping[Path, Any]) -> tuple[Path,
     For scanned params (``model/layers`` with a leading layer axis) the per-layer name
     ``model.layers.3.x`` resolves to the stacked kernel ``model/layers/x/kernel`` at index 3.
     """
-    path = _module_to_path(module) + ("kernel",)
+    path = hf_name_to_path(module) + ("kernel",)
     if path in flat_params:
         return path, None
     for i, part in enumerate(path):
-        match = _LAYER_PART.fullmatch(part)
-        if match:
+        layer = layer_index(part)
+        if layer is not None:
             stacked = path[:i] + ("layers",) + path[i + 1 :]
             if stacked in flat_params:
-                return stacked, int(match.group(1))
+                return stacked, layer
     return None
-
-
-def _group_tensors(tensors: Mapping[str, np.ndarray], where) -> dict[str, dict[str, np.ndarray]]:
-    """``{HF module name: {'lora_A': array, 'lora_B': array}}``; unknown tensor names are an error."""
-    modules: dict[str, dict[str, np.ndarray]] = {}
-    unknown = []
-    for name, array in tensors.items():
-        match = _TENSOR_NAME.fullmatch(name)
-        if match is None:
-            unknown.append(name)
-            continue
-        modules.setdefault(match.group("module"), {})[match.group("part")] = array
-    if unknown:
-        raise AdapterFormatError(
-            f"{where}: {len(unknown)} tensor(s) are not LoRA/MoRA weights "
-            f"(expected '{TENSOR_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'): {sorted(unknown)[:10]}; "
-            "adapters with other trained tensors (DoRA magnitudes, embeddings, biases, modules_to_save) "
-            "are not supported"
-        )
-    if not modules:
-        raise AdapterFormatError(f"{where}: the file holds no adapter tensors")
-    return modules
 
 
 def _mora_matrix(module: str, parts, k: int, d: int, r: int, mora_type: int, where) -> np.ndarray:
@@ -340,11 +149,11 @@ def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig, dict]:
       AdapterFormatError (a ValueError): unsupported options, tensors that map to no base parameter,
         or shapes that do not fit the base model (the message names the layer and the expected shape).
     """
-    directory = _adapter_dir(path)
+    directory = adapter_directory(path)
     where = str(directory)
     raw = read_adapter_config(directory)
-    _check_supported(raw, where)
-    modules = _group_tensors(read_adapter_tensors(directory), where)
+    check_supported(raw, where)
+    modules = group_tensors(read_adapter_tensors(directory), where)
 
     use_mora = bool(raw.get("use_mora"))
     r = int(raw["r"])
@@ -381,7 +190,7 @@ def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig, dict]:
     if unmatched:
         raise AdapterFormatError(
             f"{where}: {len(unmatched)} adapter module(s) map to no base parameter: {unmatched[:10]} "
-            f"(looked for '<module path>/kernel' in params, e.g. {path_str(_module_to_path(unmatched[0]) + ('kernel',))}); "
+            f"(looked for '<module path>/kernel' in params, e.g. {path_str(hf_name_to_path(unmatched[0]) + ('kernel',))}); "
             "the adapter was trained for another model (check base_model_name_or_path in adapter_config.json)"
         )
 
@@ -456,42 +265,6 @@ def _per_layer(path: Path, array: np.ndarray) -> list[tuple[Path, np.ndarray]]:
     )
 
 
-def _target_modules(module_paths: list[Path]) -> list[str]:
-    """PEFT ``target_modules``: short names (``q_proj``...) when layers ``0..n-1`` all have the same
-    adapted modules (as the reference writes them), else the full module names (exact matches in PEFT).
-
-    Without the base model the number of layers is unknown, so an adapter on layers ``0..n-1`` of a
-    deeper model also gets short names; PEFT then adds zero-initialised (no-op) adapters to the rest.
-    """
-    by_name: dict[str, set] = {}
-    layers_seen = set()
-    uniform = True
-    for module in module_paths:
-        layer = [i for i, p in enumerate(module) if _LAYER_PART.fullmatch(p)]
-        if len(layer) != 1:
-            uniform = False
-            break
-        i = layer[0]
-        layers_seen.add(module[i])
-        by_name.setdefault(module[-1], set()).add((module[:i], module[i], module[i + 1 :]))
-    if uniform and layers_seen != {f"layers_{i}" for i in range(len(layers_seen))}:
-        uniform = False  # e.g. only layer 1 adapted: short names would make PEFT adapt layer 0 too
-    if uniform:
-        for entries in by_name.values():
-            layers = {layer for _, layer, _ in entries}
-            shapes = {(pre, post) for pre, _, post in entries}
-            if layers != layers_seen or len(shapes) != 1:
-                uniform = False
-                break
-    if uniform:
-        return sorted(by_name)
-    return sorted(_path_to_module(m) for m in module_paths)
-
-
-def _json_number(x: float):
-    return int(x) if float(x).is_integer() else float(x)
-
-
 def _check_adapters_match(config, flat_adapters) -> None:
     for path, adapter in flat_adapters.items():
         if not is_adapter(adapter):
@@ -524,44 +297,6 @@ def _describe(adapter) -> str:
     return f"LoRA r={adapter.r}, alpha={adapter.alpha}, rslora={adapter.rslora}"
 
 
-def peft_config_dict(config: MoRAConfig | LoRAConfig, target_modules, base_model_name_or_path: str = "") -> dict:
-    """``adapter_config.json`` contents with every field the reference's PEFT fork writes."""
-    if isinstance(config, MoRAConfig):
-        mora_fields = {"use_mora": True, "mora_type": int(config.mora_type)}
-        alpha = 8  # ignored by MoRA; the reference LoraConfig's default
-        rslora = False
-    else:
-        mora_fields = {}
-        alpha = _json_number(config.alpha)
-        rslora = bool(config.rslora)
-    return {
-        "alpha_pattern": {},
-        "auto_mapping": None,
-        "base_model_name_or_path": str(base_model_name_or_path),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "loftq_config": {},
-        "lora_alpha": alpha,
-        "lora_dropout": float(config.dropout),
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
-        "modules_to_save": None,
-        **mora_fields,
-        "peft_type": "LORA",
-        "r": int(config.r),
-        "rank_pattern": {},
-        "revision": None,
-        "target_modules": list(target_modules),
-        "task_type": "CAUSAL_LM",
-        "use_dora": False,
-        "use_rslora": rslora,
-    }
-
-
 def adapter_tensors(config: MoRAConfig | LoRAConfig, adapters) -> dict[str, np.ndarray]:
     """The PEFT state dict (name -> numpy array in PyTorch layout) of an adapter tree."""
     flat = flatten(adapters)
@@ -574,14 +309,14 @@ def adapter_tensors(config: MoRAConfig | LoRAConfig, adapters) -> dict[str, np.n
             m = np.asarray(jax.device_get(adapter.m))
             for module, m_2d in _per_layer(path, m):
                 m_t = np.ascontiguousarray(m_2d.T)  # lora_A.weight = Mᵀ
-                tensors[_tensor_name(module, "lora_A")] = m_t
-                tensors[_tensor_name(module, "lora_B")] = m_t.copy()  # the reference aliases B to A
+                tensors[tensor_name(module, "lora_A")] = m_t
+                tensors[tensor_name(module, "lora_B")] = m_t.copy()  # the reference aliases B to A
         else:
             a = _per_layer(path, np.asarray(jax.device_get(adapter.a)))
             b = _per_layer(path, np.asarray(jax.device_get(adapter.b)))
             for (module, a_2d), (_, b_2d) in zip(a, b):
-                tensors[_tensor_name(module, "lora_A")] = np.ascontiguousarray(a_2d.T)  # (r, k)
-                tensors[_tensor_name(module, "lora_B")] = np.ascontiguousarray(b_2d.T)  # (d, r)
+                tensors[tensor_name(module, "lora_A")] = np.ascontiguousarray(a_2d.T)  # (r, k)
+                tensors[tensor_name(module, "lora_B")] = np.ascontiguousarray(b_2d.T)  # (d, r)
     return tensors
 
 
@@ -604,11 +339,9 @@ def save_adapter(
     """
     if not isinstance(config, (MoRAConfig, LoRAConfig)):
         raise TypeError(f"config must be a MoRAConfig or LoRAConfig, got {type(config).__name__}")
-    from safetensors.numpy import save_file
-
     tensors = adapter_tensors(config, adapters)  # validate before touching the disk
-    modules = sorted({_module_to_path(n[len(TENSOR_PREFIX) :].rsplit(".", 2)[0]) for n in tensors})
-    config_dict = peft_config_dict(config, _target_modules(modules), base_model_name_or_path)
+    modules = sorted({hf_name_to_path(parse_tensor_name(n)[0]) for n in tensors})
+    config_dict = peft_config_dict(config, target_modules_for(modules), base_model_name_or_path)
 
     directory = pathlib.Path(path)
     if directory.exists() and not directory.is_dir():
@@ -619,7 +352,7 @@ def save_adapter(
         )
     directory.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = directory / ADAPTER_WEIGHTS_FILE, directory / ADAPTER_CONFIG_FILE
-    save_file(tensors, str(weights_path), metadata={"format": "pt"})
+    write_safetensors(weights_path, tensors)
     config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     return [config_path, weights_path]
 
@@ -627,9 +360,13 @@ def save_adapter(
 __all__ = [
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",
+    "PICKLE_WEIGHTS_FILE",
+    "TENSOR_PREFIX",
     "AdapterFormatError",
     "adapter_tensors",
+    "check_supported",
     "load_adapter",
+    "parse_tensor_name",
     "peft_config_dict",
     "read_adapter_config",
     "read_adapter_tensors",

@@ -1,0 +1,179 @@
+"""The Hugging Face on-disk format shared by model checkpoints and adapter files.
+
+Two readers need the same two things: ``mora_jax.hf`` (LLaMA checkpoints, ``config.json`` +
+``model*.safetensors``) and ``mora_jax.peft`` (PEFT adapters, ``adapter_model.safetensors``). Both
+live here, once, so that neither of those modules imports the other:
+
+- **Names.** A HF module name ``model.layers.3.self_attn.q_proj`` is the Flax tree path
+  ``('model', 'layers_3', 'self_attn', 'q_proj')``: Flax's ``nn.Module`` lists name the
+  ``i``-th layer ``layers_i`` where PyTorch's ``ModuleList`` writes ``layers.i``. Every other dotted
+  part maps one to one. :func:`hf_name_to_path` and :func:`path_to_hf_name` are inverses on
+  unrolled trees; a scanned tree (one ``layers`` node with a leading layer axis) names no single
+  layer, so it is refused.
+- **Safetensors.** An 8-byte little-endian header length, a JSON header (``name -> dtype, shape,
+  data_offsets``) and the raw bytes. :class:`SafetensorsFile` reads it with a memory map and copies
+  only what is asked for (one tensor, or one device's slice of one), which keeps a large model from
+  being held twice in host memory. It is our own reader rather than
+  ``safetensors.safe_open(framework='np')`` because that one cannot return bfloat16.
+  :func:`write_safetensors` writes with the ``safetensors`` package and the ``{"format": "pt"}``
+  metadata that ``transformers`` and PEFT expect.
+
+This module depends only on NumPy, ``ml_dtypes`` and (for writing) ``safetensors``: no JAX, no
+model, no adapter code, so it can sit at the bottom of the import graph.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+import struct
+from typing import Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+
+Path = tuple[str, ...]  # a parameter tree path, e.g. ('model', 'layers_0', 'self_attn', 'q_proj', 'kernel')
+
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype(bool),
+}  # fmt: skip
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what trained adapter weights may be stored as
+
+_LAYER_PART = re.compile(r"layers_(\d+)")
+
+
+# ---- Names -------------------------------------------------------------------------------------
+def layer_index(part: str) -> int | None:
+    """The layer number of a Flax path component ``'layers_<i>'``, or None for any other component."""
+    match = _LAYER_PART.fullmatch(str(part))
+    return int(match.group(1)) if match else None
+
+
+def hf_name_to_path(name: str) -> Path:
+    """``'model.layers.0.self_attn.q_proj'`` -> ``('model', 'layers_0', 'self_attn', 'q_proj')``."""
+    parts = name.split(".")
+    path, i = [], 0
+    while i < len(parts):
+        if parts[i] == "layers" and i + 1 < len(parts) and parts[i + 1].isdigit():
+            path.append(f"layers_{int(parts[i + 1])}")
+            i += 2
+        else:
+            path.append(parts[i])
+            i += 1
+    return tuple(path)
+
+
+def path_to_hf_name(path: Sequence[str]) -> str:
+    """``('model', 'layers_0', 'self_attn', 'q_proj')`` -> ``'model.layers.0.self_attn.q_proj'``."""
+    parts = []
+    for p in path:
+        layer = layer_index(p)
+        if layer is not None:
+            parts += ["layers", str(layer)]
+        elif p == "layers":
+            raise ValueError(
+                f"path {tuple(path)} is from a scanned (stacked-layer) tree and names no single layer; "
+                "unstack it first (mora_jax.models.unstack_layers)"
+            )
+        else:
+            parts.append(str(p))
+    return ".".join(parts)
+
+
+# ---- Safetensors -------------------------------------------------------------------------------
+class SafetensorsError(ValueError):
+    """A file that is not a readable safetensors file, or holds a tensor of a dtype not accepted."""
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file; :meth:`read` copies only the requested tensor or slice.
+
+    Args:
+      path: the ``.safetensors`` file.
+      dtypes: safetensors dtype names (``"F32"``, ``"BF16"``, ...) accepted; None accepts every
+        dtype in :data:`SAFETENSORS_DTYPES`. A tensor of another dtype is a :class:`SafetensorsError`.
+      remedy: advice appended to the messages about an unreadable or corrupt file.
+
+    Attributes:
+      entries: ``{name: (numpy dtype, shape, start, end)}`` from the header.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, dtypes: Sequence[str] | None = None,
+                 remedy: str = "re-download or re-write it"):
+        self.path = path = pathlib.Path(path)
+        allowed = tuple(SAFETENSORS_DTYPES) if dtypes is None else tuple(dtypes)
+        file_size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > file_size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (struct.error, ValueError, UnicodeDecodeError):
+            raise SafetensorsError(f"{path} is not a safetensors file (unreadable header); {remedy}") from None
+        header.pop("__metadata__", None)
+        size = file_size - 8 - n
+        self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 0 else np.zeros(0, np.uint8)
+        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype_name, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise SafetensorsError(f"{path} is corrupt: the header entry of {name} is malformed; {remedy}") from None
+            if dtype_name not in allowed or dtype_name not in SAFETENSORS_DTYPES:
+                raise SafetensorsError(
+                    f"{path}: tensor {name} has dtype {dtype_name}; only {', '.join(allowed)} can be read here"
+                )
+            dtype = SAFETENSORS_DTYPES[dtype_name]
+            if not 0 <= start <= end <= size or end - start != math.prod(shape) * dtype.itemsize:
+                raise SafetensorsError(f"{path} is corrupt: tensor {name} does not fit its byte range; {remedy}")
+            self.entries[name] = (dtype, shape, start, end)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` as stored."""
+        return self.entries[name][1]
+
+    def read(self, name: str, index=()) -> np.ndarray:
+        """A copy of ``tensor[index]`` (the whole tensor by default), in the stored dtype."""
+        dtype, shape, start, end = self.entries[name]
+        return np.array(self._data[start:end].view(dtype).reshape(shape)[index])
+
+
+def read_safetensors(path: str | os.PathLike, *, dtypes: Sequence[str] | None = None,
+                     remedy: str = "re-download or re-write it") -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file by name, as NumPy arrays in the stored dtype and layout.
+
+    ``dtypes`` and ``remedy`` are as for :class:`SafetensorsFile`; meant for small files (adapters).
+    """
+    f = SafetensorsFile(path, dtypes=dtypes, remedy=remedy)
+    return {name: f.read(name) for name in f.entries}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write ``tensors`` (NumPy arrays, any layout) to ``path`` with ``{"format": "pt"}`` metadata,
+    as ``transformers`` and PEFT write theirs."""
+    from safetensors.numpy import save_file
+
+    save_file({name: np.ascontiguousarray(t) for name, t in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "SAFETENSORS_DTYPES",
+    "Path",
+    "SafetensorsError",
+    "SafetensorsFile",
+    "hf_name_to_path",
+    "layer_index",
+    "path_to_hf_name",
+    "read_safetensors",
+    "write_safetensors",
+]
