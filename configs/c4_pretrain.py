@@ -1,4 +1,4 @@
-"""C4 pretraining from scratch, the reference's recipe (MORA_SPEC.md, "Pretraining").
+"""C4 pretraining from scratch, the reference's recipe (MoRA with ReMoRA merges: docs/mora.md).
 
     python -m train.pretrain --config=configs/c4_pretrain.py:250m     # or :1b, :tiny
     python -m train.pretrain --config=configs/c4_pretrain.py:tiny --config.data.source=data/corpus.txt \

@@ -1,4 +1,4 @@
-"""Math fine-tuning (MetaMathQA-style records), the reference's recipe (MORA_SPEC.md).
+"""Math fine-tuning (MetaMathQA-style records), the reference's recipe (MoRA type 6: docs/mora.md).
 
     python -m train.finetune --config=configs/math_finetune.py --config.model.hf_path=/path/to/Llama-2-7b-hf \
         --config.data.source=MetaMathQA-395K.json --config.data.tokenizer=/path/to/Llama-2-7b-hf/tokenizer.model

@@ -1,4 +1,4 @@
-"""The paper's UUID memorization experiment (MORA_SPEC.md, "Headline results").
+"""The paper's UUID memorization experiment (arXiv 2405.12130; the method: docs/mora.md).
 
 `python -m train.uuid_memorization --config configs/uuid_memorization.py[:tiny|:paper]`, any field
 overridable, e.g. `--config.num_pairs=128 --config.methods.mora_small.lr=1e-2`.

@@ -7,7 +7,7 @@
 - MoRA types 1 and 6 at both ranks, as the authors' PEFT fork computes them: eager PyTorch ops on
   each projection's input (wrap-pad by concatenation, a view into ``r̂``-chunks, a sum over chunks
   or a rotation of every chunk, ``@ M``, then a tile or a truncation), written here from
-  ``MORA_SPEC.md`` because the fork is not on PyPI (:class:`TorchMoRALinear`; a test checks it
+  ``docs/mora.md`` because the fork is not on PyPI (:class:`TorchMoRALinear`; a test checks it
   against :func:`mora_jax.ops.apply_mora`).
 
 torch, transformers and peft are optional (``pip install -e ".[bench]"``); without them

@@ -1,6 +1,6 @@
 """MoRA and LoRA operators in pure ``jax.numpy`` (no Flax).
 
-Notation follows ``MORA_SPEC.md``: a linear layer ``y = x @ K`` with ``K`` of shape ``(k, d)``
+Notation follows ``docs/mora.md``: a linear layer ``y = x @ K`` with ``K`` of shape ``(k, d)``
 (``k = in_features``, ``d = out_features``), MoRA's square matrix ``m_RxR`` of size ``r̂``, and
 its contribution ``Δy = decompress(compress(x) @ m)``. Every function here takes its sizes and
 type as static Python ints, so it is jit-compatible and cheap to trace.
@@ -67,7 +67,7 @@ def rank_hat(in_features: int, out_features: int, r: int, mora_type: int) -> int
 
 
 def _wrap_pad(x_Bxk, length: int):
-    """``P(x)_j = x_{j mod k}`` for ``j < length`` (the spec's wrap padding)."""
+    """``P(x)_j = x_{j mod k}`` for ``j < length`` (wrap padding, ``docs/mora.md``)."""
     k = x_Bxk.shape[-1]
     if length == k:
         return x_Bxk
@@ -308,7 +308,10 @@ def merge_into(kernel_KxD, m, *, in_features: int, out_features: int, mora_type:
 
 
 def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
-    """``α/r`` (or ``α/√r`` for rsLoRA)."""
+    """LoRA's output scale: ``α/r``, or ``α/√r`` for rsLoRA (``Δy = scale·(x·A)·B``).
+
+    The one place the scale is computed: ``LoRAAdapter.scale`` and the CLI's adapter report call
+    this rather than recomputing it (``docs/mora.md``, "LoRA, the baseline")."""
     return float(alpha) / (math.sqrt(r) if rslora else float(r))
 
 

@@ -1,4 +1,4 @@
-"""Learning-rate schedules, including ReMoRA's restarts after each merge (``MORA_SPEC.md``, "ReMoRA").
+"""Learning-rate schedules, including ReMoRA's restarts after each merge (``docs/mora.md``, "ReMoRA").
 
 Every schedule is a pure function ``step -> lr`` usable inside ``jax.jit`` (an optax schedule).
 
