@@ -1,4 +1,9 @@
-"""Fields shared by the pretraining and fine-tuning configs (one comment per field)."""
+"""Fields shared by the pretraining and fine-tuning configs (one comment per field).
+
+Each section maps onto the dataclass of the same name in ``mora_jax.run_config`` (same field
+names); ``RunConfig.from_dict`` checks them. The schedule's length is ``train.steps`` and its restart
+period ``remora.every``: neither is set twice.
+"""
 
 import ml_collections
 
@@ -58,6 +63,7 @@ def base_config():
     c.train.eval_every = 0  # steps between evaluations (0 = only at the end)
     c.train.eval_batches = 20  # batches per evaluation (0 = the whole eval split)
     c.train.progress = True  # progress bar
+    c.train.z_loss = 0.0  # z-loss coefficient on the log-partition (0 = off)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = ""  # "c4", or local .txt/.jsonl/.parquet files (a path or glob)
@@ -65,8 +71,13 @@ def base_config():
     c.data.tokenizer = ""  # SentencePiece .model file
     c.data.text_field = "text"  # field holding the text in JSON/Parquet records
     c.data.overlong = "truncate"  # what to do with too long documents/examples: "truncate" or "drop"
+    c.data.format = "alpaca"  # fine-tuning records: "alpaca" (instruction/input/output) or "metamathqa" (query/response)
+    c.data.packing = False  # fine-tuning: pack several examples per row (attention stays within each)
+    c.data.num_epochs = ml_collections.FieldReference(None, field_type=int)  # passes over the data (None = forever)
+    c.data.eval_split = "train"  # the split of a Hub data set used for evaluation
 
     c.mesh = ml_collections.ConfigDict()
+    # mesh axes, in order (the keys are the axis names; one size may be -1 = the remaining devices)
     c.mesh.data = -1  # data-parallel axis size (-1 = the rest of the devices)
     c.mesh.fsdp = 1  # parameter-sharded data-parallel axis size
     c.mesh.tensor = 1  # tensor-parallel axis size

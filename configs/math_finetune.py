@@ -28,9 +28,8 @@ def get_config(variant: str = ""):
     c.train.batch_size = 128
     c.train.grad_accum = 4
     c.train.seq_len = 512
-    c.data.format = "metamathqa"  # record fields: "alpaca" (instruction/input/output) or "metamathqa" (query/response)
-    c.data.num_epochs = 3  # passes over the data
-    c.data.packing = False  # pack several examples per row (attention stays within each)
+    c.data.format = "metamathqa"
+    c.data.num_epochs = 3
     c.checkpoint.every = 500
     if variant == "tiny":
         c.model.hf_path = ""

@@ -112,6 +112,26 @@ def is_adapter(x) -> bool:
     return isinstance(x, (MoRAAdapter, LoRAAdapter))
 
 
+def _is_mora(x) -> bool:
+    return isinstance(x, MoRAAdapter)
+
+
+def mora_types(tree) -> set[int]:
+    """The MoRA operator types of every :class:`MoRAAdapter` node anywhere in ``tree`` (an adapter
+    tree, a train state, an optimizer state; abstract or not)."""
+    nodes = jax.tree_util.tree_leaves(tree, is_leaf=_is_mora)
+    return {node.mora_type for node in nodes if _is_mora(node)}
+
+
+def current_mora_type(tree) -> int | None:
+    """The MoRA type in use in ``tree`` (ReMoRA changes it at each merge); None when ``tree`` holds
+    no MoRA adapter. Adapters of several types at once are an error."""
+    types = mora_types(tree)
+    if len(types) > 1:
+        raise ValueError(f"the MoRA adapters have several types {sorted(types)}; expected one")
+    return next(iter(types), None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Paths.
 # ---------------------------------------------------------------------------------------------

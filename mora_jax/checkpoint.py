@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mora_jax.adapters import MoRAAdapter
+from mora_jax.adapters import MoRAAdapter, mora_types
 from mora_jax.training import TrainState
 
 logger = logging.getLogger(__name__)
@@ -113,12 +113,6 @@ class CheckpointMetadata:
 
 def _is_mora(x) -> bool:
     return isinstance(x, MoRAAdapter)
-
-
-def mora_types(tree) -> set[int]:
-    """The MoRA operator types of every :class:`MoRAAdapter` node anywhere in ``tree``."""
-    nodes = jax.tree_util.tree_leaves(tree, is_leaf=_is_mora)
-    return {node.mora_type for node in nodes if _is_mora(node)}
 
 
 def with_mora_type(tree, mora_type: int):

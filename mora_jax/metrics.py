@@ -6,8 +6,10 @@ import json
 import math
 import os
 import pathlib
-from typing import Mapping
+import time
+from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 
@@ -19,30 +21,87 @@ def _plain(value):
     return value
 
 
-class MetricsWriter:
-    """Appends ``{"step": s, ...}`` lines to ``metrics.jsonl`` and scalars to TensorBoard under ``workdir``.
+class NonFiniteMetrics(FloatingPointError):
+    """A step's loss, gradient norm or updated-parameter norm is NaN or infinite."""
 
-    Only process 0 writes (``enabled=False`` elsewhere). Re-opening the same workdir on resume
-    appends; entries past the resumed step are dropped first so the file stays one history.
+    def __init__(self, step: int, name: str, value: float):
+        super().__init__(f"{name} became {value} at step {step}")
+        self.step, self.name, self.value = step, name, value
+
+
+FINITE_KEYS = ("loss", "grad_norm", "trainables_norm")  # checked at every flush
+
+
+class MetricsWriter:
+    """What a run shows while it trains: ``metrics.jsonl``, TensorBoard scalars, a progress bar.
+
+    Train steps hand their on-device metrics to :meth:`add` without waiting for them; :meth:`flush`
+    fetches them in one transfer, checks that they are finite (:data:`FINITE_KEYS`; raises
+    :class:`NonFiniteMetrics` naming the first bad step), and writes one line with their means and
+    the tokens per second since the last flush. :meth:`write` writes other values (evaluations,
+    merges) for a step. Only process 0 writes (``enabled=False`` elsewhere, which still checks).
+
+    Opening a workdir that already has ``metrics.jsonl`` keeps its rows up to ``resume_step`` (the
+    restored checkpoint's step; 0 for a fresh start) and drops the rest, including a partial last
+    line left by a kill during a write, so the file stays one history with no step twice.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int = 0,
+                 tensorboard: bool = True, progress_total: int | None = None):
         self.workdir = pathlib.Path(workdir)
         self.enabled = enabled
         self.path = self.workdir / "metrics.jsonl"
         self._tb = None
+        self._progress = None
+        self._pending: list[tuple[int, dict]] = []
+        self.reset_clock()
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():
+            kept = [json.dumps(row) for row in _read_rows(self.path) if row.get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        if progress_total is not None:
+            from tqdm import tqdm
+
+            self._progress = tqdm(total=progress_total, initial=resume_step, desc="train", dynamic_ncols=True)
+
+    def reset_clock(self) -> None:
+        """Start measuring tokens/s afresh (after an evaluation or a merge: they are not training)."""
+        self._tokens, self._since = 0.0, time.perf_counter()
+
+    def add(self, step: int, device_metrics: Mapping[str, Any]) -> None:
+        """Queue one train step's metrics (device arrays, not fetched yet)."""
+        self._pending.append((int(step), device_metrics))
+        if self._progress is not None:
+            self._progress.update(1)
+
+    def flush(self, step: int) -> None:
+        """Fetch the queued metrics, check them, and write their means as the line of ``step``."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        fetched = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, fetched):
+            for key in FINITE_KEYS:
+                if key in m and not np.isfinite(m[key]):
+                    raise NonFiniteMetrics(s, key, float(m[key]))
+        self._tokens += sum(float(m["tokens"]) for m in fetched)
+        elapsed = time.perf_counter() - self._since
+        row = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm") if k in fetched[0]}
+        row["learning_rate"] = float(fetched[-1]["learning_rate"])
+        row["tokens_per_s"] = self._tokens / max(elapsed, 1e-9)
+        self.write(step, row)
+        if self._progress is not None:
+            self._progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", lr=f"{row['learning_rate']:.2e}",
+                                       tok_s=f"{row['tokens_per_s']:.0f}")
+        self.reset_clock()
 
     def write(self, step: int, metrics: Mapping[str, float], *, prefix: str = "") -> None:
         if not self.enabled:
@@ -56,14 +115,29 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, int(step))
 
     def history(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return _read_rows(self.path) if self.path.exists() else []
 
     def close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _read_rows(path: pathlib.Path) -> list[dict]:
+    """The JSON rows of a metrics file; a line that does not parse (a write cut short by a kill) is
+    dropped."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def plot_loss_curve(history: list[dict], path: str | os.PathLike, *, title: str = "") -> pathlib.Path | None:

@@ -2,7 +2,7 @@
 
 Every schedule is a pure function ``step -> lr`` usable inside ``jax.jit`` (an optax schedule).
 
-Restart flavours, with merges every ``restart_every`` steps (after the update of step ``s``):
+Restart flavours (``restart_flavour``), with merges every ``restart_every`` steps (after the update of step ``s``):
 
 * ``"reference"`` (the MoRA/ReMoRA code's default): after a merge at step ``s`` a new
   warm-up-plus-decay schedule starts, over the remaining steps, from the learning rate the previous
@@ -23,26 +23,17 @@ FLAVOURS = ("reference", "cosine_restarts")
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduleConfig:
-    """Attributes:
-      peak_lr: learning rate after warm-up.
-      total_steps: optimizer steps in the run.
-      warmup_steps: linear warm-up from 0 at the start.
-      decay: "cosine", "linear" or "constant" after warm-up.
-      min_lr_ratio: floor of the decay as a fraction of peak_lr.
-      restart_every: ReMoRA/ReLoRA merge period T (0 = no restarts).
-      restart_warmup: re-warm-up steps after each merge (reference: 50).
-      flavour: "reference" or "cosine_restarts" (see module docstring).
-    """
+class _Schedule:
+    """A schedule's parameters, resolved from an optimizer config and the run's length and merge period."""
 
     peak_lr: float
     total_steps: int
-    warmup_steps: int = 0
-    decay: str = "cosine"
-    min_lr_ratio: float = 0.0
-    restart_every: int = 0
-    restart_warmup: int = 50
-    flavour: str = "reference"
+    warmup_steps: int
+    decay: str
+    min_lr_ratio: float
+    restart_every: int
+    restart_warmup: int
+    flavour: str
 
     def __post_init__(self):
         if self.decay not in DECAYS:
@@ -50,13 +41,13 @@ class ScheduleConfig:
         if self.flavour not in FLAVOURS:
             raise ValueError(f"unknown restart flavour {self.flavour!r}: choose one of {FLAVOURS}")
         if self.total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {self.total_steps}")
+            raise ValueError(f"the schedule needs a positive number of steps, got {self.total_steps}")
         if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
+            raise ValueError(f"warmup_steps must be in [0, {self.total_steps}] (the run's steps), got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.restart_every < 0 or self.restart_warmup < 0:
-            raise ValueError("restart_every and restart_warmup must be >= 0")
+            raise ValueError("the merge period and restart_warmup must be >= 0")
 
 
 def _warmup_decay(step, *, start, length, warmup, peak, floor, decay):
@@ -74,7 +65,7 @@ def _warmup_decay(step, *, start, length, warmup, peak, floor, decay):
     return jnp.where(t < warmup, warm, decayed)
 
 
-def _reference_cycles(cfg: ScheduleConfig):
+def _reference_cycles(cfg: _Schedule):
     """(start, peak) of each restart cycle, computed ahead in float64 on the host."""
     floor = cfg.min_lr_ratio * cfg.peak_lr
     cycles = [(0, cfg.warmup_steps, cfg.peak_lr)]
@@ -87,8 +78,17 @@ def _reference_cycles(cfg: ScheduleConfig):
     return cycles
 
 
-def make_schedule(cfg: ScheduleConfig):
-    """An optax-style schedule ``step -> learning rate`` for ``cfg``."""
+def make_schedule(optim, *, total_steps: int, restart_every: int = 0):
+    """An optax-style schedule ``step -> learning rate``.
+
+    ``optim`` holds the schedule's shape (an :class:`mora_jax.run_config.OptimConfig`, or anything
+    with its fields ``lr``, ``warmup_steps``, ``decay``, ``min_lr_ratio``, ``restart_warmup`` and
+    ``restart_flavour``); ``total_steps`` is the run's length and ``restart_every`` its ReMoRA/ReLoRA
+    merge period (0 = no restarts), both owned by other config sections.
+    """
+    cfg = _Schedule(peak_lr=float(optim.lr), total_steps=int(total_steps), warmup_steps=int(optim.warmup_steps),
+                    decay=optim.decay, min_lr_ratio=float(optim.min_lr_ratio), restart_every=int(restart_every),
+                    restart_warmup=int(optim.restart_warmup), flavour=optim.restart_flavour)
     floor = cfg.min_lr_ratio * cfg.peak_lr
     base = lambda step: _warmup_decay(step, start=0, length=cfg.total_steps, warmup=cfg.warmup_steps,
                                       peak=cfg.peak_lr, floor=floor, decay=cfg.decay)

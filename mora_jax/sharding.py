@@ -9,7 +9,7 @@ Three layers of naming, as in MaxText / big_vision:
 2. **Logical axes**: names of array dimensions (``batch``, ``length``, ``embed``, ``heads``,
    ``kv_heads``, ``head_dim``, ``mlp``, ``vocab``) mapped to mesh axes by
    :data:`LOGICAL_AXIS_RULES`. The LLaMA model annotates its activations with
-   ``nn.with_logical_constraint``; the jitted steps here run under these rules and the mesh, so
+   ``nn.with_logical_constraint``; the compiled steps (:mod:`mora_jax.steps`) run under these rules and the mesh, so
    those annotations become sharding constraints.
 3. **Parameter rules** (:data:`LLAMA_PARAM_RULES`): regexes over ``'/'``-joined parameter paths
    (``re.fullmatch``, first match wins) giving the logical axis of each dimension, e.g.
@@ -27,17 +27,16 @@ hyperparameters) are replicated.
 Typical use::
 
     mesh = make_mesh(MeshConfig(axis_sizes=(-1, 1, 4)))         # data × fsdp × tensor
-    state, state_sh = init_sharded_state(init_fn, rng, mesh=mesh)  # never materialised whole
-    step = jit_train_step(model, tx, schedule, step_config, mesh, state_sh)
-    for batch_np in loader:                                      # this process's rows only
-        state, metrics = step(state, shard_batch(batch_np, mesh))
+    state_sh = state_shardings(jax.eval_shape(lambda: state), mesh)
+    state = place(state, state_sh)                               # or init_sharded_state(...)
+
+The compiled steps that use these shardings are built by :func:`mora_jax.steps.build_steps`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import re
@@ -49,12 +48,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mora_jax import adapters as adapters_lib
-from mora_jax import remora, training, xla_tuning
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, is_adapter
+from mora_jax.mesh import DEFAULT_AXIS_NAMES, MeshConfig, make_mesh, mesh_context, replicated  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_AXIS_NAMES = ("data", "fsdp", "tensor")
 
 # Logical dimension name -> mesh axes (None = not sharded). Order matters for activations:
 # flax assigns each mesh axis at most once per array, in rule order, so ``batch`` (listed first)
@@ -152,101 +150,12 @@ class ShardingRules:
 DEFAULT_RULES = ShardingRules()
 
 
-# ---------------------------------------------------------------------------------------------
-# Mesh.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Axis names and sizes of the device mesh; one size may be ``-1`` (= the remaining devices).
-
-    The default is pure data parallelism over all devices, ``data=-1, fsdp=1, tensor=1``.
-    """
-
-    axis_names: tuple[str, ...] = DEFAULT_AXIS_NAMES
-    axis_sizes: tuple[int, ...] = (-1, 1, 1)
-
-    def __post_init__(self):
-        names = (self.axis_names,) if isinstance(self.axis_names, str) else tuple(self.axis_names)
-        sizes = (self.axis_sizes,) if isinstance(self.axis_sizes, int) else tuple(self.axis_sizes)
-        object.__setattr__(self, "axis_names", names)
-        object.__setattr__(self, "axis_sizes", sizes)
-        if not names:
-            raise ValueError("MeshConfig needs at least one axis")
-        if len(names) != len(sizes):
-            raise ValueError(f"MeshConfig has {len(names)} axis names {names} but {len(sizes)} sizes {sizes}")
-        if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"MeshConfig axis names must be distinct non-empty strings, got {names}")
-        for name, size in zip(names, sizes):
-            if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
-                raise ValueError(f"mesh axis {name!r} has size {size!r}: sizes are positive ints, or -1 for the rest")
-        if sum(1 for s in sizes if s == -1) > 1:
-            raise ValueError(f"at most one mesh axis may have size -1 (the remaining devices), got {dict(zip(names, sizes))}")
-
-    def resolve(self, num_devices: int) -> tuple[int, ...]:
-        """The concrete axis sizes for ``num_devices`` devices (``-1`` filled in)."""
-        fixed = math.prod(s for s in self.axis_sizes if s != -1)
-        described = " × ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.axis_sizes))
-        if -1 in self.axis_sizes:
-            if num_devices % fixed:
-                raise ValueError(
-                    f"mesh {described}: the fixed axes need a multiple of {fixed} devices, but there are "
-                    f"{num_devices}; choose sizes whose product divides {num_devices}"
-                )
-            return tuple(num_devices // fixed if s == -1 else s for s in self.axis_sizes)
-        if fixed != num_devices:
-            raise ValueError(
-                f"mesh {described} has {fixed} devices but there are {num_devices}; make the sizes multiply "
-                f"to {num_devices}, or set one of them to -1 (the remaining devices)"
-            )
-        return tuple(self.axis_sizes)
-
-
-def make_mesh(mesh_config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A :class:`jax.sharding.Mesh` over ``devices`` (default: every device of every process).
-
-    Axes are ``Auto`` (GSPMD propagates shardings between the constraints); the device order is
-    ``jax.make_mesh``'s topology-aware one, so on multi-host systems consecutive entries of the
-    last axes stay within a host.
-    """
-    mesh_config = mesh_config or MeshConfig()
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = mesh_config.resolve(len(devices))
-    names = mesh_config.axis_names
-    auto = getattr(jax.sharding, "AxisType", None)
-    try:
-        kwargs = {"axis_types": (auto.Auto,) * len(names)} if auto is not None else {}
-        return jax.make_mesh(sizes, names, devices=devices, **kwargs)
-    except (TypeError, AttributeError, NotImplementedError, ValueError) as e:  # older jax, unusual topologies
-        logger.debug("jax.make_mesh failed (%s); falling back to a plain reshape of the device list", e)
-    device_array = np.asarray(devices, dtype=object).reshape(sizes)
-    try:
-        return Mesh(device_array, names, axis_types=(auto.Auto,) * len(names)) if auto is not None else Mesh(device_array, names)
-    except TypeError:
-        return Mesh(device_array, names)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    """Every device holds the whole array."""
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def _mesh_context(mesh: Mesh):
-    """Make ``mesh`` the ambient mesh (``PartitionSpec`` constraints inside jit resolve against it)."""
-    if hasattr(jax, "set_mesh"):
-        return jax.set_mesh(mesh)
-    if hasattr(jax.sharding, "use_mesh"):
-        return jax.sharding.use_mesh(mesh)
-    return mesh  # jax < 0.5: the Mesh itself is the context manager
-
-
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """Context in which ``mesh`` is the ambient mesh and ``rules`` are flax's logical-axis rules, so the
     model's ``nn.with_logical_constraint`` annotations shard activations. Trace (first call or
-    ``.lower``) your own ``jax.jit`` functions inside it; the ``jit_*`` helpers here do this for you."""
-    with _mesh_context(mesh), nn.logical_axis_rules(rules.flax_rules(mesh)):
+    ``.lower``) your own ``jax.jit`` functions inside it; :mod:`mora_jax.steps` does this for its steps."""
+    with mesh_context(mesh), nn.logical_axis_rules(rules.flax_rules(mesh)):
         yield
 
 
@@ -397,7 +306,7 @@ def follow_shardings(tree, reference, reference_shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(follow, tree)
 
 
-def state_shardings(abstract_state: training.TrainState, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
+def state_shardings(abstract_state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """A :class:`~mora_jax.training.TrainState` of ``NamedSharding``s for ``abstract_state``
     (``jax.eval_shape`` of the state's constructor, or a concrete state).
 
@@ -421,9 +330,13 @@ def state_shardings(abstract_state: training.TrainState, mesh: Mesh, rules: Shar
     )
 
 
+def _is_train_state(tree) -> bool:
+    return all(hasattr(tree, name) for name in ("step", "frozen", "trainables", "opt_state", "rng"))
+
+
 def shardings_for(abstract_tree, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """:func:`state_shardings` for a ``TrainState``, :func:`tree_shardings` for anything else."""
-    if isinstance(abstract_tree, training.TrainState):
+    if _is_train_state(abstract_tree):
         return state_shardings(abstract_tree, mesh, rules)
     return tree_shardings(abstract_tree, mesh, rules)
 
@@ -511,129 +424,6 @@ def init_sharded_state(init_fn: Callable, *args, mesh: Mesh, rules: ShardingRule
     return state, shardings
 
 
-# ---------------------------------------------------------------------------------------------
-# Jitted, sharded steps.
-# ---------------------------------------------------------------------------------------------
-
-
-def _restructure(shardings, like):
-    """``shardings`` re-wrapped in the pytree structure of ``like`` (same leaves in the same order).
-
-    ``jax.jit`` compares in/out sharding trees with the argument's structure including static
-    metadata, which ReMoRA changes at merges (MoRA's ``mora_type``)."""
-    treedef = jax.tree_util.tree_structure(like)
-    if jax.tree_util.tree_structure(shardings) == treedef:
-        return shardings
-    leaves = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    if len(leaves) != treedef.num_leaves:
-        raise ValueError(
-            f"the state has {treedef.num_leaves} arrays but its shardings have {len(leaves)}: the state's "
-            "structure changed (other adapters or optimizer); rebuild them with state_shardings()"
-        )
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-class StateJit:
-    """A jitted ``fn(state, *args, **static)`` bound to a mesh, logical-axis rules and state shardings.
-
-    The compiled function is built once per state structure and static keyword values: the same
-    sharding leaves serve a state whose MoRA adapters changed type at a ReMoRA merge. Calls and
-    :meth:`lower` run inside :func:`use_mesh` and trace ``fn`` inside ``nn.logical_axis_rules``,
-    so the model's activation constraints apply.
-    """
-
-    def __init__(self, fn: Callable, mesh: Mesh, state_shardings, rules: ShardingRules = DEFAULT_RULES, *,
-                 args_shardings: tuple = (), out_shardings: Callable | None = None,
-                 returns_new_structure: bool = False, donate_state: bool = False,
-                 compiler_options: dict | None = None):
-        """``out_shardings(state_shardings_of_output) -> out_shardings`` (default: the state's own);
-        ``returns_new_structure``: the output state's structure may differ from the input's (merges);
-        ``compiler_options``: XLA options for this function's compiles (see :mod:`mora_jax.xla_tuning`)."""
-        self.fn = fn
-        self.mesh = mesh
-        self.rules = rules
-        self.state_shardings = state_shardings
-        self.args_shardings = tuple(args_shardings)
-        self._out_shardings = out_shardings or (lambda state_sh: state_sh)
-        self._returns_new_structure = returns_new_structure
-        self._donate = (0,) if donate_state else ()
-        self.compiler_options = compiler_options
-        self._cache: dict = {}
-
-    def _traced(self, static: dict):
-        flax_rules = self.rules.flax_rules(self.mesh)
-
-        def traced(state, *args):
-            with nn.logical_axis_rules(flax_rules):
-                return self.fn(state, *args, **static)
-
-        return traced
-
-    def jitted(self, state, *args, **static):
-        """The ``jax.jit`` function for this state's structure (call it inside :func:`use_mesh`)."""
-        key = (jax.tree_util.tree_structure(state), tuple(sorted(static.items())))
-        if key not in self._cache:
-            in_state_sh = _restructure(self.state_shardings, state)
-            traced = self._traced(static)
-            out_state_sh = in_state_sh
-            if self._returns_new_structure:
-                with use_mesh(self.mesh, self.rules):
-                    out_abstract = jax.eval_shape(traced, state, *args)
-                out_state_sh = _restructure(in_state_sh, out_abstract)
-            self._cache[key] = jax.jit(
-                traced,
-                in_shardings=(in_state_sh, *self.args_shardings),
-                out_shardings=self._out_shardings(out_state_sh),
-                donate_argnums=self._donate,
-                compiler_options=self.compiler_options,
-            )
-        return self._cache[key]
-
-    def __call__(self, state, *args, **static):
-        with use_mesh(self.mesh, self.rules):
-            return self.jitted(state, *args, **static)(state, *args)
-
-    def lower(self, state, *args, **static):
-        """``jax.jit(...).lower`` for inspection: ``.compile().input_shardings`` etc."""
-        with use_mesh(self.mesh, self.rules):
-            return self.jitted(state, *args, **static).lower(state, *args)
-
-
-def jit_train_step(model, tx, schedule: Callable, step_config: training.StepConfig, mesh: Mesh, state_shardings,
-                   rules: ShardingRules = DEFAULT_RULES, *, use_dropout: bool = False, donate: bool = True) -> StateJit:
-    """``step(state, batch) -> (state, metrics)``: :func:`mora_jax.training.train_step` jitted with the
-    state in ``state_shardings`` (donated, updated in place), the batch split over the data axes
-    and replicated metrics.
-
-    Donation deletes the state passed in, and with it any array sharing its buffers: a state
-    ``jax.device_put`` from one device to a replicated sharding reuses that device's buffer, so
-    keep no other reference to it (or lay it out with :func:`place`, or pass ``donate=False``).
-    """
-    fn = functools.partial(training.train_step, model=model, tx=tx, schedule=schedule,
-                           step_config=step_config, use_dropout=use_dropout)
-    repl = replicated(mesh)
-    return StateJit(fn, mesh, state_shardings, rules, args_shardings=(batch_sharding(mesh, rules),),
-                    out_shardings=lambda state_sh: (state_sh, repl), donate_state=donate,
-                    compiler_options=xla_tuning.train_step_compiler_options(xla_tuning.mesh_platform(mesh)))
-
-
-def jit_eval_step(model, step_config: training.StepConfig, mesh: Mesh, state_shardings,
-                  rules: ShardingRules = DEFAULT_RULES) -> StateJit:
-    """``eval(state, batch) -> {'loss_sum', 'tokens'}`` (replicated): :func:`mora_jax.training.eval_step`."""
-    fn = functools.partial(training.eval_step, model=model, step_config=step_config)
-    repl = replicated(mesh)
-    return StateJit(fn, mesh, state_shardings, rules, args_shardings=(batch_sharding(mesh, rules),),
-                    out_shardings=lambda state_sh: repl)
-
-
-def jit_merge_and_reset(tx, mesh: Mesh, state_shardings, rules: ShardingRules = DEFAULT_RULES, *,
-                        reset_optimizer: bool = True, donate: bool = True) -> StateJit:
-    """``merge(state, next_type=t) -> state``: :func:`mora_jax.remora.merge_and_reset` on the sharded,
-    donated state; the merged kernels and fresh adapters keep the state's shardings."""
-    fn = functools.partial(remora.merge_and_reset, tx=tx, reset_optimizer=reset_optimizer)
-    return StateJit(fn, mesh, state_shardings, rules, returns_new_structure=True, donate_state=donate)
-
-
 __all__ = [
     "DEFAULT_AXIS_NAMES",
     "DEFAULT_RULES",
@@ -641,14 +431,10 @@ __all__ = [
     "LOGICAL_AXIS_RULES",
     "MeshConfig",
     "ShardingRules",
-    "StateJit",
     "batch_axes",
     "batch_sharding",
     "follow_shardings",
     "init_sharded_state",
-    "jit_eval_step",
-    "jit_merge_and_reset",
-    "jit_train_step",
     "make_mesh",
     "param_sharding_fn",
     "param_spec",

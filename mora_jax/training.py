@@ -8,8 +8,8 @@ State is explicit and split the way the memory should be:
 * ``opt_state = {'params': ..., 'adapters': ...}``: one optimizer state per group, so ReMoRA can
   give the adapters fresh moments and step count while fully trained parameters keep theirs.
 
-``train_step`` and ``eval_step`` are pure functions of ``(state, batch)``; ``jax.jit`` them with
-``in_shardings`` / ``out_shardings`` / ``donate_argnums=0`` (see ``mora_jax.sharding``).
+``train_step`` and ``eval_step`` are pure functions of ``(state, batch)``; :mod:`mora_jax.steps`
+compiles them over a device mesh with shardings and donation.
 Frozen kernels get no weight gradient: only ``trainables`` are differentiated.
 """
 
@@ -44,9 +44,20 @@ class TrainState:
     def adapters(self):
         return self.trainables["adapters"]
 
-    def params(self, params_dtypes=None):
-        """The full base parameter tree (frozen + trained), trained leaves cast to ``params_dtypes``."""
+    def params(self, params_dtypes="model"):
+        """The full base parameter tree (frozen + trained). Trained leaves are cast to
+        ``params_dtypes``: by default the model's storage dtype (:func:`params_dtype`), None keeps
+        their float32 master copy."""
+        if isinstance(params_dtypes, str) and params_dtypes == "model":
+            params_dtypes = params_dtype(self)
         return unpartition(self.trainables, self.frozen, params_dtypes=params_dtypes)[0]
+
+
+def params_dtype(state) -> Any:
+    """The model's storage dtype of base parameters: that of the frozen weights (a bf16 model stays
+    bf16 when its trained parameters are cast back), or None when nothing is frozen."""
+    leaves = jax.tree_util.tree_leaves(state.frozen)
+    return leaves[0].dtype if leaves else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +107,10 @@ def _forward_loss(model, trainables, frozen, batch, rng, step_config, params_dty
     return next_token_loss(logits, batch, step_config.z_loss)
 
 
-def _params_dtypes(frozen_like, trainables):
-    """The model's dtype for trained base params: the frozen params' dtype (bf16 models stay bf16)."""
-    leaves = jax.tree_util.tree_leaves(frozen_like)
-    return leaves[0].dtype if leaves else None
-
-
 def loss_and_grads(model, state: TrainState, batch: Batch, step_config: StepConfig, rng=None):
     """Mean loss, float32 gradients w.r.t. ``state.trainables`` and token count, accumulated over
     ``step_config.grad_accum`` micro-batches with ``lax.scan`` (the mean is over all tokens)."""
-    params_dtypes = _params_dtypes(state.frozen, state.trainables)
+    params_dtypes = params_dtype(state)
     grad_fn = jax.value_and_grad(
         lambda t, b, key: _forward_loss(model, t, state.frozen, b, key, step_config, params_dtypes), has_aux=True
     )
@@ -132,7 +137,9 @@ def loss_and_grads(model, state: TrainState, batch: Batch, step_config: StepConf
 
 def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
                schedule: Callable, step_config: StepConfig = StepConfig(), use_dropout: bool = False):
-    """One optimizer step. Returns ``(new_state, metrics)`` with loss, grad norm, lr and token count."""
+    """One optimizer step. Returns ``(new_state, metrics)``: loss, grad norm, learning rate, token
+    count, and the norm of the updated trainables, a cheap on-device check that the new state is
+    finite (a non-finite update shows there even when the loss, computed before it, was finite)."""
     rng, step_rng = jax.random.split(state.rng)
     loss, grads, count = loss_and_grads(model, state, batch, step_config, step_rng if use_dropout else None)
     grad_norm = optax.tree.norm(grads)
@@ -146,7 +153,8 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
         updates, new_opt_state[name] = tx.update(grads[name], opt_state, tree)
         new_trainables[name] = optax.apply_updates(tree, updates)
     new_state = state.replace(step=state.step + 1, trainables=new_trainables, opt_state=new_opt_state, rng=rng)
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "tokens": count}
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "tokens": count,
+                       "trainables_norm": optax.tree.norm(new_trainables)}
 
 
 def _set_learning_rate(opt_state, lr):
@@ -161,15 +169,13 @@ def _set_learning_rate(opt_state, lr):
 
 def eval_step(state: TrainState, batch: Batch, *, model, step_config: StepConfig = StepConfig()):
     """Summed loss and token count over ``batch`` (no dropout), for perplexity over a held-out split."""
-    params_dtypes = _params_dtypes(state.frozen, state.trainables)
-    loss_sum, count = _forward_loss(model, state.trainables, state.frozen, batch, None, step_config, params_dtypes)
+    loss_sum, count = _forward_loss(model, state.trainables, state.frozen, batch, None, step_config, params_dtype(state))
     return {"loss_sum": loss_sum, "tokens": count}
 
 
 def logits_fn(model, state: TrainState, input_ids, **kwargs):
     """Logits of the model as trained so far (adapters unmerged)."""
-    params = state.params(_params_dtypes(state.frozen, state.trainables))
-    return apply_model(model, params, input_ids, adapters=state.adapters, **kwargs)
+    return apply_model(model, state.params(), input_ids, adapters=state.adapters, **kwargs)
 
 
 def trainable_summary(state: TrainState) -> str:

@@ -28,7 +28,9 @@ DISABLE_ENV = "MORA_JAX_XLA_TUNING"
 def _supported(items: tuple) -> bool:
     """Whether this jaxlib's CPU compiler accepts these options (a one-off scalar compile)."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(items), backend="cpu").lower(jnp.zeros((), jnp.float32)).compile()
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        arg = jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu)
+        jax.jit(lambda x: x + 1, compiler_options=dict(items)).lower(arg).compile()
     except Exception:  # unknown option or enum value in this jaxlib: compile without it
         return False
     return True

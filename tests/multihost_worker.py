@@ -43,6 +43,7 @@ def main() -> None:
     import mora_jax as mj
     from mora_jax import sharding as shd
     from mora_jax import training
+    from mora_jax.steps import build_steps
     from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM
 
     cfg = dataclasses.replace(LLAMA_CONFIGS["tiny"], num_attention_heads=8, num_key_value_heads=4)
@@ -58,14 +59,15 @@ def main() -> None:
 
     mesh = shd.make_mesh(shd.MeshConfig(("data", "fsdp", "tensor"), (2, 2, 2)))
     state, state_sh = shd.init_sharded_state(init_state, np.int32(0), mesh=mesh)
-    step = shd.jit_train_step(model, tx, lambda s: 3e-3, training.StepConfig(), mesh, state_sh)
+    steps = build_steps(model, tx, lambda s: 3e-3, training.StepConfig(), mesh=mesh)
+    assert steps.state_shardings(state) == state_sh  # the builder lays the state out as init did
     rows = distributed.process_batch_slice(GLOBAL_BATCH, shd.batch_sharding(mesh))
 
     losses = []
     for i in range(args.steps):
         # every process knows the global batch here; a real loader would read only its own rows
         ids = np.random.default_rng(i).integers(0, cfg.vocab_size, (GLOBAL_BATCH, LENGTH)).astype(np.int32)
-        state, metrics = step(state, shd.shard_batch({"input_ids": ids[rows]}, mesh))
+        state, metrics = steps.train(state, steps.shard_batch({"input_ids": ids[rows]}))
         losses.append(float(metrics["loss"]))
 
     with shd.use_mesh(mesh):

@@ -144,20 +144,35 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
     assert steps and steps[-1] >= 3
 
 
-def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+def _poison_lr_from(monkeypatch, first_bad_step):
     from mora_jax import schedules
 
     real = schedules.make_schedule
 
-    def poisoned(cfg):  # the learning rate becomes NaN from step 6 on
-        base = real(cfg)
-        return lambda step: jax.numpy.where(step >= 6, jax.numpy.nan, base(step))
+    def poisoned(optim, **kwargs):  # the learning rate becomes NaN from `first_bad_step` on
+        base = real(optim, **kwargs)
+        return lambda step: jax.numpy.where(step >= first_bad_step, jax.numpy.nan, base(step))
 
     monkeypatch.setattr(schedules, "make_schedule", poisoned)
-    config = _pretrain_config(corpus, tmp_path / "nan", steps=12, log_every=1, eval_every=0)
-    config.checkpoint.every = 2
+
+
+@pytest.mark.parametrize("log_every", [1, 5])
+def test_non_finite_update_stops_the_run_and_is_never_checkpointed(corpus, tmp_path, monkeypatch, log_every):
+    # The 7th update (state.step 6) is NaN; its loss, computed before the update, is still finite.
+    # The updated parameters' norm gives it away before step 7 is saved, whatever the log period.
+    _poison_lr_from(monkeypatch, 6)
+    config = _pretrain_config(corpus, tmp_path / "nan", steps=12, log_every=log_every, eval_every=0)
+    config.checkpoint.every = 1
+    config.checkpoint.keep = 2
     config.checkpoint.async_save = False
-    with pytest.raises(loop.TrainingDiverged, match=r"loss became nan at step 8.*last good checkpoint is step 6"):
+    with pytest.raises(loop.TrainingDiverged, match=r"trainables_norm became nan at step 7.*last good checkpoint is step 6"):
         recipes.pretrain(config)
     steps = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == 6
+    assert steps == [5, 6]
+    from mora_jax.checkpoint import Checkpointer
+
+    with Checkpointer(tmp_path / "nan" / "checkpoints", mode="resume") as ckpt:
+        info = ckpt.restore_metadata(6)
+    assert info.step == 6
+    rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import mora_jax as mj
 from mora_jax import sharding as shd
 from mora_jax import training
+from mora_jax.steps import build_steps
 from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, abstract_params, stack_layers, unstack_layers
 
 # The tiny test model with 8 query / 4 key-value heads, so heads, kv heads, MLP (172 = 4·43),
@@ -123,14 +124,17 @@ def _spec_of(sharding_tree, *path):
 
 def test_train_steps_match_unsharded_and_use_intended_specs(reference):
     mesh = shd.make_mesh(MESHES["fsdp4_tensor2"])
-    state_sh = shd.state_shardings(jax.eval_shape(lambda: reference["state0"]), mesh)
-    state = shd.place(reference["state0"], state_sh)
-    step = shd.jit_train_step(MODEL, TX, SCHEDULE, STEP_CONFIG, mesh, state_sh)
+    steps = build_steps(MODEL, TX, SCHEDULE, STEP_CONFIG, mesh=mesh)
+    state = steps.place(reference["state0"])
+    state_sh = steps.state_shardings(state)
 
-    # the compiled step's parameter shardings are the intended ones
-    compiled = step.lower(state, shd.shard_batch(_batch(0), mesh)).compile()
-    (in_state, in_batch), _ = compiled.input_shardings
-    out_state, out_metrics = compiled.output_shardings
+    # the compiled step's parameter shardings are the intended ones; the frozen weights are an
+    # input of their own, neither donated nor returned
+    compiled = steps.lower_train(state, steps.shard_batch(_batch(0))).compile()
+    (in_frozen, in_rest, in_batch), _ = compiled.input_shardings
+    out_rest, out_metrics = compiled.output_shardings
+    assert out_rest.frozen is None
+    in_state, out_state = in_rest.replace(frozen=in_frozen), out_rest.replace(frozen=in_frozen)
     layer = ("model", "layers_0")
     expected = {
         ("frozen", *layer, "self_attn", "q_proj", "kernel"): P("fsdp", "tensor"),
@@ -161,11 +165,13 @@ def test_train_steps_match_unsharded_and_use_intended_specs(reference):
     assert all(s.is_equivalent_to(NamedSharding(mesh, P()), 0) for s in jax.tree_util.tree_leaves(out_metrics))
 
     losses = []
+    frozen_before = state.frozen
     for i in range(N_STEPS):
-        state, metrics = step(state, shd.shard_batch(_batch(i), mesh))
+        state, metrics = steps.train(state, steps.shard_batch(_batch(i)))
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, reference["losses"], rtol=1e-5)
     _assert_trees_close(state.trainables, reference["state"].trainables, rtol=1e-4, atol=2e-5)
+    assert state.frozen is frozen_before and not steps.owns_frozen(state)
     # the state stays in its layout across steps (donated, updated in place)
     assert state.frozen["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
     assert state.trainables["params"]["model"]["embed_tokens"]["embedding"].sharding.spec == P("tensor", "fsdp")
@@ -200,12 +206,11 @@ def test_scan_layers_sharded_steps_match_unrolled(reference):
     assert layers["mlp"]["down_proj"]["kernel"] == P(None, "tensor", None)
     assert specs.trainables["adapters"]["model"]["layers"]["self_attn"]["k_proj"]["kernel"].m == P(None, None, None)
     assert specs.trainables["params"]["model"]["layers"]["input_layernorm"]["weight"] == P(None, None)
-    state = shd.place(state, state_sh)
-
-    step = shd.jit_train_step(model, TX, SCHEDULE, STEP_CONFIG, mesh, state_sh)
+    steps = build_steps(model, TX, SCHEDULE, STEP_CONFIG, mesh=mesh)
+    state = steps.place(state)
     losses = []
     for i in range(N_STEPS):
-        state, metrics = step(state, shd.shard_batch(_batch(i), mesh))
+        state, metrics = steps.train(state, steps.shard_batch(_batch(i)))
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, reference["losses"], rtol=1e-5)
     _assert_trees_close(unstack_layers(state.trainables["adapters"]), reference["state"].trainables["adapters"],
@@ -216,15 +221,20 @@ def test_scan_layers_sharded_steps_match_unrolled(reference):
 def test_remora_merge_under_jit_keeps_shardings_and_function(reference):
     mesh = shd.make_mesh(MESHES["fsdp4_tensor2"])
     state = _perturbed(reference["state0"])  # non-zero adapters: the merge changes the kernels
-    state_sh = shd.state_shardings(state, mesh)
-    state = shd.place(state, state_sh)
+    steps = build_steps(MODEL, TX, SCHEDULE, STEP_CONFIG, mesh=mesh)
+    state = steps.place(state)
+    borrowed = state.frozen
     kernel_before = np.asarray(state.frozen["model"]["layers_1"]["mlp"]["up_proj"]["kernel"])
-    evaluate = shd.jit_eval_step(MODEL, STEP_CONFIG, mesh, state_sh)
-    merge = shd.jit_merge_and_reset(TX, mesh, state_sh)
-    batch = shd.shard_batch(_batch(5), mesh)
-    before = evaluate(state, batch)
-    state = merge(state, next_type=2)  # MoRA type 1 -> 2: the adapters' static metadata changes
-    after = evaluate(state, batch)  # the eval step re-specialises to the new structure
+    batch = steps.shard_batch(_batch(5))
+    before = steps.eval(state, batch)
+    state = steps.merge(state, next_type=2)  # MoRA type 1 -> 2: the adapters' static metadata changes
+    after = steps.eval(state, batch)  # the eval step re-specialises to the new structure
+    # the first merge kept the weights it was handed; later merges own theirs and donate them
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(borrowed)) and steps.owns_frozen(state)
+    merged_once = state.frozen
+    state = steps.merge(_perturbed(state), next_type=3)
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(merged_once["model"]["layers_1"]["mlp"]))
+    state = steps.merge(state, next_type=2)  # back to the structure checked below
     np.testing.assert_allclose(float(after["loss_sum"]), float(before["loss_sum"]), rtol=1e-5)
     adapter = state.adapters["model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
     assert adapter.mora_type == 2 and not np.any(np.asarray(adapter.m))

@@ -1,5 +1,6 @@
 """The pure train step, schedules and ReMoRA on the tiny LLaMA."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 import mora_jax as mj
 from mora_jax import remora, schedules, training
+from mora_jax.run_config import OptimConfig
 from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
 
 CFG = LLAMA_CONFIGS["tiny"]
@@ -88,7 +90,7 @@ def test_train_step_trains_and_frozen_stay_bit_identical(params):
     tx = mj.optim.adamw(3e-3)
     state = _state(params, config, tx)
     frozen0 = state.frozen
-    sched = schedules.make_schedule(schedules.ScheduleConfig(peak_lr=3e-3, total_steps=10))
+    sched = schedules.make_schedule(OptimConfig(lr=3e-3, warmup_steps=0), total_steps=10)
     step = jax.jit(lambda s, b: training.train_step(s, b, model=MODEL, tx=tx, schedule=sched))
     losses = []
     for _ in range(8):
@@ -101,14 +103,14 @@ def test_train_step_trains_and_frozen_stay_bit_identical(params):
 
 
 def test_schedule_warmup_cosine_and_restarts():
-    base = schedules.ScheduleConfig(peak_lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    plain = schedules.make_schedule(base)
+    base = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, restart_warmup=5)
+    plain = schedules.make_schedule(base, total_steps=100)
     assert float(plain(0)) == 0.0 and float(plain(5)) == pytest.approx(0.5)
     assert float(plain(10)) == pytest.approx(1.0) and float(plain(100)) == pytest.approx(0.1)
     for flavour in schedules.FLAVOURS:
-        cfg = schedules.ScheduleConfig(peak_lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1,
-                                       restart_every=30, restart_warmup=5, flavour=flavour)
-        lr = np.array([float(schedules.make_schedule(cfg)(s)) for s in range(100)])
+        cfg = dataclasses.replace(base, restart_flavour=flavour)
+        schedule = schedules.make_schedule(cfg, total_steps=100, restart_every=30)
+        lr = np.array([float(schedule(s)) for s in range(100)])
         np.testing.assert_allclose(lr[:30], [float(plain(s)) for s in range(30)], rtol=1e-6)
         for start in (30, 60, 90):  # restarts at the merge steps: back to 0, re-warm over 5 steps
             assert lr[start] == 0.0 and lr[start - 1] > 0.1
@@ -117,8 +119,11 @@ def test_schedule_warmup_cosine_and_restarts():
             np.testing.assert_allclose(lr[40], float(plain(40)), rtol=1e-6)
         else:  # the reference: a new schedule whose peak is the lr reached at the merge
             np.testing.assert_allclose(lr[35], float(plain(30)), rtol=1e-5)
-    with pytest.raises(ValueError, match="unknown restart flavour"):
-        schedules.ScheduleConfig(peak_lr=1.0, total_steps=10, flavour="x")
+    with pytest.raises(ValueError, match="restart_flavour='x'"):
+        OptimConfig(lr=1.0, restart_flavour="x")
+    schedules.make_schedule(base, total_steps=10)  # 10 warm-up steps fit a 10-step run; 5 do not:
+    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, 5\]"):
+        schedules.make_schedule(base, total_steps=5)
 
 
 def test_remora_cycle_and_merge_invariant(params):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import uuid_memorization
-from mora_jax import experiments, uuid_task
+from mora_jax.experiments import uuid_memorization as experiments
+from mora_jax.experiments import uuid_task
 
 
 def test_pairs_are_reproducible_distinct_uuids():

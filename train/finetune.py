@@ -1,24 +1,9 @@
-"""Entry point: finetune with MoRA / LoRA / full fine-tuning (see configs/ and the README).
+"""Entry point: fine-tune with MoRA / LoRA / full fine-tuning (see configs/ and the README).
 
     python -m train.finetune --config=configs/math_finetune.py:tiny [--config.FIELD=VALUE ...]
 """
 
-from absl import app
-from ml_collections import config_flags
-
-from mora_jax import recipes
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "run configuration (a configs/*.py file[:variant])")
-
-
-def main(argv):
-    del argv
-    config = _CONFIG.value
-    print(config, flush=True)
-    result = recipes.finetune(config)
-    status = "preempted (resume by running the same command)" if result.preempted else "finished"
-    print(f"{status} at step {int(result.state.step)}; outputs in {config.workdir}", flush=True)
-
+from train.runner import main
 
 if __name__ == "__main__":
-    app.run(main)
+    main("finetune")

@@ -8,7 +8,7 @@
 from absl import app
 from ml_collections import config_flags
 
-from mora_jax.experiments import results_markdown, run_uuid_memorization
+from mora_jax.experiments.uuid_memorization import results_markdown, run_uuid_memorization
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/uuid_memorization.py", "experiment configuration")
 

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mora_jax import adapters as adapters_lib
-from mora_jax import loop, remora, schedules, training, uuid_task
+from mora_jax import loop, metrics, training
 from mora_jax.config import FullConfig, LoRAConfig, MoRAConfig
+from mora_jax.experiments import uuid_task
 from mora_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
+from mora_jax.run_config import CheckpointConfig, OptimConfig, RunConfig, TrainConfig
 
 
 def model_config(config) -> LlamaConfig:
@@ -42,13 +44,15 @@ def adapter_config(spec, targets: str):
     raise ValueError(f"unknown method {spec.method!r} in config.methods: use full, lora or mora")
 
 
-def _loop_config(steps, lr, warmup, weight_decay, seed, eval_every=0) -> loop.LoopConfig:
-    return loop.LoopConfig(
-        total_steps=steps, seed=seed, optimizer_kwargs={"weight_decay": weight_decay},
-        log_every=max(1, min(50, steps // 10)),
-        schedule=schedules.ScheduleConfig(peak_lr=lr, total_steps=steps, warmup_steps=min(warmup, steps),
-                                          decay="constant"),
-        step=training.StepConfig(clip_norm=1.0), progress=False, eval_every=eval_every,
+def run_config(method_config, *, steps, lr, warmup, weight_decay, seed, workdir, batch_size) -> RunConfig:
+    """One training run of the experiment: constant learning rate after warm-up, clipping at 1, no
+    checkpoints."""
+    return RunConfig(
+        seed=seed, workdir=str(workdir), method=method_config.method, adapter=method_config,
+        optim=OptimConfig(lr=lr, warmup_steps=min(warmup, steps), decay="constant", weight_decay=weight_decay),
+        train=TrainConfig(steps=steps, batch_size=batch_size, seq_len=uuid_task.SEQ_LEN,
+                          log_every=max(1, min(50, steps // 10)), progress=False),
+        checkpoint=CheckpointConfig(every=0),
     )
 
 
@@ -73,10 +77,11 @@ def pretrain_base(config, model, workdir: pathlib.Path):
         print(f"reusing the pre-trained base model in {base_dir}", flush=True)
         return hf.load_llama(base_dir, dtype=model.config.dtype)[1]
     result = loop.run(
-        model, params, FullConfig(targets=(r".*",)),
-        _loop_config(config.pretrain_steps, config.pretrain_lr, config.warmup_steps, 0.0, config.seed),
+        model, params,
+        run_config(FullConfig(targets=(r".*",)), steps=config.pretrain_steps, lr=config.pretrain_lr,
+                   warmup=config.warmup_steps, weight_decay=0.0, seed=config.seed, workdir=workdir / "base",
+                   batch_size=config.batch_size),
         train_batches=uuid_task.RandomPairBatches(config.batch_size, seed=config.seed + 1000),
-        workdir=workdir / "base", run_config=config.to_dict(),
     )
     params = result.state.params()
     hf.save_llama(base_dir, model, params, overwrite=True)
@@ -118,11 +123,13 @@ def run_uuid_memorization(config) -> dict:
 
         t = time.perf_counter()
         run = loop.run(
-            model, base_params, method_config,
-            _loop_config(eval_steps[-1], spec.lr, config.warmup_steps, config.weight_decay, config.seed),
-            train_batches=uuid_task.PairBatches(pairs, config.batch_size, seed=config.seed),
-            workdir=workdir / name, callbacks=[on_step], run_config={"method": spec.to_dict()},
+            model, base_params,
+            run_config(method_config, steps=eval_steps[-1], lr=spec.lr, warmup=config.warmup_steps,
+                       weight_decay=config.weight_decay, seed=config.seed, workdir=workdir / name,
+                       batch_size=config.batch_size),
+            train_batches=uuid_task.PairBatches(pairs, config.batch_size, seed=config.seed), callbacks=[on_step],
         )
+        metrics.plot_loss_curve(run.history, workdir / name / "loss_curve.png", title=f"{name} training loss")
         n_trainable = adapters_lib.count_params(run.state.trainables)
         row = {"name": name, "method": spec.method, "r": spec.r, "mora_type": spec.mora_type, "lr": spec.lr,
                "trainable_params": n_trainable, "seconds": time.perf_counter() - t,
