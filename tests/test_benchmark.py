@@ -13,7 +13,8 @@ import ml_collections
 import pytest
 
 from configs import bench_tiny
-from mora_jax import benchmark, benchmark_peer, xla_tuning
+from mora_jax import xla_tuning
+from mora_jax.bench import flops, harness, methods, peer, report
 from mora_jax.models.llama import LLAMA_CONFIGS
 
 TINY = LLAMA_CONFIGS["tiny"]  # D=64, F=172, L=2, N=4 heads, K=2 kv heads, H=16, V=256
@@ -33,26 +34,26 @@ FULL = FROZEN + 2_899_968  # = 9,682,944
 
 
 def test_flops_frozen_and_full_by_hand():
-    assert benchmark.model_flops_per_step(TINY, 2, 8, "frozen") == FROZEN == 6_782_976
-    assert benchmark.model_flops_per_step(TINY, 2, 8, "full") == FULL == 9_682_944
-    parts = benchmark.flop_breakdown(TINY, 2, 8, "full")
+    assert flops.model_flops_per_step(TINY, 2, 8, "frozen") == FROZEN == 6_782_976
+    assert flops.model_flops_per_step(TINY, 2, 8, "full") == FULL == 9_682_944
+    parts = flops.flop_breakdown(TINY, 2, 8, "full")
     assert parts == {"forward": 3_424_256, "attention_forward": 65_536, "input_grad": 3_162_112,
                      "attention_backward": 131_072, "weight_grad": 2_899_968, "adapter": 0}
 
 
 def test_full_and_frozen_differ_by_exactly_the_weight_gradient():
     for b, t in ((1, 1), (2, 8), (3, 17)):
-        diff = benchmark.model_flops_per_step(TINY, b, t, "full") - benchmark.model_flops_per_step(TINY, b, t, "frozen")
+        diff = flops.model_flops_per_step(TINY, b, t, "full") - flops.model_flops_per_step(TINY, b, t, "frozen")
         assert diff == 2 * 90_624 * b * t  # 2 x (trained block params) x tokens
     cfg = LLAMA_CONFIGS["mora-250m"]
-    diff = benchmark.model_flops_per_step(cfg, 1, 256, "full") - benchmark.model_flops_per_step(cfg, 1, 256, "frozen")
+    diff = flops.model_flops_per_step(cfg, 1, 256, "full") - flops.model_flops_per_step(cfg, 1, 256, "frozen")
     block = 4 * 768 * 768 + 3 * 768 * 2560
     assert diff == 2 * 24 * block * 256
 
 
 def test_textbook_formula_without_dead_gradients():
     # skip_dead_input_grads=False: input gradient of every kernel, the brief's plain formula
-    plain = benchmark.model_flops_per_step(TINY, 2, 8, "frozen", skip_dead_input_grads=False)
+    plain = flops.model_flops_per_step(TINY, 2, 8, "frozen", skip_dead_input_grads=False)
     assert plain == 2 * 3_424_256 + 3 * 65_536 == 7_045_120  # forward + every input gradient + attention x3
     assert plain - FROZEN == 2 * 8192 * 16
 
@@ -62,8 +63,8 @@ def test_lora_flops_by_hand():
     # minus layer 0's q/k/v input gradient 2*k*r = 2*64*8 each
     adapter = 16 * (18_496 * 3 * 2 - 3 * 2 * 64 * 8)
     assert adapter == 1_726_464
-    assert benchmark.model_flops_per_step(TINY, 2, 8, "lora", 8) == FROZEN + adapter
-    plain = benchmark.model_flops_per_step(TINY, 2, 8, "lora", 8, skip_dead_input_grads=False)
+    assert flops.model_flops_per_step(TINY, 2, 8, "lora", 8) == FROZEN + adapter
+    plain = flops.model_flops_per_step(TINY, 2, 8, "lora", 8, skip_dead_input_grads=False)
     assert plain - (FROZEN + 2 * 8192 * 16) == 16 * 18_496 * 3 * 2 == 1_775_616
 
 
@@ -72,24 +73,24 @@ def test_mora_flops_by_hand():
     per_layer = 2 * (32**2 + 28**2 + 28**2 + 32**2 + 3 * 43**2)  # 18,326 per token
     adapter = 16 * (per_layer * 3 * 2 - 2 * (32**2 + 28**2 + 28**2))
     assert adapter == 1_676_352
-    assert benchmark.model_flops_per_step(TINY, 2, 8, "mora", 8, 1) == FROZEN + adapter
+    assert flops.model_flops_per_step(TINY, 2, 8, "mora", 8, 1) == FROZEN + adapter
     # type 6: even r_hat (mlp 42); every kernel needs 2 chunks (e.g. down: k=172 -> 5 chunks, but
     # only ceil(d/r_hat) = ceil(64/42) = 2 of them reach the 64 outputs)
-    assert benchmark.mora_chunks_used(172, 64, 42) == 2
-    assert benchmark.mora_chunks_used(64, 172, 42) == 2
-    assert benchmark.mora_chunks_used(4096, 11008, 346) == 12
+    assert flops.mora_chunks_used(172, 64, 42) == 2
+    assert flops.mora_chunks_used(64, 172, 42) == 2
+    assert flops.mora_chunks_used(4096, 11008, 346) == 12
     per_layer6 = 2 * 2 * (32**2 + 28**2 + 28**2 + 32**2 + 3 * 42**2)  # 35,632
     adapter6 = 16 * (per_layer6 * 3 * 2 - 2 * 2 * (32**2 + 28**2 + 28**2))
-    assert benchmark.model_flops_per_step(TINY, 2, 8, "mora", 8, 6) == FROZEN + adapter6
+    assert flops.model_flops_per_step(TINY, 2, 8, "mora", 8, 6) == FROZEN + adapter6
 
 
 def test_flops_errors():
     with pytest.raises(ValueError, match="method"):
-        benchmark.model_flops_per_step(TINY, 1, 1, "dora")
+        flops.model_flops_per_step(TINY, 1, 1, "dora")
     with pytest.raises(ValueError, match="rank"):
-        benchmark.model_flops_per_step(TINY, 1, 1, "lora")
+        flops.model_flops_per_step(TINY, 1, 1, "lora")
     with pytest.raises(ValueError, match="mora_type"):
-        benchmark.model_flops_per_step(TINY, 1, 1, "mora", 8)
+        flops.model_flops_per_step(TINY, 1, 1, "mora", 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,29 +110,29 @@ def _quick_config():
 
 @pytest.fixture(scope="module")
 def result():
-    return benchmark.run_benchmark(_quick_config(), log=lambda _: None)
+    return harness.run_benchmark(_quick_config(), log=lambda _: None)
 
 
 def test_harness_writes_the_schema(result, tmp_path):
-    path = benchmark.write_json(result, tmp_path / "results.json")
+    path = report.write_json(result, tmp_path / "results.json")
     data = json.loads(path.read_text())  # valid JSON, no NaN/inf
-    benchmark.validate_schema(data)
-    for key in benchmark.SCHEMA_TOP:
+    report.validate_schema(data)
+    for key in report.SCHEMA_TOP:
         assert key in data
     assert set(data["model"]) == {"name", "params", "batch", "seq_len"}
     assert set(data["merge"]) == {"step_s", "merge_s"}
     assert isinstance(data["device"], str) and data["dtype"] == "float32"
     assert data["model"] == {"name": "tiny", "params": data["model"]["params"], "batch": 2, "seq_len": 16}
     assert data["model"]["params"] == 123_712
-    methods = [(row["method"], row["r"], row["mora_type"]) for row in data["results"]]
-    assert methods == [("full", None, None), ("lora", 8, None), ("mora", 8, 1), ("mora", 8, 6),
+    rows = [(row["method"], row["r"], row["mora_type"]) for row in data["results"]]
+    assert rows == [("full", None, None), ("lora", 8, None), ("mora", 8, 1), ("mora", 8, 6),
                        ("lora", 16, None), ("mora", 16, 1), ("mora", 16, 6)]
     for row in data["results"]:
-        assert set(row) == set(benchmark.SCHEMA_ROW)
+        assert set(row) == set(report.SCHEMA_ROW)
         assert row["step_s"] > 0 and math.isfinite(row["step_s"])
         assert row["tokens_per_s"] == pytest.approx(32 / row["step_s"])
-        assert row["model_flops_per_step"] == benchmark.model_flops_per_step(
-            benchmark.LLAMA_CONFIGS["tiny"], 2, 16, row["method"], row["r"], row["mora_type"])
+        assert row["model_flops_per_step"] == flops.model_flops_per_step(
+            LLAMA_CONFIGS["tiny"], 2, 16, row["method"], row["r"], row["mora_type"])
         assert 0 < row["mfu"] < 1.5
         assert row["mfu"] == pytest.approx(row["model_flops_per_step"] / row["step_s"] / data["peak_matmul_flops"])
         assert row["peak_mem_bytes"] is None or row["peak_mem_bytes"] > 0
@@ -151,9 +152,9 @@ def test_harness_extras(result):
     assert dw["fill_s"] > 0 and [t["mora_type"] for t in dw["types"]] == [1, 6]
     assert all(t["delta_weight_s"] > 0 and t["ratio_to_fill"] > 0 for t in dw["types"])
     assert all(t["met"] in (True, False, None) for t in result["targets"].values())
-    text = benchmark.report(result)
+    text = report.report(result)
     assert "mora" in text and "merge" in text
-    assert benchmark.report(result, markdown=True).count("|") > 20
+    assert report.report(result, markdown=True).count("|") > 20
 
 
 def test_memory_is_measured_on_cpu(result):
@@ -168,7 +169,7 @@ def test_validate_schema_rejects_extra_row_keys(result):
     bad = json.loads(json.dumps(result))
     bad["results"][0]["extra"] = 1
     with pytest.raises(ValueError, match="row keys"):
-        benchmark.validate_schema(bad)
+        report.validate_schema(bad)
 
 
 def test_scaling_runs_and_writes_markdown_and_plot(tmp_path):
@@ -179,15 +180,15 @@ def test_scaling_runs_and_writes_markdown_and_plot(tmp_path):
     c.scaling.kernel_sizes = ((64, 128), (128, 256))
     c.scaling.steps, c.scaling.warmup, c.scaling.repeats = 1, 0, 1
     logged = []
-    scaling = benchmark.run_scaling(c, log=logged.append)
+    scaling = harness.run_scaling(c, log=logged.append)
     assert len(scaling["vs_seq_len"]) == 3 and len(scaling["vs_batch"]) == 3
     assert len(scaling["vs_rank"]) == 1 + 2 and len(scaling["vs_kernel_size"]) == 2
     assert sum(" seq " in line for line in logged) == 9  # each sweep times its own points, interleaved
     assert all(row["step_s"] > 0 for key in ("vs_seq_len", "vs_batch", "vs_rank") for row in scaling[key])
-    json.loads(benchmark.write_json(scaling, tmp_path / "s.json").read_text())
-    text = benchmark.scaling_markdown(scaling)
+    json.loads(report.write_json(scaling, tmp_path / "s.json").read_text())
+    text = report.scaling_markdown(scaling)
     assert "vs rank" in text and "| 128x256 |" in text and "vs batch" in text
-    png = benchmark.plot_scaling(scaling, tmp_path / "s.png")
+    png = report.plot_scaling(scaling, tmp_path / "s.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -203,7 +204,7 @@ def test_cli_peer_without_torch_names_the_pip_command(tmp_path):
          "--out", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=120,
         cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert proc.returncode != 0
-    assert benchmark_peer.PEER_INSTALL in proc.stderr
+    assert peer.PEER_INSTALL in proc.stderr
     assert not (tmp_path / "p.json").exists()
 
 
@@ -225,14 +226,14 @@ def test_peer_rows_with_hf_peft():
     pytest.importorskip("transformers")
     c = _quick_config()
     c.peer.steps, c.warmup = 1, 1
-    _, llama_config = benchmark.llama_config_from(c)
-    rows = benchmark_peer.run_peer(c, llama_config, 1e11, log=lambda _: None)
+    _, llama_config = methods.llama_config_from(c)
+    rows = peer.run_peer(c, llama_config, 1e11, log=lambda _: None)
     assert [(row["method"], row["r"], row["mora_type"]) for row in rows] == [
         ("full", None, None), ("lora", 8, None), ("mora", 8, 1), ("mora", 8, 6),
         ("lora", 16, None), ("mora", 16, 1), ("mora", 16, 6)]
     for row in rows:
         assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] > 0
-        assert row["model_flops_per_step"] == benchmark.model_flops_per_step(
+        assert row["model_flops_per_step"] == flops.model_flops_per_step(
             llama_config, 2, 16, row["method"], row["r"], row["mora_type"])
 
 
@@ -249,7 +250,7 @@ def test_torch_mora_layer_is_the_same_method(mora_type, k, d, r):
     from mora_jax import ops
 
     base = torch.nn.Linear(k, d, bias=False)
-    layer = benchmark_peer.torch_mora_linear_class()(base, r, mora_type)
+    layer = peer.torch_mora_linear_class()(base, r, mora_type)
     rng = np.random.default_rng(0)
     m = rng.standard_normal((layer.r_hat, layer.r_hat)).astype(np.float32)
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
@@ -266,12 +267,12 @@ def test_torch_mora_layer_is_the_same_method(mora_type, k, d, r):
 def test_add_torch_mora_trains_only_m():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    _, llama_config = benchmark.llama_config_from(_quick_config())
+    _, llama_config = methods.llama_config_from(_quick_config())
     hf = llama_config.to_hf_dict()
     hf.pop("architectures", None)
     hf.pop("model_type", None)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
-    wrapped = benchmark_peer.add_torch_mora(model, 8, 6)
+    wrapped = peer.add_torch_mora(model, 8, 6)
     assert wrapped == 7 * llama_config.num_hidden_layers
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".m") for n in trainable)
@@ -285,14 +286,14 @@ def test_peer_comparison_and_its_targets(result):
     peer_row = {"framework": "torch", "step_s": 1.0, "mfu": 0.5, "torch_peak_matmul_flops": 1e11, "mfu_vs_torch_peak": 0.5}
     fake["peer"] = [{**peer_row, "method": "lora", "r": 8, "mora_type": None, "tokens_per_s": 10.0},
                     {**peer_row, "method": "mora", "r": 8, "mora_type": 6, "tokens_per_s": 1e12}]
-    fake["peer_comparison"] = benchmark_peer.peer_comparison(fake)
+    fake["peer_comparison"] = peer.peer_comparison(fake)
     ours = {(r["method"], r["r"], r["mora_type"]): r["tokens_per_s"] for r in fake["results"]}
     assert [(c["method"], c["r"], c["mora_type"]) for c in fake["peer_comparison"]] == [("lora", 8, None), ("mora", 8, 6)]
     assert fake["peer_comparison"][0]["speedup"] == pytest.approx(ours["lora", 8, None] / 10.0)
-    targets = benchmark.check_targets(fake)
+    targets = harness.check_targets(fake)
     assert targets["f: lora_r8 tokens/s / PyTorch's"]["met"] is (ours["lora", 8, None] / 10.0 >= 1.2)
     assert targets["f: mora6_r8 tokens/s / PyTorch's"]["met"] is False
-    assert "speed-up" in benchmark.report(fake)
+    assert "speed-up" in report.report(fake)
 
 
 def test_xla_tuning_ablation_is_reported(result):
@@ -301,7 +302,7 @@ def test_xla_tuning_ablation_is_reported(result):
     assert [row["label"] for row in tuning["ablation"]] == ["lora r=8", "mora1 r=8", "mora6 r=8"]
     for row in tuning["ablation"]:
         assert row["step_s_untuned"] > 0 and row["tuned_over_untuned"] == pytest.approx(row["step_s_tuned"] / row["step_s_untuned"])
-    assert "XLA tuning" in benchmark.report(result)
+    assert "XLA tuning" in report.report(result)
 
 
 def test_accelerator_config_runs_in_bfloat16_on_a_shrunk_model():
@@ -317,8 +318,8 @@ def test_accelerator_config_runs_in_bfloat16_on_a_shrunk_model():
     c.matmul_size, c.matmul_chain, c.matmul_repeats = 256, 2, 1
     c.xla_tuning_ablation = False
     c.delta_weight.enabled = False
-    result = benchmark.run_benchmark(c, log=lambda _: None)
-    benchmark.validate_schema(json.loads(json.dumps(result)))
+    result = harness.run_benchmark(c, log=lambda _: None)
+    report.validate_schema(json.loads(json.dumps(result)))
     assert result["dtype"] == "bfloat16"
     assert [(r["method"], r["r"]) for r in result["results"]][:2] == [("full", None), ("lora", 8)]
     assert {r["r"] for r in result["results"] if r["r"]} == {8, 256}

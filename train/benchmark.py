@@ -1,4 +1,4 @@
-"""Entry point: benchmark MoRA vs LoRA vs full fine-tuning on this device (see mora_jax.benchmark).
+"""Entry point: benchmark MoRA vs LoRA vs full fine-tuning on this device (see mora_jax.bench.harness).
 
     python -m train.benchmark --config configs/bench_tiny.py --out results.json
     python -m train.benchmark --config configs/bench_250m.py --out benchmarks/cpu_250m.json
@@ -19,6 +19,7 @@ JSON schema (extra keys such as "ratios", "details", "delta_weight", "targets", 
 
 from __future__ import annotations
 
+import pathlib
 import sys
 
 from absl import app, flags
@@ -32,36 +33,36 @@ _PEER = flags.DEFINE_bool("peer", False, "also time the same model in PyTorch: f
 
 def main(argv):
     del argv
-    from mora_jax import benchmark, benchmark_peer
+    from mora_jax.bench import harness, methods, peer, report
 
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/bench_tiny.py")
-    out = benchmark.pathlib.Path(_OUT.value)
+    out = pathlib.Path(_OUT.value)
     if _PEER.value:  # fail before spending minutes on the JAX side
         try:
-            benchmark_peer.import_peer()
-        except benchmark_peer.PeerUnavailable as e:
+            peer.import_peer()
+        except peer.PeerUnavailable as e:
             sys.exit(str(e))
     if _SCALING.value:
-        result = benchmark.run_scaling(config)
-        benchmark.write_json(result, out)
-        text = benchmark.scaling_markdown(result)
+        result = harness.run_scaling(config)
+        report.write_json(result, out)
+        text = report.scaling_markdown(result)
         out.with_suffix(".md").write_text(text + "\n")
-        benchmark.plot_scaling(result, out.with_suffix(".png"))
+        report.plot_scaling(result, out.with_suffix(".png"))
         print(text)
         print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
         return
-    result = benchmark.run_benchmark(config)
+    result = harness.run_benchmark(config)
     if _PEER.value:
-        _, llama_config = benchmark.llama_config_from(config)
-        result["peer"] = benchmark_peer.run_peer(config, llama_config, result["peak_matmul_flops"])
-        result["peer_comparison"] = benchmark_peer.peer_comparison(result)
-        result["targets"] = benchmark.check_targets(result)
-    benchmark.validate_schema(result)
-    benchmark.write_json(result, out)
-    out.with_suffix(".md").write_text(benchmark.report(result, markdown=True) + "\n")
-    print(benchmark.report(result))
+        _, llama_config = methods.llama_config_from(config)
+        result["peer"] = peer.run_peer(config, llama_config, result["peak_matmul_flops"])
+        result["peer_comparison"] = peer.peer_comparison(result)
+        result["targets"] = harness.check_targets(result)
+    report.validate_schema(result)
+    report.write_json(result, out)
+    out.with_suffix(".md").write_text(report.report(result, markdown=True) + "\n")
+    print(report.report(result))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

@@ -1,4 +1,4 @@
-"""Entry point: profile one method's training step, fusion by fusion (see mora_jax.step_profile).
+"""Entry point: profile one method's training step, fusion by fusion (see mora_jax.bench.profile).
 
     python -m train.profile_step --config configs/bench_250m.py --config.num_layers=4 --method "mora1 r=8"
     python -m train.profile_step --config configs/bench_250m.py --method "lora r=8" --untuned --out lora.md
@@ -23,7 +23,7 @@ _OUT = flags.DEFINE_string("out", "", "also write the markdown table here")
 
 
 def parse_method(label: str):
-    from mora_jax.benchmark import MethodSpec
+    from mora_jax.bench.methods import MethodSpec
 
     m = re.fullmatch(r"\s*(full|lora r=(\d+)|mora([12346]) r=(\d+))\s*", label)
     if not m:
@@ -39,22 +39,22 @@ def main(argv):
     del argv
     import jax
 
-    from mora_jax import benchmark, step_profile
+    from mora_jax.bench import methods, profile, runners
     from mora_jax.models.llama import LlamaForCausalLM, init_params
 
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/bench_250m.py")
     spec = parse_method(_METHOD.value)
-    name, llama_config = benchmark.llama_config_from(config)
+    name, llama_config = methods.llama_config_from(config)
     model = LlamaForCausalLM(llama_config)
     params = init_params(llama_config, jax.random.key(int(config.seed)))
-    batch = benchmark.make_batch(llama_config, int(config.batch), int(config.seq_len), int(config.seed))
-    runner = benchmark.StepRunner(spec, model, params, batch, seed=int(config.seed), tuned=not _UNTUNED.value)
+    batch = methods.make_batch(llama_config, int(config.batch), int(config.seq_len), int(config.seed))
+    runner = runners.StepRunner(spec, model, params, batch, seed=int(config.seed), tuned=not _UNTUNED.value)
     runner.step(record=False)
-    profile = step_profile.profile_step(runner, _STEPS.value)
+    result = profile.profile_step(runner, _STEPS.value)
     text = (f"{spec.label} on {name}, batch {config.batch} x {config.seq_len}, "
-            f"compiler options {runner.compiler_options}\n\n" + step_profile.profile_markdown(profile, _TOP.value))
+            f"compiler options {runner.compiler_options}\n\n" + profile.profile_markdown(result, _TOP.value))
     print(text)
     if _OUT.value:
         with open(_OUT.value, "w") as f:

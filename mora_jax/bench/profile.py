@@ -1,7 +1,7 @@
 """Where a compiled training step spends its time: a ``jax.profiler`` trace joined with the HLO.
 
 XLA:CPU records one trace event per executed fusion; the compiled HLO says what each fusion
-computes. :func:`profile_step` runs a :class:`mora_jax.benchmark.StepRunner` under the profiler and
+computes. :func:`profile_step` runs a :class:`mora_jax.bench.runners.StepRunner` under the profiler and
 returns one row per fusion group (kind, output shape, the op it came from, forward or backward),
 with its time per step and, for fusions that contain dots, the FLOPs and the rate they ran at.
 ``python -m train.profile_step`` prints the table; ``benchmarks/README.md`` quotes it.

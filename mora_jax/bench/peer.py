@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mora_jax import ops
-from mora_jax.benchmark import MethodSpec, method_specs, model_flops_per_step
+from mora_jax.bench.flops import model_flops_per_step
+from mora_jax.bench.methods import LORA_ALPHA, MethodSpec, method_specs
 from mora_jax.models.llama import LlamaConfig
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -162,7 +163,7 @@ def run_peer(config, llama_config: LlamaConfig, peak_flops: float, *, log: Calla
         model.train()
         framework = f"torch {torch.__version__} + transformers {transformers.__version__}"
         if spec.method == "lora":
-            lora = peft.LoraConfig(r=spec.r, lora_alpha=16, lora_dropout=0.0, bias="none",
+            lora = peft.LoraConfig(r=spec.r, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
                                    target_modules=list(LLAMA_PROJECTIONS))
             model = peft.get_peft_model(model, lora)
             framework += f" + peft {peft.__version__}"

@@ -1,0 +1,329 @@
+"""The benchmark: step time, model FLOPs utilisation, memory and merge cost of MoRA vs LoRA vs full.
+
+One process, one device, one model, one batch shape: the training step that the loop runs
+(:func:`mora_jax.steps.build_steps`, see :class:`mora_jax.bench.runners.StepRunner`) is compiled
+ahead of time for
+
+* full fine-tuning of the seven projections of every block,
+* LoRA at ``r_small`` and ``r_large``,
+* MoRA of each type in ``mora_types`` (default 1 and 6) at ``r_small`` and ``r_large``,
+
+then every step is timed with ``block_until_ready`` (compile excluded; ``warmup`` untimed steps
+first; the timed steps of all methods are interleaved round-robin so that background load hits
+every method alike; the median is reported). A ReMoRA merge of the whole model (the same
+builder's merge, with the state and its frozen weights donated) is timed the same way.
+
+Alongside: the device's practical dense-matmul peak for the same dtype (a chain of large jitted
+matmuls, best of several runs), the analytic model FLOPs of each method
+(:func:`mora_jax.bench.flops.model_flops_per_step`) and so the MFU, the compiled step's memory
+(:func:`mora_jax.bench.runners.peak_memory_bytes`) and a ``delta_weight`` micro-benchmark against
+the time to write an output of the same size. :func:`run_scaling` sweeps tokens, rank and kernel
+size. :mod:`mora_jax.bench.report` renders the results.
+
+Entry point: ``python -m train.benchmark --config configs/bench_tiny.py --out results.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mora_jax import adapters as adapters_lib
+from mora_jax import ops, xla_tuning
+from mora_jax.bench.flops import flop_breakdown, model_flops_per_step
+from mora_jax.bench.methods import MethodSpec, llama_config_from, make_batch, method_specs
+from mora_jax.bench.runners import (MatmulRunner, MergeRunner, StepRunner, device_description, measure_peak_matmul,
+                                    memory_stats, peak_memory_bytes, run_interleaved, time_calls, xla_flops)
+from mora_jax.models.llama import LlamaForCausalLM, count_params, init_params
+
+
+def delta_weight_benchmark(in_features: int, out_features: int, r: int, mora_types: Iterable[int], *,
+                           repeats: int = 5, seed: int = 0) -> dict:
+    """``delta_weight`` (float32 ``k × d``) of each type versus writing an output of the same size.
+
+    Baselines: ``fill`` (``jnp.full((k, d), s)``: write only) and ``copy`` (``x + 1``: read and
+    write). ``ratio_to_fill`` = median ``delta_weight`` time / median fill time (1 = as fast as
+    writing the output). Also ``merge_s``: ``K + ΔK`` into a donated ``K`` (one kernel's merge).
+    """
+    k, d = int(in_features), int(out_features)
+    out: dict[str, Any] = {"in_features": k, "out_features": d, "r": int(r), "bytes": 4 * k * d}
+    fill = jax.jit(lambda s: jnp.full((k, d), s, jnp.float32)).lower(jnp.float32(1.0)).compile()
+    out["fill_s"] = statistics.median(time_calls(lambda: fill(jnp.float32(1.0)), repeats=repeats))
+    x = jnp.ones((k, d), jnp.float32)
+    copy = jax.jit(lambda x: x + 1.0).lower(x).compile()
+    out["copy_s"] = statistics.median(time_calls(lambda: copy(x), repeats=repeats))
+    rows = []
+    for t in mora_types:
+        r_hat = ops.rank_hat(k, d, r, t)
+        m = jax.random.normal(jax.random.key(seed), (r_hat, r_hat), jnp.float32) * 0.01
+        fn = jax.jit(functools.partial(ops.delta_weight, in_features=k, out_features=d, mora_type=t))
+        compiled = fn.lower(m).compile()
+        dw = statistics.median(time_calls(lambda: compiled(m), repeats=repeats))
+        merge_fn = jax.jit(lambda K, m, t=t: ops.merge_into(K, m, in_features=k, out_features=d, mora_type=t),
+                           donate_argnums=0)
+        kernel = [jnp.zeros((k, d), jnp.float32)]
+        merge_compiled = merge_fn.lower(kernel[0], m).compile()
+
+        def merge_once():
+            kernel[0] = merge_compiled(kernel[0], m)
+            return kernel[0]
+
+        merge_s = statistics.median(time_calls(merge_once, repeats=repeats))
+        rows.append({"mora_type": int(t), "r_hat": r_hat, "delta_weight_s": dw, "ratio_to_fill": dw / out["fill_s"],
+                     "ratio_to_copy": dw / out["copy_s"], "merge_s": merge_s,
+                     "merge_ratio_to_copy": merge_s / out["copy_s"]})
+        del kernel
+    out["types"] = rows
+    return out
+
+def _median(times: Sequence[float]) -> float:
+    return float(statistics.median(times))
+
+
+def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
+    """Run the whole benchmark described by ``config`` (see ``configs/bench_*.py``); returns the
+    result dict (the JSON schema in the module docstring of ``train/benchmark.py``)."""
+    name, llama_config = llama_config_from(config)
+    model = LlamaForCausalLM(llama_config)
+    batch_size, seq_len = int(config.batch), int(config.seq_len)
+    tokens = batch_size * seq_len
+    r_values = tuple(dict.fromkeys((int(config.r_small), int(config.r_large))))
+    mora_types = tuple(int(t) for t in config.mora_types)
+    log(f"device: {device_description()}; model {name}, batch {batch_size} x seq {seq_len}, {config.dtype}")
+
+    peak = measure_peak_matmul(config.dtype, size=int(config.matmul_size), chain=int(config.matmul_chain),
+                               repeats=int(config.matmul_repeats))
+    log(f"peak matmul ({config.matmul_size}^3 x{config.matmul_chain}, {config.dtype}): {peak['flops'] / 1e9:.1f} GFLOP/s")
+
+    params = init_params(llama_config, jax.random.key(int(config.seed)))
+    layout = None
+    if llama_config.scan_layers:
+        layout = adapters_lib.dense_layout(model, jnp.zeros((1, 8), jnp.int32))
+    n_params = count_params(params)
+    batch = make_batch(llama_config, batch_size, seq_len, int(config.seed))
+
+    specs = method_specs(r_values, mora_types)
+    runners = []
+    for spec in specs:
+        runner = StepRunner(spec, model, params, batch, seed=int(config.seed), lr=float(config.lr), layout=layout)
+        log(f"compiled {spec.label:<14} in {runner.compile_s:6.1f} s")
+        runners.append(runner)
+    # Ablation: the small-rank adapter steps compiled without mora_jax.xla_tuning's options.
+    untuned = []
+    if config.get("xla_tuning_ablation", False) and xla_tuning.train_step_compiler_options() is not None:
+        for spec in specs:
+            if spec.method != "full" and spec.r == int(config.r_small):
+                untuned.append(StepRunner(spec, model, params, batch, seed=int(config.seed), lr=float(config.lr),
+                                          layout=layout, tuned=False))
+                log(f"compiled {spec.label:<14} without XLA tuning in {untuned[-1].compile_s:6.1f} s")
+    merge_spec = MethodSpec("mora", int(config.merge_r or config.r_large), int(config.merge_type))
+    merger = MergeRunner(merge_spec, params, seed=int(config.seed), layout=layout)
+    log(f"compiled merge ({merge_spec.label}) in {merger.compile_s:6.1f} s")
+
+    # The matmul chain also runs once per round, so the peak is measured under the same load as the steps.
+    matmul = MatmulRunner(config.dtype, size=int(config.matmul_size), chain=int(config.matmul_chain))
+    run_interleaved([*runners, *untuned, merger, matmul], int(config.steps), int(config.warmup), bool(config.get("interleave", True)))
+    peak["flops_interleaved"] = matmul.flops
+    peak["flops_before"] = peak["flops"]
+    peak["flops"] = max(peak["flops"], matmul.flops)
+    log(f"peak matmul, best over the run: {peak['flops'] / 1e9:.1f} GFLOP/s")
+
+    results, details = [], []
+    for runner in runners:
+        spec = runner.spec
+        step_s = _median(runner.times)
+        flops = model_flops_per_step(llama_config, batch_size, seq_len, spec.method, spec.r, spec.mora_type)
+        results.append({
+            "method": spec.method, "r": spec.r, "mora_type": spec.mora_type, "step_s": step_s,
+            "tokens_per_s": tokens / step_s, "model_flops_per_step": flops,
+            "mfu": flops / step_s / peak["flops"], "peak_mem_bytes": peak_memory_bytes(runner.compiled),
+        })
+        details.append({
+            "label": spec.label, "step_s_min": min(runner.times), "step_s_all": runner.times,
+            "compile_s": runner.compile_s, "trainable_params": runner.trainable_params,
+            "xla_flops": xla_flops(runner.compiled), "memory": memory_stats(runner.compiled),
+            "flops": flop_breakdown(llama_config, batch_size, seq_len, spec.method, spec.r, spec.mora_type),
+            "loss": float(runner.last_loss),
+        })
+    step_for_merge = next(row["step_s"] for row in results
+                          if row["method"] == "mora" and row["r"] == merge_spec.r and row["mora_type"] == merge_spec.mora_type)
+    merge_s = _median(merger.times)
+    merge = {"step_s": step_for_merge, "merge_s": merge_s}
+    merge_details = {"method": "mora", "r": merge_spec.r, "mora_type": merge_spec.mora_type,
+                     "merge_s_all": merger.times, "compile_s": merger.compile_s,
+                     "peak_mem_bytes": peak_memory_bytes(merger.compiled), "memory": memory_stats(merger.compiled),
+                     "kernels": sum(math.prod(a.m.shape[:-2]) for a in adapters_lib.flatten(merger.state.adapters).values()),
+                     "merge_over_step": merge_s / step_for_merge}
+    tuned_step = {runner.spec: _median(runner.times) for runner in runners}
+    tuning = {"compiler_options": xla_tuning.train_step_compiler_options(), "ablation": [
+        {"label": r.spec.label, "method": r.spec.method, "r": r.spec.r, "mora_type": r.spec.mora_type,
+         "step_s_tuned": tuned_step[r.spec], "step_s_untuned": _median(r.times),
+         "tuned_over_untuned": tuned_step[r.spec] / _median(r.times), "step_s_untuned_all": r.times}
+        for r in untuned]}
+    for runner in [*runners, *untuned, merger, matmul]:
+        runner.release()
+
+    out = {
+        "device": device_description(),
+        "dtype": str(jnp.dtype(config.dtype).name),
+        "peak_matmul_flops": float(peak["flops"]),
+        "model": {"name": name, "params": int(n_params), "batch": batch_size, "seq_len": seq_len},
+        "results": results,
+        "merge": merge,
+        "ratios": ratios(results),
+        "details": details,
+        "merge_details": merge_details,
+        "peak_matmul": peak,
+        "xla_tuning": tuning,
+        "settings": {"steps": int(config.steps), "warmup": int(config.warmup),
+                     "interleave": bool(config.get("interleave", True)), "jax": jax.__version__,
+                     "peak_mem_bytes": "argument + output - alias + temp of compiled.memory_analysis()",
+                     "xla_flops": "compiled.cost_analysis()['flops'] (matmuls and elementwise); with scan_layers "
+                                  "XLA counts the scanned layer body once"},
+    }
+    dw = config.get("delta_weight")
+    if dw is not None and dw.get("enabled", True):
+        out["delta_weight"] = delta_weight_benchmark(int(dw.in_features), int(dw.out_features), int(dw.r),
+                                                     tuple(dw.mora_types), repeats=int(dw.repeats))
+        log("delta_weight " + ", ".join(
+            f"type {row['mora_type']}: {row['delta_weight_s'] * 1e3:.1f} ms ({row['ratio_to_fill']:.2f}x fill)"
+            for row in out["delta_weight"]["types"]) + f"; fill {out['delta_weight']['fill_s'] * 1e3:.1f} ms")
+    out["targets"] = check_targets(out)
+    return out
+
+
+def ratios(results: Sequence[Mapping]) -> dict:
+    """Step-time and memory ratios: ``mora{t}_r{r}/lora_r{r}`` and ``mora{t}_r{r}/full``, ``lora_r{r}/full``."""
+    full = next((row for row in results if row["method"] == "full"), None)
+    lora = {row["r"]: row for row in results if row["method"] == "lora"}
+    out: dict[str, dict] = {"step": {}, "memory": {}}
+
+    def add(name, a, b):
+        out["step"][name] = a["step_s"] / b["step_s"]
+        if a["peak_mem_bytes"] and b["peak_mem_bytes"]:
+            out["memory"][name] = a["peak_mem_bytes"] / b["peak_mem_bytes"]
+
+    for row in results:
+        if row["method"] == "mora":
+            tag = f"mora{row['mora_type']}_r{row['r']}"
+            if row["r"] in lora:
+                add(f"{tag}/lora_r{row['r']}", row, lora[row["r"]])
+            if full is not None:
+                add(f"{tag}/full", row, full)
+        elif row["method"] == "lora" and full is not None:
+            add(f"lora_r{row['r']}/full", row, full)
+    return out
+
+
+def check_targets(result: Mapping) -> dict:
+    """The performance targets of the benchmark issue, each ``{"value", "limit", "met"}``."""
+    rows = result["results"]
+    full = next(row for row in rows if row["method"] == "full")
+    lora = {row["r"]: row for row in rows if row["method"] == "lora"}
+    targets: dict[str, dict] = {}
+
+    def put(name, value, limit, le=True):
+        if value is None:
+            targets[name] = {"value": None, "limit": limit, "met": None}
+        else:
+            targets[name] = {"value": value, "limit": limit, "met": bool(value <= limit if le else value >= limit)}
+
+    for row in rows:
+        if row["method"] != "mora":
+            continue
+        tag = f"mora{row['mora_type']}_r{row['r']}"
+        put(f"a: {tag} step / lora step", row["step_s"] / lora[row["r"]]["step_s"], 1.05)
+        put(f"b: {tag} step / full step", row["step_s"] / full["step_s"], 0.70)
+        put(f"c: {tag} mfu", row["mfu"], 0.70, le=False)
+        mem = (row["peak_mem_bytes"] / full["peak_mem_bytes"]
+               if row["peak_mem_bytes"] and full["peak_mem_bytes"] else None)
+        put(f"d: {tag} memory / full memory", mem, 0.45)
+    put("e: merge / step", result["merge"]["merge_s"] / result["merge"]["step_s"], 0.5)
+    if "delta_weight" in result:
+        for row in result["delta_weight"]["types"]:
+            put(f"e: delta_weight type {row['mora_type']} / output write", row["ratio_to_fill"], 2.0)
+    for row in result.get("peer_comparison", []):
+        tag = "full" if row["method"] == "full" else (
+            f"lora_r{row['r']}" if row["method"] == "lora" else f"mora{row['mora_type']}_r{row['r']}")
+        put(f"f: {tag} tokens/s / PyTorch's", row["speedup"], 1.2, le=False)
+    return targets
+
+def _row(point: Mapping, llama_config, batch_size: int, seq_len: int, peak_flops: float) -> dict:
+    spec = point["spec"]
+    step_s = _median(point["times"])
+    flops = model_flops_per_step(llama_config, batch_size, seq_len, spec.method, spec.r, spec.mora_type)
+    return {"method": spec.method, "r": spec.r, "mora_type": spec.mora_type, "batch": batch_size,
+            "seq_len": seq_len, "tokens": batch_size * seq_len, "step_s": step_s, "step_s_min": min(point["times"]),
+            "tokens_per_s": batch_size * seq_len / step_s, "model_flops_per_step": flops,
+            "mfu": flops / step_s / peak_flops, "peak_mem_bytes": point["peak_mem_bytes"]}
+
+
+def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
+    """Step time versus tokens (sequence length, batch) and rank, and merge time versus kernel size.
+
+    Each sweep compiles all its points first and then times them interleaved round-robin (with the
+    matmul peak in the rotation), like :func:`run_benchmark`, so the ratios within a sweep are
+    measured under the same load; a point shared by several sweeps (the base batch x seq_len at
+    r_small) is timed again in each.
+    """
+    sc = config.scaling
+    name, llama_config = llama_config_from(config)
+    model = LlamaForCausalLM(llama_config)
+    seed, lr = int(config.seed), float(config.lr)
+    steps, warmup = int(sc.steps), int(sc.warmup)
+    params = init_params(llama_config, jax.random.key(seed))
+    layout = adapters_lib.dense_layout(model, jnp.zeros((1, 8), jnp.int32)) if llama_config.scan_layers else None
+    matmul = MatmulRunner(config.dtype, size=int(config.matmul_size), chain=int(config.matmul_chain))
+    token_specs = [MethodSpec("full"), MethodSpec("lora", int(config.r_small)),
+                   *(MethodSpec("mora", int(config.r_small), int(t)) for t in config.mora_types)]
+    base_b, base_t = int(config.batch), int(config.seq_len)
+    def sweep(title, points):
+        log(title)
+        done: dict = {}  # (spec, batch, seq_len) -> {"spec", "times", "peak_mem_bytes"}
+        runners = []
+        for spec, b, t in points:
+            if (spec, b, t) in done:
+                continue
+            runner = StepRunner(spec, model, params, make_batch(llama_config, b, t, seed), seed=seed, lr=lr, layout=layout)
+            runner.point = (b, t)
+            runners.append(runner)
+        run_interleaved([*runners, matmul], steps, warmup)
+        for runner in runners:
+            done[(runner.spec, *runner.point)] = {"spec": runner.spec, "times": runner.times,
+                                                  "peak_mem_bytes": peak_memory_bytes(runner.compiled)}
+            log(f"  {runner.spec.label:<14} batch {runner.point[0]:>3} seq {runner.point[1]:>5}: "
+                f"{_median(runner.times):.4f} s")
+            runner.release()
+        return [(done[spec, b, t], b, t) for spec, b, t in points]
+
+    raw_seq = sweep("step time vs sequence length", [(s, base_b, int(t)) for t in sc.seq_lens for s in token_specs])
+    raw_batch = sweep("step time vs batch", [(s, int(b), base_t) for b in sc.batches for s in token_specs])
+    rank_points = [(MethodSpec("full"), base_b, base_t)]
+    for r in sc.ranks:
+        rank_points.append((MethodSpec("lora", int(r)), base_b, base_t))
+        rank_points += [(MethodSpec("mora", int(r), int(t)), base_b, base_t) for t in config.mora_types]
+    raw_rank = sweep("step time vs rank", rank_points)
+    peak_flops = matmul.flops
+    log(f"matmul peak (best, interleaved): {peak_flops / 1e9:.1f} GFLOP/s")
+    vs_seq, vs_batch, vs_rank = ([_row(point, llama_config, b, t, peak_flops) for point, b, t in raw]
+                                 for raw in (raw_seq, raw_batch, raw_rank))
+    log("delta_weight vs kernel size")
+    vs_kernel = []
+    for k, d in sc.kernel_sizes:
+        row = delta_weight_benchmark(int(k), int(d), int(sc.merge_r), tuple(config.mora_types), repeats=int(sc.repeats))
+        vs_kernel.append(row)
+        log(f"  {k}x{d}: fill {row['fill_s'] * 1e3:.2f} ms; " + ", ".join(
+            f"type {x['mora_type']} {x['delta_weight_s'] * 1e3:.2f} ms ({x['ratio_to_fill']:.2f}x)" for x in row["types"]))
+    return {"device": device_description(), "dtype": jnp.dtype(config.dtype).name,
+            "peak_matmul_flops": peak_flops,
+            "model": {"name": name, "params": count_params(params), "batch": base_b, "seq_len": base_t},
+            "settings": {"steps": steps, "warmup": warmup, "jax": jax.__version__, "interleaved": True},
+            "vs_seq_len": vs_seq, "vs_batch": vs_batch, "vs_rank": vs_rank, "vs_kernel_size": vs_kernel}
+
+
+__all__ = ["check_targets", "delta_weight_benchmark", "ratios", "run_benchmark", "run_scaling"]

@@ -1,0 +1,260 @@
+"""Runners and timing: each method's compiled step, the ReMoRA merge and the matmul peak, timed call by call.
+
+A runner compiles its program ahead of time (``compile_s``), and ``step()`` runs it once, waits for
+the result with ``block_until_ready`` and records the wall time in ``times``;
+:func:`run_interleaved` times several runners round-robin so that background load hits them alike.
+Beside them: the compiled programs' memory (:func:`peak_memory_bytes`) and XLA FLOPs, the
+device's practical matmul peak (:func:`measure_peak_matmul`, :class:`MatmulRunner`) and a one-line
+description of the device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mora_jax import adapters as adapters_lib
+from mora_jax import optim, remora, training, xla_tuning
+from mora_jax.bench.methods import MethodSpec
+
+
+def peak_memory_bytes(compiled) -> int | None:
+    """Static peak memory of a compiled executable from XLA's buffer assignment, or None.
+
+    ``argument + output − alias + temp`` of ``compiled.memory_analysis()``: every input buffer
+    (frozen weights, trainables, optimizer state, batch), every output buffer not written in place
+    over a donated input, and the temporaries of the step (activations kept for the backward pass,
+    gradients, optimizer intermediates). It is what one call needs live on the device at once;
+    it excludes the allocator's overhead, the generated code and arrays the caller holds besides.
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not implemented on some backends
+        return None
+    if stats is None:
+        return None
+    try:
+        total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                 + stats.temp_size_in_bytes)
+    except AttributeError:
+        return None
+    return int(total)
+
+
+def memory_stats(compiled) -> dict | None:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if stats is None:
+        return None
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+    return {k.replace("_size_in_bytes", "_bytes"): int(getattr(stats, k, 0)) for k in keys}
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs XLA's cost analysis counts for a compiled executable (matmuls and elementwise), or None."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn`` (each waited on with ``block_until_ready``)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_peak_matmul(dtype="float32", *, size: int = 2048, chain: int = 4, repeats: int = 5) -> dict:
+    """The device's practical dense-matmul throughput for ``dtype``: a jitted chain of ``chain``
+    ``size × size`` matmuls, best of ``repeats`` runs. Returns ``{"flops": FLOP/s, ...}``."""
+    dtype = jnp.dtype(dtype)
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (size, size), jnp.float32).astype(dtype)
+    b = (jax.random.normal(key_b, (size, size), jnp.float32) / math.sqrt(size)).astype(dtype)
+
+    @jax.jit
+    def chained(a, b):
+        x = a
+        for _ in range(chain):
+            x = x @ b
+        return x
+
+    compiled = chained.lower(a, b).compile()
+    times = time_calls(lambda: compiled(a, b), repeats=repeats, warmup=1)
+    flops = chain * 2.0 * size ** 3
+    return {"flops": flops / min(times), "size": size, "chain": chain, "best_s": min(times),
+            "median_s": statistics.median(times)}
+
+
+class MatmulRunner:
+    """The peak-matmul chain as a runner, so that it can be timed interleaved with the steps (under
+    the same background load); ``flops`` is the best throughput seen."""
+
+    def __init__(self, dtype="float32", *, size: int = 2048, chain: int = 4):
+        dtype = jnp.dtype(dtype)
+        key_a, key_b = jax.random.split(jax.random.key(0))
+        self.a = jax.random.normal(key_a, (size, size), jnp.float32).astype(dtype)
+        self.b = (jax.random.normal(key_b, (size, size), jnp.float32) / math.sqrt(size)).astype(dtype)
+
+        def chained(a, b):
+            x = a
+            for _ in range(chain):
+                x = x @ b
+            return x
+
+        self.compiled = jax.jit(chained).lower(self.a, self.b).compile()
+        self.work = chain * 2.0 * size ** 3
+        self.times: list[float] = []
+
+    def step(self, record: bool = True) -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(self.compiled(self.a, self.b))
+        dt = time.perf_counter() - t0
+        if record:
+            self.times.append(dt)
+        return dt
+
+    @property
+    def flops(self) -> float:
+        return self.work / min(self.times)
+
+    def release(self):
+        self.a = self.b = self.compiled = None
+
+
+def device_description() -> str:
+    device = jax.devices()[0]
+    text = f"{device.platform}:{device.device_kind}"
+    if device.platform == "cpu":
+        cpu = platform.processor() or ""
+        try:
+            for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        text += f" ({cpu}, {os.cpu_count()} cores)".replace("(, ", "(")
+    return text
+
+def _without_frozen(out):
+    new_state, metrics = out
+    return new_state.replace(frozen=None), metrics
+
+
+class StepRunner:
+    """One method's compiled training step and its state, as :func:`mora_jax.loop.run` jits it:
+    ``jit(step, donate_argnums=1)(frozen, state_without_frozen, batch)`` (frozen weights pass
+    through untouched; trainables and optimizer state are updated in place)."""
+
+    def __init__(self, spec: MethodSpec, model, params, batch, *, seed: int = 0, lr: float = 1e-4,
+                 layout=None, step_config: training.StepConfig = training.StepConfig(), tuned: bool = True):
+        """``tuned``: compile with :func:`mora_jax.xla_tuning.train_step_compiler_options`, as the loop does."""
+        self.spec = spec
+        self.compiler_options = xla_tuning.train_step_compiler_options() if tuned else None
+        adapter_config = spec.adapter_config()
+        rng = jax.random.key(seed)
+        adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
+        self.tx = optim.adamw(lr, clip_norm=None)  # clipping is global over both groups, in the step
+        state = training.create_train_state(params, adapters, adapter_config, self.tx, jax.random.fold_in(rng, 2))
+        self.trainable_params = adapters_lib.count_params(state.trainables)
+        schedule = optax.constant_schedule(lr)
+        tx = self.tx
+        jitted = jax.jit(
+            lambda frozen, rest, b: _without_frozen(training.train_step(
+                rest.replace(frozen=frozen), b, model=model, tx=tx, schedule=schedule, step_config=step_config)),
+            donate_argnums=1, compiler_options=self.compiler_options)
+        self.frozen = state.frozen
+        self.rest = state.replace(frozen=None)
+        self.batch = batch
+        t0 = time.perf_counter()
+        self.compiled = jitted.lower(self.frozen, self.rest, batch).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.times: list[float] = []
+
+    def step(self, record: bool = True) -> float:
+        t0 = time.perf_counter()
+        self.rest, metrics = self.compiled(self.frozen, self.rest, self.batch)
+        jax.block_until_ready((self.rest, metrics))
+        dt = time.perf_counter() - t0
+        if record:
+            self.times.append(dt)
+        self.last_loss = metrics["loss"]
+        return dt
+
+    def release(self):
+        self.frozen = self.rest = self.compiled = None
+
+
+class MergeRunner:
+    """``jit(merge_and_reset, donate_argnums=0)`` on a MoRA state whose frozen weights are a private
+    copy (so donation merges in place), timed call by call like the step."""
+
+    def __init__(self, spec: MethodSpec, params, *, seed: int = 0, layout=None):
+        self.spec = spec
+        adapter_config = spec.adapter_config()
+        rng = jax.random.key(seed)
+        own_params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
+        adapters = adapters_lib.init_adapters(own_params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
+        # A non-zero m, as after training (the cost does not depend on the values).
+        adapters = jax.tree_util.tree_map(lambda x: x + 1e-3, adapters)
+        tx = optim.adamw(1e-4, clip_norm=None)
+        self.state = training.create_train_state(own_params, adapters, adapter_config, tx, jax.random.fold_in(rng, 2))
+        merge = jax.jit(lambda s: remora.merge_and_reset(s, tx=tx, next_type=None), donate_argnums=0)
+        t0 = time.perf_counter()
+        self.compiled = merge.lower(self.state).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.times: list[float] = []
+
+    def step(self, record: bool = True) -> float:
+        t0 = time.perf_counter()
+        self.state = self.compiled(self.state)
+        jax.block_until_ready(self.state)
+        dt = time.perf_counter() - t0
+        if record:
+            self.times.append(dt)
+        return dt
+
+    def release(self):
+        self.state = self.compiled = None
+
+
+def run_interleaved(runners: Sequence, steps: int, warmup: int, interleave: bool = True) -> None:
+    """``warmup`` untimed calls of each runner, then ``steps`` timed calls of each: one call of every
+    runner per round (``interleave``), or each runner's calls in a row."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner.step(record=False)
+    if interleave:
+        for _ in range(steps):
+            for runner in runners:
+                runner.step()
+    else:
+        for runner in runners:
+            for _ in range(steps):
+                runner.step()
+
+__all__ = ["MatmulRunner", "MergeRunner", "StepRunner", "device_description", "measure_peak_matmul", "memory_stats",
+           "peak_memory_bytes", "run_interleaved", "time_calls", "xla_flops"]
