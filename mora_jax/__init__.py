@@ -6,8 +6,10 @@ Core API (see README):
   init_adapters, apply_model, merge, unmerge         adapters as parameter-pytree transforms
   split, combine, partition, unpartition, masked     trainable-only training
 
-Modules: models (LLaMA), hf (Hugging Face weights and PEFT adapters), sharding, distributed,
-training (the pure step), remora, schedules, loop, checkpoint, data, recipes, cli.
+Modules: models (LLaMA), hf / hf_format / peft / peft_format (Hugging Face weights and PEFT
+adapters), mesh, sharding, distributed, training (the pure step), steps (the compiled steps),
+remora, schedules, run_config (the config layer), loop, metrics, checkpoint, data, recipes, cli,
+nnx (flax.nnx models). Not imported by any of them: bench (benchmarks), experiments (UUID job).
 """
 
 from mora_jax.adapters import (
