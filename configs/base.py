@@ -38,6 +38,7 @@ def base_config():
     c.remora.every = 0  # ReMoRA/ReLoRA: merge into the weights every T steps (0 = never)
     c.remora.type_cycle = (1, 2, 3, 4)  # MoRA types used in turn after each merge (reference default)
     c.remora.reset_optimizer = True  # fresh optimizer state for the adapters at each merge
+    c.remora.diagnostics = True  # log per merge: ‖ΔW‖ per layer type, rank of the change since the start
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # any optax optimizer by name ("adamw", "lion", "sgd", ...)

@@ -25,6 +25,7 @@ import numpy as np
 
 from mora_jax import adapters as adapters_lib
 from mora_jax import metrics as metrics_lib
+from mora_jax import remora_diagnostics
 from mora_jax import steps as steps_lib
 from mora_jax import training
 from mora_jax.run_config import RunConfig
@@ -108,9 +109,8 @@ def run(model, params, config: RunConfig, *, train_batches: Iterator[Mapping[str
                 writer.add(step, step_metrics)
                 if config.remora.is_merge_step(step) and step < train_cfg.steps and adapters_lib.flatten(state.adapters):
                     flush()
-                    next_type = config.remora.type_at(step) if config.method == "mora" else None
-                    state = steps.merge(state, next_type)
-                    writer.write(step, {"remora_merge": 1, **({"mora_type": next_type} if next_type else {})})
+                    state, merge_row = _merge(steps, state, step, config, initial_frozen)
+                    writer.write(step, merge_row)
                     writer.reset_clock()
                 for callback in callbacks:
                     callback(step, state, lambda values, s=step: (flush(), writer.write(s, values)))
@@ -140,6 +140,19 @@ def run(model, params, config: RunConfig, *, train_batches: Iterator[Mapping[str
             checkpointer.close()
     history = writer.history() if is_main else []
     return RunResult(state=state, history=history, preempted=preempted, workdir=workdir, final_eval=final_eval)
+
+
+def _merge(steps: steps_lib.Steps, state, step: int, config: RunConfig, initial_frozen):
+    """The ReMoRA/ReLoRA merge after ``step`` and its metrics row (with diagnostics if enabled)."""
+    next_type = config.remora.type_at(step) if config.method == "mora" else None
+    row: dict = {"remora_merge": 1, **({"mora_type": next_type} if next_type else {})}
+    if config.remora.diagnostics:
+        row.update(remora_diagnostics.delta_norms(state.adapters))
+        probes = remora_diagnostics.probe_paths(state.adapters)
+    state = steps.merge(state, next_type)
+    if config.remora.diagnostics:
+        row.update(remora_diagnostics.accumulated_ranks(state.frozen, initial_frozen, state.adapters, probes))
+    return state, row
 
 
 def evaluate(steps: steps_lib.Steps, state, batches) -> dict:

@@ -30,11 +30,14 @@ class RemoraConfig:
       every: merge period T in optimizer steps (0 = never merge).
       type_cycle: MoRA operator types used in turn, one per merge period; the first is the initial type.
       reset_optimizer: give the adapters fresh optimizer state at each merge (the reference does).
+      diagnostics: log at each merge the norm of the merged ΔW per layer type and the rank of the
+        change accumulated since the start for a few kernels (``mora_jax.remora_diagnostics``).
     """
 
     every: int = 0
     type_cycle: tuple[int, ...] = REFERENCE_CYCLE
     reset_optimizer: bool = True
+    diagnostics: bool = True
 
     def __post_init__(self):
         if self.every < 0:
