@@ -4,8 +4,10 @@ Timings are noisy: nothing here asserts a timing ratio or threshold, only that t
 writes the documented schema and produces sane (positive, finite) values.
 """
 
+import ast
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -13,8 +15,9 @@ import ml_collections
 import pytest
 
 from configs import bench_tiny
+from mora_jax import steps as steps_lib
 from mora_jax import xla_tuning
-from mora_jax.bench import flops, harness, methods, peer, report
+from mora_jax.bench import flops, harness, methods, peer, report, runners
 from mora_jax.models.llama import LLAMA_CONFIGS
 
 TINY = LLAMA_CONFIGS["tiny"]  # D=64, F=172, L=2, N=4 heads, K=2 kv heads, H=16, V=256
@@ -91,6 +94,74 @@ def test_flops_errors():
         flops.model_flops_per_step(TINY, 1, 1, "lora")
     with pytest.raises(ValueError, match="mora_type"):
         flops.model_flops_per_step(TINY, 1, 1, "mora", 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The runners time the loop's own steps; the library does not import its benchmarks.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import jax
+
+    from mora_jax.models.llama import LlamaForCausalLM, init_params
+
+    return LlamaForCausalLM(TINY), init_params(TINY, jax.random.key(0))
+
+
+@pytest.mark.parametrize("tuned", [True, False])
+def test_step_runner_runs_the_builders_train_step(tiny_model, tuned):
+    import jax
+
+    model, params = tiny_model
+    runner = runners.StepRunner(methods.MethodSpec("mora", 8, 6), model, params, methods.make_batch(TINY, 2, 16),
+                                tuned=tuned)
+    assert isinstance(runner.steps, steps_lib.Steps)
+    want = xla_tuning.train_step_compiler_options(jax.default_backend()) if tuned else None
+    assert runner.compiler_options == runner.steps.compiler_options == want
+    before = runner.state
+    runner.step()
+    frozen = jax.tree_util.tree_leaves(before.frozen)
+    assert not any(x.is_deleted() for x in frozen + jax.tree_util.tree_leaves(params))  # passed through
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(before.trainables))  # donated, updated in place
+    assert int(runner.state.step) == 1 and math.isfinite(float(runner.last_loss))
+
+
+def test_merge_runner_donates_a_private_copy_of_the_frozen_weights(tiny_model):
+    import jax
+
+    model, params = tiny_model
+    runner = runners.MergeRunner(methods.MethodSpec("mora", 8, 1), model, params)
+    assert runner.steps.owns_frozen(runner.state)
+    before = jax.tree_util.tree_leaves(runner.state.frozen)
+    for _ in range(2):
+        runner.step()
+    assert all(x.is_deleted() for x in before)  # merged in place
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(params))  # the caller's weights untouched
+    assert runner.steps.owns_frozen(runner.state)
+
+
+def test_the_core_package_never_imports_the_benchmarks():
+    package = pathlib.Path(__file__).resolve().parents[1] / "mora_jax"
+    offenders = []
+    for path in package.rglob("*.py"):
+        if "bench" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names] if node.level == 0 else [
+                    f"{'.' * node.level}{node.module or ''}.{a.name}" for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("mora_jax.bench") or ".bench" in n]
+    assert offenders == []
+
+
+def test_bench_modules_stay_small():
+    bench = pathlib.Path(__file__).resolve().parents[1] / "mora_jax" / "bench"
+    sizes = {p.name: len(p.read_text().splitlines()) for p in bench.glob("*.py")}
+    assert {"flops.py", "harness.py", "methods.py", "peer.py", "profile.py", "report.py", "runners.py"} <= set(sizes)
+    assert max(sizes.values()) <= 450, sizes
 
 
 # ---------------------------------------------------------------------------------------------

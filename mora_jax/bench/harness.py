@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from mora_jax import adapters as adapters_lib
-from mora_jax import ops, xla_tuning
+from mora_jax import ops
 from mora_jax.bench.flops import flop_breakdown, model_flops_per_step
 from mora_jax.bench.methods import MethodSpec, llama_config_from, make_batch, method_specs
 from mora_jax.bench.runners import (MatmulRunner, MergeRunner, StepRunner, device_description, measure_peak_matmul,
@@ -115,14 +115,15 @@ def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
         runners.append(runner)
     # Ablation: the small-rank adapter steps compiled without mora_jax.xla_tuning's options.
     untuned = []
-    if config.get("xla_tuning_ablation", False) and xla_tuning.train_step_compiler_options() is not None:
+    tuned_options = runners[0].compiler_options  # what "auto" chose for this platform (None: nothing to ablate)
+    if config.get("xla_tuning_ablation", False) and tuned_options is not None:
         for spec in specs:
             if spec.method != "full" and spec.r == int(config.r_small):
                 untuned.append(StepRunner(spec, model, params, batch, seed=int(config.seed), lr=float(config.lr),
                                           layout=layout, tuned=False))
                 log(f"compiled {spec.label:<14} without XLA tuning in {untuned[-1].compile_s:6.1f} s")
     merge_spec = MethodSpec("mora", int(config.merge_r or config.r_large), int(config.merge_type))
-    merger = MergeRunner(merge_spec, params, seed=int(config.seed), layout=layout)
+    merger = MergeRunner(merge_spec, model, params, seed=int(config.seed), layout=layout)
     log(f"compiled merge ({merge_spec.label}) in {merger.compile_s:6.1f} s")
 
     # The matmul chain also runs once per round, so the peak is measured under the same load as the steps.
@@ -160,7 +161,7 @@ def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
                      "kernels": sum(math.prod(a.m.shape[:-2]) for a in adapters_lib.flatten(merger.state.adapters).values()),
                      "merge_over_step": merge_s / step_for_merge}
     tuned_step = {runner.spec: _median(runner.times) for runner in runners}
-    tuning = {"compiler_options": xla_tuning.train_step_compiler_options(), "ablation": [
+    tuning = {"compiler_options": tuned_options, "ablation": [
         {"label": r.spec.label, "method": r.spec.method, "r": r.spec.r, "mora_type": r.spec.mora_type,
          "step_s_tuned": tuned_step[r.spec], "step_s_untuned": _median(r.times),
          "tuned_over_untuned": tuned_step[r.spec] / _median(r.times), "step_s_untuned_all": r.times}

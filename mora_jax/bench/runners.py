@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import optax
 
 from mora_jax import adapters as adapters_lib
-from mora_jax import optim, remora, training, xla_tuning
+from mora_jax import optim, sharding, training
+from mora_jax import steps as steps_lib
 from mora_jax.bench.methods import MethodSpec
 
 
@@ -88,24 +89,13 @@ def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> list[
 
 def measure_peak_matmul(dtype="float32", *, size: int = 2048, chain: int = 4, repeats: int = 5) -> dict:
     """The device's practical dense-matmul throughput for ``dtype``: a jitted chain of ``chain``
-    ``size × size`` matmuls, best of ``repeats`` runs. Returns ``{"flops": FLOP/s, ...}``."""
-    dtype = jnp.dtype(dtype)
-    key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (size, size), jnp.float32).astype(dtype)
-    b = (jax.random.normal(key_b, (size, size), jnp.float32) / math.sqrt(size)).astype(dtype)
-
-    @jax.jit
-    def chained(a, b):
-        x = a
-        for _ in range(chain):
-            x = x @ b
-        return x
-
-    compiled = chained.lower(a, b).compile()
-    times = time_calls(lambda: compiled(a, b), repeats=repeats, warmup=1)
-    flops = chain * 2.0 * size ** 3
-    return {"flops": flops / min(times), "size": size, "chain": chain, "best_s": min(times),
-            "median_s": statistics.median(times)}
+    ``size × size`` matmuls (:class:`MatmulRunner`), best of ``repeats`` runs after one untimed run.
+    Returns ``{"flops": FLOP/s, ...}``."""
+    runner = MatmulRunner(dtype, size=size, chain=chain)
+    run_interleaved([runner], repeats, warmup=1)
+    runner.release()
+    return {"flops": runner.flops, "size": size, "chain": chain, "best_s": min(runner.times),
+            "median_s": statistics.median(runner.times)}
 
 
 class MatmulRunner:
@@ -159,45 +149,45 @@ def device_description() -> str:
         text += f" ({cpu}, {os.cpu_count()} cores)".replace("(, ", "(")
     return text
 
-def _without_frozen(out):
-    new_state, metrics = out
-    return new_state.replace(frozen=None), metrics
-
 
 class StepRunner:
-    """One method's compiled training step and its state, as :func:`mora_jax.loop.run` jits it:
-    ``jit(step, donate_argnums=1)(frozen, state_without_frozen, batch)`` (frozen weights pass
-    through untouched; trainables and optimizer state are updated in place)."""
+    """One method's training step, built by :func:`mora_jax.steps.build_steps` exactly as the training
+    loop builds it, and its state placed on the steps' mesh. ``step()`` is one
+    ``steps.train(state, batch)``: the frozen weights pass through untouched, the trainables and the
+    optimizer state are donated and updated in place.
+
+    ``compiled`` is the same program compiled ahead of time (``steps.lower_train``), for its memory,
+    cost analysis and HLO; JAX caches it, so the first ``step()`` does not compile again.
+    """
 
     def __init__(self, spec: MethodSpec, model, params, batch, *, seed: int = 0, lr: float = 1e-4,
-                 layout=None, step_config: training.StepConfig = training.StepConfig(), tuned: bool = True):
-        """``tuned``: compile with :func:`mora_jax.xla_tuning.train_step_compiler_options`, as the loop does."""
+                 layout=None, step_config: training.StepConfig = training.StepConfig(), tuned: bool = True,
+                 mesh=None):
+        """``batch``: this process's rows (numpy or arrays), sharded with ``steps.shard_batch``.
+        ``tuned``: ``compiler_options="auto"`` (the loop's default:
+        :func:`mora_jax.xla_tuning.train_step_compiler_options` for the mesh's platform), else None.
+        ``mesh``: None = :func:`mora_jax.steps.default_mesh`, one device."""
         self.spec = spec
-        self.compiler_options = xla_tuning.train_step_compiler_options() if tuned else None
         adapter_config = spec.adapter_config()
         rng = jax.random.key(seed)
         adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
-        self.tx = optim.adamw(lr, clip_norm=None)  # clipping is global over both groups, in the step
-        state = training.create_train_state(params, adapters, adapter_config, self.tx, jax.random.fold_in(rng, 2))
+        tx = optim.adamw(lr, clip_norm=None)  # clipping is global over both groups, in the step
+        state = training.create_train_state(params, adapters, adapter_config, tx, jax.random.fold_in(rng, 2))
         self.trainable_params = adapters_lib.count_params(state.trainables)
-        schedule = optax.constant_schedule(lr)
-        tx = self.tx
-        jitted = jax.jit(
-            lambda frozen, rest, b: _without_frozen(training.train_step(
-                rest.replace(frozen=frozen), b, model=model, tx=tx, schedule=schedule, step_config=step_config)),
-            donate_argnums=1, compiler_options=self.compiler_options)
-        self.frozen = state.frozen
-        self.rest = state.replace(frozen=None)
-        self.batch = batch
+        self.steps = steps_lib.build_steps(model, tx, optax.constant_schedule(lr), step_config, mesh=mesh,
+                                           compiler_options="auto" if tuned else None)
+        self.compiler_options = self.steps.compiler_options
+        self.state = self.steps.place(state)
+        self.batch = self.steps.shard_batch(batch)
         t0 = time.perf_counter()
-        self.compiled = jitted.lower(self.frozen, self.rest, batch).compile()
+        self.compiled = self.steps.lower_train(self.state, self.batch).compile()
         self.compile_s = time.perf_counter() - t0
         self.times: list[float] = []
 
     def step(self, record: bool = True) -> float:
         t0 = time.perf_counter()
-        self.rest, metrics = self.compiled(self.frozen, self.rest, self.batch)
-        jax.block_until_ready((self.rest, metrics))
+        self.state, metrics = self.steps.train(self.state, self.batch)
+        jax.block_until_ready((self.state.replace(frozen=None), metrics))
         dt = time.perf_counter() - t0
         if record:
             self.times.append(dt)
@@ -205,32 +195,45 @@ class StepRunner:
         return dt
 
     def release(self):
-        self.frozen = self.rest = self.compiled = None
+        self.steps = self.state = self.batch = self.compiled = None
 
 
 class MergeRunner:
-    """``jit(merge_and_reset, donate_argnums=0)`` on a MoRA state whose frozen weights are a private
-    copy (so donation merges in place), timed call by call like the step."""
+    """A ReMoRA merge of the whole model: the same builder's ``steps.merge(state, None)``, timed call by
+    call like the step.
 
-    def __init__(self, spec: MethodSpec, params, *, seed: int = 0, layout=None):
+    The state owns its frozen weights (a private copy of the placed ones), so every merge donates
+    them and writes the merged kernels in place, as a run's merges do once its first merge has
+    produced weights of its own (:meth:`mora_jax.steps.Steps.owns_frozen`); ``compiled`` is that
+    donating merge compiled ahead of time (``steps.lower_merge``).
+    """
+
+    def __init__(self, spec: MethodSpec, model, params, *, seed: int = 0, layout=None, mesh=None):
         self.spec = spec
         adapter_config = spec.adapter_config()
         rng = jax.random.key(seed)
-        own_params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
-        adapters = adapters_lib.init_adapters(own_params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
+        adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
         # A non-zero m, as after training (the cost does not depend on the values).
         adapters = jax.tree_util.tree_map(lambda x: x + 1e-3, adapters)
         tx = optim.adamw(1e-4, clip_norm=None)
-        self.state = training.create_train_state(own_params, adapters, adapter_config, tx, jax.random.fold_in(rng, 2))
-        merge = jax.jit(lambda s: remora.merge_and_reset(s, tx=tx, next_type=None), donate_argnums=0)
+        state = training.create_train_state(params, adapters, adapter_config, tx, jax.random.fold_in(rng, 2))
+        self.steps = steps_lib.build_steps(model, tx, optax.constant_schedule(1e-4), mesh=mesh)
+        placed = self.steps.place(state)  # its frozen weights are the caller's: borrowed, never donated
+        # Steps tells borrowed weights from owned ones by id(): keep the borrowed arrays alive so that
+        # no later array can take one of their ids.
+        self._borrowed = (state.frozen, placed.frozen)
+        own = sharding.place(placed.frozen, self.steps.state_shardings(placed).frozen)
+        self.state = placed.replace(frozen=own)
+        if not self.steps.owns_frozen(self.state):
+            raise AssertionError("the merge runner's state must own its frozen weights (so the merge donates them)")
         t0 = time.perf_counter()
-        self.compiled = merge.lower(self.state).compile()
+        self.compiled = self.steps.lower_merge(self.state, None, donate=True).compile()
         self.compile_s = time.perf_counter() - t0
         self.times: list[float] = []
 
     def step(self, record: bool = True) -> float:
         t0 = time.perf_counter()
-        self.state = self.compiled(self.state)
+        self.state = self.steps.merge(self.state, None)
         jax.block_until_ready(self.state)
         dt = time.perf_counter() - t0
         if record:
@@ -238,7 +241,7 @@ class MergeRunner:
         return dt
 
     def release(self):
-        self.state = self.compiled = None
+        self.steps = self.state = self.compiled = self._borrowed = None
 
 
 def run_interleaved(runners: Sequence, steps: int, warmup: int, interleave: bool = True) -> None:
@@ -255,6 +258,7 @@ def run_interleaved(runners: Sequence, steps: int, warmup: int, interleave: bool
         for runner in runners:
             for _ in range(steps):
                 runner.step()
+
 
 __all__ = ["MatmulRunner", "MergeRunner", "StepRunner", "device_description", "measure_peak_matmul", "memory_stats",
            "peak_memory_bytes", "run_interleaved", "time_calls", "xla_flops"]
