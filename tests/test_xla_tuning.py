@@ -55,10 +55,16 @@ def test_the_options_change_the_compiled_mora_backward_not_its_values(monkeypatc
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
 
 
-def test_sharded_train_step_is_compiled_with_the_options(monkeypatch):
-    from mora_jax import sharding
+def test_the_step_builder_compiles_the_train_step_with_the_options(monkeypatch):
+    """``build_steps(..., compiler_options="auto")`` (the loop's and the benchmark's default) picks the
+    options for the mesh's platform; ``None`` compiles untuned."""
+    from mora_jax import steps
 
     monkeypatch.setenv("XLA_FLAGS", "")
-    mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
-    step = sharding.jit_train_step(None, None, None, None, mesh, state_shardings=None)
-    assert step.compiler_options == xla_tuning.CPU_TRAIN_STEP_OPTIONS
+    monkeypatch.delenv(xla_tuning.DISABLE_ENV, raising=False)
+    mesh = steps.default_mesh()
+    want = xla_tuning.train_step_compiler_options(xla_tuning.mesh_platform(mesh))
+    assert steps.build_steps(None, None, None, mesh=mesh).compiler_options == want
+    assert steps.build_steps(None, None, None, mesh=mesh, compiler_options=None).compiler_options is None
+    if jax.default_backend() == "cpu":
+        assert want == xla_tuning.CPU_TRAIN_STEP_OPTIONS
