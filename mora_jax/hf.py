@@ -1,9 +1,12 @@
-"""Hugging Face checkpoint I/O for the LLaMA model (``config.json`` + safetensors).
+"""Hugging Face checkpoint I/O for LLaMA-family models (``config.json`` + safetensors): Llama 1–3.x,
+Mistral and Qwen2 / 2.5 (``model_type`` ``llama``, ``mistral``, ``qwen2``; see
+``mora_jax.models.config`` for what each may configure and what is refused).
 
 Naming: a HF module name ``model.layers.3.self_attn.q_proj`` is the Flax tree path
 ``('model', 'layers_3', 'self_attn', 'q_proj')`` (``hf_name_to_path`` / ``path_to_hf_name``). HF
-tensors are ``<module>.weight``; a projection's ``weight`` ``(out, in)`` is the Flax ``kernel``
-``(in, out)`` transposed, ``embed_tokens.weight`` is ``embedding`` and norm weights keep ``weight``.
+tensors are ``<module>.weight`` / ``<module>.bias``; a projection's ``weight`` ``(out, in)`` is the
+Flax ``kernel`` ``(in, out)`` transposed, ``bias`` keeps its name and layout, ``embed_tokens.weight``
+is ``embedding`` and norm weights keep ``weight``.
 
 Loading reads one tensor (or, with shardings, one device's slice of it) at a time from memory-mapped
 safetensors files, so a large model is never held twice in host memory. Pickle checkpoints
@@ -32,7 +35,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from mora_jax.hf_format import Path, SafetensorsFile, hf_name_to_path, path_to_hf_name, write_safetensors
-from mora_jax.models.llama import LlamaConfig, LlamaForCausalLM, abstract_params
+from mora_jax.models.llama import ARCHITECTURES, LlamaConfig, LlamaForCausalLM, abstract_params
 from mora_jax.peft import load_adapter, save_adapter
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -46,11 +49,12 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # ---- Names -------------------------------------------------------------------------------------
 def param_to_hf_tensor(path: Sequence[str]) -> tuple[str, bool]:
     """Parameter leaf path -> ``(HF tensor name, transpose?)``; e.g. ``.../q_proj/kernel`` ->
-    ``('model.layers.0.self_attn.q_proj.weight', True)``."""
+    ``('model.layers.0.self_attn.q_proj.weight', True)``, ``.../q_proj/bias`` ->
+    ``('model.layers.0.self_attn.q_proj.bias', False)``."""
     *module, leaf = path
-    if leaf not in ("kernel", "embedding", "weight"):
+    if leaf not in ("kernel", "embedding", "weight", "bias"):
         raise ValueError(f"parameter {'/'.join(path)} has no Hugging Face counterpart")
-    return path_to_hf_name(module) + ".weight", leaf == "kernel"
+    return path_to_hf_name(module) + (".bias" if leaf == "bias" else ".weight"), leaf == "kernel"
 
 
 def _expected_tensors(config: LlamaConfig) -> dict[str, tuple[Path, tuple[int, ...], bool]]:
@@ -169,14 +173,16 @@ def _check_tensors(ckpt: _Checkpoint, expected: Mapping, config: LlamaConfig, di
     if missing:
         raise ValueError(
             f"checkpoint {directory} is missing {len(missing)} tensor(s) the config needs: {missing}; "
-            "check that config.json matches the weights (num_hidden_layers, tie_word_embeddings)"
+            "check that config.json matches the weights (model_type, num_hidden_layers, tie_word_embeddings, "
+            "attention_bias / mlp_bias)"
         )
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     unexpected = sorted(n for n in available - set(expected) - ignorable if not _IGNORED_TENSORS.search(n))
     if unexpected:
         raise ValueError(
-            f"checkpoint {directory} has {len(unexpected)} tensor(s) a LlamaForCausalLM with this "
-            f"config.json does not use: {unexpected[:20]}; check num_hidden_layers / the architecture"
+            f"checkpoint {directory} has {len(unexpected)} tensor(s) a {ARCHITECTURES[config.model_type]} with "
+            f"this config.json does not use: {unexpected[:20]}; check num_hidden_layers / the architecture "
+            "(model_type, attention_bias / mlp_bias)"
         )
     bad = []
     for name, (_, shape, transpose) in expected.items():
@@ -248,7 +254,7 @@ def load_llama(
     scan_layers: bool = False,
     config_overrides: Mapping[str, Any] | None = None,
 ) -> tuple[LlamaForCausalLM, dict]:
-    """Load a HF LLaMA directory; returns ``(LlamaForCausalLM, params)``.
+    """Load a HF Llama / Mistral / Qwen2 directory; returns ``(LlamaForCausalLM, params)``.
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or a sharded

@@ -202,11 +202,12 @@ def test_load_scanned_with_callable_shardings(base, base_dir):
 @pytest.mark.parametrize(
     "edits,match",
     [
-        ({"model_type": "mistral"}, "model_type='mistral'.*only LLaMA"),
+        ({"model_type": "gpt2"}, "model_type='gpt2'.*not supported; supported model types: 'llama'"),
         ({"architectures": ["LlamaForSequenceClassification"]}, "no LlamaForCausalLM"),
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.*not implemented"),
-        ({"attention_bias": True}, "attention_bias=true is not implemented"),
-        ({"mlp_bias": True}, "mlp_bias=true is not implemented"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling rope_type 'yarn' is not supported"),
+        # biases are supported, so a config asking for them needs the bias tensors
+        ({"attention_bias": True}, r"missing 8 tensor.*self_attn\.k_proj\.bias"),
+        ({"mlp_bias": True}, r"missing 6 tensor.*mlp\.down_proj\.bias"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ],
 )
