@@ -1,0 +1,85 @@
+"""Folding adapters into an nnx model's kernels, PEFT-style: ``merge``, ``unmerge``, ``merge_and_unload``.
+
+The adapters live inside the model, so merging is a state of each adapted layer, as in PEFT's
+``merge_adapter`` / ``unmerge_adapter``: :func:`merge` sets ``K ← K + ΔK`` (float32 accumulate, cast
+back to ``K``'s dtype, through :func:`mora_jax.ops.merge_into` / ``lora_delta_weight``) and marks the
+layer merged, so its forward skips ``Δy`` and the model computes the same function from the merged
+kernel alone (e.g. for generation or export); :func:`unmerge` subtracts ``ΔK`` again. While merged,
+the adapters get no gradient: unmerge before training on. :func:`merge_and_unload` folds the
+adapters in for good and returns a plain model (the original layer classes, no adapter variables,
+every parameter an ``nnx.Param``).
+
+Kernels keep their sharding (the new value is placed like the old one).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from mora_jax.nnx import layers as layers_lib
+from mora_jax.nnx.attach import adapted_layers, detach, path_str
+from mora_jax.nnx.layers import SPEC_ATTR
+
+
+def placed_like(new, old):
+    sharding = getattr(old, "sharding", None)
+    if sharding is None or isinstance(old, jax.core.Tracer) or isinstance(new, jax.core.Tracer):
+        return new
+    return new if getattr(new, "sharding", None) == sharding else jax.device_put(new, sharding)
+
+
+def fold(layer, sign: float) -> None:
+    """``K ← K + sign·ΔK`` on one adapted layer (its merged flag untouched)."""
+    spec = getattr(layer, SPEC_ATTR)
+    kernel = getattr(layer, spec.kernel)
+    old = kernel[...]
+    new = _fold_jit(old, layers_lib.adapter_arrays(layer, spec), spec, sign)
+    kernel[...] = placed_like(new, old)
+
+
+def _fold(kernel, arrays, spec, sign):
+    return layers_lib.folded_kernel(kernel, arrays, spec, sign)
+
+
+_fold_jit = jax.jit(_fold, static_argnums=(2, 3))
+
+
+def _set_merged(layer, merged: bool) -> None:
+    setattr(layer, SPEC_ATTR, getattr(layer, SPEC_ATTR).replace(merged=merged))
+
+
+def merge(model):
+    """Fold every unmerged adapter into its kernel (``K ← K + ΔK``) and skip it in the forward. Returns the model."""
+    for _, layer in adapted_layers(model).items():
+        if not getattr(layer, SPEC_ATTR).merged:
+            fold(layer, +1.0)
+            _set_merged(layer, True)
+    return model
+
+
+def unmerge(model):
+    """Undo :func:`merge` (``K ← K − ΔK``) and apply the adapters in the forward again. Returns the model."""
+    for _, layer in adapted_layers(model).items():
+        if getattr(layer, SPEC_ATTR).merged:
+            fold(layer, -1.0)
+            _set_merged(layer, False)
+    return model
+
+
+def merge_and_unload(model):
+    """Fold the adapters into the kernels and remove them: a plain nnx model (original layer classes,
+    no adapter variables, fully trained parameters back to ``nnx.Param``). Returns the model."""
+    merge(model)
+    return detach(model)
+
+
+def is_merged(model) -> bool:
+    """True when every adapter of ``model`` is merged (False when some or none are)."""
+    specs = [getattr(layer, SPEC_ATTR) for layer in adapted_layers(model).values()]
+    if specs and any(s.merged for s in specs) and not all(s.merged for s in specs):
+        merged = [path_str(p) for p, layer in adapted_layers(model).items() if getattr(layer, SPEC_ATTR).merged]
+        raise ValueError(f"only some adapters are merged ({merged[:5]}...); call merge or unmerge on the whole model")
+    return bool(specs) and all(s.merged for s in specs)
+
+
+__all__ = ["is_merged", "merge", "merge_and_unload", "unmerge"]
