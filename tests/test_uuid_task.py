@@ -84,6 +84,24 @@ def test_tiny_experiment_end_to_end(tmp_path):
     assert again["model"]["norm"]["weight"].shape == (config.model.hidden_size,)
 
 
+def test_seeds_aggregate_and_a_rerun_on_one_machine_is_identical(tmp_path):
+    config = uuid_memorization.get_config("tiny")
+    config.workdir = str(tmp_path / "two")
+    config.run = "lora_small,mora_small"
+    results = experiments.run_uuid_memorization(config, seeds=(0, 1))
+    assert results["seeds"] == [0, 1] and results["provenance"]["seeds"] == [0, 1]
+    row = results["methods"][1]
+    assert len(row["char_accuracy_seeds"]["8"]) == 2
+    assert row["char_accuracy"]["8"] == pytest.approx(np.mean(row["char_accuracy_seeds"]["8"]))
+    assert "±" in (tmp_path / "two" / "results.md").read_text() and "Seeds 0, 1" in (tmp_path / "two" / "results.md").read_text()
+    # the same job again, from scratch, on the same machine: the same numbers, bit for bit
+    config.workdir = str(tmp_path / "again")
+    again = experiments.run_uuid_memorization(config, seeds=(1,))
+    first = json.loads((tmp_path / "two" / "seed1" / "results.json").read_text())
+    assert [r["char_accuracy"] for r in again["methods"]] == [r["char_accuracy"] for r in first["methods"]]
+    assert [r["final_loss"] for r in again["methods"]] == [r["final_loss"] for r in first["methods"]]
+
+
 def test_unknown_method_in_run_list_is_an_error(tmp_path):
     config = uuid_memorization.get_config("tiny")
     config.workdir = str(tmp_path)

@@ -20,6 +20,7 @@ from mora_jax import adapters as adapters_lib
 from mora_jax import loop, metrics, training
 from mora_jax.config import FullConfig, LoRAConfig, MoRAConfig
 from mora_jax.experiments import uuid_task
+from mora_jax.experiments.provenance import provenance, provenance_markdown
 from mora_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
 from mora_jax.run_config import CheckpointConfig, OptimConfig, RunConfig, TrainConfig
 
@@ -89,8 +90,36 @@ def pretrain_base(config, model, workdir: pathlib.Path):
     return params
 
 
-def run_uuid_memorization(config) -> dict:
+def run_uuid_memorization(config, seeds=None) -> dict:
+    """The experiment for each of ``seeds`` (default: ``config.seed`` alone; each seed draws its own
+    pairs, base model and adapters), with the accuracy table as mean ± sample standard deviation
+    over seeds. One seed writes into ``config.workdir``; several write ``seed<k>/`` folders there
+    and the aggregate beside them. Every results file records its provenance."""
+    seeds = tuple(seeds) if seeds else (int(config.seed),)
     workdir = pathlib.Path(config.workdir)
+    if len(seeds) == 1:
+        one = config.copy_and_resolve_references()
+        one.seed = seeds[0]
+        return _run_seed(one, workdir, seeds)
+    per_seed = []
+    for seed in seeds:
+        one = config.copy_and_resolve_references()
+        one.seed, one.workdir = seed, str(workdir / f"seed{seed}")
+        per_seed.append(_run_seed(one, pathlib.Path(one.workdir), (seed,)))
+    results = {**{k: v for k, v in per_seed[0].items() if k not in ("methods", "provenance")},
+               "seeds": list(seeds), "provenance": provenance(seeds),
+               "total_s": sum(r["total_s"] for r in per_seed), "methods": []}
+    for i, row in enumerate(per_seed[0]["methods"]):
+        rows = [r["methods"][i] for r in per_seed]
+        values = {step: [r["char_accuracy"][step] for r in rows] for step in row["char_accuracy"]}
+        results["methods"].append({**row, "seconds": sum(r["seconds"] for r in rows),
+                                   "char_accuracy": {k: float(np.mean(v)) for k, v in values.items()},
+                                   "char_accuracy_seeds": values})
+    write_results(results, workdir)
+    return results
+
+
+def _run_seed(config, workdir: pathlib.Path, seeds) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     model = LlamaForCausalLM(model_config(config))
     pairs = uuid_task.make_pairs(config.num_pairs, seed=config.seed)
@@ -106,7 +135,7 @@ def run_uuid_memorization(config) -> dict:
         return uuid_task.greedy_values(lambda ids: training.logits_fn(model, state, ids), prompts)
 
     results = {"config": config.to_dict(), "num_pairs": len(pairs), "base_pretrain_s": base_seconds,
-               "eval_steps": eval_steps, "methods": []}
+               "eval_steps": eval_steps, "seeds": list(seeds), "provenance": provenance(seeds), "methods": []}
     names = [n.strip() for n in str(config.run).split(",") if n.strip()]
     unknown = [n for n in names if n not in config.methods]
     if unknown:
@@ -149,15 +178,26 @@ def _label(row) -> str:
     return f"{kind} r={row['r']}"
 
 
+def _cell(row, step) -> str:
+    spread = row.get("char_accuracy_seeds", {}).get(str(step))
+    if spread and len(spread) > 1:
+        return f"{np.mean(spread):.1f} ± {np.std(spread, ddof=1):.1f}"
+    value = row["char_accuracy"].get(str(step))
+    return "" if value is None else f"{value:.1f}"
+
+
 def results_markdown(results) -> str:
+    """Accuracy per method and step (mean ± sample std over seeds when there are several), then the
+    seeds, machine, software and commit that produced it."""
     steps = results["eval_steps"]
     lines = ["| method | trainable params | " + " | ".join(str(s) for s in steps) + " |",
              "|---|---:|" + "---:|" * len(steps)]
     for row in results["methods"]:
-        acc = [row["char_accuracy"].get(str(s)) for s in steps]
-        lines.append(f"| {_label(row)} | {row['trainable_params']:,} | "
-                     + " | ".join("" if a is None else f"{a:.1f}" for a in acc) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {_label(row)} | {row['trainable_params']:,} | " + " | ".join(_cell(row, s) for s in steps) + " |")
+    text = "\n".join(lines) + "\n"
+    if results.get("provenance"):
+        text += "\n" + provenance_markdown(results["provenance"]) + "\n"
+    return text
 
 
 def write_results(results, workdir: pathlib.Path) -> None:
@@ -173,7 +213,11 @@ def write_results(results, workdir: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in results["methods"]:
         steps = [int(s) for s in row["char_accuracy"]]
-        ax.plot(steps, list(row["char_accuracy"].values()), "o-", label=_label(row))
+        line, = ax.plot(steps, list(row["char_accuracy"].values()), "o-", label=_label(row))
+        spread = row.get("char_accuracy_seeds")
+        if spread:  # min–max over seeds
+            ax.fill_between(steps, [min(spread[str(s)]) for s in steps], [max(spread[str(s)]) for s in steps],
+                            color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training step")
     ax.set_ylabel("character accuracy (%)")
     ax.set_ylim(0, 101)
