@@ -27,7 +27,7 @@ from mora_jax import adapters as adapters_lib
 from mora_jax import metrics as metrics_lib
 from mora_jax import remora_diagnostics
 from mora_jax import steps as steps_lib
-from mora_jax import training
+from mora_jax import training, workdir_lock
 from mora_jax.run_config import RunConfig
 
 
@@ -58,7 +58,17 @@ def run(model, params, config: RunConfig, *, train_batches: Iterator[Mapping[str
       layout: the adapters' layout for a model that scans over layers (``mora_jax.dense_layout``).
       mesh, rules: the device mesh and sharding rules (None: the default device, the default rules).
       frozen_source: where the base weights came from, recorded with each checkpoint.
+
+    Only one run at a time may write a workdir: it is locked from start to end
+    (:mod:`mora_jax.workdir_lock`), and a second run is refused with the first one named.
     """
+    with workdir_lock.hold(config.workdir):  # released on every exit, exceptions included
+        return _run(model, params, config, train_batches=train_batches, eval_batches=eval_batches,
+                    callbacks=callbacks, layout=layout, mesh=mesh, rules=rules, frozen_source=frozen_source)
+
+
+def _run(model, params, config: RunConfig, *, train_batches, eval_batches, callbacks, layout, mesh, rules,
+         frozen_source) -> RunResult:
     workdir = pathlib.Path(config.workdir)
     is_main = jax.process_index() == 0
     if is_main:
@@ -131,9 +141,10 @@ def run(model, params, config: RunConfig, *, train_batches: Iterator[Mapping[str
         flush()
         final_eval = None
         if eval_batches is not None and not preempted:
-            final_eval = last_eval[1] if last_eval and last_eval[0] == step else evaluate(steps, state, eval_batches())
-            if not (last_eval and last_eval[0] == step):
-                writer.write(step, final_eval)
+            if last_eval is None or last_eval[0] != step:  # no evaluation at the last step yet
+                last_eval = (step, evaluate(steps, state, eval_batches()))
+                writer.write(step, last_eval[1])
+            final_eval = last_eval[1]
     finally:
         writer.close()
         if checkpointer is not None:
@@ -189,10 +200,16 @@ def _checkpointer(config: RunConfig, workdir: pathlib.Path):
 
 
 def _restore(checkpointer, state, initial_frozen, train_batches):
-    """The latest checkpoint, restored into ``state``'s structure and shardings (the checkpoint's
-    MoRA type is applied by the checkpointer); the data iterator resumes where it was."""
-    restored, data_state, _ = checkpointer.restore(abstract_state=steps_lib.abstract(state),
-                                                   initial_frozen=initial_frozen)
+    """The newest intact checkpoint, restored into ``state``'s structure and shardings (the checkpoint's
+    MoRA type is applied by the checkpointer; damaged ones are reported in one line each and moved
+    aside); the data iterator resumes where it was. ``(state, 0)`` when no intact one is left."""
+    restored = checkpointer.restore_latest_good(abstract_state=steps_lib.abstract(state), initial_frozen=initial_frozen,
+                                                report=lambda line: print(line, flush=True))
+    if restored is None:
+        print(f"no intact checkpoint left in {checkpointer.directory} (the damaged ones are in its damaged/): "
+              "starting from step 0", flush=True)
+        return state, 0
+    restored, data_state, _ = restored
     if data_state and hasattr(train_batches, "set_state"):
         train_batches.set_state(data_state)
     step = int(restored.step)
