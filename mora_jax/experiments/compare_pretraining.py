@@ -87,7 +87,8 @@ def compare(config, methods=METHODS, seeds=(0,)) -> dict:
     """Run every method for every seed and write the comparison's artifacts into ``config.workdir``."""
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    runs = [run_one(config, m, s, workdir / m / f"seed{s}") for m in methods for s in seeds]
+    # seed by seed, so the first seeds' results are complete while later ones still train
+    runs = [run_one(config, m, s, workdir / m / f"seed{s}") for s in seeds for m in methods]
     results = {"methods": list(methods), "seeds": list(seeds), "runs": runs, "config": config.to_dict(),
                "provenance": provenance(seeds)}
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
