@@ -1,9 +1,11 @@
 """LLaMA in ``flax.nnx``, the same function and parameter names as ``mora_jax.models.llama`` (linen).
 
 A real nnx model built from ``nnx.Linear`` / ``nnx.Embed`` (no bridge), so the nnx adapters attach to
-it like to any Tunix model. The math is the linen model's, using its pure helpers (rotary tables,
-masks, segment positions): RMSNorm with float32 statistics, RoPE (rotate-half), grouped-query
-attention with float32 softmax, SwiGLU MLP, optional tied embeddings, float32 logits.
+it like to any Tunix model. The math is the linen model's, using its pure helpers (rotary tables with
+their scaling, masks, segment positions): RMSNorm with float32 statistics, RoPE (rotate-half),
+grouped-query attention with float32 softmax (the XLA einsum path), SwiGLU MLP, the families'
+projection biases (``qkv_bias`` / ``o_bias`` / ``mlp_bias``) and Mistral's sliding window, optional tied
+embeddings, float32 logits.
 
 Parameter paths differ from linen's only where nnx names list items by index::
 
@@ -12,7 +14,8 @@ Parameter paths differ from linen's only where nnx names list items by index::
 
 so :func:`load_linen_params` / :func:`to_linen_params` move weights between the two (and
 ``mora_jax.hf.load_llama``'s params load into this model), and the nnx adapters convert to the linen
-adapter tree with the default path map. Unrolled layers only (``scan_layers=False``), no remat.
+adapter tree with the default path map. Unrolled layers only (``scan_layers=False``), no remat, no
+KV-cache decoding.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from mora_jax.nnx.attach import iter_params
 from mora_jax.nnx.convert import linen_path
 
 
-def _linear(config: LlamaConfig, in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
+def _linear(config: LlamaConfig, in_features: int, out_features: int, rngs: nnx.Rngs,
+            use_bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
                       kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
 
 
@@ -53,10 +57,10 @@ class LlamaAttention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = self.config = config
         H, N, K = c.resolved_head_dim, c.num_attention_heads, c.resolved_kv_heads
-        self.q_proj = _linear(c, c.hidden_size, N * H, rngs)
-        self.k_proj = _linear(c, c.hidden_size, K * H, rngs)
-        self.v_proj = _linear(c, c.hidden_size, K * H, rngs)
-        self.o_proj = _linear(c, N * H, c.hidden_size, rngs)
+        self.q_proj = _linear(c, c.hidden_size, N * H, rngs, c.qkv_bias)
+        self.k_proj = _linear(c, c.hidden_size, K * H, rngs, c.qkv_bias)
+        self.v_proj = _linear(c, c.hidden_size, K * H, rngs, c.qkv_bias)
+        self.o_proj = _linear(c, N * H, c.hidden_size, rngs, c.o_bias)
         # Only with a non-zero rate, so that a model without dropout holds no random state.
         self.dropout = nnx.Dropout(c.attention_dropout, rngs=rngs) if c.attention_dropout > 0 else None
 
@@ -83,9 +87,9 @@ class LlamaMLP(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = config
-        self.gate_proj = _linear(c, c.hidden_size, c.intermediate_size, rngs)
-        self.up_proj = _linear(c, c.hidden_size, c.intermediate_size, rngs)
-        self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, rngs)
+        self.gate_proj = _linear(c, c.hidden_size, c.intermediate_size, rngs, c.mlp_bias)
+        self.up_proj = _linear(c, c.hidden_size, c.intermediate_size, rngs, c.mlp_bias)
+        self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, rngs, c.mlp_bias)
 
     def __call__(self, x_BxTxD):
         return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
@@ -122,8 +126,9 @@ class LlamaModel(nnx.Module):
         B, T = input_ids_BxT.shape
         if positions is None:
             positions = segment_positions(segment_ids) if segment_ids is not None else jnp.arange(T)[None]
-        cos_BxTxH, sin_BxTxH = rope_cos_sin(jnp.broadcast_to(positions, (B, T)), c.resolved_head_dim, c.rope_theta)
-        mask_Bx1x1xTxS = make_attention_mask(T, attention_mask, segment_ids)
+        cos_BxTxH, sin_BxTxH = rope_cos_sin(jnp.broadcast_to(positions, (B, T)), c.resolved_head_dim, c.rope_theta,
+                                            c.rope_scaling, c.max_position_embeddings)
+        mask_Bx1x1xTxS = make_attention_mask(T, attention_mask, segment_ids, sliding_window=c.sliding_window)
         x_BxTxD = self.embed_tokens(input_ids_BxT)
         for layer in self.layers:
             x_BxTxD = layer(x_BxTxD, cos_BxTxH, sin_BxTxH, mask_Bx1x1xTxS, deterministic)
