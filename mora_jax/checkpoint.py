@@ -18,21 +18,33 @@ Safety:
 * orbax writes each step to ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete, so a crash
   mid-save leaves the previous checkpoints intact and ``latest_step()`` ignores the partial one
   (left-over temporary directories are removed when the next Checkpointer opens the directory);
+* once a save has finished (at once for synchronous saves; for asynchronous ones at the next save,
+  :meth:`~Checkpointer.wait_until_finished` or :meth:`~Checkpointer.close`) the step is *sealed*:
+  ``<step>/mora_manifest.json`` records the size and CRC-32 of every file it wrote
+  (:mod:`mora_jax.checkpoint_integrity`);
+* :meth:`~Checkpointer.restore_latest_good` verifies the newest step before restoring it; a damaged
+  or incomplete one (a truncated or changed file, a missing item, unreadable metadata, an empty
+  directory) is reported in one line, moved to ``<directory>/damaged/<step>-<time>`` (never deleted)
+  and the previous step is tried;
+* ``max_to_keep`` deletes a step only once that many newer steps are sealed, so the last good
+  checkpoint is never pushed out by newer ones that were not completely written;
 * ``mode='new'`` (the default) refuses a directory that already holds checkpoints; ``'resume'``
   continues them and ``'overwrite'`` deletes them explicitly. A step is never overwritten;
 * when the frozen weights are not saved, a small sample of their values is recorded, and restoring
   with ``initial_frozen`` that do not match (other source weights, or merged weights passed with
   ``frozen_changed=False``) is an error instead of a silently wrong model.
 
+Integrity checks (manifests, verification, moving aside) need a local directory; for a URL
+(``gs://...``) steps are restored unverified.
+
 Typical loop::
 
     ckpt = Checkpointer(out_dir, mode="resume", max_to_keep=3, save_interval_steps=1000,
                         run_config=config_dict)
-    if ckpt.latest_step() is not None:
-        info = ckpt.restore_metadata()
-        abstract = jax.eval_shape(make_state, ...)       # with shardings, see restore()
-        state, data_state, _ = ckpt.restore(abstract_state=abstract,
-                                            initial_frozen=None if info.frozen_saved else load_base())
+    abstract = jax.eval_shape(make_state, ...)           # with shardings, see restore()
+    restored = ckpt.restore_latest_good(abstract_state=abstract, initial_frozen=load_base())
+    if restored is not None:                             # None: nothing (good) to resume from
+        state, data_state, _ = restored
         loader.set_state(data_state)
     for batch in loader:
         state, metrics = train_step(state, batch)
@@ -43,67 +55,40 @@ Typical loop::
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
-from typing import Any, Literal, Mapping
+import pathlib
+from typing import Any, Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
+from mora_jax import checkpoint_integrity as integrity
+from mora_jax import checkpoint_resume
 from mora_jax.adapters import MoRAAdapter, mora_types
+from mora_jax.checkpoint_integrity import (
+    FROZEN_ITEM,
+    META_ITEM,
+    METADATA_FORMAT,
+    STATE_ITEM,
+    CheckpointDamaged,
+    StepCheck,
+)
+from mora_jax.checkpoint_metadata import (
+    CheckpointMetadata,
+    check_initial_frozen,
+    fingerprint_mismatch,
+    frozen_fingerprint,
+    json_copy,
+)
 from mora_jax.training import TrainState
 
 logger = logging.getLogger(__name__)
 
-METADATA_FORMAT = "mora_jax.checkpoint/1"
-STATE_ITEM, FROZEN_ITEM, META_ITEM = "state", "frozen", "meta"
 MODES = ("new", "resume", "overwrite")
 Mode = Literal["new", "resume", "overwrite"]
-_SAMPLES_PER_AXIS = 4  # frozen-weight fingerprint: a 4 x 4 (x ...) grid of values per leaf
 
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointMetadata:
-    """The JSON item of one checkpoint (readable without touching any array).
-
-    Attributes:
-      step: the step the checkpoint was saved at.
-      data_state: the data iterator's ``get_state()`` dict.
-      mora_type: MoRA operator type of the adapters at that step (ReMoRA switches it at merges);
-        None when there are no MoRA adapters (LoRA, full fine-tuning).
-      frozen_changed: whether the frozen base weights differed from the run's initial weights.
-      frozen_saved: whether this checkpoint holds the frozen base weights (== ``frozen_changed``).
-      rng_impl: PRNG implementation name of the typed key (None for a raw ``uint32`` key).
-      run_config: the Checkpointer's ``run_config``.
-      meta: the caller's ``meta`` dict given to :meth:`Checkpointer.save`.
-      frozen_fingerprint: sampled values of the frozen weights when they were not saved.
-    """
-
-    step: int
-    data_state: dict | None
-    mora_type: int | list[int] | None
-    frozen_changed: bool
-    frozen_saved: bool
-    rng_impl: str | None
-    run_config: dict | None
-    meta: dict
-    frozen_fingerprint: dict | None = None
-    format: str = METADATA_FORMAT
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, record: Mapping[str, Any]) -> "CheckpointMetadata":
-        if record.get("format") != METADATA_FORMAT:
-            raise ValueError(f"unsupported checkpoint metadata format {record.get('format')!r}; expected "
-                             f"{METADATA_FORMAT!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in fields})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,58 +121,6 @@ def _abstract(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
-def _fingerprint_tree(tree):
-    """A few values of every leaf, on a small grid of indices per axis (exact float32 values)."""
-
-    def sample(x):
-        if x.ndim == 0:
-            return x.astype(jnp.float32).reshape(1)
-        grid = [np.unique(np.linspace(0, n - 1, _SAMPLES_PER_AXIS).astype(np.int64)) if n else np.arange(0)
-                for n in x.shape]
-        return x[np.ix_(*grid)].astype(jnp.float32).reshape(-1)
-
-    return jax.tree_util.tree_map(sample, tree)
-
-
-_fingerprint_jit = jax.jit(_fingerprint_tree)
-
-
-def frozen_fingerprint(frozen) -> dict[str, list[float]]:
-    """JSON-able fingerprint of a weight tree: ``{key path: sampled values}``.
-
-    Exact sampled values (not sums), so it does not depend on the sharding or the reduction order,
-    yet differs for other weights (another seed or source) and for merged weights.
-    """
-    sampled = _fingerprint_jit(frozen)
-    if jax.process_count() > 1:  # sampled values of arrays sharded across hosts
-        from jax.experimental import multihost_utils
-
-        sampled = multihost_utils.process_allgather(sampled, tiled=True)
-    sampled = jax.device_get(sampled)
-    flat, _ = jax.tree_util.tree_flatten_with_path(sampled)
-    return {jax.tree_util.keystr(path): [float(v) for v in np.asarray(values)] for path, values in flat}
-
-
-def _fingerprint_mismatch(expected: Mapping[str, list], actual: Mapping[str, list]) -> str | None:
-    """A description of the first difference between two fingerprints, or None if they agree."""
-    if set(expected) != set(actual):
-        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
-        return f"different parameters (missing {missing[:5]}, unexpected {extra[:5]})"
-    for name in sorted(expected):
-        if not np.array_equal(np.asarray(expected[name]), np.asarray(actual[name]), equal_nan=True):
-            return f"{name} differs (sampled values {expected[name][:3]}... vs {actual[name][:3]}...)"
-    return None
-
-
-def _json_copy(value, what: str):
-    """A deep copy of ``value`` through JSON (so later mutation by the caller cannot leak into an
-    asynchronous save), with a clear error for values JSON cannot hold."""
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{what} must be JSON-serialisable (dicts, lists, str, numbers, bool, None): {e}") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # The checkpointer.
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +137,8 @@ class Checkpointer:
         restore, so the same command works for the first start and every restart);
         ``'overwrite'`` deletes the existing checkpoints first (only orbax step directories;
         other files are left alone).
-      max_to_keep: keep only the newest N checkpoints (None keeps all).
+      max_to_keep: keep the newest N sealed checkpoints (None keeps all); older steps are deleted
+        only once N newer ones are sealed.
       save_interval_steps: :meth:`save` writes at steps that are multiples of this (and when a
         preemption signal was received, or ``force=True``); other calls return False.
       enable_async_checkpointing: write in a background thread; :meth:`save` returns once the arrays
@@ -224,9 +158,11 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
         self.directory = directory
         self.mode = mode
-        self.run_config = _json_copy(dict(run_config), "run_config") if run_config is not None else None
+        self.max_to_keep = max_to_keep
+        self.run_config = json_copy(dict(run_config), "run_config") if run_config is not None else None
+        self._local = "://" not in os.fspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None,  # retention is ours: only sealed steps count (_apply_retention)
             enable_async_checkpointing=enable_async_checkpointing,
             cleanup_tmp_directories=True,  # partial saves of a crashed run
             # Multiples of the interval, and on preemption. (orbax's default would also save the first
@@ -236,9 +172,12 @@ class Checkpointer:
                 ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
             ]),
         )
+        self._async = enable_async_checkpointing
         self._manager = ocp.CheckpointManager(directory, options=options,
                                               item_names=(STATE_ITEM, FROZEN_ITEM, META_ITEM))
         self._base_fingerprint: dict | None = None  # of the unchanged frozen weights, once known
+        self._pending: int | None = None  # a started save not sealed yet
+        self._sealed = {s for s in self.all_steps() if self._has_manifest(s)}
         self._check_mode()
 
     # ---- directory policy --------------------------------------------------------------------------
@@ -261,7 +200,10 @@ class Checkpointer:
             self._manager.reload()
             return
         # resume: the run config may legitimately change (e.g. more steps), but say so.
-        stored = self.restore_metadata(steps[-1]).run_config
+        try:
+            stored = self.restore_metadata(steps[-1]).run_config
+        except Exception:  # noqa: BLE001 -- a damaged step: restore_latest_good reports it
+            return
         if self.run_config is not None and stored is not None and stored != self.run_config:
             changed = sorted(k for k in set(stored) | set(self.run_config) if stored.get(k) != self.run_config.get(k))
             logger.warning("resuming %s with a run_config that differs from the checkpoint's in %s",
@@ -275,6 +217,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints, ascending (partial/in-progress saves are not listed)."""
         return sorted(self._manager.all_steps())
+
+    def step_dir(self, step: int) -> pathlib.Path:
+        """The directory of checkpoint ``step`` (local directories)."""
+        return pathlib.Path(os.fspath(self.directory)) / str(int(step))
+
+    def _has_manifest(self, step: int) -> bool:
+        return self._local and (self.step_dir(step) / integrity.MANIFEST_FILE).is_file()
 
     def should_save(self, step: int) -> bool:
         """Whether :meth:`save` would write at ``step`` without ``force``."""
@@ -326,13 +275,13 @@ class Checkpointer:
                                       "are never overwritten (save under another step or delete it first)")
         elif not self.should_save(step):
             return False
-        data_state = _json_copy(data_state, "data_state") if data_state is not None else None
-        user_meta = _json_copy(dict(meta or {}), "meta")
+        data_state = json_copy(data_state, "data_state") if data_state is not None else None
+        user_meta = json_copy(dict(meta or {}), "meta")
         fingerprint = None
         if not frozen_changed:
             fingerprint = frozen_fingerprint(state.frozen)
             if self._base_fingerprint is not None:
-                mismatch = _fingerprint_mismatch(self._base_fingerprint, fingerprint)
+                mismatch = fingerprint_mismatch(self._base_fingerprint, fingerprint)
                 if mismatch:
                     raise ValueError(
                         f"save(step={step}, frozen_changed=False) but state.frozen is not the run's initial base "
@@ -358,7 +307,30 @@ class Checkpointer:
         items = {STATE_ITEM: ocp.args.StandardSave(arrays), META_ITEM: ocp.args.JsonSave(record.to_json())}
         if frozen_changed:
             items[FROZEN_ITEM] = ocp.args.StandardSave(state.frozen)
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+        self.wait_until_finished()  # orbax waits for the previous save anyway; seal it
+        saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+        if saved:
+            self._pending = step
+            if not self._async:
+                self.wait_until_finished()
+        return saved
+
+    # ---- sealing and retention ---------------------------------------------------------------------
+    def _seal_pending(self) -> None:
+        """Record the manifest of the save that just finished, then apply ``max_to_keep``."""
+        step, self._pending = self._pending, None
+        if step is None or step not in self.all_steps():
+            return
+        if self._local and jax.process_index() == 0:
+            integrity.write_manifest(self.step_dir(step))
+        self._sealed.add(step)
+        for old in integrity.steps_to_delete(self.all_steps(), self._sealed, self.max_to_keep):
+            self._manager.delete(old)
+            self._sealed.discard(old)
+
+    def sealed_steps(self) -> list[int]:
+        """Steps whose save finished and whose manifest was written (ascending)."""
+        return sorted(self._sealed & set(self.all_steps()))
 
     # ---- restore -----------------------------------------------------------------------------------
     def restore(self, step: int | None = None, *, abstract_state: TrainState, initial_frozen=None
@@ -398,12 +370,18 @@ class Checkpointer:
         if info.frozen_saved:
             items[FROZEN_ITEM] = ocp.args.StandardRestore(jax.tree_util.tree_map(_abstract, abstract_state.frozen))
         else:
-            self._check_initial_frozen(step, info, abstract_state.frozen, initial_frozen)
+            where = f"checkpoint {step} in {self.directory}"
+            check_initial_frozen(where, info, abstract_state.frozen, initial_frozen)
+            self._base_fingerprint = info.frozen_fingerprint or self._base_fingerprint
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many kinds
+            stored = {name: arg.item for name, arg in items.items()}
+            mismatch = checkpoint_resume.structure_mismatch(self._manager, step, stored)
+            if mismatch is None:  # the run's structure, yet unreadable: the files are damaged
+                raise CheckpointDamaged(step, f"restoring it failed: {checkpoint_resume.first_line(e)}") from e
             raise ValueError(
-                f"cannot restore step {step} of {self.directory} into abstract_state: {e}\n"
+                f"cannot restore step {step} of {self.directory} into abstract_state: {mismatch}\n"
                 f"abstract_state must be built for the run's config (checkpoint: mora_type={info.mora_type}, "
                 f"run_config={info.run_config})."
             ) from e
@@ -416,38 +394,41 @@ class Checkpointer:
                            opt_state=arrays["opt_state"], rng=rng)
         return state, info.data_state, info.meta
 
-    def _check_initial_frozen(self, step: int, info: CheckpointMetadata, abstract_frozen, initial_frozen) -> None:
-        """``initial_frozen`` must be given, have the target's structure, and be the weights the run used."""
-        if initial_frozen is None:
-            raise ValueError(
-                f"checkpoint {step} in {self.directory} did not save the frozen base weights (no ReMoRA merge "
-                "had changed them): pass initial_frozen=, the base weights loaded from the run's source "
-                "(the frozen part of the initial params)."
-            )
-        expected = jax.tree_util.tree_map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), abstract_frozen)
-        given = jax.tree_util.tree_map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), initial_frozen)
-        if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(given) or expected != given:
-            raise ValueError("initial_frozen does not have the structure, shapes and dtypes of "
-                             "abstract_state.frozen; were they loaded for another model or config?")
-        if info.frozen_fingerprint is not None:
-            actual = frozen_fingerprint(initial_frozen)
-            mismatch = _fingerprint_mismatch(info.frozen_fingerprint, actual)
-            if mismatch:
-                raise ValueError(
-                    f"initial_frozen are not the base weights checkpoint {step} in {self.directory} was trained "
-                    f"from ({mismatch}); reload the run's original source weights."
-                )
-            self._base_fingerprint = info.frozen_fingerprint
+    # ---- integrity and fallback (mora_jax.checkpoint_resume) ---------------------------------------
+    def verify(self, step: int) -> StepCheck:
+        """Check checkpoint ``step`` against its manifest and structure; on a multi-process run
+        process 0 checks and every process gets its verdict."""
+        self.wait_until_finished()
+        return checkpoint_resume.verify(self, step)
+
+    def set_aside(self, step: int, reason: str) -> pathlib.Path:
+        """Move checkpoint ``step`` to ``<directory>/damaged/<step>-<time>`` (never deleted); returns
+        where it went."""
+        self.wait_until_finished()
+        moved = checkpoint_resume.set_aside(self, step, reason)
+        self._manager.reload()
+        self._sealed.discard(step)
+        return moved
+
+    def restore_latest_good(self, *, abstract_state: TrainState, initial_frozen=None,
+                            report: Callable[[str], None] = print) -> tuple[TrainState, dict | None, dict] | None:
+        """:meth:`restore` the newest intact checkpoint, setting damaged ones aside
+        (:func:`mora_jax.checkpoint_resume.restore_latest_good`); None when none is left."""
+        return checkpoint_resume.restore_latest_good(self, abstract_state=abstract_state,
+                                                     initial_frozen=initial_frozen, report=report)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def wait_until_finished(self) -> None:
-        """Block until pending asynchronous saves are written and committed."""
+        """Block until pending asynchronous saves are written and committed, then seal them."""
         self._manager.wait_until_finished()
+        self._seal_pending()
 
     def close(self) -> None:
-        """Wait for pending saves and release orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for pending saves, seal them and release orbax's resources."""
+        try:
+            self.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -457,8 +438,10 @@ class Checkpointer:
 
 
 __all__ = [
+    "CheckpointDamaged",
     "CheckpointMetadata",
     "Checkpointer",
+    "StepCheck",
     "frozen_fingerprint",
     "mora_types",
     "with_mora_type",

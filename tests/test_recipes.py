@@ -16,6 +16,7 @@ import pytest
 from configs import c4_pretrain, math_finetune
 from mora_jax import data as data_lib
 from mora_jax import hf, loop, recipes
+from mora_jax.run_config import RunConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -176,3 +177,45 @@ def test_non_finite_update_stops_the_run_and_is_never_checkpointed(corpus, tmp_p
     assert info.step == 6
     rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused_with_the_holder_named(corpus, tmp_path):
+    import socket
+
+    from mora_jax.workdir_lock import WorkdirLock, WorkdirLocked
+
+    config = _pretrain_config(corpus, tmp_path / "busy", steps=6)
+    with WorkdirLock(tmp_path / "busy"):  # the first run
+        with pytest.raises(WorkdirLocked, match=f"in use by another run \\(pid {os.getpid()} on host {socket.gethostname()}"):
+            recipes.pretrain(config)
+        assert not (tmp_path / "busy" / "metrics.jsonl").exists()  # the refused run wrote nothing
+    assert not (tmp_path / "busy" / "run.lock").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"optim.lr": -1e-3}, r"optim.lr must be a finite number > 0, got -0.001 \(a negative learning rate trains uphill\)"),
+    ({"optim.lr": float("nan")}, r"optim.lr must be a finite number > 0, got nan"),
+    ({"optim.clip_norm": -1.0}, r"optim.clip_norm must be >= 0 \(0 = no clipping\), got -1.0"),
+    ({"train.batch_size": 7, "train.grad_accum": 2},
+     r"train.batch_size=7 is not divisible by train.grad_accum=2: .*multiple of it \(e.g. \[2, 4, 6, 8\]\)"),
+    ({"train.batch_size": 8, "train.grad_accum": 2},  # 4 rows per micro-batch over the 8 data-parallel devices
+     r"train.batch_size=8 does not split over 2 micro-batches × 8 data-parallel shards .*multiple of 16"),
+    ({"mesh.data": 3}, r"mesh data=3 × fsdp=1 × tensor=1 has 3 devices but there are 8"),
+    ({"mesh.data": 2, "mesh.tensor": 2}, r"mesh data=2 × fsdp=1 × tensor=2 has 4 devices but there are 8"),
+])
+def test_settings_are_checked_before_anything_compiles(tmp_path, overrides, message):
+    config = c4_pretrain.get_config("tiny")
+    config.workdir = str(tmp_path / "never")
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    with pytest.raises(ValueError, match=message):
+        recipes.build_mesh(RunConfig.from_dict(config))  # what recipes.run does first
+    assert not (tmp_path / "never").exists()
+
+
+def test_one_device_mesh_sizes_that_do_not_fit_are_refused():
+    from mora_jax.mesh import MeshConfig, make_mesh
+
+    with pytest.raises(ValueError, match="mesh data=2 × fsdp=1 × tensor=1 has 2 devices but there are 1; make the sizes multiply to 1"):
+        make_mesh(MeshConfig(axis_sizes=(2, 1, 1)), devices=jax.devices()[:1])

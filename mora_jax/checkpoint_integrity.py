@@ -1,0 +1,252 @@
+"""What a checkpoint step holds on disk, a manifest of it, and the checks that tell good from damaged.
+
+A checkpoint step is the directory ``<root>/<step>/`` that orbax renames into place once every file
+of it is written. It holds the items ``state`` and ``meta`` (and ``frozen`` when the frozen base
+weights were saved). Renaming makes a save atomic but says nothing about what happens to the files
+afterwards (a disk that fills, a copy cut short, bytes zeroed by a bad block), so each step is
+*sealed* once its save has finished:
+
+* :func:`write_manifest` records every file of the step with its size and CRC-32 in
+  ``<step>/mora_manifest.json`` (written to a temporary name, synced and renamed);
+* :func:`check_step` checks a step before it is restored: the items it must have, a readable
+  ``meta`` JSON, and every file against the manifest. A step without a manifest (its process was
+  killed after orbax committed it and before the seal) is ``unverified``, not damaged: its structure
+  is checked and restoring it is the rest of the test;
+* :func:`set_aside` moves a damaged step to ``<root>/damaged/<step>-<UTC time>`` (outside orbax's
+  step names, so it is no longer a checkpoint) with a ``DAMAGED.txt`` saying why. Nothing is deleted;
+* :func:`steps_to_delete` is the retention rule: a step is deleted only when ``keep`` newer steps
+  are sealed, so the last good checkpoint is never pushed out by newer ones that are not.
+
+The module knows files and JSON only (no JAX, no orbax), so it can be tested on plain directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import zlib
+from typing import Iterable, Literal, Mapping
+
+STATE_ITEM, FROZEN_ITEM, META_ITEM = "state", "frozen", "meta"
+METADATA_FORMAT = "mora_jax.checkpoint/1"  # of the meta item (mora_jax.checkpoint.CheckpointMetadata)
+META_FILE = "metadata"  # the meta item's JSON file, as orbax's JsonSave names it
+ITEM_METADATA_FILE = "_METADATA"  # orbax's tree metadata file of an array item
+MANIFEST_FILE = "mora_manifest.json"
+MANIFEST_FORMAT = "mora_jax.checkpoint_manifest/1"
+DAMAGED_DIR = "damaged"
+DAMAGED_NOTE = "DAMAGED.txt"
+_CHUNK = 8 << 20
+
+Status = Literal["verified", "unverified", "damaged"]
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint step whose files cannot be read back although they have the run's structure."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"checkpoint step {step} is damaged: {reason}")
+        self.step, self.reason = step, reason
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read (its file is damaged)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCheck:
+    """The verdict on one checkpoint step.
+
+    Attributes:
+      step: the step.
+      status: ``'verified'`` (every file matches the manifest), ``'unverified'`` (no manifest: the
+        structure is fine, the bytes could not be checked) or ``'damaged'``.
+      reason: for a damaged step, what is wrong (a short phrase, e.g. ``'state/d/1a2b is truncated
+        (100 of 289 bytes)'``).
+    """
+
+    step: int
+    status: Status
+    reason: str = ""
+
+    @property
+    def damaged(self) -> bool:
+        return self.status == "damaged"
+
+
+def _crc32(path: pathlib.Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _step_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Every regular file of a step except the manifest (and a manifest write cut short)."""
+    return sorted(p for p in step_dir.rglob("*")
+                  if p.is_file() and not p.name.startswith(MANIFEST_FILE) and not p.is_symlink())
+
+
+def build_manifest(step_dir: str | os.PathLike) -> dict:
+    """``{"format", "created", "files": {relative path: {"size", "crc32"}}}`` of a step directory."""
+    step_dir = pathlib.Path(step_dir)
+    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "crc32": _crc32(p)}
+             for p in _step_files(step_dir)}
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"format": MANIFEST_FORMAT, "created": created, "files": files}
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(step_dir: str | os.PathLike) -> dict:
+    """Seal a committed step: write its manifest atomically (temporary file, fsync, rename)."""
+    step_dir = pathlib.Path(step_dir)
+    manifest = build_manifest(step_dir)
+    tmp = step_dir / f"{MANIFEST_FILE}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, step_dir / MANIFEST_FILE)
+    _fsync_dir(step_dir)
+    return manifest
+
+
+def read_manifest(step_dir: str | os.PathLike) -> dict | None:
+    """The step's manifest, None if it has none; :class:`ManifestError` if it is unreadable."""
+    path = pathlib.Path(step_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"its manifest {MANIFEST_FILE} is not valid JSON ({e})") from None
+    if not (isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+            and isinstance(manifest.get("files"), dict)):
+        raise ManifestError(f"its manifest {MANIFEST_FILE} is not a {MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def _read_meta(step_dir: pathlib.Path) -> tuple[dict | None, str]:
+    """The meta item's JSON record, or None and what is wrong with it."""
+    path = step_dir / META_ITEM / META_FILE
+    if not path.is_file():
+        return None, f"the {META_ITEM} item is missing ({META_ITEM}/{META_FILE})"
+    try:
+        record = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, f"{META_ITEM}/{META_FILE} is not valid JSON ({e})"
+    if not isinstance(record, dict) or record.get("format") != METADATA_FORMAT:
+        return None, f"{META_ITEM}/{META_FILE} is not {METADATA_FORMAT} metadata"
+    return record, ""
+
+
+def _manifest_problems(step_dir: pathlib.Path, manifest: Mapping) -> list[str]:
+    problems = []
+    for name, expected in sorted(manifest["files"].items()):
+        path = step_dir / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            what = "truncated" if size < expected.get("size", 0) else "longer than written"
+            problems.append(f"{name} is {what} ({size} of {expected.get('size')} bytes)")
+        elif _crc32(path) != expected.get("crc32"):
+            problems.append(f"{name} does not match its checksum (bytes changed after the save)")
+    return problems
+
+
+def check_step(step_dir: str | os.PathLike, step: int) -> StepCheck:
+    """Whether checkpoint ``step`` in ``step_dir`` is intact (see :class:`StepCheck`)."""
+    step_dir = pathlib.Path(step_dir)
+    damaged = lambda reason: StepCheck(step, "damaged", reason)  # noqa: E731
+    if not step_dir.is_dir():
+        return damaged("its directory is missing")
+    if not any(step_dir.iterdir()):
+        return damaged("its directory is empty")
+    try:
+        manifest = read_manifest(step_dir)
+    except ManifestError as e:
+        return damaged(str(e))
+    record, problem = _read_meta(step_dir)
+    if record is None:
+        return damaged(problem)
+    needed = [STATE_ITEM] + ([FROZEN_ITEM] if record.get("frozen_saved") else [])
+    for item in needed:
+        if not (step_dir / item / ITEM_METADATA_FILE).is_file():
+            what = "is missing" if not (step_dir / item).is_dir() else f"has no {ITEM_METADATA_FILE}"
+            return damaged(f"the {item} item {what}")
+    if manifest is None:
+        return StepCheck(step, "unverified")
+    problems = _manifest_problems(step_dir, manifest)
+    if problems:
+        more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
+        return damaged(problems[0] + more)
+    return StepCheck(step, "verified")
+
+
+def set_aside(step_dir: str | os.PathLike, reason: str) -> pathlib.Path:
+    """Move a damaged step to ``<root>/damaged/<step>-<UTC time>`` with a note; returns the new path."""
+    step_dir = pathlib.Path(step_dir)
+    damaged_root = step_dir.parent / DAMAGED_DIR
+    damaged_root.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = damaged_root / f"{step_dir.name}-{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = damaged_root / f"{step_dir.name}-{stamp}-{n}"
+    os.rename(step_dir, target)
+    try:
+        (target / DAMAGED_NOTE).write_text(f"checkpoint step {step_dir.name} was set aside on resume: {reason}\n")
+    except OSError:
+        pass  # the move is what matters
+    return target
+
+
+def steps_to_delete(steps: Iterable[int], sealed: Iterable[int], keep: int | None) -> list[int]:
+    """Old steps to delete so that ``keep`` sealed steps remain: those older than the ``keep``-th
+    newest sealed step. Nothing is deleted until ``keep`` steps are sealed, and a step newer than
+    that one (sealed or not) is never deleted."""
+    if keep is None:
+        return []
+    sealed = sorted(set(sealed) & set(steps))
+    if len(sealed) <= keep:
+        return []
+    oldest_kept = sealed[-keep]
+    return sorted(s for s in steps if s < oldest_kept)
+
+
+__all__ = [
+    "CheckpointDamaged",
+    "DAMAGED_DIR",
+    "FROZEN_ITEM",
+    "MANIFEST_FILE",
+    "META_ITEM",
+    "METADATA_FORMAT",
+    "STATE_ITEM",
+    "ManifestError",
+    "StepCheck",
+    "build_manifest",
+    "check_step",
+    "read_manifest",
+    "set_aside",
+    "steps_to_delete",
+    "write_manifest",
+]
