@@ -73,10 +73,10 @@ def _run(model, params, config: RunConfig, *, train_batches, eval_batches, callb
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-    state = _initial_state(params, config, layout)
+    state = initial_state(params, config, layout)
     summary = training.trainable_summary(state)
     steps = steps_lib.build_steps(model, config.optim.optimizer(), config.schedule(), config.step_config(),
-                                  mesh=mesh, rules=rules, use_dropout=_uses_dropout(config),
+                                  mesh=mesh, rules=rules, use_dropout=uses_dropout(config),
                                   reset_optimizer=config.remora.reset_optimizer)
     state = steps.place(state)
     initial_frozen = state.frozen
@@ -177,7 +177,10 @@ def evaluate(steps: steps_lib.Steps, state, batches) -> dict:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
-def _initial_state(params, config: RunConfig, layout) -> training.TrainState:
+def initial_state(params, config: RunConfig, layout) -> training.TrainState:
+    """The state a run starts from: ``params`` frozen or trained as ``config.adapter`` says, fresh
+    adapters (ReMoRA: of the cycle's first type) and optimizer states. The TPU planner traces it
+    with ``jax.eval_shape`` (``mora_jax.plan``), so what it compiles is what a run holds."""
     rng = jax.random.key(config.seed)
     adapter_config = config.initial_adapter_config()
     adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
@@ -185,7 +188,8 @@ def _initial_state(params, config: RunConfig, layout) -> training.TrainState:
                                        jax.random.fold_in(rng, 2))
 
 
-def _uses_dropout(config: RunConfig) -> bool:
+def uses_dropout(config: RunConfig) -> bool:
+    """Whether the steps need a dropout rng (adapter dropout)."""
     return float(getattr(config.adapter, "dropout", 0.0)) > 0.0
 
 

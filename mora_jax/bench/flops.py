@@ -1,119 +1,15 @@
-"""The FLOP model of the benchmark: the matmul FLOPs one training step of a LLaMA model needs.
+"""The FLOP model of the benchmark: :mod:`mora_jax.flops`, re-exported.
 
-:func:`model_flops_per_step` is the analytic count behind every MFU the benchmark reports (full
-fine-tuning, LoRA, MoRA of each type, or the frozen base model alone); :func:`flop_breakdown`
-gives it by part, :func:`adapter_flops_per_token` per adapter. Nothing here runs a model: the
-numbers come from the shapes alone (``tests/test_benchmark.py`` checks them against hand counts,
-``tests/test_step_profile.py`` against the dots of the compiled step).
+It lives in the core package because the TPU planner (:mod:`mora_jax.plan`) reports the same MFU
+from it, and the core never imports :mod:`mora_jax.bench`.
 """
 
-from __future__ import annotations
-
-from mora_jax import ops
-from mora_jax.models.llama import LlamaConfig
-
-
-def llama_kernel_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
-    """``{projection: (in_features k, out_features d)}`` of one LLaMA block."""
-    D, F = config.hidden_size, config.intermediate_size
-    H, N, K = config.resolved_head_dim, config.num_attention_heads, config.resolved_kv_heads
-    return {"q_proj": (D, N * H), "k_proj": (D, K * H), "v_proj": (D, K * H), "o_proj": (N * H, D),
-            "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
-
-
-def mora_chunks_used(in_features: int, out_features: int, r_hat: int) -> int:
-    """Type 6: chunks of the (wrap-padded) input whose rotated product reaches the output.
-
-    The input is cut into ``ceil(k/r̂)`` chunks; their products are concatenated and truncated (or
-    tiled) to ``d``, so only the first ``ceil(min(d, n·r̂)/r̂)`` chunks matter.
-    """
-    n = -(-in_features // r_hat)
-    return min(n, -(-out_features // r_hat))
-
-
-def adapter_flops_per_token(k: int, d: int, method: str, r: int, mora_type: int | None = None) -> tuple[float, float]:
-    """``(forward, input_gradient)`` matmul FLOPs per token of one adapter on a ``k × d`` kernel.
-
-    LoRA: forward ``x@a`` and ``(xa)@b`` = ``2·r·(k+d)``; backward: ``d(xa) = dy@bᵀ`` and ``∇b`` (``2·r·d``
-    each), ``∇a`` (``2·k·r``) and the input gradient ``dx = d(xa)@aᵀ`` (``2·k·r``), so backward =
-    2 × forward of which ``2·k·r`` is the input gradient.
-    MoRA types 1–4: compression/decompression are sums/copies (no matmul), ``z@m`` = ``2·r̂²``;
-    backward ``∇m = zᵀ·du`` and ``dz = du·mᵀ``, one forward's worth each. Type 6: the same per chunk
-    that reaches the output (:func:`mora_chunks_used`), ``2·n·r̂²``.
-    """
-    if method == "lora":
-        return 2.0 * r * (k + d), 2.0 * k * r
-    if method == "mora":
-        r_hat = ops.rank_hat(k, d, r, mora_type)
-        n = mora_chunks_used(k, d, r_hat) if mora_type == 6 else 1
-        fwd = 2.0 * n * r_hat * r_hat
-        return fwd, fwd
-    raise ValueError(f"adapter method must be 'lora' or 'mora', got {method!r}")
-
-
-def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r: int | None = None,
-                   mora_type: int | None = None, *, skip_dead_input_grads: bool = True) -> dict[str, float]:
-    """Matmul FLOPs of one training step of a LLaMA model, by part (see :func:`model_flops_per_step`)."""
-    if method not in ("full", "lora", "mora", "frozen"):
-        raise ValueError(f"method must be 'full', 'lora', 'mora' or 'frozen', got {method!r}")
-    if method in ("lora", "mora") and not r:
-        raise ValueError(f"{method} needs a rank r")
-    if method == "mora" and mora_type is None:
-        raise ValueError("mora needs a mora_type")
-    tokens = batch * seq_len
-    L, D, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
-    H, N = config.resolved_head_dim, config.num_attention_heads
-    shapes = llama_kernel_shapes(config)
-    block_params = sum(k * d for k, d in shapes.values())
-    matmul_params = L * block_params + D * V  # LM head (or tied embedding.attend) included
-    # Layer 0's q/k/v input gradient would flow only into the frozen embeddings: nothing needs it.
-    dead = sum(k * d for p, (k, d) in shapes.items() if p in ("q_proj", "k_proj", "v_proj"))
-    attention_forward = L * 4.0 * batch * seq_len * seq_len * N * H  # QKᵀ and PV, no causal skipping
-    out = {
-        "forward": 2.0 * matmul_params * tokens,
-        "attention_forward": attention_forward,
-        "input_grad": 2.0 * (matmul_params - (dead if skip_dead_input_grads else 0)) * tokens,
-        "attention_backward": 2.0 * attention_forward,  # dP, dV, dQ, dK
-        "weight_grad": 2.0 * L * block_params * tokens if method == "full" else 0.0,
-        "adapter": 0.0,
-    }
-    if method in ("lora", "mora"):
-        per_token = 0.0
-        for proj, (k, d) in shapes.items():
-            fwd, in_grad = adapter_flops_per_token(k, d, method, r, mora_type)
-            per_token += L * 3.0 * fwd
-            if skip_dead_input_grads and proj in ("q_proj", "k_proj", "v_proj"):
-                per_token -= in_grad
-        out["adapter"] = per_token * tokens
-    return out
-
-
-def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: str, r: int | None = None,
-                         mora_type: int | None = None, *, skip_dead_input_grads: bool = True) -> float:
-    """The matmul FLOPs one training step of ``method`` really needs (a multiply-add = 2 FLOPs).
-
-    For a LLaMA model with all seven projections of every block adapted (or, for ``"full"``,
-    trained), ``tokens = batch·seq_len``, ``P`` = the projections' and LM head's parameters:
-
-    * forward: ``2·P·tokens`` plus attention ``QKᵀ`` and ``PV``: ``4·B·T²·N·H`` per layer (the full
-      ``T × T`` product: the implementation masks, it does not skip);
-    * backward, every kernel: the input gradient, another ``2·P·tokens``; attention backward is
-      twice its forward;
-    * backward, trained kernels (``"full"`` only): the weight gradient, another ``2·P_blocks·tokens``
-      (the LM head is frozen in every method);
-    * adapters (``"lora"``/``"mora"``): their own matmuls, three times the forward
-      (:func:`adapter_flops_per_token`): LoRA ``2·tokens·r·(k+d)·3``; MoRA ``2·tokens·r̂²·3`` (types
-      1–4) or ``2·tokens·n·r̂²·3`` (type 6, ``n`` chunks reaching the output);
-    * ``"frozen"``: the base model alone with every kernel frozen (what any adapter method pays
-      before its adapter matmuls), so ``full − frozen`` is exactly the weight-gradient term.
-
-    Embedding lookups, norms, softmax, the loss and the optimizer are not matmuls and not counted.
-    With ``skip_dead_input_grads`` (default) the input gradients of layer 0's q/k/v projections
-    (kernels and adapters) are not counted: they flow only into the frozen embeddings, and JAX's
-    autodiff never computes them. ``False`` gives the plain textbook formula.
-    """
-    return float(sum(flop_breakdown(config, batch, seq_len, method, r, mora_type,
-                                    skip_dead_input_grads=skip_dead_input_grads).values()))
-
+from mora_jax.flops import (  # noqa: F401 (re-exported)
+    adapter_flops_per_token,
+    flop_breakdown,
+    llama_kernel_shapes,
+    model_flops_per_step,
+    mora_chunks_used,
+)
 
 __all__ = ["adapter_flops_per_token", "flop_breakdown", "llama_kernel_shapes", "model_flops_per_step", "mora_chunks_used"]
