@@ -76,6 +76,7 @@ def base_config():
     c.data.packing = False  # fine-tuning: pack several examples per row (attention stays within each)
     c.data.num_epochs = ml_collections.FieldReference(None, field_type=int)  # passes over the data (None = forever)
     c.data.eval_split = "train"  # the split of a Hub data set used for evaluation
+    c.data.on_bad_record = "error"  # record without its fields, non-UTF-8/JSON line: "error" (names file, line) or "skip"
 
     c.mesh = ml_collections.ConfigDict()
     # mesh axes, in order (the keys are the axis names; one size may be -1 = the remaining devices)

@@ -75,7 +75,8 @@ def build_data(config: RunConfig, task: str, tokenizer):
     batch_size = t.batch_size // jax.process_count()
     if task == "pretrain":
         data_config = data_lib.PretrainDataConfig(seq_len=t.seq_len, batch_size=batch_size, text_field=d.text_field,
-                                                  num_epochs=d.num_epochs, overlong=d.overlong)
+                                                  num_epochs=d.num_epochs, overlong=d.overlong,
+                                                  on_bad_record=d.on_bad_record)
         eval_config = dataclasses.replace(data_config, num_epochs=1, split=d.eval_split)
         make = functools.partial(data_lib.pretrain_batches, tokenizer=tokenizer, **shard)
     else:
@@ -83,7 +84,7 @@ def build_data(config: RunConfig, task: str, tokenizer):
         if d.format not in factory:
             raise ValueError(f"unknown data.format {d.format!r}: choose one of {sorted(factory)}")
         data_config = factory[d.format](t.seq_len, batch_size, packing=d.packing, num_epochs=d.num_epochs,
-                                        seed=config.seed, overlong=d.overlong)
+                                        seed=config.seed, overlong=d.overlong, on_bad_record=d.on_bad_record)
         eval_config = dataclasses.replace(data_config, num_epochs=1, shuffle=False)
         make = functools.partial(data_lib.finetune_batches, tokenizer=tokenizer, **shard)
     train_batches = make(d.source, config=data_config)

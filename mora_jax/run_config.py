@@ -185,6 +185,8 @@ class DataConfig:
       packing: pack several fine-tuning examples per row (attention stays within each).
       num_epochs: passes over the data (None = repeat forever).
       eval_split: the split of a Hub data set used for evaluation.
+      on_bad_record: "error" (stop, naming the file and line) or "skip" (count it in the end-of-run
+        report) for a record without its fields or a line that is not valid UTF-8 / JSON.
     """
 
     source: str = ""
@@ -196,6 +198,12 @@ class DataConfig:
     packing: bool = False
     num_epochs: int | None = None
     eval_split: str = "train"
+    on_bad_record: str = "error"
+
+    def __post_init__(self):
+        if self.on_bad_record not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_record={self.on_bad_record!r}: choose 'error' (stop at a bad record, "
+                             "naming its file and line) or 'skip' (count and skip it)")
 
 
 @dataclasses.dataclass(frozen=True)

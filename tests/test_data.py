@@ -5,6 +5,7 @@ Everything runs offline on a tiny SentencePiece model trained here on the synthe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -261,7 +262,7 @@ def test_pretrain_resume_gives_the_same_batches(kind, process_count, num_epochs,
         assert_same_batches(head + list(resumed), uninterrupted)
         assert resumed.stats == reference.stats  # counters continue across the resume
     if kind != "list":
-        assert state["source_state"] is not None  # datasets' own state is used to seek
+        assert state["source_state"] is not None  # the source's own position (file offset, datasets state): a seek
 
 
 def test_pretrain_set_state_rejects_other_settings(tokenizer):
@@ -288,18 +289,19 @@ def test_pretrain_bad_records_are_counted_or_raise(tokenizer):
         {"text": None},
         7,
     ]
-    iterator = pretrain_batches(records, tokenizer, PretrainDataConfig(seq_len=8, batch_size=1, drop_remainder=False))
+    skip = PretrainDataConfig(seq_len=8, batch_size=1, drop_remainder=False, on_bad_record="skip")
+    iterator = pretrain_batches(records, tokenizer, skip)
     assert stream_documents(list(iterator), tokenizer) == ["First good document.", "Second good one."]
     assert iterator.stats["skipped_empty"] == 2 and iterator.stats["skipped_missing_fields"] == 3
     assert "skipped 2 empty and 3 with missing fields" in iterator.report()
 
-    strict = PretrainDataConfig(seq_len=8, batch_size=1, on_bad_record="error")
+    strict = PretrainDataConfig(seq_len=8, batch_size=1)  # on_bad_record="error" is the default
     with pytest.raises(
         ValueError, match=r"record 4 .*no text field 'text' \(found \['body'\]\).*text_field=.*on_bad_record='skip'"
     ):
         list(pretrain_batches(records, tokenizer, strict))
     with pytest.raises(ValueError, match="no usable documents.*3 with missing fields.*text_field"):
-        next(pretrain_batches([{"body": "x"}] * 3, tokenizer, PretrainDataConfig(seq_len=8, batch_size=1)))
+        next(pretrain_batches([{"body": "x"}] * 3, tokenizer, dataclasses.replace(skip, drop_remainder=True)))
 
 
 def test_pretrain_overlong_documents_truncate_or_drop(tokenizer):
@@ -461,16 +463,16 @@ def test_finetune_bad_records_are_counted_or_raise(tokenizer):
         {"instruction": "Q", "output": None},
         good[2],
     ]
-    iterator = finetune_batches(records, tokenizer, short_config(shuffle=False))
+    iterator = finetune_batches(records, tokenizer, short_config(shuffle=False, on_bad_record="skip"))
     list(iterator)
     assert len(iterator.examples) == 3 and iterator.stats["documents"] == 3
     assert iterator.stats["skipped_missing_fields"] == 4 and iterator.stats["skipped_empty"] == 1
     assert "3 usable examples" in iterator.report()
 
     with pytest.raises(BadRecordError, match=r"record 1: .*\['output'\].*response_field.*on_bad_record='skip'"):
-        finetune_batches(records, tokenizer, short_config(on_bad_record="error"))
+        finetune_batches(records, tokenizer, short_config())  # on_bad_record="error" is the default
     with pytest.raises(ValueError, match=r"none of the 2 records is usable.*record 0: .*\['instruction', 'output'\]"):
-        finetune_batches([{"question": "q", "answer": "a"}] * 2, tokenizer, short_config())
+        finetune_batches([{"question": "q", "answer": "a"}] * 2, tokenizer, short_config(on_bad_record="skip"))
 
 
 def test_finetune_overlong_examples_truncate_or_drop(tokenizer):

@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
-STATS_KEYS = ("documents", "tokens", "batches", "skipped_empty", "skipped_missing_fields", "truncated", "dropped")
+STATS_KEYS = ("documents", "tokens", "batches", "skipped_empty", "skipped_missing_fields", "skipped_unreadable",
+              "truncated", "dropped")
+ON_BAD_RECORD = ("error", "skip")  # what a record without its fields, or an unreadable line, does
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -28,7 +30,7 @@ def check_common_config(config) -> None:
     if config.num_epochs is not None and (not isinstance(config.num_epochs, int) or config.num_epochs < 1):
         raise ValueError(f"num_epochs must be a positive int or None (repeat forever), got {config.num_epochs!r}")
     check_choice("overlong", config.overlong, ("truncate", "drop"))
-    check_choice("on_bad_record", config.on_bad_record, ("skip", "error"))
+    check_choice("on_bad_record", config.on_bad_record, ON_BAD_RECORD)
 
 
 def new_stats() -> dict[str, int]:
@@ -36,11 +38,24 @@ def new_stats() -> dict[str, int]:
 
 
 def format_report(kind: str, stats: Mapping[str, int]) -> str:
+    unreadable = stats.get("skipped_unreadable", 0)
     return (
         f"{kind} data: {stats['documents']} documents, {stats['tokens']} tokens, {stats['batches']} batches; "
-        f"skipped {stats['skipped_empty']} empty and {stats['skipped_missing_fields']} with missing fields; "
-        f"{stats['truncated']} truncated, {stats['dropped']} dropped as too long"
+        f"skipped {stats['skipped_empty']} empty and {stats['skipped_missing_fields']} with missing fields"
+        + (f" and {unreadable} unreadable lines (invalid UTF-8 or malformed JSON)" if unreadable else "")
+        + f"; {stats['truncated']} truncated, {stats['dropped']} dropped as too long"
     )
+
+
+class BadRecordError(ValueError):
+    """A record lacks a field the pipeline needs, or a line of a local file is unreadable (invalid
+    UTF-8 or JSON); the message names the file and line (or the record's index)."""
+
+
+def bad_record_error(where: str, problem: str) -> str:
+    """The message of a bad record under ``on_bad_record='error'``: where it is, what is wrong, the way out."""
+    return (f"{where}: {problem}; fix the data, or pass on_bad_record='skip' (data.on_bad_record='skip' in a "
+            "run config) to count and skip such records")
 
 
 def check_state(state: Mapping, expected_format: str, expected: Mapping[str, Any]) -> None:

@@ -9,7 +9,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mora_jax.data.batching import check_common_config, check_process, check_state, format_report, new_stats
+from mora_jax.data.batching import (
+    BadRecordError,
+    bad_record_error,
+    check_common_config,
+    check_process,
+    check_state,
+    format_report,
+    new_stats,
+)
+from mora_jax.data.local_files import BadLine
 from mora_jax.data.sources import ProcessShard
 from mora_jax.data.tokenizer import Tokenizer
 
@@ -40,7 +49,10 @@ class FinetuneDataConfig:
     prompt fills ``seq_len`` is always dropped. Each epoch visits the examples in a fresh permutation
     of ``seed`` (``shuffle``), process ``i`` of ``n`` taking every ``n``-th. With ``packing``,
     examples are placed first-fit into the rows of a batch, else one per row. The last batch of the
-    data is padded unless ``drop_remainder``. Defaults match Alpaca; see :meth:`metamathqa`.
+    data is padded unless ``drop_remainder``. A record without the fields the templates need, or a
+    line of a local file that is not valid UTF-8 or JSON, is an error naming the file and line
+    (``on_bad_record='error'``) or is counted and skipped (``'skip'``). Defaults match Alpaca; see
+    :meth:`metamathqa`.
     """
 
     seq_len: int
@@ -56,7 +68,7 @@ class FinetuneDataConfig:
     seed: int = 0
     num_epochs: int | None = 1
     overlong: Literal["truncate", "drop"] = "truncate"
-    on_bad_record: Literal["skip", "error"] = "skip"
+    on_bad_record: Literal["error", "skip"] = "error"
     drop_remainder: bool = False
 
     def __post_init__(self):
@@ -93,10 +105,6 @@ def template_fields(template: str) -> list[str]:
     if any(not name.isidentifier() for name in names):
         raise ValueError(f"prompt template {template!r} must use named fields such as {{instruction}}, got {names}")
     return names
-
-
-class BadRecordError(ValueError):
-    """A record lacks a field the prompt template or response needs."""
 
 
 def format_prompt_response(record: Mapping[str, Any], config: FinetuneDataConfig) -> tuple[str, str]:
@@ -163,19 +171,26 @@ class FinetuneBatchIterator:
 
     def _load_examples(self, shard: ProcessShard) -> list[tuple[str, str]]:
         examples, records_read, first_problem = [], 0, None
-        for record, (index, _) in shard.records(epoch=0):
+        for record, position in shard.records(epoch=0):
             records_read += 1
+            where = shard.where(position, f"record {position[0]}")
+            if isinstance(record, BadLine):
+                if self.config.on_bad_record == "error":
+                    raise BadRecordError(bad_record_error(where, record.problem))
+                self.stats["skipped_unreadable"] += 1
+                first_problem = first_problem or record.describe()
+                continue
             try:
                 prompt, response = format_prompt_response(record, self.config)
             except BadRecordError as error:
                 if self.config.on_bad_record == "error":
-                    raise BadRecordError(f"record {index}: {error}; or pass on_bad_record='skip'") from None
+                    raise BadRecordError(bad_record_error(where, str(error))) from None
                 self.stats["skipped_missing_fields"] += 1
-                first_problem = first_problem or f"record {index}: {error}"
+                first_problem = first_problem or f"{where}: {error}"
                 continue
             if not response.strip():
                 self.stats["skipped_empty"] += 1
-                first_problem = first_problem or f"record {index}: empty {self.config.response_field!r}"
+                first_problem = first_problem or f"{where}: empty {self.config.response_field!r}"
                 continue
             examples.append((prompt, response))
         if not examples:

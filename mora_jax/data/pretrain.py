@@ -8,7 +8,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mora_jax.data.batching import check_common_config, check_state, format_report, new_stats
+from mora_jax.data.batching import (
+    BadRecordError,
+    bad_record_error,
+    check_common_config,
+    check_state,
+    format_report,
+    new_stats,
+)
+from mora_jax.data.local_files import BadLine
 from mora_jax.data.sources import ProcessShard
 from mora_jax.data.tokenizer import Tokenizer
 
@@ -24,6 +32,9 @@ class PretrainDataConfig:
     ``batch_size`` is per process. ``max_document_tokens`` caps a document's length (``overlong``
     says whether longer ones are truncated, keeping their EOS, or dropped). With ``drop_remainder``
     the stream's last incomplete batch is dropped, otherwise it is padded (``segment_ids`` 0).
+    A record without its text field, or a line of a local file that is not valid UTF-8 (or JSON),
+    is an error naming the file and line (``on_bad_record='error'``) or is counted and skipped
+    (``'skip'``); empty texts are always skipped and counted.
     """
 
     seq_len: int
@@ -34,7 +45,7 @@ class PretrainDataConfig:
     num_epochs: int | None = 1
     max_document_tokens: int | None = None
     overlong: Literal["truncate", "drop"] = "truncate"
-    on_bad_record: Literal["skip", "error"] = "skip"
+    on_bad_record: Literal["error", "skip"] = "error"
     drop_remainder: bool = True
 
     def __post_init__(self):
@@ -86,17 +97,20 @@ class PretrainBatchIterator:
     def report(self) -> str:
         return format_report("pretraining", self.stats)
 
-    def _text_of(self, record, record_index: int, count: bool) -> str | None:
+    def _text_of(self, record, position, count: bool) -> str | None:
         field = self.config.text_field
+        if isinstance(record, BadLine):
+            if self.config.on_bad_record == "error":
+                raise BadRecordError(bad_record_error(f"{record.file} line {record.line}", record.problem))
+            self.stats["skipped_unreadable"] += count
+            return None
         text = record if isinstance(record, str) else record.get(field) if isinstance(record, Mapping) else None
         if not isinstance(text, str):
             if self.config.on_bad_record == "error":
                 found = sorted(record) if isinstance(record, Mapping) else type(record).__name__
-                raise ValueError(
-                    f"record {record_index} of process {self._shard.process_index} has no text field "
-                    f"{field!r} (found {found}): pass text_field=<the text column>, or "
-                    "on_bad_record='skip' to count and skip such records"
-                )
+                where = self._shard.where(position, f"record {position[0]} of process {self._shard.process_index}")
+                raise BadRecordError(bad_record_error(
+                    where, f"no text field {field!r} (found {found}); pass text_field=<the text column>"))
             self.stats["skipped_missing_fields"] += count
             return None
         if not text.strip():
@@ -137,7 +151,7 @@ class PretrainBatchIterator:
                     self._finished = True
                     raise
                 continue
-            text = self._text_of(record, position[0], count=True)
+            text = self._text_of(record, position, count=True)
             tokens = None if text is None else self._tokenize(text, count=True)
             if tokens is not None:
                 self._documents_this_epoch += 1
@@ -209,7 +223,7 @@ class PretrainBatchIterator:
             self._records = self._shard.records(self._epoch, *self._position)
             self._documents_this_epoch, self._epoch_read_from_start = 1, False
             record, _ = next(self._records, (None, None))
-            text = None if record is None else self._text_of(record, self._position[0], count=False)
+            text = None if record is None else self._text_of(record, self._position, count=False)
             tokens = None if text is None else self._tokenize(text, count=False)
             if tokens is None or len(tokens) < state["document_tokens_used"]:
                 raise ValueError(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from mora_jax.data.batching import check_choice, check_process
+from mora_jax.data.local_files import LINES_STATE_FORMAT, LineFiles, line_file_kind
 
 C4_PATH, C4_CONFIG = "allenai/c4", "en"
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
@@ -113,14 +114,20 @@ class ProcessShard:
     """One process's share of a source, readable epoch after epoch from any saved position.
 
     A position is ``(records_read, source_state)``: records of this shard read so far in the epoch,
-    and, for a ``datasets.IterableDataset``, its ``state_dict()`` there (so resuming seeks instead of
-    re-reading). IterableDatasets are split with ``split_dataset_by_node`` (whole files per process
-    when their number divides, else every ``n``-th record); other sources take every ``n``-th record.
+    and the source's own position there, so resuming seeks instead of re-reading: for local text and
+    JSON files (read by :class:`~mora_jax.data.local_files.LineFiles`, which names the file and line
+    of every record) the file, byte offset and line; for a ``datasets.IterableDataset`` (the Hub,
+    Parquet files) its ``state_dict()``. IterableDatasets are split with ``split_dataset_by_node``
+    (whole files per process when their number divides, else every ``n``-th record); other sources
+    take every ``n``-th record.
     """
 
     def __init__(self, source, *, split: str, text_field: str | None, process_index: int, process_count: int):
         check_process(process_index, process_count)
-        if isinstance(source, (str, os.PathLike)):
+        self.lines = _line_files(source, text_field)
+        if self.lines is not None:
+            source = self.lines.files
+        elif isinstance(source, (str, os.PathLike)):
             source = load_text_dataset(source, split=split, text_field=text_field)
         elif isinstance(source, (bytes, Mapping)) or not (callable(source) or isinstance(source, Iterable)):
             raise TypeError(
@@ -133,8 +140,38 @@ class ProcessShard:
         self._one_shot = not (self.is_iterable_dataset or callable(source)) and iter(source) is source
         self._opened = False
 
+    def where(self, position, fallback: str) -> str:
+        """The file and line of the record at ``position`` (local files), else ``fallback``."""
+        state = position[1]
+        if self.lines is not None and isinstance(state, dict) and state.get("format") == LINES_STATE_FORMAT:
+            return self.lines.describe(state)
+        return fallback
+
+    def _line_records(self, records_read: int, source_state):
+        """This process's records of local files from a position (see :meth:`records`)."""
+        start = source_state if isinstance(source_state, dict) and source_state.get("format") == LINES_STATE_FORMAT else None
+        if start is None and source_state is not None and self.process_count > 1:
+            raise ValueError("cannot resume: the data state was saved by a version that read local files through "
+                             "datasets, which split them differently between processes; restart the data from the "
+                             "beginning or resume with that version")
+        read = records_read if start is not None else 0  # without a position, re-read up to records_read
+        for record, state in self.lines.records(start):
+            if state["index"] % self.process_count != self.process_index:
+                continue
+            if read < records_read:
+                read += 1
+                continue
+            yield record, (read, state)
+            read += 1
+        if read < records_read:
+            raise ValueError(f"cannot resume: the source now has {read} records for this process, the saved "
+                             f"state read {records_read}; resume with the data the state was saved with")
+
     def records(self, epoch: int, records_read: int = 0, source_state: dict | None = None):
         """Yields ``(record, position_before_it)`` from the given position of ``epoch``."""
+        if self.lines is not None:
+            yield from self._line_records(records_read, source_state)
+            return
         if self._one_shot and self._opened:
             raise ValueError(
                 "this source is a one-shot iterator and was already read: for several epochs or a resume, "
@@ -165,3 +202,18 @@ class ProcessShard:
         for record in records:
             yield record, position
             position = (position[0] + 1, current_state())
+
+
+def _line_files(source, text_field: str | None) -> LineFiles | None:
+    """A :class:`LineFiles` reader for a local path whose files are all text or all JSON, else None."""
+    if not isinstance(source, (str, os.PathLike)) or (isinstance(source, str) and source.lower() == "c4"):
+        return None
+    files = resolve_data_files(source)
+    kinds = {line_file_kind(f) for f in files}
+    if len(kinds) != 1 or None in kinds:
+        return None  # Parquet, other compressions or a mix: datasets reads them (or says why not)
+    lines = LineFiles(files)
+    if lines.kind == "text" and text_field not in (None, "text"):
+        raise KeyError(f"{os.fspath(source)!r} holds text files, whose records have the one field 'text', "
+                       f"not {text_field!r}: pass text_field='text'")
+    return lines
