@@ -1,22 +1,25 @@
 """The ``mora-jax`` command line.
 
   mora-jax merge --base HF_DIR --adapter ADAPTER_DIR --out OUT_DIR [--dtype float32|bfloat16] [--overwrite]
+                 [--allow-pickle]
       Fold a PEFT adapter (MoRA reference format or plain LoRA) into a Hugging Face LLaMA checkpoint
       and write the merged model (plus the base's generation config and tokenizer files) to OUT_DIR.
+      Every file is written under a temporary name and renamed into place (no half-written file after
+      a crash; a symlink in OUT_DIR is replaced, never followed), with the usual umask permissions.
+      NaN or infinite values in the adapter, the base or the merged weights are refused.
   mora-jax info ADAPTER_DIR
       Describe an adapter: method, type, r, r̂ per module, trainable parameter count.
 
-User errors (missing files, adapters that do not fit the base model, an existing output
-directory, ...) are reported on stderr as one ``mora-jax: error: ...`` line with exit status 1.
+User errors (missing or malformed files, adapters that do not fit the base model, an existing or
+unwritable output directory, ...) are reported on stderr as one ``mora-jax: error: ...`` line naming
+the file, with exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import shutil
 import sys
 
 # Files copied unchanged from the base model directory into a merged checkpoint.
@@ -45,12 +48,34 @@ class UserError(Exception):
 
 def _stored_dtype(base_dir: pathlib.Path) -> str:
     """The base checkpoint's parameter dtype from ``config.json`` (``float32`` if unknown)."""
-    try:
-        hf_config = json.loads((base_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return "float32"  # load_llama reports a missing or broken config.json itself
+    from mora_jax.hf_format import read_json_object
+
+    if not (base_dir / "config.json").is_file():
+        return "float32"  # load_llama reports a missing config.json itself
+    hf_config = read_json_object(base_dir / "config.json", remedy="a Hugging Face config.json holds one JSON object")
     stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
     return stored if stored in _LOADABLE_DTYPES else "float32"
+
+
+def _check_writable(out: pathlib.Path) -> None:
+    """``out`` (or, if it does not exist yet, its nearest existing parent) must be a writable directory."""
+    target = out
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):
+        where = f"--out {out}" if target == out else f"--out {out}: its parent directory {target}"
+        raise UserError(f"{where} is not writable; choose a directory you can write to")
+
+
+def _first_non_finite(flat_params, paths=None):
+    """The first (sorted) floating-point leaf among ``paths`` holding NaN or infinite values, or None."""
+    import jax.numpy as jnp
+
+    for path in sorted(paths if paths is not None else flat_params):
+        x = flat_params[path]
+        if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all()):
+            return path
+    return None
 
 
 def _check_merge_paths(base: pathlib.Path, adapter: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
@@ -68,6 +93,7 @@ def _check_merge_paths(base: pathlib.Path, adapter: pathlib.Path, out: pathlib.P
             f"output directory {out} is not empty; choose a new directory or pass --overwrite to replace "
             "the model files in it"
         )
+    _check_writable(out)
 
 
 def merge_command(args) -> int:
@@ -76,7 +102,8 @@ def merge_command(args) -> int:
     from tqdm import tqdm
 
     from mora_jax.adapters import flatten, merge, path_str, unflatten
-    from mora_jax.hf import load_llama, read_config, save_llama
+    from mora_jax.hf import SAFE_WEIGHTS, load_llama, param_to_hf_tensor, read_config, save_llama
+    from mora_jax.hf_format import copy_file_atomic
     from mora_jax.models.llama import abstract_params
     from mora_jax.peft import load_adapter
 
@@ -90,12 +117,20 @@ def merge_command(args) -> int:
     # Merge at the checkpoint's precision when it is kept; otherwise in float32, then cast once.
     load_dtype = stored if out_dtype == stored else "float32"
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.allow_pickle:
+        log("mora-jax: warning: --allow-pickle: pickle checkpoints (*.bin) in the base are read with "
+            "torch.load(weights_only=True); unpickling files you do not trust can still be unsafe")
     log(f"loading base model {base} ({load_dtype})")
-    model, params = load_llama(base, param_dtype=load_dtype)
+    model, params = load_llama(base, param_dtype=load_dtype, allow_pickle=args.allow_pickle)
     config, adapters = load_adapter(adapter_dir, params)
     method = f"MoRA type {config.mora_type}" if config.method == "mora" else "LoRA"
 
     flat_params, flat_adapters = flatten(params), flatten(adapters)
+    bad = _first_non_finite(flat_params)
+    if bad is not None:
+        where = base / SAFE_WEIGHTS if (base / SAFE_WEIGHTS).is_file() else base
+        raise UserError(f"{where}: base tensor {param_to_hf_tensor(bad)[0]} holds NaN or infinite values; the "
+                        "checkpoint is damaged or was saved from a diverged run (re-download it)")
     for path, adapter in tqdm(
         sorted(flat_adapters.items(), key=lambda kv: path_str(kv[0])),
         desc="merging", unit="kernel", disable=None, file=sys.stderr,
@@ -104,15 +139,23 @@ def merge_command(args) -> int:
         flat_params[path] = flatten(merged)[path]
     if out_dtype != load_dtype:
         flat_params = {p: jnp.asarray(x, out_dtype) for p, x in flat_params.items()}
+    bad = _first_non_finite(flat_params, flat_adapters)
+    if bad is not None:
+        raise UserError(f"merging {adapter_dir} into {base} gives NaN or infinite values in "
+                        f"{param_to_hf_tensor(bad)[0]} ({out_dtype}); the adapter's values are too large for "
+                        "this base (nothing was written)")
     params = jax.block_until_ready(unflatten(flat_params))
 
     log(f"writing {out} ({out_dtype})")
-    save_llama(out, model.config.replace(param_dtype=out_dtype), params, overwrite=args.overwrite)
     copied = []
-    for name in BASE_FILES_TO_COPY:
-        if (base / name).is_file():
-            shutil.copy2(base / name, out / name)
-            copied.append(name)
+    try:
+        save_llama(out, model.config.replace(param_dtype=out_dtype), params, overwrite=args.overwrite)
+        for name in BASE_FILES_TO_COPY:
+            if (base / name).is_file():
+                copy_file_atomic(base / name, out / name)  # replaces a symlink at out/name, never writes through it
+                copied.append(name)
+    except PermissionError as e:
+        raise UserError(f"cannot write {e.filename or out}: {e.strerror}; choose a directory you can write to") from None
     print(
         f"merged {len(flat_adapters)} kernels ({method}, r={config.r}) from {adapter_dir} into {base}; "
         f"wrote {out} ({out_dtype}" + (f"; copied {', '.join(copied)})" if copied else ")")
@@ -206,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge_parser.add_argument("--out", required=True, metavar="OUT_DIR", help="directory for the merged model")
     merge_parser.add_argument("--dtype", choices=OUT_DTYPES, default=None, help="dtype of the written weights (default: the base's)")
     merge_parser.add_argument("--overwrite", action="store_true", help="replace the model files in a non-empty OUT_DIR")
+    merge_parser.add_argument("--allow-pickle", action="store_true",
+                              help="read a base that only has PyTorch pickle files (*.bin); only for files you trust")
     merge_parser.set_defaults(run=merge_command)
 
     info_parser = commands.add_parser("info", help="describe an adapter directory")

@@ -34,7 +34,15 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from mora_jax.hf_format import Path, SafetensorsFile, hf_name_to_path, path_to_hf_name, write_safetensors
+from mora_jax.hf_format import (
+    Path,
+    SafetensorsFile,
+    hf_name_to_path,
+    path_to_hf_name,
+    read_json_object,
+    write_safetensors,
+    write_text_atomic,
+)
 from mora_jax.models.llama import ARCHITECTURES, LlamaConfig, LlamaForCausalLM, abstract_params
 from mora_jax.peft import load_adapter, save_adapter
 
@@ -44,6 +52,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB
 # Tensors some LLaMA checkpoints carry that the model recomputes.
 _IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_CONFIG_REMEDY = "a Hugging Face config.json holds one JSON object (save_pretrained writes it)"
 
 
 # ---- Names -------------------------------------------------------------------------------------
@@ -131,7 +140,9 @@ def _open_files(directory: pathlib.Path, files: Sequence[str], reader) -> _Check
 
 
 def _index_files(index_path: pathlib.Path) -> list[str]:
-    weight_map = json.loads(index_path.read_text())["weight_map"]
+    weight_map = read_json_object(index_path, remedy="re-download it").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index_path} has no \"weight_map\" object of tensor name -> file name; re-download it")
     return sorted(set(weight_map.values()))
 
 
@@ -151,7 +162,7 @@ def _open_checkpoint(directory: pathlib.Path, allow_pickle: bool) -> _Checkpoint
         raise ValueError(
             f"{directory} holds only pickle checkpoints ({', '.join(pickles)}); unpickling can run arbitrary "
             "code, so they are refused. Convert to safetensors (save_pretrained(safe_serialization=True)) "
-            "or, if you trust the files, pass allow_pickle=True"
+            "or, if you trust the files, pass allow_pickle=True (mora-jax merge --allow-pickle)"
         )
     if (directory / "pytorch_model.bin.index.json").is_file():
         return _open_files(directory, _index_files(directory / "pytorch_model.bin.index.json"), _TorchFile)
@@ -164,7 +175,7 @@ def read_config(path: str | os.PathLike, **overrides) -> LlamaConfig:
     config_path = pathlib.Path(path) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: load_llama needs a Hugging Face model directory")
-    return LlamaConfig.from_hf_dict(json.loads(config_path.read_text()), **overrides)
+    return LlamaConfig.from_hf_dict(read_json_object(config_path, remedy=_CONFIG_REMEDY), **overrides)
 
 
 def _check_tensors(ckpt: _Checkpoint, expected: Mapping, config: LlamaConfig, directory) -> None:
@@ -271,7 +282,8 @@ def load_llama(
       config_overrides: other ``LlamaConfig`` fields to set (e.g. ``remat_policy``).
     """
     directory = pathlib.Path(path)
-    hf_config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else None
+    config_path = directory / "config.json"
+    hf_config = read_json_object(config_path, remedy=_CONFIG_REMEDY) if config_path.is_file() else None
     if param_dtype is None:
         stored = (hf_config or {}).get("torch_dtype") or (hf_config or {}).get("dtype")
         param_dtype = stored if stored in ("float32", "bfloat16", "float16") else jnp.float32
@@ -399,9 +411,9 @@ def save_llama(
     if len(shards) > 1:
         weight_map = {n: fname for fname, shard in zip(names, shards) for n in shard}
         index = {"metadata": {"total_size": int(sum(nbytes.values()))}, "weight_map": weight_map}
-        (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(directory / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
         written.append(directory / SAFE_INDEX)
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(directory / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     written.append(directory / "config.json")
     return written
 

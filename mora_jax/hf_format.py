@@ -17,6 +17,10 @@ live here, once, so that neither of those modules imports the other:
   ``safetensors.safe_open(framework='np')`` because that one cannot return bfloat16.
   :func:`write_safetensors` writes with the ``safetensors`` package and the ``{"format": "pt"}``
   metadata that ``transformers`` and PEFT expect.
+- **Files.** Every file is written to a temporary name in its directory and renamed into place
+  (:func:`atomic_write`), so a crash leaves no half-written file and a symlink at the destination is
+  replaced, never followed out of the directory; files get the usual ``0o666 & ~umask`` mode.
+  :func:`read_json_object` reads a JSON file whose errors name the file.
 
 This module depends only on NumPy, ``ml_dtypes`` and (for writing) ``safetensors``: no JAX, no
 model, no adapter code, so it can sit at the bottom of the import graph.
@@ -24,13 +28,16 @@ model, no adapter code, so it can sit at the bottom of the import graph.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
 import re
+import secrets
+import shutil
 import struct
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -86,6 +93,69 @@ def path_to_hf_name(path: Sequence[str]) -> str:
     return ".".join(parts)
 
 
+# ---- Files -------------------------------------------------------------------------------------
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+class JSONFileError(ValueError):
+    """A JSON file that cannot be read, or does not hold what it should; the message names the file."""
+
+
+def read_json_object(path: str | os.PathLike, *, remedy: str) -> dict:
+    """The JSON object in ``path``; :class:`JSONFileError` naming the file (and ``remedy``) when it
+    is not valid JSON, not UTF-8, or holds another kind of JSON value."""
+    path = pathlib.Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise JSONFileError(f"{path} is not valid JSON ({e}); {remedy}") from None
+    if not isinstance(value, dict):
+        kind = _JSON_TYPES.get(type(value), "null" if value is None else type(value).__name__)
+        raise JSONFileError(f"{path} must hold a JSON object, got a JSON {kind}; {remedy}")
+    return value
+
+
+def _file_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open()`` gives a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """Create ``path`` through ``write(temporary_path)``: the file is written under a temporary name
+    in the same directory, synced, given the mode ``open()`` would give it, and renamed into place.
+    A crash leaves no half-written ``path``; a symlink at ``path`` is replaced, not followed."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        os.chmod(tmp, _file_mode())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """:func:`atomic_write` of a text file (UTF-8)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def copy_file_atomic(source: str | os.PathLike, destination: str | os.PathLike) -> pathlib.Path:
+    """:func:`atomic_write` of a copy of ``source`` (its bytes; the mode is the usual one)."""
+    return atomic_write(destination, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def is_temporary_file(name: str) -> bool:
+    """Whether ``name`` is a temporary file :func:`atomic_write` left behind (a crash mid-write)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
 # ---- Safetensors -------------------------------------------------------------------------------
 class SafetensorsError(ValueError):
     """A file that is not a readable safetensors file, or holds a tensor of a dtype not accepted."""
@@ -109,25 +179,35 @@ class SafetensorsFile:
         self.path = path = pathlib.Path(path)
         allowed = tuple(SAFETENSORS_DTYPES) if dtypes is None else tuple(dtypes)
         file_size = path.stat().st_size
+        unreadable = lambda why: SafetensorsError(f"{path} is not a safetensors file ({why}); {remedy}")  # noqa: E731
+        if file_size < 8:
+            raise unreadable("empty file" if file_size == 0 else f"only {file_size} bytes, shorter than its 8-byte header size")
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > file_size - 8:
+                raise unreadable(f"its header size {n} is larger than the file")
+            raw = f.read(n)
         try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > file_size - 8:
-                    raise ValueError("header longer than the file")
-                header = json.loads(f.read(n))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        except (struct.error, ValueError, UnicodeDecodeError):
-            raise SafetensorsError(f"{path} is not a safetensors file (unreadable header); {remedy}") from None
+            header = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise unreadable("its header is not valid JSON") from None
+        if not isinstance(header, dict):
+            kind = _JSON_TYPES.get(type(header), type(header).__name__)
+            raise unreadable(f"its header is a JSON {kind}, not an object")
         header.pop("__metadata__", None)
         size = file_size - 8 - n
         self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 0 else np.zeros(0, np.uint8)
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
+            missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info] if isinstance(info, dict) else []
             try:
+                if missing:
+                    raise KeyError(missing)
                 dtype_name, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+                start, end = int(start), int(end)
             except (KeyError, TypeError, ValueError):
-                raise SafetensorsError(f"{path} is corrupt: the header entry of {name} is malformed; {remedy}") from None
+                what = f"lacks {', '.join(missing)}" if missing else "is malformed"
+                raise SafetensorsError(f"{path} is corrupt: the header entry of {name} {what}; {remedy}") from None
             if dtype_name not in allowed or dtype_name not in SAFETENSORS_DTYPES:
                 raise SafetensorsError(
                     f"{path}: tensor {name} has dtype {dtype_name}; only {', '.join(allowed)} can be read here"
@@ -159,21 +239,40 @@ def read_safetensors(path: str | os.PathLike, *, dtypes: Sequence[str] | None = 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
     """Write ``tensors`` (NumPy arrays, any layout) to ``path`` with ``{"format": "pt"}`` metadata,
-    as ``transformers`` and PEFT write theirs."""
+    as ``transformers`` and PEFT write theirs (through :func:`atomic_write`)."""
     from safetensors.numpy import save_file
 
-    save_file({name: np.ascontiguousarray(t) for name, t in tensors.items()}, str(path), metadata={"format": "pt"})
+    contiguous = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata={"format": "pt"}))
+
+
+def non_finite_tensors(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinite values (sorted)."""
+    floats = {SAFETENSORS_DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
+    bad = []
+    for name, t in tensors.items():
+        t = np.asarray(t)
+        if t.dtype in floats and not np.isfinite(t if t.dtype.kind == "f" else t.astype(np.float32)).all():
+            bad.append(name)
+    return sorted(bad)
 
 
 __all__ = [
     "FLOAT_DTYPES",
     "SAFETENSORS_DTYPES",
+    "JSONFileError",
     "Path",
     "SafetensorsError",
     "SafetensorsFile",
+    "atomic_write",
+    "copy_file_atomic",
     "hf_name_to_path",
+    "is_temporary_file",
     "layer_index",
+    "non_finite_tensors",
     "path_to_hf_name",
+    "read_json_object",
     "read_safetensors",
     "write_safetensors",
+    "write_text_atomic",
 ]

@@ -31,7 +31,6 @@ adapter name ``default`` when saving) in PyTorch layout:
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 from typing import Any, Mapping, Sequence
@@ -42,10 +41,13 @@ from mora_jax import ops
 from mora_jax.config import LoRAConfig, MoRAConfig
 from mora_jax.hf_format import (
     FLOAT_DTYPES,
+    JSONFileError,
     Path,
     SafetensorsError,
     layer_index,
+    non_finite_tensors,
     path_to_hf_name,
+    read_json_object,
     read_safetensors,
 )
 
@@ -106,18 +108,16 @@ def read_adapter_config(path) -> dict[str, Any]:
             f"{ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}, as written by save_pretrained() or save_adapter()"
         )
     try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"{config_path} is not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(raw, dict):
-        raise AdapterFormatError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
-    return raw
+        return read_json_object(config_path, remedy="re-save the adapter")
+    except JSONFileError as e:
+        raise AdapterFormatError(str(e)) from None
 
 
 def read_adapter_tensors(path) -> dict[str, np.ndarray]:
     """All tensors of ``<path>/adapter_model.safetensors`` by name, in the file's layout and dtype.
 
-    Only floating-point tensors are accepted; pickles (``adapter_model.bin``) are never read.
+    Only floating-point tensors with finite values are accepted (NaN or inf would poison every
+    model they are merged into); pickles (``adapter_model.bin``) are never read.
     """
     directory = adapter_directory(path)
     weights_path = directory / ADAPTER_WEIGHTS_FILE
@@ -133,9 +133,17 @@ def read_adapter_tensors(path) -> dict[str, np.ndarray]:
             f"{ADAPTER_WEIGHTS_FILE}"
         )
     try:
-        return read_safetensors(weights_path, dtypes=FLOAT_DTYPES, remedy="re-save the adapter")
+        tensors = read_safetensors(weights_path, dtypes=FLOAT_DTYPES, remedy="re-save the adapter")
     except SafetensorsError as e:
         raise AdapterFormatError(f"{e} (adapter weights are floating-point tensors)") from None
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise AdapterFormatError(
+            f"{weights_path}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); the adapter is unusable (did its training diverge?): "
+            "use an earlier checkpoint of it"
+        )
+    return tensors
 
 
 def group_tensors(tensors: Mapping[str, np.ndarray], where) -> dict[str, dict[str, np.ndarray]]:

@@ -65,8 +65,13 @@ def test_dtype_filter(tmp_path):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda data: b"\x01\x02", r"unreadable header\)"),
-        (lambda data: struct.pack("<Q", 10**9) + data[8:], r"unreadable header\)"),
+        (lambda data: b"\x01\x02", r"only 2 bytes, shorter than its 8-byte header size\)"),
+        (lambda data: b"", r"empty file\)"),
+        (lambda data: struct.pack("<Q", 10**9) + data[8:], r"header size 1000000000 is larger than the file\)"),
+        (lambda data: struct.pack("<Q", 2) + b"[]", r"header is a JSON array, not an object\)"),
+        (lambda data: struct.pack("<Q", 4) + b"{no}", r"header is not valid JSON\)"),
+        (lambda data: (lambda h: struct.pack("<Q", len(h)) + h)(b'{"a": {"dtype": "F32"}}'),
+         r"header entry of a lacks shape, data_offsets"),
         (lambda data: data[:-4], "does not fit its byte range"),
     ],
 )
