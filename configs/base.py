@@ -69,7 +69,8 @@ def base_config():
     c.data = ml_collections.ConfigDict()
     c.data.source = ""  # "c4", or local .txt/.jsonl/.parquet files (a path or glob)
     c.data.eval_source = ""  # held-out split for evaluation (same kinds); empty = no evaluation
-    c.data.tokenizer = ""  # SentencePiece .model file
+    c.data.tokenizer = ""  # SentencePiece .model, tokenizer.json or checkpoint dir; empty = model.hf_path's
+    c.data.chat_template = False  # fine-tuning: prompt as a user turn of the tokenizer's chat template
     c.data.text_field = "text"  # field holding the text in JSON/Parquet records
     c.data.overlong = "truncate"  # what to do with too long documents/examples: "truncate" or "drop"
     c.data.format = "alpaca"  # fine-tuning records: "alpaca" (instruction/input/output) or "metamathqa" (query/response)

@@ -54,10 +54,20 @@ def build_mesh(config: RunConfig):
 
 
 def _tokenizer(config: RunConfig):
-    if not config.data.tokenizer:
-        raise ValueError("config.data.tokenizer is empty: give a SentencePiece .model file "
-                         "(train one with: python -m train.train_tokenizer --input corpus.txt --vocab-size 8000 --out tok)")
-    return data_lib.Tokenizer(config.data.tokenizer)
+    """``data.tokenizer``, else the checkpoint's own (``model.hf_path``); checked against the checkpoint."""
+    path = config.data.tokenizer or config.model.hf_path
+    if not path:
+        raise ValueError("config.data.tokenizer is empty and there is no model.hf_path to take the tokenizer from: give "
+                         "a SentencePiece .model, a tokenizer.json or a checkpoint directory (train a SentencePiece "
+                         "model with: python -m train.train_tokenizer --input corpus.txt --vocab-size 8000 --out tok)")
+    tokenizer = data_lib.Tokenizer(path)
+    if config.model.hf_path:  # before any weight is read: a tokenizer from another model is an error
+        from mora_jax import hf
+
+        c = hf.read_config(config.model.hf_path)
+        tokenizer.check_fits(c.vocab_size, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                             model=config.model.hf_path)
+    return tokenizer
 
 
 def _take(iterator, n):
@@ -84,7 +94,8 @@ def build_data(config: RunConfig, task: str, tokenizer):
         if d.format not in factory:
             raise ValueError(f"unknown data.format {d.format!r}: choose one of {sorted(factory)}")
         data_config = factory[d.format](t.seq_len, batch_size, packing=d.packing, num_epochs=d.num_epochs,
-                                        seed=config.seed, overlong=d.overlong, on_bad_record=d.on_bad_record)
+                                        seed=config.seed, overlong=d.overlong, on_bad_record=d.on_bad_record,
+                                        add_bos=tokenizer.adds_bos, chat_template=d.chat_template)
         eval_config = dataclasses.replace(data_config, num_epochs=1, shuffle=False)
         make = functools.partial(data_lib.finetune_batches, tokenizer=tokenizer, **shard)
     train_batches = make(d.source, config=data_config)

@@ -178,7 +178,9 @@ class DataConfig:
     """Attributes:
       source / eval_source: "c4", or local .txt/.jsonl/.parquet files (a path or glob); empty
         eval_source = no evaluation.
-      tokenizer: a SentencePiece .model file.
+      tokenizer: a SentencePiece .model, a Hugging Face tokenizer.json or a checkpoint directory;
+        empty = the tokenizer of model.hf_path.
+      chat_template: fine-tuning prompts as user turns of the tokenizer's chat template.
       text_field: the field holding the text in JSON/Parquet records (pretraining).
       overlong: "truncate" or "drop" too long documents/examples.
       format: fine-tuning records, "alpaca" (instruction/input/output) or "metamathqa" (query/response).
@@ -192,6 +194,7 @@ class DataConfig:
     source: str = ""
     eval_source: str = ""
     tokenizer: str = ""
+    chat_template: bool = False
     text_field: str = "text"
     overlong: str = "truncate"
     format: str = "alpaca"

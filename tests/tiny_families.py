@@ -75,3 +75,43 @@ def ids(shape=(2, 16), seed: int = 0) -> np.ndarray:
 
 def relative_error(ours, theirs) -> float:
     return float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))) / np.max(np.abs(np.asarray(theirs))))
+
+
+# ---- A tiny tokenizer.json in the Llama 3 layout (fits the tiny models' 128-token vocabulary) ----------
+SPECIAL_TOKENS = ["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eot_id|>"]
+# The chat template of Meta-Llama-3-8B-Instruct.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+CORPUS = [
+    "the cat sat on the mat", "a dog ran in the park", "what is two plus three", "the answer is five",
+    "tokenizers split text into pieces", "models read token ids", "user assistant system",
+] * 3
+
+
+def write_tokenizer(directory, vocab_size: int = 120, chat: bool = True, corpus=CORPUS) -> pathlib.Path:
+    """``tokenizer.json`` (Metaspace BPE, BOS added by its post-processor, as Llama's) and
+    ``tokenizer_config.json`` (special tokens, the Llama 3 chat template) in ``directory``."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 1)])
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+              "eos_token": "<|end_of_text|>", "model_max_length": 64}
+    if chat:
+        config["chat_template"] = LLAMA3_CHAT_TEMPLATE
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory

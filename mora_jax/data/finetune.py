@@ -36,6 +36,8 @@ ALPACA_PROMPT_TEMPLATE_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:"
 )
 METAMATHQA_PROMPT_TEMPLATE = ALPACA_PROMPT_TEMPLATE_NO_INPUT.replace("{instruction}", "{query}")
+# With a chat template the record's text is the user turn as it is (the template adds the roles).
+CHAT_PROMPT_TEMPLATES = {"alpaca": ("{instruction}\n\n{input}", "{instruction}"), "metamathqa": ("{query}", None)}
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,13 @@ class FinetuneDataConfig:
     line of a local file that is not valid UTF-8 or JSON, is an error naming the file and line
     (``on_bad_record='error'``) or is counted and skipped (``'skip'``). Defaults match Alpaca; see
     :meth:`metamathqa`.
+
+    ``chat_template``: the prompt becomes the user turn of the tokenizer's chat template (from the
+    checkpoint's ``tokenizer_config.json``) followed by the assistant header, the response the
+    assistant's reply ending in EOS (Llama 3 instruct: ``<|eot_id|>``); the template writes its own
+    BOS, so ``add_bos`` is not used. ``alpaca()`` / ``metamathqa()`` then default to the bare
+    instruction / query as the user turn (``CHAT_PROMPT_TEMPLATES``); ``system_prompt`` adds a
+    system turn.
     """
 
     seq_len: int
@@ -63,6 +72,8 @@ class FinetuneDataConfig:
     response_field: str = "output"
     split: str = "train"
     add_bos: bool = True
+    chat_template: bool = False
+    system_prompt: str | None = None
     packing: bool = False
     shuffle: bool = True
     seed: int = 0
@@ -80,6 +91,9 @@ class FinetuneDataConfig:
     @classmethod
     def alpaca(cls, seq_len: int, batch_size: int, **overrides) -> FinetuneDataConfig:
         """Alpaca records: ``instruction``, optional ``input``, ``output``."""
+        if overrides.get("chat_template"):
+            with_input, without = CHAT_PROMPT_TEMPLATES["alpaca"]
+            overrides = {"prompt_template": with_input, "prompt_template_no_input": without, **overrides}
         return cls(seq_len=seq_len, batch_size=batch_size, **overrides)
 
     @classmethod
@@ -91,6 +105,8 @@ class FinetuneDataConfig:
             input_field=None,
             response_field="response",
         )
+        if overrides.get("chat_template"):
+            fields["prompt_template"] = CHAT_PROMPT_TEMPLATES["metamathqa"][0]
         return cls(seq_len=seq_len, batch_size=batch_size, **{**fields, **overrides})
 
 
@@ -147,8 +163,11 @@ class FinetuneBatchIterator:
         process_count: int = 1,
         state: Mapping | None = None,
     ):
-        if tokenizer.eos_id < 0 or (config.add_bos and tokenizer.bos_id < 0):
+        if tokenizer.eos_id < 0 or (config.add_bos and not config.chat_template and tokenizer.bos_id < 0):
             raise ValueError(f"{tokenizer!r} lacks the EOS (or, with add_bos, BOS) token fine-tuning needs")
+        if config.chat_template and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"chat_template=True but {tokenizer!r} has no chat template (tokenizer_config.json); "
+                             "use the instruct checkpoint's tokenizer files or set chat_template=False")
         check_process(process_index, process_count)
         self.config, self.tokenizer = config, tokenizer
         self.stats = new_stats()
@@ -214,8 +233,14 @@ class FinetuneBatchIterator:
 
     def _tokenize(self, prompt: str, response: str) -> tuple[np.ndarray, int, bool] | None:
         """``(ids, response_start, truncated)``, or None when the example must be dropped."""
-        bos = [self.tokenizer.bos_id] if self.config.add_bos else []
-        prompt_ids = bos + self.tokenizer.encode(prompt)
+        if self.config.chat_template:
+            system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+            chat = self.tokenizer.apply_chat_template([*system, {"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True)
+            prompt_ids = self.tokenizer.encode(chat)
+        else:
+            bos = [self.tokenizer.bos_id] if self.config.add_bos else []
+            prompt_ids = bos + self.tokenizer.encode(prompt)
         ids = prompt_ids + self.tokenizer.encode(response) + [self.tokenizer.eos_id]
         seq_len = self.config.seq_len
         truncated = len(ids) > seq_len
