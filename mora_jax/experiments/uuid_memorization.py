@@ -162,7 +162,7 @@ def _run_seed(config, workdir: pathlib.Path, seeds) -> dict:
         n_trainable = adapters_lib.count_params(run.state.trainables)
         row = {"name": name, "method": spec.method, "r": spec.r, "mora_type": spec.mora_type, "lr": spec.lr,
                "trainable_params": n_trainable, "seconds": time.perf_counter() - t,
-               "final_loss": run.history[-1].get("loss") if run.history else None,
+               "final_loss": next((r["loss"] for r in reversed(run.history) if "loss" in r), None),
                "char_accuracy": {str(k): v for k, v in sorted(accuracy.items())}}
         results["methods"].append(row)
         print(f"{name}: " + ", ".join(f"{k}: {v:.1f}%" for k, v in sorted(accuracy.items())), flush=True)
