@@ -1,0 +1,40 @@
+"""The loop with a relative workdir (as the README's commands give it): checkpoints are written and
+a second run resumes from them."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+import mora_jax as mj
+from mora_jax import loop
+from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
+from mora_jax.run_config import CheckpointConfig, OptimConfig, RunConfig, TrainConfig
+
+
+class _Batches:
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def __next__(self):
+        ids = self.rng.integers(0, 256, (2, 16)).astype(np.int32)
+        return {"input_ids": ids, "loss_mask": np.ones_like(ids)}
+
+
+def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = dataclasses.replace(LLAMA_CONFIGS["tiny"], num_hidden_layers=1)
+    model = LlamaForCausalLM(cfg)
+    params = init_params(cfg, jax.random.key(0))
+
+    def config(steps):
+        return RunConfig(workdir="runs/rel", method="lora", adapter=mj.LoRAConfig(r=2),
+                         optim=OptimConfig(lr=1e-3, warmup_steps=0),
+                         train=TrainConfig(steps=steps, batch_size=2, seq_len=16, log_every=1, progress=False),
+                         checkpoint=CheckpointConfig(every=2, async_save=False))
+
+    first = loop.run(model, params, config(4), train_batches=_Batches())
+    assert sorted(p.name for p in (tmp_path / "runs/rel/checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    second = loop.run(model, params, config(6), train_batches=_Batches())
+    assert int(first.state.step) == 4 and int(second.state.step) == 6
+    assert [r["step"] for r in second.history if "loss" in r] == [1, 2, 3, 4, 5, 6]  # no step twice
