@@ -5,6 +5,7 @@ Core API (see README):
   MoRAConfig, LoRAConfig, FullConfig                 method configs (frozen dataclasses)
   init_adapters, apply_model, merge, unmerge         adapters as parameter-pytree transforms
   split, combine, partition, unpartition, masked     trainable-only training
+  generate                                           KV-cache text generation (module mora_jax.generate)
 
 Modules: models (LLaMA), hf / hf_format / peft / peft_format (Hugging Face weights and PEFT
 adapters), mesh, sharding, distributed, training (the pure step), steps (the compiled steps),
@@ -35,6 +36,7 @@ from mora_jax.config import (
     MoRAConfig,
     make_config,
 )
+from mora_jax.generate import generate
 from mora_jax.intercept import apply_model
 from mora_jax.models import LLAMA_CONFIGS, LlamaConfig, LlamaForCausalLM
 from mora_jax.ops import apply_lora, apply_mora, delta_weight, lora_delta_weight, rank_hat

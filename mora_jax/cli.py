@@ -9,6 +9,10 @@
       NaN or infinite values in the adapter, the base or the merged weights are refused.
   mora-jax info ADAPTER_DIR
       Describe an adapter: method, type, r, r̂ per module, trainable parameter count.
+  mora-jax generate --base HF_DIR [--adapter ADAPTER_DIR] --prompt TEXT [--prompt TEXT ...]
+                    [--max-new-tokens N] [--chat] [--temperature T --top-k K --top-p P --seed S]
+      Continue each prompt with the base model (plus the adapter, unmerged) and the checkpoint's own
+      tokenizer; --chat wraps each prompt in the tokenizer's chat template. Greedy by default.
 
 User errors (missing or malformed files, adapters that do not fit the base model, an existing or
 unwritable output directory, ...) are reported on stderr as one ``mora-jax: error: ...`` line naming
@@ -229,6 +233,52 @@ def info_command(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+
+def generate_command(args) -> int:
+    from mora_jax.data import Tokenizer
+    from mora_jax.generate import encode_prompts, generate
+    from mora_jax.hf import load_llama, read_config
+    from mora_jax.models.llama import abstract_params
+    from mora_jax.peft import load_adapter
+
+    base = pathlib.Path(args.base)
+    for what, directory in (("base model", base), ("adapter", args.adapter and pathlib.Path(args.adapter))):
+        if directory and not directory.is_dir():
+            raise UserError(f"{what} directory {directory} does not exist or is not a directory")
+    if args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    # Everything that can be checked without the weights is checked first.
+    config = read_config(base)
+    tokenizer = Tokenizer(args.tokenizer or base)
+    tokenizer.check_fits(config.vocab_size, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                         model=str(base))
+    ids, mask = encode_prompts(tokenizer, args.prompt, chat=args.chat, system_prompt=args.system)
+    limit = config.max_position_embeddings
+    if ids.shape[1] + args.max_new_tokens > limit and (config.rope_scaling is None or
+                                                       config.rope_scaling.rope_type != "dynamic"):
+        raise UserError(f"the longest prompt has {ids.shape[1]} tokens; with --max-new-tokens {args.max_new_tokens} "
+                        f"that exceeds the model's maximum length {limit}: shorten it or ask for fewer tokens")
+    if args.adapter:
+        load_adapter(args.adapter, abstract_params(config))  # shapes against the base, before the weights
+    import jax
+
+    model, params = load_llama(base)
+    adapters = load_adapter(args.adapter, params)[1] if args.adapter else None
+    eos = set(config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id >= 0 else set())
+    out = generate(model, params, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, adapters=adapters,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=sorted(eos),
+                   rng=jax.random.key(args.seed))
+    for i, row in enumerate(jax.device_get(out).tolist()):
+        stop = next((j for j, token in enumerate(row) if token in eos), len(row))
+        text = tokenizer.decode(row[:stop])
+        print(text if len(args.prompt) == 1 else f"[{i}] {text}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -256,6 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser = commands.add_parser("info", help="describe an adapter directory")
     info_parser.add_argument("adapter", metavar="ADAPTER_DIR")
     info_parser.set_defaults(run=info_command)
+
+    gen_parser = commands.add_parser(
+        "generate", help="continue prompts with a base model (and an adapter)",
+        description="Generate text with a Hugging Face Llama / Mistral / Qwen2 checkpoint and optionally a PEFT "
+        "adapter (applied unmerged), using the checkpoint's tokenizer (tokenizer.json or tokenizer.model).",
+    )
+    gen_parser.add_argument("--base", required=True, metavar="HF_DIR", help="base model directory (config.json + safetensors)")
+    gen_parser.add_argument("--adapter", metavar="ADAPTER_DIR", help="adapter_config.json + adapter_model.safetensors")
+    gen_parser.add_argument("--prompt", required=True, action="append", metavar="TEXT", help="a prompt (repeat for a batch)")
+    gen_parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    gen_parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    gen_parser.add_argument("--system", metavar="TEXT", help="with --chat: a system message")
+    gen_parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer file or directory (default: HF_DIR's)")
+    gen_parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
+    gen_parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    gen_parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    gen_parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    gen_parser.set_defaults(run=generate_command)
     return parser
 
 

@@ -66,7 +66,7 @@ from mora_jax.data.synthetic import (
     write_synthetic_corpus,
     write_synthetic_math,
 )
-from mora_jax.data.tokenizer import Tokenizer, train_tokenizer
+from mora_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, train_tokenizer
 
 __all__ = [
     "ALPACA_PROMPT_TEMPLATE",
@@ -76,8 +76,10 @@ __all__ = [
     "BadRecordError",
     "FinetuneBatchIterator",
     "FinetuneDataConfig",
+    "HFTokenizer",
     "PretrainBatchIterator",
     "PretrainDataConfig",
+    "SentencePieceTokenizer",
     "Tokenizer",
     "finetune_batches",
     "format_prompt_response",

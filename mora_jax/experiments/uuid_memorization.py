@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mora_jax import adapters as adapters_lib
-from mora_jax import loop, metrics, training
+from mora_jax import loop, metrics
 from mora_jax.config import FullConfig, LoRAConfig, MoRAConfig
 from mora_jax.experiments import uuid_task
 from mora_jax.experiments.provenance import provenance, provenance_markdown
@@ -130,9 +130,8 @@ def _run_seed(config, workdir: pathlib.Path, seeds) -> dict:
     base_params = pretrain_base(config, model, workdir)
     base_seconds = time.perf_counter() - t0
 
-    @jax.jit
-    def generate(state):
-        return uuid_task.greedy_values(lambda ids: training.logits_fn(model, state, ids), prompts)
+    def generate(state):  # KV-cache greedy decoding (mora_jax.generate), adapters unmerged
+        return uuid_task.greedy_values(model, prompts, params=state.params(), adapters=state.adapters)
 
     results = {"config": config.to_dict(), "num_pairs": len(pairs), "base_pretrain_s": base_seconds,
                "eval_steps": eval_steps, "seeds": list(seeds), "provenance": provenance(seeds), "methods": []}

@@ -115,12 +115,22 @@ class RandomPairBatches:
         self._batches_served = int(state["batches_served"])
 
 
-def greedy_values(logits_fn, keys_NxP) -> jax.Array:
+def greedy_values(model, keys_NxP, params=None, adapters=None) -> jax.Array:
     """Greedily generate ``UUID_LEN`` tokens after the prompts ``keys_NxP`` (``<bos> key <sep>``).
 
-    ``logits_fn(input_ids (N, SEQ_LEN)) -> logits``; positions after the prompt start as padding and
-    are filled one at a time (causal attention makes the padding invisible to earlier positions).
+    ``model`` is a ``LlamaForCausalLM`` (with its ``params`` and, unmerged, ``adapters``): decoding
+    is :func:`mora_jax.generate` (a KV cache, the prompt encoded once), never stopping early. Any
+    other callable is taken as ``logits_fn(input_ids (N, SEQ_LEN)) -> logits`` of a model without a
+    cache (e.g. an oracle): each step then re-encodes the sequence, the positions after the prompt
+    starting as padding (causal attention makes them invisible to earlier positions).
     """
+    from mora_jax.models.llama import LlamaForCausalLM
+
+    if isinstance(model, LlamaForCausalLM):
+        from mora_jax.generate import generate
+
+        return generate(model, params, keys_NxP, max_new_tokens=UUID_LEN, adapters=adapters, eos_token_id=[])
+    logits_fn = model
     n = keys_NxP.shape[0]
     ids = jnp.zeros((n, SEQ_LEN), jnp.int32).at[:, :PROMPT_LEN].set(keys_NxP)
 
