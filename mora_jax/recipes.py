@@ -31,11 +31,12 @@ def build_model(config: RunConfig, vocab_size: int | None = None):
         from mora_jax import hf
 
         return hf.load_llama(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-                             config_overrides={"remat_policy": m.remat_policy, **dict(m.overrides)})
+                             config_overrides={"remat_policy": m.remat_policy, "attention": m.attention,
+                                               **dict(m.overrides)})
     if m.preset not in LLAMA_CONFIGS:
         raise ValueError(f"unknown model preset {m.preset!r}: choose one of {sorted(LLAMA_CONFIGS)} or set model.hf_path")
     model_config = LLAMA_CONFIGS[m.preset].replace(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
-                                                   scan_layers=m.scan_layers, **dict(m.overrides))
+                                                   scan_layers=m.scan_layers, attention=m.attention, **dict(m.overrides))
     if vocab_size is not None and model_config.vocab_size < vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but model preset {m.preset!r} only "
                          f"{model_config.vocab_size}; use a matching tokenizer or --config.model.overrides.vocab_size")

@@ -35,6 +35,7 @@ from mora_jax import optim as optim_lib
 from mora_jax import schedules, training
 from mora_jax.config import AdapterConfig, FullConfig, LoRAConfig, MoRAConfig
 from mora_jax.mesh import MeshConfig
+from mora_jax.models.attention import check_implementation as check_attention
 from mora_jax.remora import RemoraConfig
 
 ADAPTER_CLASSES = {"mora": MoRAConfig, "lora": LoRAConfig, "full": FullConfig}
@@ -60,6 +61,9 @@ class ModelConfig:
       dtype / param_dtype: compute dtype, and storage dtype of the frozen weights.
       remat_policy: activation checkpointing ("none", "full", "dots_saveable", ...).
       scan_layers: ``nn.scan`` over the layers.
+      attention: the attention implementation, "auto" (by platform: the Pallas TPU kernel on TPU,
+        cuDNN on GPU where it applies, the einsum on CPU), "xla", "flash" or "cudnn"
+        (:mod:`mora_jax.models.attention`).
       overrides: other ``LlamaConfig`` fields for a preset (e.g. ``vocab_size``).
     """
 
@@ -69,7 +73,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = False
+    attention: str = "auto"
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        check_attention(self.attention, "model.attention")
 
 
 @dataclasses.dataclass(frozen=True)

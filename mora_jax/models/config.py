@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mora_jax.models.attention import check_implementation as check_attention
 from mora_jax.models.rope import ROPE_TYPES, RopeScaling
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -101,8 +102,10 @@ class LlamaConfig:
     param_dtype: Any = "float32"
     remat_policy: str = "none"
     scan_layers: bool = False
+    attention: str = "auto"  # "auto" | "xla" | "flash" | "cudnn": mora_jax.models.attention
 
     def __post_init__(self):
+        check_attention(self.attention, "LlamaConfig.attention")
         object.__setattr__(self, "dtype", _as_dtype(self.dtype, "dtype"))
         object.__setattr__(self, "param_dtype", _as_dtype(self.param_dtype, "param_dtype"))
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

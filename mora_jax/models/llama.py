@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mora_jax.models import attention as attention_lib
 from mora_jax.models.config import (  # noqa: F401 (re-exported)
     ARCHITECTURES,
     LLAMA_CONFIGS,
@@ -167,7 +168,6 @@ class LlamaAttention(nn.Module):
                  kv_cache: KVCache | None = None, cache_index=None):
         c = self.config
         H, N, K = c.resolved_head_dim, c.num_attention_heads, c.resolved_kv_heads
-        G = N // K
         B, T, _ = x_BxTxD.shape
         q_BxTxNxH = self.q_proj(x_BxTxD).reshape(B, T, N, H)
         k_BxSxKxH = self.k_proj(x_BxTxD).reshape(B, T, K, H)
@@ -187,18 +187,13 @@ class LlamaAttention(nn.Module):
             kv_cache = KVCache(k_BxSxKxH, v_BxSxKxH)
             k_BxSxKxH, v_BxSxKxH = k_BxSxKxH.astype(c.dtype), v_BxSxKxH.astype(c.dtype)
 
-        # Query head n uses key/value head n // G (HF repeat_kv), hence the (K, G) split of N.
-        q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, G, H)
-        scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH) * (H**-0.5)
-        scores_BxKxGxTxS = jnp.where(
-            mask_Bx1x1xTxS, scores_BxKxGxTxS.astype(jnp.float32), jnp.finfo(jnp.float32).min
-        )
-        probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(c.dtype)
-        probs_BxKxGxTxS = self.dropout(probs_BxKxGxTxS, deterministic=deterministic)
-        out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
-        out_BxTxNxH = nn.with_logical_constraint(
-            out_BxTxKxGxH.reshape(B, T, N, H), ("batch", "length", "heads", "head_dim")
-        )
+        # The core (einsum, Pallas TPU kernel or cuDNN by c.attention); a KV-cache step's dense
+        # mask, and init (shapes only, on any host), go to whichever can take it ("auto").
+        dropout = None if deterministic or not c.attention_dropout else lambda p: self.dropout(p, deterministic=False)
+        out_BxTxNxH = attention_lib.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1x1xTxS, dropout=dropout, dtype=c.dtype,
+            implementation="auto" if kv_cache is not None or self.is_initializing() else c.attention)
+        out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, ("batch", "length", "heads", "head_dim"))
         y_BxTxD = self.o_proj(out_BxTxNxH.reshape(B, T, N * H))
         y_BxTxD = nn.with_logical_constraint(y_BxTxD, ("batch", "length", "embed"))
         return y_BxTxD if kv_cache is None else (y_BxTxD, kv_cache)
@@ -304,7 +299,11 @@ class LlamaModel(nn.Module):
         positions_BxT = jnp.broadcast_to(positions, (B, T))
         cos_BxTxH, sin_BxTxH = rope_cos_sin(
             positions_BxT, c.resolved_head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
-        if kv_cache is None:
+        if kv_cache is None and not self.is_initializing() and attention_lib.takes_segment_mask(c.attention):
+            # a kernel: segment ids, no (T, S) matrix
+            mask_Bx1x1xTxS = attention_lib.SegmentMask.from_inputs(
+                (B, T), attention_mask, segment_ids, sliding_window=c.sliding_window)
+        elif kv_cache is None:
             mask_Bx1x1xTxS = make_attention_mask(T, attention_mask, segment_ids, sliding_window=c.sliding_window)
         else:
             if segment_ids is not None:
