@@ -34,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from mora_jax import distributed
 from mora_jax.hf_format import (
     Path,
     SafetensorsFile,
@@ -334,8 +335,8 @@ def _hf_tensor_getters(config: LlamaConfig, params) -> dict[str, tuple[Callable[
             if name in expected and shape != expected[name][1]:
                 raise ValueError(f"parameter {'/'.join(unrolled)} has shape {shape}, the config expects {expected[name][1]}")
 
-            def fetch(arr=arr, layer=layer, transpose=transpose):
-                host = np.asarray(jax.device_get(arr if layer is None else arr[layer]))
+            def fetch(arr=arr, layer=layer, transpose=transpose):  # gathers arrays spread over processes
+                host = distributed.fetch(arr if layer is None else arr[layer])
                 return np.ascontiguousarray(host.T if transpose else host)
 
             getters[name] = (fetch, math.prod(shape) * np.dtype(arr.dtype).itemsize)
@@ -378,23 +379,27 @@ def save_llama(
     ``model.safetensors.index.json``. Tensors keep the parameters' dtype. Refuses an existing
     non-empty directory unless ``overwrite=True`` (which replaces config.json and model*.safetensors
     and keeps other files). Returns the written files.
+
+    Several processes: process 0 alone writes. When ``params`` are sharded across processes, every
+    process must call this (each tensor is gathered to the hosts in turn, never the whole model at
+    once) and all return when the files are complete; an error on process 0 is raised everywhere.
     """
     config = model_or_config.config if isinstance(model_or_config, LlamaForCausalLM) else model_or_config
     if not isinstance(config, LlamaConfig):
         raise TypeError(f"model_or_config must be a LlamaForCausalLM or LlamaConfig, got {type(config).__name__}")
     getters = _hf_tensor_getters(config, params)  # validate before touching the disk
     directory = pathlib.Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{directory} is not empty; choose a new directory or pass overwrite=True to replace the model files"
-            )
-        for old in directory.iterdir():
-            if old.name == "config.json" or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", old.name):
-                old.unlink()
-    directory.mkdir(parents=True, exist_ok=True)
+    writer, collective = jax.process_index() == 0, distributed.spans_processes(params)
+    error = None
+    if writer:
+        try:
+            _prepare_directory(directory, overwrite)
+        except OSError as e:
+            error = e
+    if collective and not distributed.all_processes_agree(error is None):
+        raise error or RuntimeError(f"process 0 could not write {directory} (see its error); nothing was saved")
+    if error is not None:
+        raise error
 
     nbytes = {name: n for name, (_, n) in getters.items()}
     embed_dtype = traverse_util.flatten_dict(params)[("model", "embed_tokens", "embedding")].dtype
@@ -406,16 +411,37 @@ def save_llama(
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for fname, shard in zip(names, shards):  # one shard in host memory at a time
-        write_safetensors(directory / fname, {n: getters[n][0]() for n in shard})
+        if writer or collective:
+            tensors = {n: getters[n][0]() for n in shard}
+        if writer:
+            write_safetensors(directory / fname, tensors)
         written.append(directory / fname)
     if len(shards) > 1:
         weight_map = {n: fname for fname, shard in zip(names, shards) for n in shard}
         index = {"metadata": {"total_size": int(sum(nbytes.values()))}, "weight_map": weight_map}
-        write_text_atomic(directory / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if writer:
+            write_text_atomic(directory / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
         written.append(directory / SAFE_INDEX)
-    write_text_atomic(directory / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if writer:
+        write_text_atomic(directory / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     written.append(directory / "config.json")
+    if collective:
+        distributed.barrier(f"save_llama:{directory}")
     return written
+
+
+def _prepare_directory(directory: pathlib.Path, overwrite: bool) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{directory} is not empty; choose a new directory or pass overwrite=True to replace the model files"
+            )
+        for old in directory.iterdir():
+            if old.name == "config.json" or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", old.name):
+                old.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
 
 
 __all__ = [

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from mora_jax import adapters as adapters_lib
+from mora_jax import distributed
 from mora_jax import metrics as metrics_lib
 from mora_jax import remora_diagnostics
 from mora_jax import steps as steps_lib
@@ -99,7 +100,8 @@ def _run(model, params, config: RunConfig, *, train_batches, eval_batches, callb
     def save(force=False):
         if checkpointer is not None:
             flush()  # never save a state whose update was not finite
-            data_state = train_batches.get_state() if hasattr(train_batches, "get_state") else {}
+            data_state = distributed.gather_process_states(  # each process reads its own shard
+                train_batches.get_state() if hasattr(train_batches, "get_state") else {})
             meta = {"mora_type": adapters_lib.current_mora_type(state.adapters), "frozen_source": frozen_source}
             checkpointer.save(step, state, data_state=data_state, meta=meta, force=force,
                               frozen_changed=bool(config.remora.every) and step >= config.remora.every)
@@ -214,6 +216,7 @@ def _restore(checkpointer, state, initial_frozen, train_batches):
               "starting from step 0", flush=True)
         return state, 0
     restored, data_state, _ = restored
+    data_state = distributed.own_process_state(data_state)
     if data_state and hasattr(train_batches, "set_state"):
         train_batches.set_state(data_state)
     step = int(restored.step)

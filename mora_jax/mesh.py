@@ -106,4 +106,19 @@ def mesh_context(mesh: Mesh):
     return mesh  # jax < 0.5: the Mesh itself is the context manager
 
 
-__all__ = ["DEFAULT_AXIS_NAMES", "MeshConfig", "make_mesh", "mesh_context", "replicated"]
+def put(tree, shardings):
+    """``jax.device_put(tree, shardings)`` that also works across processes: an array held by this
+    process alone (initialised from the same seed in every process) becomes the global array of
+    each process's shards. Arrays already in place are not copied."""
+    return jax.tree_util.tree_map(_put, tree, shardings)
+
+
+def _put(x, sharding):
+    if isinstance(x, jax.Array) and x.is_fully_addressable and not sharding.is_fully_addressable:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        x = np.asarray(x)  # the same value in every process: each takes its shards from it
+    return jax.device_put(x, sharding)
+
+
+__all__ = ["DEFAULT_AXIS_NAMES", "MeshConfig", "make_mesh", "mesh_context", "put", "replicated"]

@@ -108,19 +108,23 @@ def build_data(config: RunConfig, task: str, tokenizer):
 
 def export(config: RunConfig, model, result: loop.RunResult) -> None:
     """``export/adapter`` (PEFT format, with the MoRA type in use at the end) and ``export/merged``
-    (Hugging Face format) in the workdir, as ``config.export`` asks; process 0 only."""
+    (Hugging Face format) in the workdir, as ``config.export`` asks. Every process calls it (arrays
+    sharded across processes are gathered); process 0 writes."""
     from mora_jax import adapters as adapters_lib
-    from mora_jax import hf
+    from mora_jax import distributed, hf
 
-    if jax.process_index() != 0 or result.preempted:
+    if result.preempted:
         return
     workdir = pathlib.Path(config.workdir)
     params, adapters = result.state.params(), result.state.adapters
     if config.export.adapter and adapters_lib.flatten(adapters):
-        hf.save_adapter(workdir / "export" / "adapter", adapter_config_for_export(config.adapter, adapters), adapters,
-                        base_model_name_or_path=config.model.hf_path, overwrite=True)
+        host_adapters = distributed.fetch_tree(adapters)  # small: gathered whole
+        if jax.process_index() == 0:
+            hf.save_adapter(workdir / "export" / "adapter", adapter_config_for_export(config.adapter, adapters),
+                            host_adapters, base_model_name_or_path=config.model.hf_path, overwrite=True)
     if config.export.merged:
         hf.save_llama(workdir / "export" / "merged", model, adapters_lib.merge(params, adapters), overwrite=True)
+    distributed.barrier("export")
 
 
 def adapter_config_for_export(adapter_config, adapters):

@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mora_jax import adapters as adapters_lib
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, is_adapter
-from mora_jax.mesh import DEFAULT_AXIS_NAMES, MeshConfig, make_mesh, mesh_context, replicated  # noqa: F401 (re-exported)
+from mora_jax.mesh import DEFAULT_AXIS_NAMES, MeshConfig, make_mesh, mesh_context, put, replicated  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -354,10 +354,10 @@ def place(tree, shardings):
     ``may_alias=False``), and donating the result then deletes the original too. Leaves are
     copied one at a time, so the extra memory is one leaf on its source device.
     """
-    def put(x, sharding):
-        return jax.device_put(x.copy() if isinstance(x, jax.Array) else x, sharding)
+    def copy_to(x, sharding):
+        return put(x.copy() if isinstance(x, jax.Array) else x, sharding)
 
-    return jax.tree_util.tree_map(put, tree, shardings)
+    return jax.tree_util.tree_map(copy_to, tree, shardings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +440,7 @@ __all__ = [
     "param_spec",
     "params_shardings",
     "place",
+    "put",
     "replicated",
     "shard_batch",
     "shardings_for",

@@ -108,7 +108,7 @@ class Steps:
         arrays); the frozen weights are put in place without a copy where they already are, and
         are remembered as borrowed: no step deletes them (see the module docstring)."""
         shardings = self.state_shardings(state)
-        frozen = jax.device_put(state.frozen, shardings.frozen)
+        frozen = sharding.put(state.frozen, shardings.frozen)
         self._borrowed = {id(x) for x in jax.tree_util.tree_leaves(frozen)}
         self._borrowed |= {id(x) for x in jax.tree_util.tree_leaves(state.frozen)}
         rest = sharding.place(state.replace(frozen=None), shardings.replace(frozen=None))

@@ -33,6 +33,8 @@ _PEER = flags.DEFINE_bool("peer", False, "also time the same model in PyTorch: f
 
 def main(argv):
     del argv
+    from mora_jax import distributed
+    distributed.initialize()  # multi-host: join the cluster before any device use; one process: a no-op
     from mora_jax.bench import harness, methods, peer, report
 
     config = _CONFIG.value

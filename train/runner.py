@@ -1,10 +1,24 @@
 """The command line shared by ``train/pretrain.py`` and ``train/finetune.py``: a config file with
-``--config.FIELD=VALUE`` overrides, one run (:func:`mora_jax.recipes.run`), one closing line."""
+``--config.FIELD=VALUE`` overrides, one run (:func:`mora_jax.recipes.run`), one closing line.
 
-from absl import app
+Multi-host: every process runs the same command. On a TPU pod slice or under SLURM nothing more is
+needed; elsewhere give each process ``--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`` (or the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
+environment variables). Each process reads its own shard of the data; process 0 writes the metrics
+and the exports.
+"""
+
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run configuration (a configs/*.py file[:variant])")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "multi-process runs: HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS, "
+    "or auto-detected on TPU pods / SLURM)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process runs: number of processes "
+                                      "(default: $JAX_NUM_PROCESSES or auto-detected; absent = one process)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index "
+                                   "(default: $JAX_PROCESS_ID or auto-detected)")
 
 
 def main(task: str) -> None:
@@ -12,10 +26,16 @@ def main(task: str) -> None:
 
     def run(argv):
         del argv
+        from mora_jax import distributed
+
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any device use
+        import jax
+
         from mora_jax import recipes
 
         config = _CONFIG.value
-        print(config, flush=True)
+        if jax.process_index() == 0:
+            print(config, flush=True)
         result = recipes.run(config, task)
         status = "preempted (resume by running the same command)" if result.preempted else "finished"
         print(f"{status} at step {int(result.state.step)}; outputs in {config.workdir}", flush=True)
