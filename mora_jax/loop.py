@@ -169,9 +169,15 @@ def _merge(steps: steps_lib.Steps, state, step: int, config: RunConfig, initial_
 
 
 def evaluate(steps: steps_lib.Steps, state, batches) -> dict:
-    """Mean loss and perplexity over ``batches`` (numpy, this process's rows)."""
+    """Mean loss and perplexity over ``batches`` (numpy, this process's rows). With several
+    processes, each evaluates as many batches as the process with the fewest has (their shards of
+    the held-out split may differ by a batch; a step every process does not join would hang)."""
     loss_sum, tokens = 0.0, 0.0
-    for batch in batches:
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        if not distributed.all_processes_agree(batch is not None):
+            break
         out = steps.eval(state, steps.shard_batch(batch))
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])

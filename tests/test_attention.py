@@ -232,3 +232,29 @@ def test_t4096_train_step_compiles_for_tpu_with_the_pallas_kernel_in_less_memory
     assert flash_mem.temp_size_in_bytes > 0
     # the einsum keeps (T, T) scores per head; the kernel keeps O(T) statistics
     assert xla_mem.temp_size_in_bytes > 4 * flash_mem.temp_size_in_bytes
+
+
+def test_cudnn_call_gets_the_same_masks(monkeypatch):
+    """No GPU here: the cuDNN branch's call of jax.nn.dot_product_attention (its masks, windows and
+    head layout) is checked by running that call with JAX's XLA implementation instead."""
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: real(*a, **{**kw, "implementation": "xla"}))
+    q, k, v = _qkv(T=24, dtype=jnp.bfloat16)
+    seg = _segments(T=24)
+    real_rows = np.asarray(seg != 0)
+    cases = [dict(segment_ids=seg), dict(segment_ids=seg, sliding_window=5), dict(sliding_window=7), {},
+             dict(mask=make_attention_mask(24, None, seg))]
+    for kwargs in cases:
+        want = A.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+        got = A._cudnn(q, k, v, kwargs.get("mask"), kwargs.get("segment_ids"), None,
+                       causal="mask" not in kwargs, sliding_window=kwargs.get("sliding_window"), scale=16**-0.5,
+                       dtype=jnp.dtype(jnp.bfloat16))
+        rows = real_rows if "segment_ids" in kwargs or "mask" in kwargs else np.ones_like(real_rows)
+        np.testing.assert_allclose(np.asarray(got, np.float32)[rows], np.asarray(want, np.float32)[rows],
+                                   atol=3e-2, err_msg=str(list(kwargs)))
+    # a KV-cache shape (3 new queries over 24 keys): causal offset to the last queries
+    q3 = q[:, -3:]
+    want = A.dot_product_attention(q3, k, v, implementation="xla", causal=True)
+    got = A._cudnn(q3, k, v, None, None, None, causal=True, sliding_window=None, scale=16**-0.5,
+                   dtype=jnp.dtype(jnp.bfloat16))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)

@@ -70,7 +70,9 @@ def corpus(tmp_path_factory):
     lines = list(data_lib.synthetic_corpus_lines(3000, seed=2))
     docs = _one_row_documents(tokenizer, lines, 112)
     (d / "corpus.txt").write_text("\n".join(docs[:96]) + "\n")  # 12 global batches of 8 rows (10 are read)
-    (d / "corpus_eval.txt").write_text("\n".join(docs[96:]) + "\n")  # 2 eval batches of 8 rows
+    # 15 held-out documents: one batch of 8 for one process; 8 + 7 documents, so 2 batches and 1, for two
+    # processes, which must both stop after one (the same 8 documents)
+    (d / "corpus_eval.txt").write_text("\n".join(docs[96:111]) + "\n")
     return d
 
 
@@ -86,7 +88,7 @@ def _launch(corpus, workdir, devices: int, extra=()) -> subprocess.Popen:
         f"--config.data.source={corpus / 'corpus.txt'}", f"--config.data.eval_source={corpus / 'corpus_eval.txt'}",
         f"--config.data.tokenizer={corpus / 'tok.model'}", "--config.train.progress=False",
         "--config.train.steps=10", "--config.train.log_every=1", "--config.train.eval_every=4",
-        "--config.remora.every=3", "--config.checkpoint.every=4",
+        "--config.remora.every=3", "--config.checkpoint.every=4", "--config.train.eval_batches=0",
         # parameters sharded over all 8 devices of both processes: the export must gather them
         "--config.mesh.data=1", "--config.mesh.fsdp=-1",
     ]
