@@ -60,7 +60,7 @@ def get_config(variant: str = "250m"):
         c.mesh.fsdp = 1
         c.mesh.data = -1
         c.checkpoint.every = 5
-    elif variant == "cpu":  # the pretraining comparison on real prose, ~15 min for five methods on 2 CPU cores
+    elif variant == "cpu":  # the pretraining comparison on real prose, minutes per method on 2 CPU cores
         c.workdir = "runs/compare_pretraining_cpu"
         c.model.preset = "tiny"  # widened below
         c.model.dtype = "float32"
@@ -72,15 +72,15 @@ def get_config(variant: str = "250m"):
         c.model.overrides.num_key_value_heads = 4
         c.model.overrides.max_position_embeddings = 128
         c.adapter.r = 16  # 1/8 of the width, as r=128 is 1/6 of the 250M model's 768
-        c.remora.every = 100  # 4 merge periods in the run (types 1, 2, 3, 4)
+        c.remora.every = 50  # 4 merge periods in the run (types 1, 2, 3, 4)
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 30
-        c.optim.restart_warmup = 10
-        c.train.steps = 400
+        c.optim.restart_warmup = 5
+        c.train.steps = 200
         c.train.batch_size = 16
         c.train.grad_accum = 1
         c.train.seq_len = 128
-        c.train.eval_every = 50
+        c.train.eval_every = 25
         c.train.eval_batches = 4
         c.train.log_every = 25
         c.data.source = "data/pyprose/train.txt"  # python -m train.make_corpus --from-rst ... (README)
@@ -88,7 +88,7 @@ def get_config(variant: str = "250m"):
         c.data.tokenizer = "data/pyprose/tok.model"
         c.mesh.fsdp = 1
         c.mesh.data = -1
-        c.checkpoint.every = 100
+        c.checkpoint.every = 50
         c.export.merged = False
     elif variant not in ("", "250m", "1b"):
         raise ValueError(f"unknown variant {variant!r}: use 250m, 1b, tiny or cpu")
