@@ -1,0 +1,344 @@
+"""Compile a run's steps for a TPU slice from any machine, and say whether they fit and how fast they may go.
+
+:func:`plan` takes a run config (:class:`mora_jax.run_config.RunConfig`) and a topology name. It
+builds the state a run would start from (``jax.eval_shape`` of :func:`mora_jax.loop.initial_state`:
+shapes only, no weights, no data, no tokenizer), the mesh of ``config.mesh`` over the slice's chips
+(compile-only devices from ``libtpu``), and the run's compiled steps with
+:func:`mora_jax.steps.build_steps`, exactly as the training loop builds them; then it compiles the
+train, eval and ReMoRA-merge programs for that slice and reads, per chip:
+
+* memory: XLA's buffer assignment (``memory_analysis``): arguments, outputs, the part of the outputs
+  written in place over donated arguments, temporaries, and the program itself;
+* cost: XLA's ``cost_analysis`` as reported (it counts a loop body once), and the project's own
+  count from the HLO with every loop weighed by its trip count (:mod:`mora_jax.plan.hlo`);
+* an **estimate** of the step time: a roofline of the compiled step (:mod:`mora_jax.plan.roofline`).
+
+A program that does not fit the chip's HBM is refused by the TPU compiler itself; the plan records
+the compiler's figures and ``fits: false``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mora_jax import flops as flops_lib
+from mora_jax.plan import chips as chips_lib
+from mora_jax.plan import hlo as hlo_lib
+from mora_jax.plan import roofline
+from mora_jax.plan.chips import GiB, PlanError
+from mora_jax.run_config import RunConfig
+
+# The arrays of every batch the data pipelines produce (mora_jax.data: int32, (batch, seq_len)).
+BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
+STEP_NAMES = ("train", "eval", "merge")
+
+
+def model_config(config: RunConfig):
+    """The ``LlamaConfig`` of ``config.model``: a Hugging Face directory's ``config.json`` (shapes
+    only, no weights are read) or a preset, with the config's dtypes, remat policy and overrides."""
+    from mora_jax.models.llama import LLAMA_CONFIGS
+
+    m = config.model
+    options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
+                   scan_layers=m.scan_layers, **dict(m.overrides))
+    if hasattr(m, "attention"):  # the attention implementation (mora_jax.models.attention)
+        options["attention"] = m.attention
+    if m.hf_path:
+        from mora_jax import hf
+
+        return hf.read_config(m.hf_path, **options)
+    if m.preset not in LLAMA_CONFIGS:
+        raise PlanError(f"unknown model preset {m.preset!r}: choose one of {sorted(LLAMA_CONFIGS)} or set model.hf_path")
+    return LLAMA_CONFIGS[m.preset].replace(**options)
+
+
+def abstract_state(config: RunConfig, llama_config):
+    """``(model, abstract TrainState, layout)``: the state a run starts from, as shapes."""
+    from mora_jax import loop
+    from mora_jax.adapters import dense_layout
+    from mora_jax.models.llama import LlamaForCausalLM, abstract_params
+
+    model = LlamaForCausalLM(llama_config)
+    layout = dense_layout(model, jnp.zeros((1, 8), jnp.int32)) if llama_config.scan_layers else None
+    params = abstract_params(llama_config)
+    state = jax.eval_shape(lambda p: loop.initial_state(p, config, layout), params)
+    return model, state, layout
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _bytes_per_chip(tree) -> int:
+    """Bytes one chip holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += int(jnp.dtype(leaf.dtype).itemsize) * math.prod(shape)
+    return total
+
+
+_SIZE = re.compile(r"([\d.]+)\s*([KMGT]?)i?B?\b")
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def _out_of_memory(message: str) -> dict | None:
+    """The TPU compiler's out-of-memory refusal as ``{"required_bytes", "available_bytes", "message"}``."""
+    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        return None
+
+    def size(pattern):
+        match = re.search(pattern, message)
+        if not match:
+            return None
+        value = _SIZE.match(match.group(1))
+        return int(float(value.group(1)) * _UNITS[value.group(2)]) if value else None
+
+    required = size(r"required[^(]*\(([^)]+)\)") or size(r"Used ([\d.]+\s*[KMGT]?)")
+    available = size(r"available HBM \(([^)]+)\)") or size(r"Used [\d.]+\s*[KMGT]? of ([\d.]+\s*[KMGT]?)")
+    line = next((l.strip() for l in message.splitlines() if "memory" in l.lower()), message.strip().splitlines()[0])
+    return {"required_bytes": required, "available_bytes": available, "message": line[:400]}
+
+
+def attention_kernel_flops(config: RunConfig, llama_config, chips: int):
+    """FLOPs per chip of the Pallas attention kernels a compiled step runs (their matmuls are inside
+    the kernel, out of the HLO's sight), from the kernels' call counts: per call on one chip, one
+    ``QKᵀ``-sized product is ``2·b·T²·N·H`` over the chip's share of rows and heads, halved by the
+    causal block skipping; the forward kernel does 2 such products, the ``dq`` kernel 3 and the
+    ``dkv`` kernel 4 (both recompute ``QKᵀ``)."""
+    L, T = llama_config.num_hidden_layers, config.train.seq_len
+    unit = 2.0 * config.train.batch_size * T * T * llama_config.num_attention_heads * llama_config.resolved_head_dim
+    unit *= 0.5 / (chips * config.train.grad_accum * L)
+
+    def count(kernels: dict) -> float:
+        total = 0.0
+        for name, calls in kernels.items():
+            if not any(tag in name for tag in ("mha", "flash", "attention")):
+                continue
+            products = 3 if "dq" in name.replace("dkv", "") else 4 if "dkv" in name else 2
+            total += calls * products * unit
+        return total
+
+    return count
+
+
+def compile_step(lowered, chip: chips_lib.ChipSpec, chips: int, *, name: str, kernel_flops=None) -> dict:
+    """Compile one lowered step for the slice and describe it (see the module docstring);
+    ``kernel_flops(kernels)`` gives the FLOPs per chip of the custom kernels it runs."""
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA reports everything as JaxRuntimeError
+        oom = _out_of_memory(str(e))
+        if oom is None:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PlanError(f"compiling the {name} step failed: {first}") from None
+        required = oom["required_bytes"]
+        return {"fits": False, "compiled": False, "compile_s": round(time.perf_counter() - t0, 1),
+                "bytes_per_chip": {"arguments": None, "outputs": None, "aliased": None, "temp": None, "code": None,
+                                   "total": required},
+                "compiler_refusal": oom, "collectives": {}, "xla_flops": None, "xla_bytes_accessed": None,
+                "estimated_step_s": None, "bound": None}
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    stats = hlo_lib.analyze(compiled.as_text())
+    used = {"arguments": int(memory.argument_size_in_bytes), "outputs": int(memory.output_size_in_bytes),
+            "aliased": int(memory.alias_size_in_bytes), "temp": int(memory.temp_size_in_bytes),
+            "code": int(memory.generated_code_size_in_bytes)}
+    used["total"] = used["arguments"] + used["outputs"] - used["aliased"] + used["temp"] + used["code"]
+    extra = kernel_flops(stats.kernels) if kernel_flops is not None else 0.0
+    estimate = roofline.estimate(stats, chip, kernel_flops=extra)
+    return {
+        "fits": used["total"] <= chip.hbm_bytes, "compiled": True, "compile_s": round(compile_s, 1),
+        "bytes_per_chip": used,
+        "collectives": {kind: {k: v for k, v in c.items()} for kind, c in sorted(stats.collectives.items())},
+        "xla_flops": float(cost.get("flops", 0.0)), "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        "hlo_matmul_flops": stats.matmul_flops, "hlo_hbm_bytes": stats.hbm_bytes,
+        "kernels": stats.kernels, "kernel_flops": extra,
+        "loop_trip_counts": stats.loop_trip_counts, "unknown_trip_counts": stats.unknown_trip_counts,
+        **estimate,
+    }
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What :func:`prepare` builds once per (config, topology): the compiled steps' builder and its
+    abstract arguments."""
+
+    config: RunConfig
+    topology: chips_lib.Topology
+    llama_config: Any
+    steps: Any
+    state: Any
+    batch: dict
+    hosts: int
+
+
+def prepare(config: RunConfig, topology: chips_lib.Topology | str, devices: Sequence | None = None) -> Prepared:
+    """Build, for ``topology``, the run's steps (:func:`mora_jax.steps.build_steps`) and the abstract
+    state and batch they compile for; bad input is a :class:`PlanError`."""
+    from mora_jax import mesh as mesh_lib
+    from mora_jax import sharding
+    from mora_jax import steps as steps_lib
+    from mora_jax.loop import uses_dropout
+
+    topology = chips_lib.parse_topology(topology) if isinstance(topology, str) else topology
+    devices = list(devices) if devices is not None else chips_lib.topology_devices(topology)
+    try:
+        mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
+    except ValueError as e:
+        raise PlanError(f"{e} (the {topology.name} slice has {topology.chips} chips)") from None
+    shards = 1
+    for axis in sharding.batch_axes(mesh):
+        shards *= mesh.shape[axis]
+    hosts = len({d.process_index for d in devices})
+    try:
+        config.train.check_data_parallel(shards, hosts)
+        llama_config = model_config(config)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    if config.train.seq_len > llama_config.max_position_embeddings:
+        raise PlanError(f"train.seq_len={config.train.seq_len} exceeds the model's max_position_embeddings="
+                        f"{llama_config.max_position_embeddings}; shorten it or set "
+                        "--config.model.overrides.max_position_embeddings")
+    model, state, _ = abstract_state(config, llama_config)
+    steps = steps_lib.build_steps(model, config.optim.optimizer(), config.schedule(), config.step_config(), mesh=mesh,
+                                  use_dropout=uses_dropout(config), reset_optimizer=config.remora.reset_optimizer)
+    state = _with_shardings(state, steps.state_shardings(state))
+    shape = (config.train.batch_size, config.train.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=steps.batch_sharding) for k in BATCH_KEYS}
+    return Prepared(config, topology, llama_config, steps, state, batch, hosts)
+
+
+def _merges(config: RunConfig, state) -> bool:
+    from mora_jax import adapters as adapters_lib
+
+    return bool(config.remora.every) and bool(adapters_lib.flatten(state.trainables["adapters"]))
+
+
+def model_flops(config: RunConfig, llama_config) -> float:
+    """The project's FLOP model (:mod:`mora_jax.flops`) for one optimizer step of ``config``."""
+    from mora_jax.config import MoRAConfig
+
+    adapter = config.initial_adapter_config()
+    trained_lm_head = any(re.fullmatch(p, "lm_head/kernel") for p in adapter.unfreeze)
+    return flops_lib.model_flops_per_step(
+        llama_config, config.train.batch_size, config.train.seq_len, config.method, getattr(adapter, "r", None),
+        adapter.mora_type if isinstance(adapter, MoRAConfig) else None, trained_lm_head=trained_lm_head)
+
+
+def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequence[str] = STEP_NAMES,
+         devices: Sequence | None = None, progress=None) -> dict:
+    """Compile ``steps`` of ``config`` for ``topology`` and return the plan (a JSON-able dict; see
+    ``train/plan.py`` for its fields). ``progress(message)`` is called before each compile."""
+    unknown = set(steps) - set(STEP_NAMES)
+    if unknown:
+        raise PlanError(f"unknown step(s) {sorted(unknown)}: choose from {STEP_NAMES}")
+    prepared = prepare(config, topology, devices)
+    topology, chip, mesh = prepared.topology, prepared.topology.chip, prepared.steps.mesh
+    state, batch = prepared.state, prepared.batch
+    result: dict[str, Any] = {
+        "kind": "mora-jax TPU plan (compiled ahead of time; times are estimates)",
+        "topology": topology.name, "chips": topology.chips, "hosts": prepared.hosts,
+        "device_kind": chip.device_kind, "hbm_bytes_per_chip": chip.hbm_bytes,
+        "chip": {"bf16_flops": chip.bf16_flops, "hbm_bytes_per_s": chip.hbm_bytes_per_s,
+                 "ici_bytes_per_s": chip.ici_bytes_per_s, "ici_ports": chip.ici_ports, "source": chip.source},
+        "mesh": dict(mesh.shape),
+        "run": _run_summary(config, prepared),
+        "state_bytes_per_chip": {"frozen": _bytes_per_chip(state.frozen),
+                                 "trainables": _bytes_per_chip(state.trainables),
+                                 "opt_state": _bytes_per_chip(state.opt_state)},
+        "steps": {},
+    }
+    say = progress or (lambda message: None)
+    kernel_flops = attention_kernel_flops(config, prepared.llama_config, topology.chips)
+    if "train" in steps:
+        say(f"compiling the train step for {topology.name} ...")
+        train = compile_step(prepared.steps.lower_train(state, batch), chip, topology.chips, name="train",
+                             kernel_flops=kernel_flops)
+        train["model_flops_per_step"] = model_flops(config, prepared.llama_config)
+        train["estimated_mfu"] = roofline.mfu(train, chip, topology.chips)
+        if train.get("estimated_step_s"):
+            train["estimated_tokens_per_s"] = config.train.batch_size * config.train.seq_len / train["estimated_step_s"]
+        result["steps"]["train"] = train
+    if "eval" in steps:
+        say(f"compiling the eval step for {topology.name} ...")
+        result["steps"]["eval"] = compile_step(prepared.steps.lower_eval(state, batch), chip, topology.chips, name="eval",
+                                                 kernel_flops=kernel_flops)
+    if "merge" in steps:
+        if _merges(config, state):
+            next_type = config.remora.type_at(config.remora.every) if config.method == "mora" else None
+            say(f"compiling the ReMoRA merge for {topology.name} ...")
+            # The first merge may not donate the frozen weights (they are the caller's): the larger one.
+            merge = compile_step(prepared.steps.lower_merge(state, next_type, donate=False), chip, topology.chips,
+                                 name="merge")
+            merge["next_mora_type"] = next_type
+            result["steps"]["merge"] = merge
+        else:
+            result["steps"]["merge"] = None
+            result["merge_note"] = "no ReMoRA merges in this run (remora.every = 0, or no adapters)"
+    _resident_after_merge(result)
+    result["fits"] = all(s["fits"] for s in result["steps"].values() if s is not None)
+    return result
+
+
+def _resident_after_merge(result: dict) -> None:
+    """After the first ReMoRA merge the loop still holds the frozen weights it started from
+    (``loop.run`` keeps them for a restore, the caller keeps its params): the train step then runs
+    beside a second copy of them. Charged to the train step's fit."""
+    train = result["steps"].get("train")
+    if train is None or not result["steps"].get("merge") or not train["compiled"]:
+        return
+    extra = result["state_bytes_per_chip"]["frozen"]
+    train["bytes_per_chip"]["after_first_merge"] = train["bytes_per_chip"]["total"] + extra
+    train["fits"] = train["bytes_per_chip"]["after_first_merge"] <= result["hbm_bytes_per_chip"]
+
+
+def _run_summary(config: RunConfig, prepared: Prepared) -> dict:
+    adapter = config.initial_adapter_config()
+    llama = prepared.llama_config
+    return {
+        "method": config.method, "r": getattr(adapter, "r", None), "mora_type": getattr(adapter, "mora_type", None),
+        "model": config.model.hf_path or config.model.preset,
+        "layers": llama.num_hidden_layers, "hidden_size": llama.hidden_size, "vocab_size": llama.vocab_size,
+        "dtype": config.model.dtype, "param_dtype": config.model.param_dtype,
+        "remat_policy": config.model.remat_policy, "scan_layers": config.model.scan_layers,
+        "batch_size": config.train.batch_size, "seq_len": config.train.seq_len, "grad_accum": config.train.grad_accum,
+        "per_chip_micro_batch": config.train.batch_size / config.train.grad_accum / _batch_shards(prepared),
+        "remora_every": config.remora.every,
+    }
+
+
+def _batch_shards(prepared: Prepared) -> int:
+    from mora_jax import sharding
+
+    n = 1
+    for axis in sharding.batch_axes(prepared.steps.mesh):
+        n *= prepared.steps.mesh.shape[axis]
+    return n
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, indent=2, default=_json_default) + "\n"
+
+
+def _json_default(value):
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON-able: {type(value).__name__}")
+
+
+__all__ = ["BATCH_KEYS", "STEP_NAMES", "Prepared", "abstract_state", "compile_step", "model_config", "model_flops",
+           "plan", "prepare", "to_json"]

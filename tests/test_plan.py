@@ -1,0 +1,327 @@
+"""The TPU planner (mora_jax.plan, train/plan.py): topologies, the HLO reading, and real TPU compiles from
+this CPU machine (libtpu from the ``tpu`` extra; those tests skip without it, CI installs it).
+
+TPU compiles are slow on two busy cores (seconds for the tiny model, minutes for 250M widths), so the
+compiling tests use scanned, few-layer models and share their plans through module fixtures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mora_jax.plan import chips, hlo
+from mora_jax.plan.chips import PlanError
+from mora_jax.run_config import RunConfig
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[tpu]')")
+
+
+# ----- topologies ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, chip, dims", [
+    ("v5e:2x2", "v5e", (2, 2)), ("v4:2x2x1", "v4", (2, 2, 1)), ("v4:2x2", "v4", (2, 2, 1)),
+    ("v5p:2x2x2", "v5p", (2, 2, 2)), ("v6e:4x4", "v6e", (4, 4)), ("v5litepod:2x4", "v5e", (2, 4)),
+])
+def test_parse_topology(name, chip, dims):
+    topology = chips.parse_topology(name)
+    assert topology.chip.name == chip and topology.dims == dims
+    assert topology.chips == dims[0] * dims[1] * (dims[2] if len(dims) > 2 else 1)
+
+
+@pytest.mark.parametrize("name, match", [
+    ("v9:2x2", "unknown TPU generation 'v9'"), ("v5e", "is not GENERATION:AxB"), ("v5e:2x2x2", "2 dimensions"),
+    ("v5e:32x32", "more than a v5e pod"), ("", "is not GENERATION"),
+])
+def test_bad_topology_names(name, match):
+    with pytest.raises(PlanError, match=match):
+        chips.parse_topology(name)
+
+
+def test_chip_table_has_the_documented_hbm():
+    assert {name: spec.hbm_bytes // chips.GiB for name, spec in chips.CHIPS.items()} == {
+        "v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+    for spec in chips.CHIPS.values():
+        assert spec.source and spec.bf16_flops > 1e14 and spec.hbm_bytes_per_s > 5e11 and spec.ici_ports in (4, 6)
+
+
+def test_missing_libtpu_says_install_the_tpu_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
+    with pytest.raises(PlanError, match="install the tpu extra"):
+        chips.topology_devices(chips.parse_topology("v5e:2x2"))
+
+
+# ----- reading the HLO ---------------------------------------------------------------------------
+
+# A scanned layer as TPU HLO writes it: a while loop of 24 trips whose body all-gathers a weight and
+# runs a fused dot, plus a batched dot written as a convolution with a dilated window (its batch axis),
+# and one all-gather split into pieces that share a channel (one before the loop, one inside it).
+SYNTHETIC_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=4
+
+%fused_dot (p0: bf16[8,64], p1: bf16[64,32]) -> bf16[8,32] {
+  %p0 = bf16[8,64]{1,0} parameter(0)
+  %p1 = bf16[64,32]{1,0} parameter(1)
+  ROOT %convolution.1 = bf16[8,32]{1,0} convolution(%p0, %p1), dim_labels=bf_io->bf, metadata={op_name="jit(step)/jvp(m)/dot_general"}
+}
+
+%body (param: (s32[], bf16[8,64], bf16[64,32])) -> (s32[], bf16[8,64], bf16[64,32]) {
+  %param = (s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%param), index=0
+  %x = bf16[8,64]{1,0} get-tuple-element(%param), index=1
+  %w = bf16[64,32]{1,0} get-tuple-element(%param), index=2
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %ag = bf16[256,32]{1,0} all-gather(%w), channel_id=1, replica_groups=[1,4]<=[4], dimensions={0}
+  %piece = bf16[128,32]{1,0} all-gather(%x), channel_id=5, replica_groups=[1,4]<=[4], dimensions={0}
+  %y = bf16[8,32]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot, backend_config={"a":
+"multi-line config"
+}}
+  ROOT %t = (s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}) tuple(%next, %x, %w)
+}
+
+%cond (param.1: (s32[], bf16[8,64], bf16[64,32])) -> pred[] {
+  %param.1 = (s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%param.1), index=0
+  %n = s32[] constant(24)
+  ROOT %lt = pred[] compare(%i.1, %n), direction=LT
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main (x0: bf16[8,64], w0: bf16[64,32], q: bf16[8,16,64], k: bf16[8,64,32], g: f32[1024], xt: bf16[8,16], dy: bf16[8,32]) -> f32[1024] {
+  %x0 = bf16[8,64]{1,0} parameter(0)
+  %w0 = bf16[64,32]{1,0} parameter(1)
+  %q = bf16[8,16,64]{2,1,0} parameter(2)
+  %k = bf16[8,64,32]{2,1,0} parameter(3)
+  %g = f32[1024]{0} parameter(4)
+  %xt = bf16[8,16]{1,0} parameter(5)
+  %dy = bf16[8,32]{1,0} parameter(6)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}) tuple(%zero, %x0, %w0)
+  %loop = (s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}) while(%init), condition=%cond, body=%body
+  %piece.1 = bf16[128,32]{1,0} all-gather(%w0), channel_id=5, replica_groups=[1,4]<=[4], dimensions={0}
+  %bmm = bf16[8,16,32]{2,1,0} convolution(%q, %k), window={size=8 stride=7 lhs_dilate=8}, dim_labels=0bf_0io->0bf
+  %wgrad = bf16[16,32]{1,0} convolution(%xt, %dy), dim_labels=fb_io->bf, metadata={op_name="jit(step)/transpose(jvp(m))/proj/dot_general"}
+  ROOT %ar = f32[1024]{0} all-reduce(%g), channel_id=2, replica_groups={{0,1},{2,3}}, to_apply=%add
+}
+"""
+
+
+def test_hlo_weighs_loop_bodies_by_their_trip_count():
+    stats = hlo.analyze(SYNTHETIC_HLO)
+    assert stats.loop_trip_counts == [24] and stats.unknown_trip_counts == 0 and stats.num_partitions == 4
+    loop_dot = 24 * 2 * 8 * 32 * 64  # the fused dot, once per trip
+    batched = 2 * 8 * 16 * 32 * 64  # one window tap per batch element: 8 dots of 16x64 @ 64x32
+    wgrad = 2 * 16 * 32 * 8
+    assert stats.matmul_flops == loop_dot + batched + wgrad
+    gather = stats.collectives["all-gather"]
+    assert gather["count"] == 24 + 1 and gather["group_sizes"] == [4]  # the pieces of channel 5: one collective
+    assert gather["bytes"] == 24 * 256 * 32 * 2 + 128 * 32 * 2
+    assert gather["wire_bytes"] == pytest.approx(0.75 * gather["bytes"])
+    reduce = stats.collectives["all-reduce"]
+    assert reduce["count"] == 1 and reduce["group_sizes"] == [2] and reduce["wire_bytes"] == pytest.approx(4096)
+    assert stats.hbm_bytes > 24 * (8 * 64 + 64 * 32 + 8 * 32) * 2  # the loop's fusion, 24 times
+
+
+def test_kernel_gradient_dots_finds_backward_dots_shaped_like_a_kernel():
+    assert hlo.kernel_gradient_dots(SYNTHETIC_HLO, [(48, 80)]) == []  # no shard of it is 16 x 32
+    assert hlo.kernel_gradient_dots(SYNTHETIC_HLO, [(16, 32)]) == ["wgrad"]  # backward, kernel-shaped
+    assert hlo.kernel_gradient_dots(SYNTHETIC_HLO, [(8, 32)]) == []  # only the forward dot has this shape
+
+
+# ----- compiling for TPU slices --------------------------------------------------------------------
+
+
+def _config(name: str = "c4_pretrain", variant: str = "tiny", **changes) -> RunConfig:
+    module = __import__(f"configs.{name}", fromlist=["get_config"])
+    c = module.get_config(variant)
+    c.model.scan_layers = True
+    for dotted, value in changes.items():
+        node = c
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return RunConfig.from_dict(c)
+
+
+@pytest.fixture(scope="module")
+def tiny_plans():
+    from mora_jax.plan import planner
+
+    return {topology: planner.plan(_config(), topology) for topology in ("v5e:2x2", "v4:2x2x1")}
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("topology, kind", [("v5e:2x2", "TPU v5 lite"), ("v4:2x2x1", "TPU v4")])
+def test_tiny_config_compiles_train_eval_and_merge(tiny_plans, topology, kind):
+    plan = tiny_plans[topology]
+    assert plan["chips"] == 4 and plan["device_kind"] == kind and plan["fits"]
+    assert plan["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    for name in ("train", "eval", "merge"):
+        step = plan["steps"][name]
+        memory = step["bytes_per_chip"]
+        assert step["compiled"] and step["fits"] and memory["total"] > 0 and memory["arguments"] > 0
+        assert step["estimated_step_s"] > 0 and step["bound"] in ("compute", "memory", "communication")
+    train = plan["steps"]["train"]
+    assert train["loop_trip_counts"] and min(train["loop_trip_counts"]) == 2  # the 2 scanned layers
+    # the scanned body counted twice: more matmul FLOPs than XLA's cost analysis reports for it
+    assert train["hlo_matmul_flops"] > 0 and 0 < train["estimated_mfu"] < 1
+    assert "all-reduce" in train["collectives"]  # data parallelism: gradients are summed over chips
+    assert plan["steps"]["merge"]["next_mora_type"] == 2  # ReMoRA's cycle 1 -> 2
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_memory_grows_with_the_batch_and_the_fit_flips_when_it_is_absurd(tiny_plans):
+    from mora_jax.plan import advice, planner
+
+    small = tiny_plans["v5e:2x2"]["steps"]["train"]["bytes_per_chip"]
+    larger = planner.plan(_config(train__batch_size=64), "v5e:2x2", steps=("train",))
+    assert larger["fits"] and larger["steps"]["train"]["bytes_per_chip"]["temp"] > small["temp"]
+    absurd_config = _config(train__batch_size=262144, train__seq_len=128, model__overrides__max_position_embeddings=128)
+    absurd = planner.plan(absurd_config, "v5e:2x2", steps=("train",))
+    train = absurd["steps"]["train"]
+    assert not absurd["fits"] and not train["fits"]
+    assert train["bytes_per_chip"]["total"] > chips.CHIPS["v5e"].hbm_bytes  # the compiler's own figure
+    tips = advice.suggestions(absurd, absurd_config)
+    assert "per chip" in tips[0] and any("grad_accum" in t for t in tips) and any("remat_policy" in t for t in tips)
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_mora_step_has_no_weight_gradient_for_frozen_kernels():
+    """The compiled TPU program of a MoRA step computes no gradient for the frozen kernels it adapts;
+    full fine-tuning's (the control) does."""
+    from mora_jax import flops
+    from mora_jax.plan import planner
+
+    def gradient_dots(method):
+        config = _config("math_finetune", "tiny", method=method, adapter__dropout=0.0, train__seq_len=64)
+        prepared = planner.prepare(config, "v5e:2x2")
+        text = prepared.steps.lower_train(prepared.state, prepared.batch).compile().as_text()
+        shapes = flops.llama_kernel_shapes(prepared.llama_config).values()
+        return hlo.kernel_gradient_dots(text, shapes)
+
+    assert gradient_dots("mora") == []
+    assert len(gradient_dots("full")) >= 7  # one per trained kernel of the scanned layer, at least
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v4:2x2x1"])
+def test_two_layer_250m_wide_config_compiles(topology):
+    """The 250M widths (d=768, F=2560, 32k vocabulary), two scanned layers, MoRA type 6 r=8, fsdp."""
+    from mora_jax.plan import planner
+
+    config = _config("c4_pretrain", "250m", model__overrides__num_hidden_layers=2, train__seq_len=128,
+                     train__batch_size=8, train__grad_accum=1, adapter__mora_type=6, adapter__r=8,
+                     remora__every=0)
+    plan = planner.plan(config, topology, steps=("train",))
+    train = plan["steps"]["train"]
+    assert plan["fits"] and plan["mesh"]["fsdp"] == 4
+    assert 0 < train["bytes_per_chip"]["total"] < 2 * chips.GiB
+    assert "all-gather" in train["collectives"]  # fsdp gathers the sharded weights
+    assert train["model_flops_per_step"] > train["hlo_matmul_flops"] > 0  # 4 chips share the work
+
+
+@needs_libtpu
+def test_mesh_that_does_not_cover_the_slice_is_one_clear_error():
+    from mora_jax.plan import planner
+
+    with pytest.raises(PlanError, match=r"has 3 devices but there are 4.*v5e:2x2 slice has 4 chips"):
+        planner.prepare(_config(mesh__data=3), "v5e:2x2")
+
+
+# ----- the command line ---------------------------------------------------------------------------
+
+
+def _cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "train.plan", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_cli_unknown_topology_is_one_line():
+    proc = _cli("--config=configs/c4_pretrain.py:tiny", "--topology=v9:2x2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown TPU generation 'v9' in topology 'v9:2x2': choose one of ['v4', 'v5e', 'v5p', 'v6e'] "
+        "(e.g. v4:2x2x2, v5e:2x2, v5p:2x2x2, v6e:2x2)"]
+
+
+@needs_libtpu
+def test_cli_mesh_mismatch_is_one_line():
+    proc = _cli("--config=configs/c4_pretrain.py:tiny", "--topology=v5e:2x4", "--config.mesh.data=4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "has 4 devices but there are 8" in errors[0]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_cli_writes_the_plan_and_exits_nonzero_when_it_does_not_fit(tmp_path):
+    ok = _cli("--config=configs/c4_pretrain.py:tiny", "--topology=v5e:2x2", "--config.model.scan_layers=True",
+              "--steps=train", f"--out={tmp_path / 'ok.json'}")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    plan = json.loads((tmp_path / "ok.json").read_text())
+    for key in ("topology", "chips", "device_kind", "hbm_bytes_per_chip", "mesh", "fits", "steps"):
+        assert key in plan
+    train = plan["steps"]["train"]
+    for key in ("bytes_per_chip", "fits", "compile_s", "collectives", "xla_flops", "xla_bytes_accessed",
+                "estimated_step_s", "bound", "model_flops_per_step", "estimated_mfu"):
+        assert key in train
+    assert set(train["bytes_per_chip"]) >= {"arguments", "outputs", "temp", "total"}
+    assert "| train |" in ok.stdout and "fits" in ok.stdout
+    big = _cli("--config=configs/c4_pretrain.py:tiny", "--topology=v5e:2x2", "--config.model.scan_layers=True",
+               "--steps=train", "--config.train.batch_size=262144", "--config.train.seq_len=128",
+               f"--out={tmp_path / 'big.json'}")
+    assert big.returncode == 1 and "DOES NOT FIT" in big.stdout and "grad_accum" in big.stdout
+    assert json.loads((tmp_path / "big.json").read_text())["fits"] is False
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_search_lists_fitting_candidates_best_first():
+    from mora_jax.plan import search
+
+    found = search.search(_config(train__batch_size=16), "v5e:2x2", budget=3, remat_policies=("none",))
+    assert 1 <= len(found) <= 3 and found[0]["fits"]
+    times = [r["estimated_step_s"] for r in found if r["fits"]]
+    assert times == sorted(times)
+    assert all(set(r["mesh"]) == {"data", "fsdp", "tensor"} for r in found)
+
+
+def test_search_mesh_shapes_split_heads_and_batch():
+    from mora_jax.models.llama import LLAMA_CONFIGS
+    from mora_jax.plan import search
+
+    shapes = search.mesh_shapes(8, LLAMA_CONFIGS["tiny"], batch_size=8)  # 2 kv heads: tensor <= 2
+    assert shapes[0] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert all(s["data"] * s["fsdp"] * s["tensor"] == 8 and s["tensor"] in (1, 2) for s in shapes)
+    assert {"data": 2, "fsdp": 2, "tensor": 2} in shapes
+
+
+def test_compare_methods_and_variants():
+    from mora_jax.plan import report
+
+    config = _config()
+    assert report.compare_methods("mora", ["all"]) == ["lora", "full"]
+    with pytest.raises(ValueError, match="unknown method"):
+        report.compare_methods("mora", ["lora", "dora"])
+    lora = report.with_method(config, "lora")
+    assert lora.method == "lora" and lora.adapter.r == config.adapter.r and lora.adapter.targets == config.adapter.targets
+    full = report.with_method(config, "full")
+    assert full.remora.every == 0 and full.adapter.unfreeze == config.adapter.unfreeze
+    assert dataclasses.replace(config).method == "mora"
