@@ -72,6 +72,9 @@ def base_config():
     c.data.eval_source = ""  # held-out split for evaluation (same kinds); empty = no evaluation
     c.data.tokenizer = ""  # SentencePiece .model, tokenizer.json or checkpoint dir; empty = model.hf_path's
     c.data.chat_template = False  # fine-tuning: prompt as a user turn of the tokenizer's chat template
+    c.data.accuracy_source = ""  # fine-tuning: held-out records scored by exact-match answer accuracy ("" = off)
+    c.data.accuracy_examples = 0  # how many of them to score (0 = all)
+    c.data.accuracy_max_new_tokens = 256  # generation budget per answer
     c.data.text_field = "text"  # field holding the text in JSON/Parquet records
     c.data.overlong = "truncate"  # what to do with too long documents/examples: "truncate" or "drop"
     c.data.format = "alpaca"  # fine-tuning records: "alpaca" (instruction/input/output) or "metamathqa" (query/response)

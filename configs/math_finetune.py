@@ -3,6 +3,8 @@
     python -m train.finetune --config=configs/math_finetune.py --config.model.hf_path=/path/to/Llama-2-7b-hf \
         --config.data.source=MetaMathQA-395K.json --config.data.tokenizer=/path/to/Llama-2-7b-hf/tokenizer.model
     python -m train.finetune --config=configs/math_finetune.py:tiny   # seconds, generated data (tests)
+    python -m train.finetune --config=configs/math_finetune.py:chat --config.model.hf_path=Llama-3.2-1B-Instruct \
+        --config.data.source=train.jsonl --config.data.eval_source=test.jsonl   # chat template, accuracy
 
 Recipe: r=8, type 6, all seven projections, lr 3e-4, batch 128, 3 epochs, cosine with 3% warm-up,
 max length 512, dropout 0.05 on the adapter input.
@@ -37,6 +39,7 @@ def get_config(variant: str = ""):
         c.model.dtype = "float32"
         c.model.param_dtype = "float32"
         c.model.overrides.vocab_size = 512
+        c.model.overrides.max_position_embeddings = 256  # prompt + generated answer (accuracy) fit
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 2
         c.train.steps = 12
@@ -47,9 +50,21 @@ def get_config(variant: str = ""):
         c.data.source = "data/math_train.jsonl"
         c.data.eval_source = "data/math_eval.jsonl"
         c.data.tokenizer = "data/tok.model"
+        c.data.accuracy_source = c.data.get_ref("eval_source")  # exact-match accuracy beside the loss
+        c.data.accuracy_examples = 8
+        c.data.accuracy_max_new_tokens = 40
         c.data.num_epochs = None
         c.checkpoint.every = 4
         c.export.merged = True
+    elif variant == "chat":
+        # Instruction tuning of a chat checkpoint (e.g. Llama-3.2-1B-Instruct, Qwen2.5-0.5B-Instruct) on a
+        # local JSONL file: the checkpoint's own tokenizer and chat template, exact-match accuracy on
+        # data.eval_source beside the loss. Required: model.hf_path, data.source, data.eval_source.
+        c.data.tokenizer = ""  # the checkpoint's tokenizer.json / tokenizer.model
+        c.data.chat_template = True
+        c.data.accuracy_source = c.data.get_ref("eval_source")
+        c.data.accuracy_examples = 200
+        c.train.eval_every = 500
     elif variant:
-        raise ValueError(f"unknown variant {variant!r}: use '' or 'tiny'")
+        raise ValueError(f"unknown variant {variant!r}: use '', 'tiny' or 'chat'")
     return c

@@ -157,6 +157,13 @@ def plot_loss_curve(history: list[dict], path: str | os.PathLike, *, title: str 
         ax.plot(*zip(*train), label="train loss", lw=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.2)
+    accuracy = [(r["step"], r["accuracy"]) for r in history if "accuracy" in r]
+    if accuracy:  # exact-match answer accuracy (mora_jax.accuracy) on a second axis
+        acc_ax = ax.twinx()
+        acc_ax.plot(*zip(*accuracy), "s--", color="tab:green", label="accuracy (%)", lw=1.2)
+        acc_ax.set_ylabel("accuracy (%)")
+        acc_ax.set_ylim(0, 100)
+        acc_ax.legend(loc="lower left")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)

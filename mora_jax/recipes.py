@@ -153,7 +153,7 @@ def run(config, task: str) -> loop.RunResult:
 
         layout = dense_layout(model, jax.numpy.zeros((1, 8), jax.numpy.int32))
     result = loop.run(model, params, config, train_batches=train_batches, eval_batches=eval_batches,
-                      layout=layout, mesh=mesh,
+                      layout=layout, mesh=mesh, callbacks=accuracy_callbacks(config, model, tokenizer, train_batches, mesh),
                       frozen_source=config.model.hf_path or f"preset:{config.model.preset}")
     if jax.process_index() == 0:
         if hasattr(train_batches, "report"):
@@ -162,6 +162,22 @@ def run(config, task: str) -> loop.RunResult:
                                 title=f"{config.method} training loss")
     export(config, model, result)
     return result
+
+
+def accuracy_callbacks(config: RunConfig, model, tokenizer, train_batches, mesh) -> list:
+    """Exact-match answer accuracy on ``data.accuracy_source`` every ``train.eval_every`` steps and
+    at the end (fine-tuning only; ``mora_jax.accuracy``); none when it is empty."""
+    d = config.data
+    if not d.accuracy_source:
+        return []
+    if not hasattr(train_batches, "config") or not hasattr(train_batches.config, "response_field"):
+        raise ValueError("data.accuracy_source scores fine-tuning answers: use it with train/finetune.py")
+    from mora_jax import accuracy
+
+    records = accuracy.read_records(d.accuracy_source, split=d.eval_split, limit=d.accuracy_examples)
+    evaluator = accuracy.AccuracyEvaluator(model, tokenizer, records, train_batches.config,
+                                           max_new_tokens=d.accuracy_max_new_tokens, mesh=mesh)
+    return [evaluator.callback(config.train.eval_every, config.train.steps)]
 
 
 pretrain = functools.partial(run, task="pretrain")

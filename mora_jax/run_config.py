@@ -189,6 +189,10 @@ class DataConfig:
       tokenizer: a SentencePiece .model, a Hugging Face tokenizer.json or a checkpoint directory;
         empty = the tokenizer of model.hf_path.
       chat_template: fine-tuning prompts as user turns of the tokenizer's chat template.
+      accuracy_source: held-out fine-tuning records (the training format) scored by exact-match
+        accuracy of generated answers ("#### N" / "The answer is: N") every train.eval_every steps
+        and at the end; empty = off. accuracy_examples: how many of them (0 = all);
+        accuracy_max_new_tokens: the generation budget per answer.
       text_field: the field holding the text in JSON/Parquet records (pretraining).
       overlong: "truncate" or "drop" too long documents/examples.
       format: fine-tuning records, "alpaca" (instruction/input/output) or "metamathqa" (query/response).
@@ -203,6 +207,9 @@ class DataConfig:
     eval_source: str = ""
     tokenizer: str = ""
     chat_template: bool = False
+    accuracy_source: str = ""
+    accuracy_examples: int = 0
+    accuracy_max_new_tokens: int = 256
     text_field: str = "text"
     overlong: str = "truncate"
     format: str = "alpaca"
@@ -212,6 +219,8 @@ class DataConfig:
     on_bad_record: str = "error"
 
     def __post_init__(self):
+        _non_negative_int("data", accuracy_examples=self.accuracy_examples)
+        _positive_int("data", accuracy_max_new_tokens=self.accuracy_max_new_tokens)
         if self.on_bad_record not in ("error", "skip"):
             raise ValueError(f"data.on_bad_record={self.on_bad_record!r}: choose 'error' (stop at a bad record, "
                              "naming its file and line) or 'skip' (count and skip it)")
