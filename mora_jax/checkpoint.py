@@ -18,10 +18,9 @@ Safety:
 * orbax writes each step to ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete, so a crash
   mid-save leaves the previous checkpoints intact and ``latest_step()`` ignores the partial one
   (left-over temporary directories are removed when the next Checkpointer opens the directory);
-* once a save has finished (at once for synchronous saves; for asynchronous ones at the next save,
-  :meth:`~Checkpointer.wait_until_finished` or :meth:`~Checkpointer.close`) the step is *sealed*:
-  ``<step>/mora_manifest.json`` records the size and CRC-32 of every file it wrote
-  (:mod:`mora_jax.checkpoint_integrity`);
+* once a save has been committed (for asynchronous saves, by a background thread as soon as orbax
+  has finished) the step is *sealed*: ``<step>/mora_manifest.json`` records the size and CRC-32 of
+  every file it wrote (:mod:`mora_jax.checkpoint_integrity`);
 * :meth:`~Checkpointer.restore_latest_good` verifies the newest step before restoring it; a damaged
   or incomplete one (a truncated or changed file, a missing item, unreadable metadata, an empty
   directory) is reported in one line, moved to ``<directory>/damaged/<step>-<time>`` (never deleted)
@@ -58,15 +57,15 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import threading
 from typing import Any, Callable, Literal, Mapping
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from mora_jax import checkpoint_integrity as integrity
 from mora_jax import checkpoint_resume
-from mora_jax.adapters import MoRAAdapter, mora_types
+from mora_jax.adapters import mora_types
 from mora_jax.checkpoint_integrity import (
     FROZEN_ITEM,
     META_ITEM,
@@ -77,10 +76,13 @@ from mora_jax.checkpoint_integrity import (
 )
 from mora_jax.checkpoint_metadata import (
     CheckpointMetadata,
+    abstract_leaf,
     check_initial_frozen,
     fingerprint_mismatch,
     frozen_fingerprint,
+    is_typed_key,
     json_copy,
+    with_mora_type,
 )
 from mora_jax.training import TrainState
 
@@ -89,36 +91,6 @@ logger = logging.getLogger(__name__)
 MODES = ("new", "resume", "overwrite")
 Mode = Literal["new", "resume", "overwrite"]
 
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers on trees.
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_mora(x) -> bool:
-    return isinstance(x, MoRAAdapter)
-
-
-def with_mora_type(tree, mora_type: int):
-    """``tree`` (a TrainState, an adapter tree, an optimizer state, abstract or not) with every
-    :class:`MoRAAdapter` node's static ``mora_type`` replaced.
-
-    Use it to turn a restore target built from the run's initial config into the structure of a
-    checkpoint taken after ReMoRA switched types (:meth:`Checkpointer.restore` does it for you).
-    """
-    return jax.tree_util.tree_map(
-        lambda x: x.replace(mora_type=mora_type) if _is_mora(x) else x, tree, is_leaf=_is_mora
-    )
-
-
-def _is_typed_key(x) -> bool:
-    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _abstract(x):
-    """A ``jax.ShapeDtypeStruct`` for a leaf (array or struct), keeping its sharding if it has one."""
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +149,8 @@ class Checkpointer:
                                               item_names=(STATE_ITEM, FROZEN_ITEM, META_ITEM))
         self._base_fingerprint: dict | None = None  # of the unchanged frozen weights, once known
         self._pending: int | None = None  # a started save not sealed yet
+        self._sealer: threading.Thread | None = None  # seals an asynchronous save as soon as it is committed
+        self._sealer_error: BaseException | None = None
         self._sealed = {s for s in self.all_steps() if self._has_manifest(s)}
         self._check_mode()
 
@@ -290,7 +264,7 @@ class Checkpointer:
                     )
             self._base_fingerprint = fingerprint
         types = sorted(mora_types(state.trainables))
-        typed_key = _is_typed_key(state.rng)
+        typed_key = is_typed_key(state.rng)
         record = CheckpointMetadata(
             step=step, data_state=data_state,
             mora_type=(types[0] if len(types) == 1 else types or None),
@@ -311,17 +285,31 @@ class Checkpointer:
         saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
         if saved:
             self._pending = step
-            if not self._async:
+            if self._async:
+                self._sealer = threading.Thread(target=self._seal_when_committed, args=(step,), daemon=True,
+                                                name=f"mora_jax-seal-{step}")
+                self._sealer.start()
+            else:
                 self.wait_until_finished()
         return saved
 
     # ---- sealing and retention ---------------------------------------------------------------------
+    def _seal_when_committed(self, step: int) -> None:
+        """Background thread: write the manifest the moment orbax has committed ``step``, so that a
+        kill soon after leaves a verifiable step (retention waits for the main thread)."""
+        try:
+            self._manager.wait_until_finished()
+            if self._local and jax.process_index() == 0 and self.step_dir(step).is_dir():
+                integrity.write_manifest(self.step_dir(step))
+        except BaseException as e:  # noqa: BLE001 -- raised by wait_until_finished in the main thread
+            self._sealer_error = e
+
     def _seal_pending(self) -> None:
         """Record the manifest of the save that just finished, then apply ``max_to_keep``."""
         step, self._pending = self._pending, None
         if step is None or step not in self.all_steps():
             return
-        if self._local and jax.process_index() == 0:
+        if self._local and jax.process_index() == 0 and not self._has_manifest(step):
             integrity.write_manifest(self.step_dir(step))
         self._sealed.add(step)
         for old in integrity.steps_to_delete(self.all_steps(), self._sealed, self.max_to_keep):
@@ -360,7 +348,7 @@ class Checkpointer:
             key_data = jax.eval_shape(jax.random.key_data, rng_target)
             rng_sharding = getattr(rng_target, "sharding", None)  # valid for the key data too (one more axis)
             rng_target = jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=rng_sharding)
-        target = jax.tree_util.tree_map(_abstract, {
+        target = jax.tree_util.tree_map(abstract_leaf, {
             "step": abstract_state.step,
             "trainables": abstract_state.trainables,
             "opt_state": abstract_state.opt_state,
@@ -368,7 +356,7 @@ class Checkpointer:
         })
         items = {STATE_ITEM: ocp.args.StandardRestore(target)}
         if info.frozen_saved:
-            items[FROZEN_ITEM] = ocp.args.StandardRestore(jax.tree_util.tree_map(_abstract, abstract_state.frozen))
+            items[FROZEN_ITEM] = ocp.args.StandardRestore(jax.tree_util.tree_map(abstract_leaf, abstract_state.frozen))
         else:
             where = f"checkpoint {step} in {self.directory}"
             check_initial_frozen(where, info, abstract_state.frozen, initial_frozen)
@@ -420,7 +408,13 @@ class Checkpointer:
     # ---- lifecycle ---------------------------------------------------------------------------------
     def wait_until_finished(self) -> None:
         """Block until pending asynchronous saves are written and committed, then seal them."""
+        if self._sealer is not None:
+            self._sealer.join()
+            self._sealer = None
         self._manager.wait_until_finished()
+        if self._sealer_error is not None:
+            error, self._sealer_error = self._sealer_error, None
+            raise error
         self._seal_pending()
 
     def close(self) -> None:
@@ -438,6 +432,7 @@ class Checkpointer:
 
 
 __all__ = [
+    "METADATA_FORMAT",
     "CheckpointDamaged",
     "CheckpointMetadata",
     "Checkpointer",

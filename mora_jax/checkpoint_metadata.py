@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mora_jax.adapters import MoRAAdapter
 from mora_jax.checkpoint_integrity import METADATA_FORMAT
 
 _SAMPLES_PER_AXIS = 4  # frozen-weight fingerprint: a 4 x 4 (x ...) grid of values per leaf
@@ -60,6 +61,33 @@ class CheckpointMetadata:
                              f"{METADATA_FORMAT!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in record.items() if k in fields})
+
+
+def _is_mora(x) -> bool:
+    return isinstance(x, MoRAAdapter)
+
+
+def with_mora_type(tree, mora_type: int):
+    """``tree`` (a TrainState, an adapter tree, an optimizer state, abstract or not) with every
+    :class:`MoRAAdapter` node's static ``mora_type`` replaced.
+
+    Use it to turn a restore target built from the run's initial config into the structure of a
+    checkpoint taken after ReMoRA switched types (:meth:`Checkpointer.restore` does it for you, from
+    :attr:`CheckpointMetadata.mora_type`).
+    """
+    return jax.tree_util.tree_map(
+        lambda x: x.replace(mora_type=mora_type) if _is_mora(x) else x, tree, is_leaf=_is_mora
+    )
+
+
+def is_typed_key(x) -> bool:
+    """Whether ``x`` is a typed PRNG key (saved as its key data)."""
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def abstract_leaf(x):
+    """A ``jax.ShapeDtypeStruct`` for a leaf (array or struct), keeping its sharding if it has one."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
 def _fingerprint_tree(tree):
@@ -134,4 +162,5 @@ def json_copy(value, what: str):
         raise TypeError(f"{what} must be JSON-serialisable (dicts, lists, str, numbers, bool, None): {e}") from None
 
 
-__all__ = ["CheckpointMetadata", "check_initial_frozen", "fingerprint_mismatch", "frozen_fingerprint", "json_copy"]
+__all__ = ["CheckpointMetadata", "abstract_leaf", "check_initial_frozen", "fingerprint_mismatch", "frozen_fingerprint",
+           "is_typed_key", "json_copy", "with_mora_type"]

@@ -6,6 +6,7 @@ import json
 import pathlib
 import re
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +168,17 @@ def test_keep_never_pushes_out_the_last_sealed_step(tmp_path):
         assert ckpt.all_steps() == [2, 3, 4]  # step 3 does not count as one of the two kept
         ckpt.save(5, _state(5.0), frozen_changed=True)
         assert ckpt.all_steps() == [4, 5] and ckpt.sealed_steps() == [4, 5]
+
+
+def test_an_async_save_is_sealed_as_soon_as_it_is_committed(tmp_path):
+    """No later save or wait is needed: a kill right after the commit still leaves a verifiable step."""
+    ckpt = Checkpointer(tmp_path, enable_async_checkpointing=True)
+    ckpt.save(1, _state(1.0), frozen_changed=True)
+    deadline = time.monotonic() + 120  # a bound on the wait, not a timing assertion
+    while not (tmp_path / "1" / integrity.MANIFEST_FILE).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert integrity.check_step(tmp_path / "1", 1).status == "verified"
+    ckpt.close()
 
 
 def test_async_saves_are_sealed_at_close_and_kept_by_number(tmp_path):
