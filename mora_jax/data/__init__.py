@@ -1,5 +1,6 @@
-"""Data pipelines: text sources, a SentencePiece tokenizer, packed pretraining batches and masked
-fine-tuning batches, all deterministic and resumable.
+"""Data pipelines: text sources, tokenizers (SentencePiece ``.model`` or a checkpoint's
+``tokenizer.json``, with its chat template), packed pretraining batches and masked fine-tuning
+batches, all deterministic and resumable.
 
 Sources
 -------
