@@ -206,7 +206,8 @@ def _checkpointer(config: RunConfig, workdir: pathlib.Path):
         return None
     from mora_jax.checkpoint import Checkpointer
 
-    return Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
+    # orbax needs an absolute path (a relative workdir such as runs/x fails deep inside tensorstore)
+    return Checkpointer((workdir / "checkpoints").absolute(), max_to_keep=config.checkpoint.keep,
                         enable_async_checkpointing=config.checkpoint.async_save, mode=config.checkpoint.mode,
                         run_config=config.to_dict())
 
