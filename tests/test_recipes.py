@@ -219,3 +219,32 @@ def test_one_device_mesh_sizes_that_do_not_fit_are_refused():
 
     with pytest.raises(ValueError, match="mesh data=2 × fsdp=1 × tensor=1 has 2 devices but there are 1; make the sizes multiply to 1"):
         make_mesh(MeshConfig(axis_sizes=(2, 1, 1)), devices=jax.devices()[:1])
+
+
+@pytest.mark.slow
+def test_resume_sets_a_damaged_checkpoint_aside_and_falls_back(corpus, tmp_path, capsys):
+    from mora_jax import checkpoint_integrity as integrity
+
+    config = _pretrain_config(corpus, tmp_path / "run", steps=6, eval_every=0, log_every=1)
+    config.checkpoint.every = 2
+    config.checkpoint.async_save = False
+    config.export.adapter = False
+    config.export.merged = False
+    recipes.pretrain(config)
+    expected = _losses(tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    data = max((p for p in (checkpoints / "6" / "state").rglob("d/*")), key=lambda p: p.stat().st_size)
+    data.write_bytes(bytes(data.stat().st_size))  # zeroed bytes: only the checksum can tell
+    capsys.readouterr()
+
+    config.train.steps = 8  # the same run, continued
+    recipes.pretrain(config)
+    out = capsys.readouterr().out
+    damaged = [line for line in out.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1 and "checkpoint step 6 in" in damaged[0] and "does not match its checksum" in damaged[0]
+    assert "resumed from step 4" in out
+    (moved,) = (checkpoints / integrity.DAMAGED_DIR).iterdir()
+    assert moved.name.startswith("6-") and (moved / "state").is_dir()  # set aside, not deleted
+    got = _losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, 9))
+    assert [got[s] for s in range(1, 7)] == [expected[s] for s in range(1, 7)]  # steps 5, 6 trained again, identically

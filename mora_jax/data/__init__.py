@@ -39,12 +39,17 @@ Pretraining rows are one causal stream each (GPT-style packing: documents separa
 or several packed examples with their own segments, and train on response tokens only.
 
 Iterators expose ``stats`` (counts of ``documents``, ``tokens``, ``batches``, ``skipped_empty``,
-``skipped_missing_fields``, ``truncated``, ``dropped``), ``report()``, and ``get_state()`` /
-``set_state(state)`` (or ``state=`` at construction): a small JSON-serialisable dict from which a new
-iterator yields exactly the batches the old one would have yielded next.
+``skipped_missing_fields``, ``skipped_unreadable``, ``truncated``, ``dropped``), ``report()``, and
+``get_state()`` / ``set_state(state)`` (or ``state=`` at construction): a small JSON-serialisable dict
+from which a new iterator yields exactly the batches the old one would have yielded next.
 
-Modules: ``sources`` (files, the Hub, per-process sharding), ``tokenizer``, ``pretrain``, ``finetune``,
-``synthetic`` (the offline corpus) and ``batching`` (bookkeeping the iterators share).
+Bad records: a record without the fields it needs, or a line of a local file that is not valid UTF-8
+(or JSON), is a :class:`BadRecordError` naming the file and line (``on_bad_record='error'``, the
+default) or is counted and skipped (``'skip'``; ``skipped_missing_fields`` / ``skipped_unreadable``).
+
+Modules: ``sources`` (files, the Hub, per-process sharding), ``local_files`` (text and JSON files read
+line by line), ``tokenizer``, ``pretrain``, ``finetune``, ``synthetic`` (the offline corpus) and
+``batching`` (bookkeeping the iterators share).
 """
 
 from mora_jax.data.batching import STATS_KEYS, next_token_targets
