@@ -104,3 +104,15 @@ def test_mesh_and_batch_must_fit_the_devices():
     c.train.batch_size, c.train.grad_accum = 8, 2
     with pytest.raises(ValueError, match=r"use a multiple of 16"):
         recipes.build_mesh(RunConfig.from_dict(c))
+
+
+def test_the_entry_point_reports_a_bad_config_in_one_line():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "train.pretrain", "--config=configs/c4_pretrain.py:tiny",
+                           "--config.optim.lr=-1"], capture_output=True, text=True, timeout=300,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("pretrain: error: config: optim.lr must be a finite number > 0")
+    assert "Traceback" not in proc.stderr

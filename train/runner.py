@@ -8,6 +8,8 @@ environment variables). Each process reads its own shard of the data; process 0 
 and the exports.
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -21,6 +23,17 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process runs: this
                                    "(default: $JAX_PROCESS_ID or auto-detected)")
 
 
+def _user_errors():
+    """Errors that describe a problem with the run's input (config, data, workdir, a diverging run),
+    each with its fix in the message."""
+    from mora_jax.checkpoint_integrity import CheckpointDamaged
+    from mora_jax.data.batching import BadRecordError
+    from mora_jax.loop import TrainingDiverged
+    from mora_jax.workdir_lock import WorkdirLocked
+
+    return (BadRecordError, CheckpointDamaged, TrainingDiverged, WorkdirLocked, FileNotFoundError)
+
+
 def main(task: str) -> None:
     """Parse the flags and run ``task`` ("pretrain" or "finetune")."""
 
@@ -32,11 +45,21 @@ def main(task: str) -> None:
         import jax
 
         from mora_jax import recipes
+        from mora_jax.run_config import RunConfig
+
+        USER_ERRORS = _user_errors()
 
         config = _CONFIG.value
         if jax.process_index() == 0:
             print(config, flush=True)
-        result = recipes.run(config, task)
+        try:
+            run_config = RunConfig.from_dict(config)  # every field checked before anything loads
+        except ValueError as e:
+            sys.exit(f"{task}: error: config: {e}")
+        try:
+            result = recipes.run(run_config, task)
+        except USER_ERRORS as e:  # the input's fault: one line that says what to change, no traceback
+            sys.exit(f"{task}: error: {e}")
         status = "preempted (resume by running the same command)" if result.preempted else "finished"
         print(f"{status} at step {int(result.state.step)}; outputs in {config.workdir}", flush=True)
 
