@@ -211,9 +211,10 @@ def test_mora_step_has_no_weight_gradient_for_frozen_kernels():
     def gradient_dots(method):
         config = _config("math_finetune", "tiny", method=method, adapter__dropout=0.0, train__seq_len=64)
         prepared = planner.prepare(config, "v5e:2x2")
+        assert prepared.steps.mesh.shape["data"] == 4  # weights replicated: a weight gradient is kernel-sized
         text = prepared.steps.lower_train(prepared.state, prepared.batch).compile().as_text()
         shapes = flops.llama_kernel_shapes(prepared.llama_config).values()
-        return hlo.kernel_gradient_dots(text, shapes)
+        return hlo.kernel_gradient_dots(text, shapes, max_shards=1)
 
     assert gradient_dots("mora") == []
     assert len(gradient_dots("full")) >= 7  # one per trained kernel of the scanned layer, at least
@@ -325,3 +326,36 @@ def test_compare_methods_and_variants():
     full = report.with_method(config, "full")
     assert full.remora.every == 0 and full.adapter.unfreeze == config.adapter.unfreeze
     assert dataclasses.replace(config).method == "mora"
+
+
+# ----- the benchmark's TPU column (train.benchmark --topology) ---------------------------------------
+
+
+def test_benchmark_methods_become_run_configs_for_the_slice():
+    from configs import bench_tiny
+    from mora_jax.bench import methods, tpu
+
+    config = bench_tiny.get_config()
+    for spec in methods.method_specs([8], [1, 6]):
+        run = tpu.run_config(config, spec, chips=4)
+        assert run.method == spec.method and run.train.batch_size == 4 * config.batch
+        assert run.model.dtype == "bfloat16" and run.mesh.axis_sizes == (1, -1, 1) and run.remora.every == 0
+        assert getattr(run.adapter, "mora_type", None) == spec.mora_type
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_benchmark_tpu_plan_sits_beside_the_cpu_rows():
+    from configs import bench_tiny
+    from mora_jax.bench import tpu
+
+    config = bench_tiny.get_config()
+    config.scan_layers = True
+    rows = [{"method": "lora", "r": 8, "mora_type": None, "step_s": 0.01, "mfu": 0.1},
+            {"method": "mora", "r": 8, "mora_type": 6, "step_s": 0.012, "mfu": 0.09}]
+    result = {"results": rows, "tpu_plan": tpu.plan_methods(config, "v5e:2x2", rows, log=lambda m: None)}
+    planned = result["tpu_plan"]["results"]
+    assert [r["label"] for r in planned] == ["lora r=8", "mora6 r=8"]
+    assert all(r["fits"] and r["bytes_per_chip"] > 0 and r["estimated_step_s"] > 0 for r in planned)
+    table = tpu.side_by_side(result)
+    assert "not measured" in table and "| mora6 r=8 | 12.0 ms |" in table

@@ -5,6 +5,7 @@
     python -m train.benchmark --config configs/bench_tiny.py --scaling --out scaling.json   # + .md, .png
     python -m train.benchmark --config configs/bench_tiny.py --peer --out peer.json         # + PyTorch rows (HF PEFT LoRA, MoRA)
     python -m train.benchmark --config configs/bench_tiny.py --config.steps=20 --config.batch=8 ...
+    python -m train.benchmark --config configs/bench_250m.py --topology=v5e:2x2   # + TPU plan estimates (tpu extra)
 
 Writes ``--out`` (JSON) and a markdown report beside it (same name, ``.md``), and prints a table.
 JSON schema (extra keys such as "ratios", "details", "delta_weight", "targets", "peer", "peer_comparison", "xla_tuning" may follow):
@@ -28,6 +29,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py)")
 _OUT = flags.DEFINE_string("out", "results.json", "JSON file to write (a .md report is written beside it)")
 _SCALING = flags.DEFINE_bool("scaling", False, "run the scaling study instead (JSON + .md table + .png plot)")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "also plan every method for this TPU slice (e.g. v5e:2x2) with the TPU "
+                                 "planner: memory per chip and estimated step time beside the CPU measurements")
 _PEER = flags.DEFINE_bool("peer", False, "also time the same model in PyTorch: full, HF PEFT LoRA, the reference MoRA (needs torch, transformers, peft)")
 
 
@@ -46,6 +49,13 @@ def main(argv):
             peer.import_peer()
         except peer.PeerUnavailable as e:
             sys.exit(str(e))
+    if _TOPOLOGY.value:  # a bad slice name or a missing libtpu: say so before the CPU benchmark runs
+        from mora_jax.plan import PlanError, parse_topology, topology_devices
+
+        try:
+            topology_devices(parse_topology(_TOPOLOGY.value))
+        except PlanError as e:
+            sys.exit(f"error: {e}")
     if _SCALING.value:
         result = harness.run_scaling(config)
         report.write_json(result, out)
@@ -61,10 +71,16 @@ def main(argv):
         result["peer"] = peer.run_peer(config, llama_config, result["peak_matmul_flops"])
         result["peer_comparison"] = peer.peer_comparison(result)
         result["targets"] = harness.check_targets(result)
+    tpu_table = ""
+    if _TOPOLOGY.value:
+        from mora_jax.bench import tpu
+
+        result["tpu_plan"] = tpu.plan_methods(config, _TOPOLOGY.value, result["results"])
+        tpu_table = "\n\n" + tpu.side_by_side(result)
     report.validate_schema(result)
     report.write_json(result, out)
-    out.with_suffix(".md").write_text(report.report(result, markdown=True) + "\n")
-    print(report.report(result))
+    out.with_suffix(".md").write_text(report.report(result, markdown=True) + tpu_table + "\n")
+    print(report.report(result) + tpu_table)
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

@@ -36,7 +36,7 @@ def suggestions(plan: dict, config: RunConfig) -> list[str]:
                for s in failing.values())
     out.append(f"needs {_gib(used)} per chip of {_gib(hbm)} ({', '.join(sorted(failing))} step)")
     memory = (train or {}).get("bytes_per_chip") or {}
-    activations_heavy = memory.get("temp") is None or memory["temp"] >= memory.get("arguments", 0)
+    activations_heavy = memory.get("temp") is None or memory["temp"] >= (memory.get("arguments") or 0)
     micro = t.batch_size // t.grad_accum
     if train is not None and not train["fits"] and activations_heavy:
         if micro % (2 * shards) == 0:
