@@ -90,6 +90,7 @@ class Steps:
         self._flax_rules = rules.flax_rules(mesh)
         self._cache: dict = {}
         self._borrowed: set[int] = set()
+        self._borrowed_arrays: list = []
         self._shardings = None
 
     # ----- layout ---------------------------------------------------------------------------
@@ -109,8 +110,10 @@ class Steps:
         are remembered as borrowed: no step deletes them (see the module docstring)."""
         shardings = self.state_shardings(state)
         frozen = sharding.put(state.frozen, shardings.frozen)
-        self._borrowed = {id(x) for x in jax.tree_util.tree_leaves(frozen)}
-        self._borrowed |= {id(x) for x in jax.tree_util.tree_leaves(state.frozen)}
+        # Hold the borrowed arrays (not just their ids: a freed array's id could be reused by a
+        # weight this run produced, which would then never be donated).
+        self._borrowed_arrays = jax.tree_util.tree_leaves(frozen) + jax.tree_util.tree_leaves(state.frozen)
+        self._borrowed = {id(x) for x in self._borrowed_arrays}
         rest = sharding.place(state.replace(frozen=None), shardings.replace(frozen=None))
         return rest.replace(frozen=frozen)
 
