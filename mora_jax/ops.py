@@ -144,14 +144,19 @@ def rope_cos_sin(r_hat: int, n_chunks: int):
     return jnp.asarray(np.cos(angles_NxR)), jnp.asarray(np.sin(angles_NxR))
 
 
-def _rotate_chunks(chunks_BxNxR):
-    """Rotate chunk ``c`` by angles ``c·θ`` ("rotate half" pairing), in float32."""
-    n, r_hat = chunks_BxNxR.shape[-2:]
-    cos_NxR, sin_NxR = rope_cos_sin(r_hat, n)
-    v = chunks_BxNxR.astype(jnp.float32)
+def rotated_blocks(m_RxR, n_chunks: int):
+    """Type 6's ``R_c·M`` for chunks ``c < n_chunks``, float32, ``(n_chunks, r̂, r̂)``: chunk ``c`` of
+    the input, rotated by ``c·θ`` and multiplied by ``M``, is the chunk times block ``c``.
+
+    Row ``s`` of ``R_c·M`` is ``rot_c(e_s)·M = cos_s·M[s] ± sin_s·M[s ∓ r̂/2]`` (the "rotate half"
+    pairing of ``s`` with ``s ± r̂/2``): ``O(n·r̂²)`` elementwise work, no ``n·r̂³`` matmul with a
+    rotation matrix, angles in float32."""
+    r_hat = m_RxR.shape[-1]
+    cos_NxR, sin_NxR = rope_cos_sin(r_hat, n_chunks)
+    m = m_RxR.astype(jnp.float32)
     half = r_hat // 2
-    rotated_half = jnp.concatenate([-v[..., half:], v[..., :half]], axis=-1)
-    return v * cos_NxR + rotated_half * sin_NxR
+    m_swapped = jnp.concatenate([m[half:], -m[:half]], axis=0)
+    return cos_NxR[:, :, None] * m[None] + sin_NxR[:, :, None] * m_swapped[None]
 
 
 def _compress_adjoint_rows(m_RxR, k: int, mora_type: int):
@@ -195,24 +200,38 @@ def apply_mora(x, m, *, in_features: int, out_features: int, mora_type: int):
     """MoRA's contribution ``Δy = decompress(compress(x) @ m)``, shape ``(..., out_features)``.
 
     ``x`` has shape ``(..., in_features)`` (any number of leading dims); ``m`` is ``(r̂, r̂)`` in
-    kernel layout. Computes in ``x``'s dtype (``m`` is cast to it); type 6's rotation is computed
-    in float32.
+    kernel layout. Computes in ``x``'s dtype (``m`` is cast to it); type 6's rotations are computed
+    in float32 and folded into ``m`` (:func:`rotated_blocks`) before the cast.
     """
     r_hat, mora_type = _check_m(m, in_features, out_features, mora_type)
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features on its last axis, expected in_features={in_features}")
-    dtype = x.dtype
-    m = m.astype(dtype)
     if mora_type != 6:
         z_BxR = _compress(x, r_hat, mora_type)
-        return _decompress(z_BxR @ m, out_features, mora_type)
+        return _decompress(z_BxR @ m.astype(x.dtype), out_features, mora_type)
     n = -(-in_features // r_hat)
     # The chunk products are concatenated and truncated/tiled to out_features: when d < n·r̂ only
-    # the first ceil(d/r̂) chunks reach the output, so only those are rotated and multiplied
-    # (e.g. a 2560→768 down_proj at r=8 needs 5 of its 16 chunks). Chunk c keeps its angle c·θ.
+    # the first ceil(d/r̂) chunks reach the output, so only those are multiplied (e.g. a 2560→768
+    # down_proj at r=8 needs 5 of its 16 chunks). Chunk c keeps its angle c·θ.
     n = min(n, -(-out_features // r_hat))
+    return _type6_product(x, m, n, out_features)
+
+
+def _type6_product(x, m, n: int, out_features: int):
+    """Type 6's ``tile(concat_c(rot_c(chunk_c) @ M))`` over the first ``n`` chunks, computed as
+    ``chunk_c @ (R_c·M)``: the rotations are folded into ``n`` small ``r̂ × r̂`` blocks
+    (:func:`rotated_blocks`, float32, then the input's dtype) and the chunks meet them in one
+    batched matmul.
+
+    Rotating the activations instead (the reference's order) writes a float32 array the size of the
+    input per adapted projection, keeps its cast for the backward pass, and reads and writes it
+    again there: on a TPU v5e that made a type-6 step of the 250M model take 1.5x LoRA's memory per
+    chip and 1.3x its estimated time (``README.md``, "TPU: plans compiled from a CPU machine"). Folded,
+    the backward pass keeps the chunks, which are ``x`` itself when ``r̂`` divides ``k``."""
+    r_hat = m.shape[-1]
+    blocks_NxRxR = rotated_blocks(m, n).astype(x.dtype)
     chunks_BxNxR = _wrap_pad(x, n * r_hat).reshape(*x.shape[:-1], n, r_hat)
-    u_BxNxR = _rotate_chunks(chunks_BxNxR).astype(dtype) @ m
+    u_BxNxR = jnp.einsum("...nr,nrs->...ns", chunks_BxNxR, blocks_NxRxR)
     return _decompress_tile(u_BxNxR.reshape(*x.shape[:-1], n * r_hat), out_features)
 
 
@@ -240,9 +259,7 @@ def delta_weight(m, *, in_features: int, out_features: int, mora_type: int):
 def _type6_pieces(m_RxR, k: int, d: int):
     """Type 6's ``ΔK`` as non-overlapping blocks ``[(row, col, block)]``; zero elsewhere.
 
-    Block ``c`` of ``B`` is ``R_c·M``; row ``s`` of ``R_c·M`` is ``rot_c(e_s)·M = cos_s·M[s] ±
-    sin_s·M[s ∓ r̂/2]`` (the rotation pairs ``s`` with ``s ± r̂/2``): ``O(n·r̂²)`` elementwise, no
-    ``n·r̂³`` matmul with a rotation matrix. Padded input row ``p = c·r̂ + s`` (input feature
+    Block ``c`` of ``B`` is ``R_c·M`` (:func:`rotated_blocks`, the forward pass's blocks). Padded input row ``p = c·r̂ + s`` (input feature
     ``p mod k``) meets block ``c`` in output columns ``c·r̂ + u``, repeated every ``width`` columns
     (the tile).
     """
@@ -250,10 +267,7 @@ def _type6_pieces(m_RxR, k: int, d: int):
     n = -(-k // r_hat)
     width = min(d, n * r_hat)  # columns of Cp·B that the truncate/tile can reach
     n_blocks = -(-width // r_hat)
-    cos_NxR, sin_NxR = rope_cos_sin(r_hat, n_blocks)
-    half = r_hat // 2
-    m_swapped = jnp.concatenate([m_RxR[half:], -m_RxR[:half]], axis=0)
-    blocks_NxRxR = cos_NxR[:, :, None] * m_RxR[None] + sin_NxR[:, :, None] * m_swapped[None]
+    blocks_NxRxR = rotated_blocks(m_RxR, n_blocks)
     rows_of_block = []  # per block: [(first output row, rows of the block)]
     for c in range(n_blocks):
         block = blocks_NxRxR[c]

@@ -169,6 +169,34 @@ def test_type6_rotation_uses_float32_angles():
     np.testing.assert_allclose(y16, y32, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("k,d,r", [(100, 70, 8), (64, 200, 4), (7, 9, 30), (40, 5, 8), (33, 33, 64)])
+def test_type6_folded_rotations_equal_rotating_the_activations(k, d, r):
+    """Type 6 folds its chunk rotations into m (blocks R_c·M) and is checkpointed: its values and its
+    gradients for x and m equal the reference's order, rotating the input chunks in float32 and
+    multiplying them by m, differentiated by autodiff."""
+    from mora_jax import ops
+
+    r_hat = rank_hat(k, d, r, 6)
+    n = min(-(-k // r_hat), -(-d // r_hat))
+
+    def rotate_then_multiply(x, m):
+        chunks = ops._wrap_pad(x, n * r_hat).reshape(*x.shape[:-1], n, r_hat).astype(jnp.float32)
+        cos, sin = ops.rope_cos_sin(r_hat, n)
+        half = r_hat // 2
+        rotated = chunks * cos + jnp.concatenate([-chunks[..., half:], chunks[..., :half]], axis=-1) * sin
+        u = rotated.astype(x.dtype) @ m.astype(x.dtype)
+        return ops._decompress_tile(u.reshape(*x.shape[:-1], n * r_hat), d)
+
+    def folded(x, m):
+        return apply_mora(x, m, in_features=k, out_features=d, mora_type=6)
+
+    x, m, probe = _random((2, 3, k), 12), _random((r_hat, r_hat), 13) * 0.1, _random((2, 3, d), 14)
+    np.testing.assert_allclose(folded(x, m), rotate_then_multiply(x, m), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda x, m: jnp.sum(f(x, m) * probe)
+    for ours, reference in zip(jax.grad(loss(folded), (0, 1))(x, m), jax.grad(loss(rotate_then_multiply), (0, 1))(x, m)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+
+
 def test_lora_ops():
     a, b, x = _random((16, 4), 9), _random((4, 8), 10), _random((3, 16), 11)
     scale = mora_jax.ops.lora_scale(4, 8.0)
