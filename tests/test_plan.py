@@ -246,6 +246,15 @@ def test_mesh_that_does_not_cover_the_slice_is_one_clear_error():
         planner.prepare(_config(mesh__data=3), "v5e:2x2")
 
 
+@needs_libtpu
+def test_eval_is_planned_only_when_the_run_evaluates():
+    from mora_jax.plan import planner
+
+    plan = planner.plan(_config(data__eval_source=""), "v5e:2x2", steps=("eval", "merge"))
+    assert plan["steps"]["eval"] is None and "data.eval_source" in plan["eval_note"]
+    assert plan["steps"]["merge"] is not None  # the tiny recipe merges every 10 steps
+
+
 # ----- the command line ---------------------------------------------------------------------------
 
 

@@ -50,6 +50,9 @@ def suggestions(plan: dict, config: RunConfig) -> list[str]:
             out.append("--config.model.scan_layers=True: one layer's temporaries live at a time in the scanned body")
         if t.batch_size % 2 == 0 and (t.batch_size // 2) % (t.grad_accum * shards) == 0:
             out.append(f"--config.train.batch_size={t.batch_size // 2}: a smaller global batch")
+    if "eval" in failing:
+        out.append(f"the eval step runs a whole global batch at once ({t.batch_size} rows, no micro-batches): "
+                   f"evaluate with a smaller --config.train.batch_size, or leave --config.data.eval_source empty")
     if mesh.get("data", 1) > 1:
         fsdp = mesh.get("fsdp", 1) * mesh["data"]
         out.append(f"{_mesh_override({**mesh, 'data': 1, 'fsdp': fsdp})}: shard weights, gradients and optimizer "

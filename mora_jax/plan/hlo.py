@@ -98,6 +98,12 @@ def _hbm_traffic(inst: Instruction, comp: Computation, computations: dict[str, C
     operands = [comp.symbols.get(n) for n in inst.operands]
     reads = [_hbm(o.arrays) if o is not None else 0.0 for o in operands]
     write = _hbm(inst.arrays)
+    if inst.opcode in ("slice-start", "copy-start", "dynamic-slice-start") and len(inst.arrays) >= 2:
+        # asynchronous copy or slice: its result tuple is (operand, result, context); it reads the
+        # result's worth of the operand and writes the result (into on-chip memory: nothing in HBM)
+        result = inst.arrays[1]
+        return (result.bytes if inst.opcode != "copy-start" else sum(reads)) * (operands[0] is not None) + (
+            result.bytes if result.memory_space == 0 else 0.0)
     if inst.opcode in _SLICING and reads:
         reads[0] = min(reads[0], write)
     elif inst.opcode == "dynamic-update-slice" and len(reads) > 1:

@@ -272,9 +272,16 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
             train["estimated_tokens_per_s"] = config.train.batch_size * config.train.seq_len / train["estimated_step_s"]
         result["steps"]["train"] = train
     if "eval" in steps:
-        say(f"compiling the eval step for {topology.name} ...")
-        result["steps"]["eval"] = compile_step(prepared.steps.lower_eval(state, batch), chip, name="eval",
-                                                 kernel_flops=kernel_flops)
+        if config.data.eval_source:
+            say(f"compiling the eval step for {topology.name} ...")
+            result["steps"]["eval"] = compile_step(prepared.steps.lower_eval(state, batch), chip, name="eval",
+                                                     kernel_flops=kernel_flops)
+        else:
+            result["steps"]["eval"] = None
+            result["eval_note"] = "the run evaluates nothing (data.eval_source is empty): set it to plan the eval step"
+    if getattr(config.data, "accuracy_source", ""):
+        result["accuracy_note"] = ("data.accuracy_source: the accuracy's generation (KV-cache decoding) is another "
+                                   "program, not planned here")
     if "merge" in steps:
         if _merges(config, state):
             next_type = config.remora.type_at(config.remora.every) if config.method == "mora" else None

@@ -62,7 +62,8 @@ def table(plan: dict) -> str:
     ]
     for name, step in plan["steps"].items():
         if step is None:
-            lines.append(f"| {name} | - | - | - | - | - | - | (no ReMoRA merges) |")
+            why = "no data.eval_source: not run" if name == "eval" else "no ReMoRA merges"
+            lines.append(f"| {name} | - | - | - | - | - | - | ({why}) |")
             continue
         memory = step["bytes_per_chip"]
         total = _gib(memory["total"]) + (f" ({_gib(memory['after_first_merge'])} after 1st merge)"
