@@ -5,7 +5,8 @@ the cache, and the logits of the last one give the first new token), then one *d
 further token inside a ``lax.while_loop``: the step embeds the one new token, writes its key and
 value at the next cache slot and attends over the cache. The prefix is never re-encoded, so a step
 costs the same for a prompt of 10 or 10 000 tokens, up to the attention read of the cache
-(:func:`lower_decode_step` exposes the step for inspection).
+(:func:`lower_decode_step` and :func:`lower_prefill` expose the step and the prefill for inspection
+and timing).
 
 * **Batches** are left-padded (``attention_mask`` 0 on the left, as a HF tokenizer with
   ``padding_side='left'`` gives them); a token's RoPE position counts only the real tokens before
@@ -134,6 +135,22 @@ def _decode(model, params, adapters, tokens_BxT, positions_BxT, kv_mask_BxS, cac
                        adapters=adapters, method="decode")
 
 
+def _cache_length(prompt_length: int, max_new_tokens: int) -> int:
+    """Cache slots of a generation: every prompt token and every new token but the last."""
+    return prompt_length + max_new_tokens - 1
+
+
+def _prefill(config: LlamaConfig, model, params, adapters, ids_BxP, mask_BxP, cache_length: int):
+    """The prompt through the model once, into a fresh cache of ``cache_length`` slots:
+    ``(logits of the last prompt token (B, V), cache, kv_mask (B, cache_length))``."""
+    B, P = ids_BxP.shape
+    cache = _constrain_cache(config, init_kv_cache(config, B, cache_length))
+    kv_mask_BxS = jnp.concatenate([mask_BxP, jnp.ones((B, cache_length - P), mask_BxP.dtype)], axis=1)
+    positions_BxP = jnp.where(mask_BxP != 0, jnp.cumsum(mask_BxP, axis=1) - 1, 1)  # HF's position_ids
+    logits_BxV, cache = _decode(model, params, adapters, ids_BxP, positions_BxP, kv_mask_BxS, cache, 0)
+    return logits_BxV, cache, kv_mask_BxS
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(config: LlamaConfig, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
               eos_ids: tuple[int, ...], pad_id: int, merge_adapters: bool, out_sharding):
@@ -144,11 +161,8 @@ def _compiled(config: LlamaConfig, max_new_tokens: int, temperature: float, top_
         if merge_adapters and adapters:
             params, adapters = adapters_lib.merge(params, adapters), None
         B, P = ids_BxP.shape
-        S = P + max_new_tokens - 1  # every prompt token and every new token but the last
-        cache = _constrain_cache(config, init_kv_cache(config, B, S))
-        kv_mask_BxS = jnp.concatenate([mask_BxP, jnp.ones((B, S - P), mask_BxP.dtype)], axis=1)
-        positions_BxP = jnp.where(mask_BxP != 0, jnp.cumsum(mask_BxP, axis=1) - 1, 1)  # HF's position_ids
-        logits_BxV, cache = _decode(model, params, adapters, ids_BxP, positions_BxP, kv_mask_BxS, cache, 0)
+        logits_BxV, cache, kv_mask_BxS = _prefill(config, model, params, adapters, ids_BxP, mask_BxP,
+                                                  _cache_length(P, max_new_tokens))
         token_B = _select(logits_BxV, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
         out_BxN = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token_B)
         done_B = jnp.isin(token_B, eos_E)
@@ -277,6 +291,24 @@ def lower_decode_step(model: LlamaForCausalLM, params, *, batch_size: int, cache
     return jax.jit(step).lower(params, adapters or None, token, token, kv_mask, cache, jnp.int32(cache_length - 1))
 
 
+def lower_prefill(model: LlamaForCausalLM, params, *, batch_size: int, prompt_length: int, max_new_tokens: int,
+                  adapters=None):
+    """The lowered prefill of :func:`generate` (the same function its program runs first): a
+    ``(batch_size, prompt_length)`` prompt into a fresh cache sized as :func:`generate` sizes it for
+    ``max_new_tokens``. Call the compiled program as ``f(params, adapters, input_ids, attention_mask)``
+    (int32 arrays); it returns ``(logits of the last prompt token (B, V), cache)``."""
+    config = model.config.replace(remat_policy="none")
+    gen_model = LlamaForCausalLM(config)
+    cache_length = _cache_length(prompt_length, max_new_tokens)
+
+    def prefill(params, adapters, ids_BxP, mask_BxP):
+        logits_BxV, cache, _ = _prefill(config, gen_model, params, adapters, ids_BxP, mask_BxP, cache_length)
+        return logits_BxV, cache
+
+    prompt = jax.ShapeDtypeStruct((batch_size, prompt_length), jnp.int32)
+    return jax.jit(prefill).lower(params, adapters or None, prompt, prompt)
+
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, attention_mask)`` int32 ``(batch, longest)`` of token-id lists, padded on the left."""
     if not sequences or any(len(s) == 0 for s in sequences):
@@ -309,4 +341,4 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool = False,
     return left_pad(rows, pad_id=max(tokenizer.pad_id, 0))
 
 
-__all__ = ["encode_prompts", "generate", "left_pad", "lower_decode_step"]
+__all__ = ["encode_prompts", "generate", "left_pad", "lower_decode_step", "lower_prefill"]

@@ -6,6 +6,7 @@
     python -m train.benchmark --config configs/bench_tiny.py --peer --out peer.json         # + PyTorch rows (HF PEFT LoRA, MoRA)
     python -m train.benchmark --config configs/bench_tiny.py --config.steps=20 --config.batch=8 ...
     python -m train.benchmark --config configs/bench_250m.py --topology=v5e:2x2   # + TPU plan estimates (tpu extra)
+    python -m train.benchmark --config configs/bench_250m.py --generation --out benchmarks/cpu_250m_generation.json
 
 Writes ``--out`` (JSON) and a markdown report beside it (same name, ``.md``), and prints a table.
 JSON schema (extra keys such as "ratios", "details", "delta_weight", "targets", "peer", "peer_comparison", "xla_tuning" may follow):
@@ -16,6 +17,10 @@ JSON schema (extra keys such as "ratios", "details", "delta_weight", "targets", 
                   "step_s": float, "tokens_per_s": float, "model_flops_per_step": float,
                   "mfu": float, "peak_mem_bytes": int|null}],
      "merge": {"step_s": float, "merge_s": float}}
+
+With --generation it times mora_jax.generate instead (mora_jax.bench.generation): {"device", "dtype", "model",
+"generation": {"rows": [per batch: prefill and decode tokens/s, compiled FLOPs, ...], "flops": {decode step
+and prefill FLOPs for a short and a long prefix}, ...}}.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ _OUT = flags.DEFINE_string("out", "results.json", "JSON file to write (a .md rep
 _SCALING = flags.DEFINE_bool("scaling", False, "run the scaling study instead (JSON + .md table + .png plot)")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "also plan every method for this TPU slice (e.g. v5e:2x2) with the TPU "
                                  "planner: memory per chip and estimated step time beside the CPU measurements")
+_GENERATION = flags.DEFINE_bool("generation", False, "run the generation benchmark instead: prefill and decode "
+                                 "tokens/s of mora_jax.generate, compiled FLOPs of a decode step for a short and a "
+                                 "long prefix (JSON + .md)")
+_GEN_BATCHES = flags.DEFINE_list("generation_batches", None, "--generation: prompts per call (default 1,8)")
+_GEN_PROMPT_LEN = flags.DEFINE_integer("generation_prompt_len", None, "--generation: prompt tokens (default 128)")
+_GEN_NEW_TOKENS = flags.DEFINE_integer("generation_new_tokens", None, "--generation: new tokens (default 32)")
+_GEN_REPEATS = flags.DEFINE_integer("generation_repeats", None, "--generation: timed calls per program (default 3)")
 _PEER = flags.DEFINE_bool("peer", False, "also time the same model in PyTorch: full, HF PEFT LoRA, the reference MoRA (needs torch, transformers, peft)")
 
 
@@ -56,6 +68,9 @@ def main(argv):
             topology_devices(parse_topology(_TOPOLOGY.value))
         except PlanError as e:
             sys.exit(f"error: {e}")
+    if _GENERATION.value:
+        _run_generation(config, out)
+        return
     if _SCALING.value:
         result = harness.run_scaling(config)
         report.write_json(result, out)
@@ -81,6 +96,23 @@ def main(argv):
     report.write_json(result, out)
     out.with_suffix(".md").write_text(report.report(result, markdown=True) + tpu_table + "\n")
     print(report.report(result) + tpu_table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def _run_generation(config, out: pathlib.Path) -> None:
+    from mora_jax.bench import generation, report
+
+    given = {"batches": tuple(int(b) for b in _GEN_BATCHES.value) if _GEN_BATCHES.value else None,
+             "prompt_len": _GEN_PROMPT_LEN.value, "new_tokens": _GEN_NEW_TOKENS.value, "repeats": _GEN_REPEATS.value}
+    try:
+        settings = generation.GenerationSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    result = generation.run_generation(config, settings)
+    generation.validate_generation(result)
+    report.write_json(result, out)
+    out.with_suffix(".md").write_text(generation.generation_report(result, markdown=True) + "\n")
+    print(generation.generation_report(result))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

@@ -13,4 +13,6 @@ and importing it imports none of its modules. The entry points are ``train/bench
 * :mod:`~mora_jax.bench.report`: the JSON schema, tables and plots.
 * :mod:`~mora_jax.bench.peer`: the same model in PyTorch (HF transformers + PEFT; torch is optional).
 * :mod:`~mora_jax.bench.profile`: one compiled step, fusion by fusion, from a ``jax.profiler`` trace.
+* :mod:`~mora_jax.bench.generation`: prefill and decode tokens/s of ``mora_jax.generate``, and the
+  compiled FLOPs of a decode step for a short and a long prefix (``train.benchmark --generation``).
 """
