@@ -230,9 +230,22 @@ def _type6_product(x, m, n: int, out_features: int):
     the backward pass keeps the chunks, which are ``x`` itself when ``r̂`` divides ``k``."""
     r_hat = m.shape[-1]
     blocks_NxRxR = rotated_blocks(m, n).astype(x.dtype)
-    chunks_BxNxR = _wrap_pad(x, n * r_hat).reshape(*x.shape[:-1], n, r_hat)
+    chunks_BxNxR = _repeat_to(x, n * r_hat).reshape(*x.shape[:-1], n, r_hat)
     u_BxNxR = jnp.einsum("...nr,nrs->...ns", chunks_BxNxR, blocks_NxRxR)
-    return _decompress_tile(u_BxNxR.reshape(*x.shape[:-1], n * r_hat), out_features)
+    return _repeat_to(u_BxNxR.reshape(*x.shape[:-1], n * r_hat), out_features)
+
+
+def _repeat_to(v, length: int):
+    """``_wrap_pad`` for type 6's few repeats (``n·r̂`` just above ``k``; the output tile, ``d`` a
+    small multiple of ``n·r̂``): a concatenate of whole copies and a slice. On a TPU it fuses into its
+    consumer, where the broadcast form left a materialised ``reps × width`` array (and its adjoint
+    a padded one), twice the temporaries of a 4096→11008 projection."""
+    width = v.shape[-1]
+    reps, rem = divmod(length, width)
+    if reps > 4:
+        return _wrap_pad(v, length)
+    parts = [v] * reps + ([v[..., :rem]] if rem else [])
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
 def delta_weight(m, *, in_features: int, out_features: int, mora_type: int):
