@@ -134,6 +134,24 @@ def test_hlo_weighs_loop_bodies_by_their_trip_count():
     assert stats.hbm_bytes > 24 * (8 * 64 + 64 * 32 + 8 * 32) * 2  # the loop's fusion, 24 times
 
 
+# MoRA type 6's chunk products (``...nr,nrs->...ns``) as TPU HLO writes them: a convolution with two
+# spatial axes listed in the kernel's labels in another order than their numbers (``1o0i``); the
+# window's attributes go by spatial number. The batch axis of 4 chunks is a dilated window (one tap
+# per output), the token axis a padded window over a size-1 input (one tap per output).
+BATCHED_CONV_HLO = """HloModule jit_step, num_partitions=1
+
+ENTRY %main (blocks: bf16[4,8,6,1], chunks: bf16[3,5,4,8]) -> bf16[4,6,3,5] {
+  %blocks = bf16[4,8,6,1]{3,2,1,0} parameter(0)
+  %chunks = bf16[3,5,4,8]{3,2,1,0} parameter(1)
+  ROOT %u = bf16[4,6,3,5]{3,2,1,0} convolution(%blocks, %chunks), window={size=4x3 stride=3x1 pad=0_0x2_2 lhs_dilate=4x1 rhs_reversal=0x1}, dim_labels=0fb1_1o0i->0b1f
+}
+"""
+
+
+def test_hlo_counts_a_batched_convolution_by_the_window_of_each_spatial_number():
+    assert hlo.analyze(BATCHED_CONV_HLO).matmul_flops == 2 * (4 * 6 * 3 * 5) * 8  # contracted over r=8 only
+
+
 def test_kernel_gradient_dots_finds_backward_dots_shaped_like_a_kernel():
     assert hlo.kernel_gradient_dots(SYNTHETIC_HLO, [(48, 80)]) == []  # no shard of it is 16 x 32
     assert hlo.kernel_gradient_dots(SYNTHETIC_HLO, [(16, 32)]) == ["wgrad"]  # backward, kernel-shaped

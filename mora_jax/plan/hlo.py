@@ -178,7 +178,8 @@ def _contracted_size(inst: Instruction, comp: Computation) -> float:
     out = inst.arrays[0]
     window = _window(inst.attrs)
     taps = 1.0
-    for d, label in enumerate(c for c in rhs_labels if c.isdigit()):
+    for label in (c for c in rhs_labels if c.isdigit()):
+        d = int(label)  # the window's attributes are listed by spatial dimension number, not label order
         size = rhs.dims[rhs_labels.index(label)]
         n_in = lhs.dims[lhs_labels.index(label)]
         n_out = out.dims[out_labels.index(label)] if label in out_labels and len(out_labels) == len(out.dims) else 1
