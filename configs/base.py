@@ -21,7 +21,7 @@ def base_config():
     c.model.hf_path = ""  # a Hugging Face LLaMA directory to start from (config.json + *.safetensors)
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
     c.model.param_dtype = "float32"  # storage dtype of the frozen weights (trainables are always float32)
-    c.model.remat_policy = "none"  # activation checkpointing: "none", "full", "dots_saveable", ...
+    c.model.remat_policy = "none"  # activation checkpointing: "none", "full", "projections", "dots_saveable", ...
     c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
     c.model.attention = "auto"  # "auto" (TPU: Pallas flash kernel, GPU: cuDNN, CPU: einsum), "xla", "flash", "cudnn"
     c.model.overrides = ml_collections.ConfigDict()  # other LlamaConfig fields for a preset, e.g. vocab_size

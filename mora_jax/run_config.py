@@ -59,7 +59,7 @@ class ModelConfig:
       preset: a ``mora_jax.models.llama.LLAMA_CONFIGS`` name, used when ``hf_path`` is empty.
       hf_path: a Hugging Face LLaMA directory to start from.
       dtype / param_dtype: compute dtype, and storage dtype of the frozen weights.
-      remat_policy: activation checkpointing ("none", "full", "dots_saveable", ...).
+      remat_policy: activation checkpointing ("none", "full", "projections", "dots_saveable", ...).
       scan_layers: ``nn.scan`` over the layers.
       attention: the attention implementation, "auto" (by platform: the Pallas TPU kernel on TPU,
         cuDNN on GPU where it applies, the einsum on CPU), "xla", "flash" or "cudnn"

@@ -197,7 +197,7 @@ def _loss_and_grads(config, params, ids):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("policy,scan", [("full", False), ("dots_saveable", True)])
+@pytest.mark.parametrize("policy,scan", [("full", False), ("dots_saveable", True), ("projections", True), ("projections", False)])
 def test_remat_same_logits_and_grads(policy, scan):
     params = _random_params(TINY)
     ids = _ids(TINY)

@@ -32,10 +32,13 @@ _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 MODEL_TYPES = tuple(ARCHITECTURES)
 # "none": no rematerialisation; "full": recompute everything (save only layer inputs);
+# "projections": save each projection's output (adapter included: y + Δy), recompute the rest;
 # any other name is a ``jax.checkpoint_policies`` attribute (e.g. "dots_saveable").
+PROJECTION_NAME = "projection"  # jax.ad_checkpoint.checkpoint_name of every projection's output
 REMAT_POLICIES = (
     "none",
     "full",
+    "projections",
     "nothing_saveable",
     "everything_saveable",
     "dots_saveable",

@@ -42,12 +42,14 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mora_jax.models import attention as attention_lib
 from mora_jax.models.config import (  # noqa: F401 (re-exported)
     ARCHITECTURES,
     LLAMA_CONFIGS,
     MODEL_TYPES,
+    PROJECTION_NAME,
     REMAT_POLICIES,
     LlamaConfig,
     _check_hf_config,
@@ -169,9 +171,9 @@ class LlamaAttention(nn.Module):
         c = self.config
         H, N, K = c.resolved_head_dim, c.num_attention_heads, c.resolved_kv_heads
         B, T, _ = x_BxTxD.shape
-        q_BxTxNxH = self.q_proj(x_BxTxD).reshape(B, T, N, H)
-        k_BxSxKxH = self.k_proj(x_BxTxD).reshape(B, T, K, H)
-        v_BxSxKxH = self.v_proj(x_BxTxD).reshape(B, T, K, H)
+        q_BxTxNxH = _projected(self.q_proj, x_BxTxD).reshape(B, T, N, H)
+        k_BxSxKxH = _projected(self.k_proj, x_BxTxD).reshape(B, T, K, H)
+        v_BxSxKxH = _projected(self.v_proj, x_BxTxD).reshape(B, T, K, H)
         q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
         k_BxSxKxH = nn.with_logical_constraint(k_BxSxKxH, ("batch", "length", "kv_heads", "head_dim"))
         v_BxSxKxH = nn.with_logical_constraint(v_BxSxKxH, ("batch", "length", "kv_heads", "head_dim"))
@@ -194,9 +196,17 @@ class LlamaAttention(nn.Module):
             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1x1xTxS, dropout=dropout, dtype=c.dtype,
             implementation="auto" if kv_cache is not None or self.is_initializing() else c.attention)
         out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, ("batch", "length", "heads", "head_dim"))
-        y_BxTxD = self.o_proj(out_BxTxNxH.reshape(B, T, N * H))
+        y_BxTxD = _projected(self.o_proj, out_BxTxNxH.reshape(B, T, N * H))
         y_BxTxD = nn.with_logical_constraint(y_BxTxD, ("batch", "length", "embed"))
         return y_BxTxD if kv_cache is None else (y_BxTxD, kv_cache)
+
+
+def _projected(dense: nn.Dense, x):
+    """``dense(x)`` (with its adapter's ``Δy`` when one is in effect) named for the "projections"
+    remat policy: the backward pass keeps this one array per projection and recomputes everything
+    else, so an adapter's intermediates (LoRA's ``x·A``, ``x·A·B``; MoRA's ``compress(x)·M``) are
+    never saved beside it, as ``dots_saveable`` saves every matmul output."""
+    return checkpoint_name(dense(x), PROJECTION_NAME)
 
 
 class LlamaMLP(nn.Module):
@@ -211,9 +221,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = _dense(c, c.hidden_size, use_bias=c.mlp_bias)
 
     def __call__(self, x_BxTxD):
-        h_BxTxF = nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD)
+        h_BxTxF = nn.silu(_projected(self.gate_proj, x_BxTxD)) * _projected(self.up_proj, x_BxTxD)
         h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
-        return nn.with_logical_constraint(self.down_proj(h_BxTxF), ("batch", "length", "embed"))
+        return nn.with_logical_constraint(_projected(self.down_proj, h_BxTxF), ("batch", "length", "embed"))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -253,7 +263,12 @@ def _layer_class(config: LlamaConfig):
     """Decoder layer class with remat and/or scan applied per the config."""
     cls = _ScanDecoderLayer if config.scan_layers else LlamaDecoderLayer
     if config.remat_policy != "none":
-        policy = None if config.remat_policy == "full" else getattr(jax.checkpoint_policies, config.remat_policy)
+        if config.remat_policy == "full":
+            policy = None
+        elif config.remat_policy == "projections":
+            policy = jax.checkpoint_policies.save_only_these_names(PROJECTION_NAME)
+        else:
+            policy = getattr(jax.checkpoint_policies, config.remat_policy)
         # static_argnums counts `self` as 0: `deterministic` is argument 5.
         cls = nn.remat(cls, policy=policy, prevent_cse=not config.scan_layers, static_argnums=(5,))
     if config.scan_layers:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from mora_jax.plan.chips import GiB
 from mora_jax.run_config import RunConfig
 
-REMAT_LADDER = ("none", "dots_with_no_batch_dims_saveable", "full")
+REMAT_LADDER = ("none", "dots_with_no_batch_dims_saveable", "projections", "full")
 
 
 def _gib(n) -> str:
