@@ -277,13 +277,15 @@ def param_sharding_fn(abstract_params, mesh: Mesh, rules: ShardingRules = DEFAUL
     return sharding_of
 
 
-def follow_shardings(tree, reference, reference_shardings, mesh: Mesh):
+def follow_shardings(tree, reference, reference_shardings, mesh: Mesh, *, zero_axis: str | None = None):
     """Shardings for ``tree`` (e.g. an optax state) whose leaves mirror leaves of ``reference``.
 
     A leaf of ``tree`` gets the sharding of the ``reference`` leaf whose key path is the longest
     suffix of its own and whose shape is the same (``mu/model/.../kernel`` follows
     ``model/.../kernel``); every other leaf (step counts, hyperparameters, factored statistics) is
-    replicated.
+    replicated. With ``zero_axis``, a leaf whose reference is replicated (MoRA's ``m``, whose ``r̂``
+    rarely divides the mesh) is sharded over that mesh axis along its first dimension it divides
+    (ZeRO-1: the update is computed on each shard and gathered into the replicated parameter).
     """
     ref_leaves = jax.tree_util.tree_flatten_with_path(reference)[0]
     sh_leaves = jax.tree_util.tree_leaves(reference_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
@@ -298,7 +300,7 @@ def follow_shardings(tree, reference, reference_shardings, mesh: Mesh):
         for start in range(len(names)):
             hit = table.get(names[start:])
             if hit is not None and hit[0] == shape:
-                return hit[1]
+                return _zero_sharded(shape, hit[1], mesh, zero_axis) if zero_axis else hit[1]
         if shape:
             logger.debug("state leaf %s %s follows no parameter; replicating it", "/".join(names), shape)
         return repl
@@ -306,21 +308,32 @@ def follow_shardings(tree, reference, reference_shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(follow, tree)
 
 
+def _zero_sharded(shape, sharding: NamedSharding, mesh: Mesh, axis: str) -> NamedSharding:
+    size = mesh.shape.get(axis, 1)
+    if size == 1 or len(shape) < 2 or any(entry is not None for entry in sharding.spec):
+        return sharding
+    for dim, n in enumerate(shape):
+        if n % size == 0:
+            return NamedSharding(mesh, PartitionSpec(*(axis if d == dim else None for d in range(len(shape)))))
+    return sharding
+
+
 def state_shardings(abstract_state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """A :class:`~mora_jax.training.TrainState` of ``NamedSharding``s for ``abstract_state``
     (``jax.eval_shape`` of the state's constructor, or a concrete state).
 
     ``frozen`` and ``trainables`` follow the parameter rules (each group on its own paths, so
-    rules anchored at ``model/...`` work); optimizer state follows the trainables; the step
+    rules anchored at ``model/...`` work); optimizer state follows the trainables, except that the
+    moments of a replicated trainable are sharded over ``fsdp`` (:func:`follow_shardings`); the step
     counter and rng key are replicated.
     """
     trainables = {name: tree_shardings(tree, mesh, rules) for name, tree in abstract_state.trainables.items()}
     opt_state = abstract_state.opt_state
     if isinstance(opt_state, Mapping) and set(opt_state) == set(trainables):  # one optimizer state per group
-        opt_state = {name: follow_shardings(opt_state[name], abstract_state.trainables[name], trainables[name], mesh)
-                     for name in opt_state}
+        opt_state = {name: follow_shardings(opt_state[name], abstract_state.trainables[name], trainables[name], mesh,
+                                            zero_axis="fsdp") for name in opt_state}
     else:  # one optimizer over all trainables
-        opt_state = follow_shardings(opt_state, abstract_state.trainables, trainables, mesh)
+        opt_state = follow_shardings(opt_state, abstract_state.trainables, trainables, mesh, zero_axis="fsdp")
     return abstract_state.replace(
         step=replicated(mesh),
         frozen=tree_shardings(abstract_state.frozen, mesh, rules),

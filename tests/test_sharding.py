@@ -161,6 +161,13 @@ def test_train_steps_match_unsharded_and_use_intended_specs(reference):
             assert adam.count.spec == P()
         m_sharding = shardings.trainables["adapters"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].m
         assert m_sharding.is_equivalent_to(NamedSharding(mesh, P()), 2)  # MoRA's m is replicated
+        # ... and its Adam moments are sharded over fsdp where r̂ divides (ZeRO-1): k_proj's r̂ = 20
+        # does, q_proj's r̂ = 23 does not
+        adam = shardings.opt_state["adapters"].inner_state[1][0]
+        attention = ("model", "layers_0", "self_attn")
+        assert _spec_of(shardings.trainables["adapters"], *attention, "k_proj", "kernel", "m") in (P(), P(None, None))
+        assert _spec_of(adam.nu, *attention, "k_proj", "kernel", "m") == P("fsdp", None)
+        assert _spec_of(adam.mu, *attention, "q_proj", "kernel", "m") in (P(), P(None, None))
     assert in_batch["input_ids"].is_equivalent_to(NamedSharding(mesh, P("fsdp")), 2)
     assert all(s.is_equivalent_to(NamedSharding(mesh, P()), 0) for s in jax.tree_util.tree_leaves(out_metrics))
 
