@@ -65,6 +65,21 @@ def get_config(variant: str = ""):
         c.data.accuracy_source = c.data.get_ref("eval_source")
         c.data.accuracy_examples = 200
         c.train.eval_every = 500
+    elif variant == "llama2_7b_tpu":
+        # Llama-2-7B at 2048 tokens on a TPU v5e 2x4 slice (8 chips x 16 GiB), planned from a CPU machine:
+        #   python -m train.plan --config=configs/math_finetune.py:llama2_7b_tpu --topology=v5e:2x4
+        # (README, "Planning a TPU run from a CPU machine"). The planner reads shapes only (this preset,
+        # or model.hf_path's config.json); a run sets model.hf_path to the checkpoint.
+        c.model.preset = "llama2-7b"
+        c.model.scan_layers = True
+        c.model.remat_policy = "full"
+        c.train.seq_len = 2048
+        c.train.batch_size = 32
+        c.train.grad_accum = 1
+        c.train.steps = 37028  # 3 epochs of MetaMathQA-395K at 32 rows (one example per row, unpacked)
+        c.optim.warmup_steps = 1100  # 3% of the run
+        c.mesh.data = 1
+        c.mesh.fsdp = -1  # weights sharded over every chip
     elif variant:
-        raise ValueError(f"unknown variant {variant!r}: use '', 'tiny' or 'chat'")
+        raise ValueError(f"unknown variant {variant!r}: use '', 'tiny', 'chat' or 'llama2_7b_tpu'")
     return c

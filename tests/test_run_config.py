@@ -32,11 +32,27 @@ def test_every_config_section_has_the_fields_of_its_dataclass():
 
 
 @pytest.mark.parametrize("config", [c4_pretrain.get_config("tiny"), c4_pretrain.get_config("250m"),
-                                    c4_pretrain.get_config("1b"), math_finetune.get_config("tiny")])
+                                    c4_pretrain.get_config("1b"), math_finetune.get_config("tiny"),
+                                    c4_pretrain.get_config("250m_tpu"), c4_pretrain.get_config("1b_tpu"),
+                                    math_finetune.get_config("llama2_7b_tpu")])
 def test_recipe_configs_build(config):
     run = RunConfig.from_dict(config)
     assert run.adapter.method == run.method == config.method
     assert run.to_dict()["optim"]["lr"] == config.optim.lr
+    # the micro-batches split evenly over the 8 chips of the TPU recipes' slices
+    assert run.train.batch_size % run.train.grad_accum == 0
+
+
+def test_tpu_recipes_keep_the_reference_batch_and_shard_weights_over_every_chip():
+    for variant in ("250m_tpu", "1b_tpu"):
+        run = RunConfig.from_dict(c4_pretrain.get_config(variant))
+        assert (run.train.batch_size, run.train.seq_len) == (1024, 1024)  # the reference's 1M tokens per step
+        assert run.model.remat_policy == "projections" and run.model.scan_layers
+        assert run.mesh.axis_sizes == (1, -1, 1)
+    run = RunConfig.from_dict(math_finetune.get_config("llama2_7b_tpu"))
+    assert run.train.seq_len == 2048 and run.train.batch_size >= 32 and run.model.preset == "llama2-7b"
+    with pytest.raises(ValueError, match="llama2_7b_tpu"):
+        math_finetune.get_config("llama2_7b")
 
 
 def test_schedule_length_and_restart_period_are_derived():

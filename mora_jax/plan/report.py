@@ -29,7 +29,9 @@ def with_method(config: RunConfig, method: str) -> RunConfig:
 
 
 def _gib(n) -> str:
-    return "?" if n is None else f"{n / GiB:.2f}"
+    if n is None:
+        return "?"
+    return f"{n / GiB:.2f}" if n >= 0.1 * GiB else f"{n / GiB:.2g}"
 
 
 def _seconds(s) -> str:

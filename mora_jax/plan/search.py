@@ -86,7 +86,7 @@ def search(config: RunConfig, topology: chips_lib.Topology | str, *, budget: int
             say(f"  skipped: {e}")
             return None
         row = _summary(result, remat, accum)
-        say(f"  {'fits' if row['fits'] else 'does not fit'}: {row['bytes_per_chip'] / chips_lib.GiB:.1f} GiB/chip"
+        say(f"  {'fits' if row['fits'] else 'does not fit'}: {row['bytes_per_chip'] / chips_lib.GiB:.3g} GiB/chip"
             + (f", est. {row['estimated_step_s']:.3g} s/step" if row["estimated_step_s"] else ""))
         results.append(row)
         return row
