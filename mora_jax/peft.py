@@ -31,7 +31,7 @@ import numpy as np
 from mora_jax import ops
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, is_adapter, path_str, unflatten
 from mora_jax.config import LoRAConfig, MoRAConfig
-from mora_jax.hf_format import Path, hf_name_to_path, layer_index, write_safetensors
+from mora_jax.hf_format import Path, hf_name_to_path, layer_index, write_safetensors, write_text_atomic
 from mora_jax.peft_format import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -353,7 +353,9 @@ def save_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = directory / ADAPTER_WEIGHTS_FILE, directory / ADAPTER_CONFIG_FILE
     write_safetensors(weights_path, tensors)
-    config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    # both files through a temporary file and a rename: a crash leaves the previous file or the new
+    # one, and a symlink at the destination is replaced, never written through
+    write_text_atomic(config_path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     return [config_path, weights_path]
 
 

@@ -312,8 +312,15 @@ def test_save_errors(tmp_path, fixture_adapter):
     with pytest.raises(FileExistsError, match="not empty.*overwrite=True"):
         save_adapter(target, config, adapters)
     (target / "README.md").write_text("kept")
+    # a symlinked adapter file is replaced, not written through (the user's file stays as it was)
+    outside = tmp_path / "users_config.json"
+    outside.write_text("{}")
+    (target / "adapter_config.json").unlink()
+    (target / "adapter_config.json").symlink_to(outside)
     save_adapter(target, config, adapters, overwrite=True)
     assert (target / "README.md").read_text() == "kept"
+    assert outside.read_text() == "{}" and not (target / "adapter_config.json").is_symlink()
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     with pytest.raises(AdapterFormatError, match=r"does not match the MoRAConfig\(r=8, mora_type=6\).*r=4"):
         save_adapter(tmp_path / "other", mj.MoRAConfig(r=8), adapters)
     with pytest.raises(AdapterFormatError, match="does not match the LoRAConfig"):
