@@ -13,6 +13,8 @@ evaluations, checkpoints. It owns the effects; the steps are pure.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import json
 import math
@@ -47,7 +49,7 @@ class RunResult:
 
 def run(model, params, config: RunConfig, *, train_batches: Iterator[Mapping[str, np.ndarray]],
         eval_batches: Callable[[], Iterator] | None = None, callbacks: Sequence[Callable] = (),
-        layout=None, mesh=None, rules=None, frozen_source: str = "") -> RunResult:
+        layout=None, mesh=None, rules=None, frozen_source: str = "", workdir_locked: bool = False) -> RunResult:
     """Train ``model`` from base ``params`` as ``config`` says (MoRA, LoRA or full fine-tuning).
 
     Args:
@@ -59,11 +61,14 @@ def run(model, params, config: RunConfig, *, train_batches: Iterator[Mapping[str
       layout: the adapters' layout for a model that scans over layers (``mora_jax.dense_layout``).
       mesh, rules: the device mesh and sharding rules (None: the default device, the default rules).
       frozen_source: where the base weights came from, recorded with each checkpoint.
+      workdir_locked: the caller holds the workdir's lock already (``recipes.run`` holds it through
+        the export that follows the run).
 
     Only one run at a time may write a workdir: it is locked from start to end
     (:mod:`mora_jax.workdir_lock`), and a second run is refused with the first one named.
     """
-    with workdir_lock.hold(config.workdir):  # released on every exit, exceptions included
+    lock = contextlib.nullcontext() if workdir_locked else workdir_lock.hold(config.workdir)
+    with lock:  # released on every exit, exceptions included
         return _run(model, params, config, train_batches=train_batches, eval_batches=eval_batches,
                     callbacks=callbacks, layout=layout, mesh=mesh, rules=rules, frozen_source=frozen_source)
 

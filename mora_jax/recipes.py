@@ -152,15 +152,20 @@ def run(config, task: str) -> loop.RunResult:
         from mora_jax.adapters import dense_layout
 
         layout = dense_layout(model, jax.numpy.zeros((1, 8), jax.numpy.int32))
-    result = loop.run(model, params, config, train_batches=train_batches, eval_batches=eval_batches,
-                      layout=layout, mesh=mesh, callbacks=accuracy_callbacks(config, model, tokenizer, train_batches, mesh),
-                      frozen_source=config.model.hf_path or f"preset:{config.model.preset}")
-    if jax.process_index() == 0:
-        if hasattr(train_batches, "report"):
-            print(train_batches.report(), flush=True)
-        metrics.plot_loss_curve(result.history, pathlib.Path(config.workdir) / "loss_curve.png",
-                                title=f"{config.method} training loss")
-    export(config, model, result)
+    from mora_jax import workdir_lock
+
+    # one lock from the first step to the last exported file: no other run writes this workdir between
+    with workdir_lock.hold(config.workdir):
+        result = loop.run(model, params, config, train_batches=train_batches, eval_batches=eval_batches,
+                          layout=layout, mesh=mesh,
+                          callbacks=accuracy_callbacks(config, model, tokenizer, train_batches, mesh),
+                          frozen_source=config.model.hf_path or f"preset:{config.model.preset}", workdir_locked=True)
+        if jax.process_index() == 0:
+            if hasattr(train_batches, "report"):
+                print(train_batches.report(), flush=True)
+            metrics.plot_loss_curve(result.history, pathlib.Path(config.workdir) / "loss_curve.png",
+                                    title=f"{config.method} training loss")
+        export(config, model, result)
     return result
 
 

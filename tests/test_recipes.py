@@ -17,6 +17,7 @@ from configs import c4_pretrain, math_finetune
 from mora_jax import data as data_lib
 from mora_jax import hf, loop, recipes
 from mora_jax.run_config import RunConfig
+from mora_jax.workdir_lock import LOCK_FILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,9 +50,18 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_offline_pretraining_run_artifacts_and_remora(corpus, tmp_path):
+def test_offline_pretraining_run_artifacts_and_remora(corpus, tmp_path, monkeypatch):
     config = _pretrain_config(corpus, tmp_path / "run")
+    export, locked_during_export = recipes.export, []
+
+    def export_and_check_the_lock(*args):
+        locked_during_export.append((tmp_path / "run" / LOCK_FILE).exists())
+        export(*args)
+
+    monkeypatch.setattr(recipes, "export", export_and_check_the_lock)
     result = recipes.pretrain(config)
+    # the workdir stayed locked until the last exported file, and was released after it
+    assert locked_during_export == [True] and not (tmp_path / "run" / LOCK_FILE).exists()
     assert int(result.state.step) == config.train.steps and not result.preempted
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     merges = [(r["step"], r["mora_type"]) for r in rows if r.get("remora_merge")]
