@@ -116,11 +116,14 @@ def _run(model, params, config: RunConfig, *, train_batches, eval_batches, callb
     try:
         with _SigtermFlag() as sigterm:
             while step < train_cfg.steps:
-                try:
-                    batch = steps.shard_batch(next(train_batches))
-                except StopIteration:
-                    print(f"data exhausted after {step} steps", flush=True)
+                # Processes decide together (a step one process skips would hang the others): all
+                # stop when any one's shard of the data ends first.
+                local_batch = next(train_batches, None)
+                if not distributed.all_processes_agree(local_batch is not None):
+                    print(f"data exhausted after {step} steps"
+                          + ("" if local_batch is None else " (on another process)"), flush=True)
                     break
+                batch = steps.shard_batch(local_batch)
                 state, step_metrics = steps.train(state, batch)
                 step += 1
                 writer.add(step, step_metrics)
@@ -138,11 +141,15 @@ def _run(model, params, config: RunConfig, *, train_batches, eval_batches, callb
                     last_eval = (step, evaluate(steps, state, eval_batches()))
                     writer.write(step, last_eval[1])
                     writer.reset_clock()
-                if checkpointer is not None and (step % config.checkpoint.every == 0 or step == train_cfg.steps):
+                saved_now = checkpointer is not None and (step % config.checkpoint.every == 0 or step == train_cfg.steps)
+                if saved_now:
                     save()
-                if sigterm.raised:
-                    print(f"SIGTERM: saving a checkpoint at step {step} and exiting", flush=True)
-                    save(force=True)
+                # a SIGTERM reaches the processes at different moments: any one's stops them all here
+                if not distributed.all_processes_agree(not sigterm.raised):
+                    print(f"SIGTERM: saving a checkpoint at step {step} and exiting"
+                          + ("" if sigterm.raised else " (received by another process)"), flush=True)
+                    if not saved_now:  # this very step may just have been saved on schedule
+                        save(force=True)
                     preempted = True
                     break
         flush()

@@ -38,3 +38,24 @@ def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
     second = loop.run(model, params, config(6), train_batches=_Batches())
     assert int(first.state.step) == 4 and int(second.state.step) == 6
     assert [r["step"] for r in second.history if "loss" in r] == [1, 2, 3, 4, 5, 6]  # no step twice
+
+
+def test_sigterm_on_a_step_just_saved_on_schedule_stops_without_saving_it_twice(tmp_path):
+    import os
+    import signal
+
+    cfg = dataclasses.replace(LLAMA_CONFIGS["tiny"], num_hidden_layers=1)
+    model = LlamaForCausalLM(cfg)
+    params = init_params(cfg, jax.random.key(0))
+    config = RunConfig(workdir=str(tmp_path / "run"), method="lora", adapter=mj.LoRAConfig(r=2),
+                       optim=OptimConfig(lr=1e-3, warmup_steps=0),
+                       train=TrainConfig(steps=10, batch_size=2, seq_len=16, log_every=1, progress=False),
+                       checkpoint=CheckpointConfig(every=2, async_save=False))
+
+    def preempt_at_step_4(step, state, log):  # runs before step 4's scheduled save
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = loop.run(model, params, config, train_batches=_Batches(), callbacks=[preempt_at_step_4])
+    assert result.preempted and int(result.state.step) == 4
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]

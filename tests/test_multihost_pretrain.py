@@ -11,9 +11,11 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -76,7 +78,7 @@ def corpus(tmp_path_factory):
     return d
 
 
-def _launch(corpus, workdir, devices: int, extra=()) -> subprocess.Popen:
+def _launch(corpus, workdir, devices: int, extra=(), log=None) -> subprocess.Popen:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
                PYTHONUNBUFFERED="1")
@@ -93,7 +95,7 @@ def _launch(corpus, workdir, devices: int, extra=()) -> subprocess.Popen:
         "--config.mesh.data=1", "--config.mesh.fsdp=-1",
     ]
     return subprocess.Popen([sys.executable, "-m", "train.pretrain", *args, *extra], env=env, cwd=str(REPO),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _metrics(workdir: pathlib.Path) -> list[dict]:
@@ -154,6 +156,72 @@ def test_pretraining_entry_point_on_two_processes_equals_one(corpus, tmp_path):
         model, params = hf.load_llama(export / "merged")
         logits[name] = np.asarray(model.apply({"params": params}, ids))
     np.testing.assert_allclose(logits["multi"], logits["single"], rtol=0, atol=5e-5)
+
+
+def _two_processes(corpus, workdir, extra=(), logs=(None, None)) -> dict[str, subprocess.Popen]:
+    port = _free_port()
+    return {f"process{i}": _launch(corpus, workdir, devices=4,
+                                   extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                          f"--process_id={i}", *extra), log=logs[i])
+            for i in range(2)}
+
+
+def _communicate(procs: dict[str, subprocess.Popen], timeout: float) -> dict[str, str]:
+    try:
+        return {name: proc.communicate(timeout=timeout)[0] for name, proc in procs.items()}
+    except subprocess.TimeoutExpired:  # before the processes agreed, one waited in a step forever
+        for proc in procs.values():
+            proc.kill()
+        pytest.fail(f"hung: { {n: p.communicate()[0][-1500:] for n, p in procs.items()} }")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not _gloo_available(), reason="this jaxlib has no gloo CPU collectives")
+def test_processes_stop_together_when_one_shard_ends_first_or_one_is_terminated(corpus, tmp_path):
+    # 23 documents of one row each, one pass: process 0 reads 12 (3 batches of 4 rows), process 1 reads 11
+    docs = (corpus / "corpus.txt").read_text().splitlines()[:23]
+    (tmp_path / "short.txt").write_text("\n".join(docs) + "\n")
+    finite = ("--config.data.num_epochs=1", f"--config.data.source={tmp_path / 'short.txt'}",
+              "--config.train.steps=50", "--config.train.eval_every=0", "--config.data.eval_source=")
+    procs = _two_processes(corpus, tmp_path / "finite", finite)
+    outputs = _communicate(procs, timeout=600)
+    assert all(p.returncode == 0 for p in procs.values()), {n: o[-1500:] for n, o in outputs.items()}
+    stops = {name: re.search(r"data exhausted after (\d+) steps", out) for name, out in outputs.items()}
+    assert all(stops.values()), {n: o[-1500:] for n, o in outputs.items()}
+    assert {m.group(1) for m in stops.values()} == {"2"}  # the same step on both: process 1 has 2 whole batches
+    assert "on another process" in outputs["process0"] and "on another process" not in outputs["process1"]
+
+    # SIGTERM to process 1 alone: both save the same step and exit (their output goes to files: a pipe
+    # nobody reads while we wait for the steps would fill up and stop them)
+    logs = [open(tmp_path / f"term{i}.log", "w") for i in range(2)]
+    procs = _two_processes(corpus, tmp_path / "term", ("--config.train.steps=400", "--config.train.eval_every=0",
+                                                       "--config.data.eval_source=", "--config.remora.every=0"),
+                           logs=logs)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    def steps_logged() -> int:
+        try:
+            return len(_losses(_metrics(tmp_path / "term"))) if metrics.exists() else 0
+        except json.JSONDecodeError:  # a line being written
+            return 0
+
+    while steps_logged() < 3:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), \
+            [(tmp_path / f"term{i}.log").read_text()[-1500:] for i in range(2)]
+        time.sleep(0.5)
+    procs["process1"].send_signal(signal.SIGTERM)
+    _communicate(procs, timeout=600)
+    for log in logs:
+        log.close()
+    outputs = {f"process{i}": (tmp_path / f"term{i}.log").read_text() for i in range(2)}
+    assert all(p.returncode == 0 for p in procs.values()), {n: o[-1500:] for n, o in outputs.items()}
+    saved = {name: re.search(r"SIGTERM: saving a checkpoint at step (\d+)", out) for name, out in outputs.items()}
+    assert all(saved.values()) and len({m.group(1) for m in saved.values()}) == 1, outputs
+    assert "received by another process" in outputs["process0"]
+    step = saved["process0"].group(1)
+    assert (tmp_path / "term" / "checkpoints" / step).is_dir()
+    assert all(f"preempted (resume by running the same command) at step {step}" in out for out in outputs.values())
 
 
 def _wait(procs: dict[str, subprocess.Popen]) -> dict[str, str]:
