@@ -50,30 +50,33 @@ class _Schedule:
             raise ValueError("the merge period and restart_warmup must be >= 0")
 
 
-def _warmup_decay(step, *, start, length, warmup, peak, floor, decay):
-    """Warm-up from 0 to ``peak`` over ``warmup`` steps, then decay to ``floor`` by ``start + length``."""
-    t = jnp.asarray(step, jnp.float32) - start
-    warm = peak * jnp.clip(t / jnp.maximum(warmup, 1), 0.0, 1.0) if warmup else jnp.asarray(peak, jnp.float32)
-    progress = jnp.clip((t - warmup) / max(length - warmup, 1), 0.0, 1.0)
+def _warmup_decay(step, *, start, length, warmup, peak, floor, decay, xp=jnp):
+    """Warm-up from 0 to ``peak`` over ``warmup`` steps, then decay to ``floor`` by ``start + length``.
+
+    Elementwise in every argument (the cycle's ``start``, ``warmup``, ``peak``, ``floor`` may be
+    arrays); ``xp=np`` computes it on the host."""
+    t = xp.asarray(step, xp.float32 if xp is jnp else xp.float64) - start
+    warm = peak * xp.clip(t / xp.maximum(warmup, 1), 0.0, 1.0)
+    progress = xp.clip((t - warmup) / xp.maximum(length - warmup, 1), 0.0, 1.0)
     if decay == "cosine":
-        shape = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        shape = 0.5 * (1.0 + xp.cos(xp.pi * progress))
     elif decay == "linear":
         shape = 1.0 - progress
     else:
-        shape = jnp.ones_like(progress)
+        shape = xp.ones_like(progress)
     decayed = floor + (peak - floor) * shape
-    return jnp.where(t < warmup, warm, decayed)
+    return xp.where(t < warmup, warm, decayed)
 
 
 def _reference_cycles(cfg: _Schedule):
-    """(start, peak) of each restart cycle, computed ahead in float64 on the host."""
+    """(start, warm-up, peak) of each restart cycle, computed ahead in float64 on the host."""
     floor = cfg.min_lr_ratio * cfg.peak_lr
     cycles = [(0, cfg.warmup_steps, cfg.peak_lr)]
     if cfg.restart_every:
         for start in range(cfg.restart_every, cfg.total_steps, cfg.restart_every):
             prev_start, prev_warmup, prev_peak = cycles[-1]
             lr_at = float(_warmup_decay(start, start=prev_start, length=cfg.total_steps - prev_start,
-                                        warmup=prev_warmup, peak=prev_peak, floor=floor, decay=cfg.decay))
+                                        warmup=prev_warmup, peak=prev_peak, floor=floor, decay=cfg.decay, xp=np))
             cycles.append((start, min(cfg.restart_warmup, cfg.total_steps - start), lr_at))
     return cycles
 
@@ -103,15 +106,15 @@ def make_schedule(optim, *, total_steps: int, restart_every: int = 0):
         return schedule
 
     cycles = _reference_cycles(cfg)
-    starts = np.array([c[0] for c in cycles], np.float32)
+    starts, warmups, peaks = (np.array(column, np.float32) for column in zip(*cycles))
 
     def schedule(step):
+        # the cycle a step is in, looked up (not one branch per cycle: a run with thousands of merges
+        # compiles as fast as one with none)
         step_f = jnp.asarray(step, jnp.float32)
-        lr = jnp.asarray(0.0, jnp.float32)
-        for (start, warmup, peak), next_start in zip(cycles, list(starts[1:]) + [np.inf]):
-            value = _warmup_decay(step_f, start=start, length=cfg.total_steps - start, warmup=warmup,
-                                  peak=peak, floor=min(floor, peak), decay=cfg.decay)
-            lr = jnp.where((step_f >= start) & (step_f < next_start), value, lr)
-        return lr
+        cycle = jnp.clip(jnp.searchsorted(starts, step_f, side="right") - 1, 0, len(cycles) - 1)
+        start, peak = jnp.asarray(starts)[cycle], jnp.asarray(peaks)[cycle]
+        return _warmup_decay(step_f, start=start, length=cfg.total_steps - start, warmup=jnp.asarray(warmups)[cycle],
+                             peak=peak, floor=jnp.minimum(floor, peak), decay=cfg.decay)
 
     return schedule

@@ -126,6 +126,20 @@ def test_schedule_warmup_cosine_and_restarts():
         schedules.make_schedule(base, total_steps=5)
 
 
+def test_reference_restarts_are_looked_up_not_unrolled():
+    """Thousands of merges: the schedule is the same program as with a few (a lookup of the cycle,
+    not a branch per cycle that took minutes to compile), with each cycle's values."""
+    cfg = OptimConfig(lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, restart_warmup=3)
+    many = schedules.make_schedule(cfg, total_steps=3000, restart_every=7)
+    few = schedules.make_schedule(cfg, total_steps=3000, restart_every=700)
+    size = lambda schedule: len(jax.jit(schedule).lower(0).as_text().splitlines())  # operations  # noqa: E731
+    assert size(many) < 1.2 * size(few)
+    # each cycle: warm-up from 0 over 3 steps to the lr the previous cycle had reached at its start
+    lr = np.asarray(jax.vmap(many)(jnp.arange(3000)))
+    for start in (7, 700, 2996):
+        assert lr[start] == 0.0 and lr[start + 1] == pytest.approx(lr[start + 3] / 3, rel=1e-5)
+
+
 def test_remora_cycle_and_merge_invariant(params):
     rc = remora.RemoraConfig(every=3)
     assert [rc.type_at(s) for s in range(0, 15, 3)] == [1, 2, 3, 4, 1]
