@@ -111,3 +111,12 @@ def test_cli_generation_writes_its_json_and_table(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "decode tok/s" in table and "| decode step (1 new token" in table and "float32" in table
     assert "prefill tok/s" in proc.stdout
+
+
+def test_cli_generation_refuses_the_flags_it_would_ignore(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.benchmark", "--config", "configs/bench_tiny.py", "--generation", "--peer",
+         "--out", str(tmp_path / "gen.json")],
+        capture_output=True, text=True, timeout=300, cwd=str(pathlib.Path(__file__).parents[1]))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--generation and --peer do not combine" in proc.stderr and not (tmp_path / "gen.json").exists()

@@ -56,6 +56,11 @@ def main(argv):
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/bench_tiny.py")
     out = pathlib.Path(_OUT.value)
+    modes = [name for name, on in (("--generation", _GENERATION.value), ("--scaling", _SCALING.value)) if on]
+    extras = [name for name, on in (("--peer", _PEER.value), ("--topology", _TOPOLOGY.value)) if on]
+    if len(modes) > 1 or (modes and extras):
+        sys.exit(f"error: {' and '.join(modes + extras)} do not combine: {modes[0]} runs instead of the methods "
+                 "table that --peer and --topology extend; run them separately")
     if _PEER.value:  # fail before spending minutes on the JAX side
         try:
             peer.import_peer()
