@@ -39,7 +39,7 @@ def _steps(policy):
     return build_steps(model, TX, lambda s: 1e-3)
 
 
-@pytest.mark.parametrize("method", ["mora", pytest.param("lora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", sorted(ADAPTERS))
 def test_projections_policy_same_step_as_no_remat_and_saves_less_than_dots_saveable(method):
     params = stack_layers(init_params(CONFIG, jax.random.key(0)))
     state = _state(ADAPTERS[method], params)
