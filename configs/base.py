@@ -24,7 +24,11 @@ def base_config():
     c.model.remat_policy = "none"  # activation checkpointing: "none", "full", "projections", "dots_saveable", ...
     c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
     c.model.attention = "auto"  # "auto" (TPU: Pallas flash kernel, GPU: cuDNN, CPU: einsum), "xla", "flash", "cudnn"
-    c.model.overrides = ml_collections.ConfigDict()  # other LlamaConfig fields for a preset, e.g. vocab_size
+    # other LlamaConfig fields for a preset; these three can be set from the command line
+    # (--config.model.overrides.num_hidden_layers=4), a config file may add any other
+    c.model.overrides = ml_collections.ConfigDict({
+        name: ml_collections.FieldReference(None, field_type=int)
+        for name in ("num_hidden_layers", "vocab_size", "max_position_embeddings")})
 
     c.adapter = ml_collections.ConfigDict()
     c.adapter.r = 8  # LoRA rank; MoRA uses r̂ = round(sqrt((k+d)·r)) (same trainable count)

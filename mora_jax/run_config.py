@@ -64,7 +64,8 @@ class ModelConfig:
       attention: the attention implementation, "auto" (by platform: the Pallas TPU kernel on TPU,
         cuDNN on GPU where it applies, the einsum on CPU), "xla", "flash" or "cudnn"
         (:mod:`mora_jax.models.attention`).
-      overrides: other ``LlamaConfig`` fields for a preset (e.g. ``vocab_size``).
+      overrides: other ``LlamaConfig`` fields for a preset (e.g. ``vocab_size``); ``None`` values
+        (the placeholders ``configs/base.py`` declares so that the command line can set them) are dropped.
     """
 
     preset: str = "tiny"
@@ -78,6 +79,7 @@ class ModelConfig:
 
     def __post_init__(self):
         check_attention(self.attention, "model.attention")
+        object.__setattr__(self, "overrides", {k: v for k, v in dict(self.overrides or {}).items() if v is not None})
 
 
 @dataclasses.dataclass(frozen=True)

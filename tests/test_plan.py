@@ -308,6 +308,13 @@ def test_cli_unknown_topology_is_one_line():
         "(e.g. v4:2x2x2, v5e:2x2, v5p:2x2x2, v6e:2x2)"]
 
 
+def test_cli_takes_model_overrides_and_names_a_misspelt_one():
+    proc = _cli("--config=configs/c4_pretrain.py:tiny", "--config.model.overrides.num_hidden_layers=1", "--topology=v9:2x2")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: unknown TPU generation")
+    proc = _cli("--config=configs/c4_pretrain.py:tiny", "--config.model.overrides.num_hidden_layrs=1", "--topology=v9:2x2")
+    assert proc.returncode != 0 and 'Did you mean "num_hidden_layers"' in proc.stderr
+
+
 @needs_libtpu
 def test_cli_mesh_mismatch_is_one_line():
     proc = _cli("--config=configs/c4_pretrain.py:tiny", "--topology=v5e:2x4", "--config.mesh.data=4")

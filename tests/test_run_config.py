@@ -132,3 +132,11 @@ def test_the_entry_point_reports_a_bad_config_in_one_line():
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("pretrain: error: config: optim.lr must be a finite number > 0")
     assert "Traceback" not in proc.stderr
+
+
+
+def test_unset_model_override_placeholders_are_dropped():
+    c = c4_pretrain.get_config("250m")  # base.py declares num_hidden_layers etc. as None: settable by flags
+    assert dict(RunConfig.from_dict(c).model.overrides) == {}
+    c.model.overrides.num_hidden_layers = 4
+    assert dict(RunConfig.from_dict(c).model.overrides) == {"num_hidden_layers": 4}
