@@ -17,7 +17,8 @@ def get_config(variant: str = "250m"):
     c = base_config()
     c.workdir = f"runs/c4_pretrain_{variant or '250m'}"
     c.method = "mora"
-    c.model.preset = {"250m": "mora-250m", "1b": "mora-1b", "tiny": "tiny"}.get(variant or "250m", variant)  # TPU variants: below
+    c.model.preset = {"250m": "mora-250m", "1b": "mora-1b", "250m_tpu": "mora-250m", "1b_tpu": "mora-1b",
+                      "tiny": "tiny"}.get(variant or "250m", variant)
     c.model.dtype = "bfloat16"
     c.adapter.r = 128
     c.adapter.mora_type = 1
@@ -94,7 +95,6 @@ def get_config(variant: str = "250m"):
         # The reference's recipe at its batch (1,024 x 1,024 tokens) on a TPU slice, planned from a CPU
         # machine: python -m train.plan --config=configs/c4_pretrain.py:1b_tpu --topology=v4:2x2x2
         # (250m_tpu: --topology=v5e:2x4). README, "Planning a TPU run from a CPU machine".
-        c.model.preset = {"250m_tpu": "mora-250m", "1b_tpu": "mora-1b"}[variant]
         c.model.scan_layers = True
         # keep each projection's output (adapter included), recompute the rest: on a v5e 2x4, 7.9 GiB
         # per chip for MoRA and 7.4 for LoRA where "dots_saveable" (every matmul output) took 9.0 / 10.7

@@ -87,6 +87,8 @@ def test_cli_generation_writes_its_json_and_table(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=str(pathlib.Path(__file__).parents[1]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())  # valid JSON, no NaN/inf
+    assert data["command"].startswith("python -m train.benchmark --config configs/bench_tiny.py --generation")
+    assert set(data["provenance"]) >= {"commit", "packages", "machine", "date"}
     generation.validate_generation(data)
     assert data["dtype"] == "float32" and data["model"]["name"] == "tiny" and data["model"]["params"] == 123_712
     gen = data["generation"]

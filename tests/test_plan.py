@@ -332,6 +332,8 @@ def test_cli_writes_the_plan_and_exits_nonzero_when_it_does_not_fit(tmp_path):
     plan = json.loads((tmp_path / "ok.json").read_text())
     for key in ("topology", "chips", "device_kind", "hbm_bytes_per_chip", "mesh", "fits", "steps"):
         assert key in plan
+    assert plan["command"].startswith("python -m train.plan --config=configs/c4_pretrain.py:tiny")
+    assert plan["provenance"]["packages"]["libtpu"] and plan["provenance"]["machine"]["cores"] >= 1
     train = plan["steps"]["train"]
     for key in ("bytes_per_chip", "fits", "compile_s", "collectives", "xla_flops", "xla_bytes_accessed",
                 "estimated_step_s", "bound", "model_flops_per_step", "estimated_mfu"):

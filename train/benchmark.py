@@ -78,7 +78,7 @@ def main(argv):
         return
     if _SCALING.value:
         result = harness.run_scaling(config)
-        report.write_json(result, out)
+        report.write_json(_recorded(result), out)
         text = report.scaling_markdown(result)
         out.with_suffix(".md").write_text(text + "\n")
         report.plot_scaling(result, out.with_suffix(".png"))
@@ -98,10 +98,17 @@ def main(argv):
         result["tpu_plan"] = tpu.plan_methods(config, _TOPOLOGY.value, result["results"])
         tpu_table = "\n\n" + tpu.side_by_side(result)
     report.validate_schema(result)
-    report.write_json(result, out)
+    report.write_json(_recorded(result), out)
     out.with_suffix(".md").write_text(report.report(result, markdown=True) + tpu_table + "\n")
     print(report.report(result) + tpu_table)
     print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def _recorded(result: dict) -> dict:
+    """``result`` with the command that made it and its provenance (commit, versions, machine)."""
+    from mora_jax.experiments.provenance import provenance
+
+    return {**result, "command": " ".join(["python -m train.benchmark", *sys.argv[1:]]), "provenance": provenance()}
 
 
 def _run_generation(config, out: pathlib.Path) -> None:
@@ -115,7 +122,7 @@ def _run_generation(config, out: pathlib.Path) -> None:
         sys.exit(f"error: {e}")
     result = generation.run_generation(config, settings)
     generation.validate_generation(result)
-    report.write_json(result, out)
+    report.write_json(_recorded(result), out)
     out.with_suffix(".md").write_text(generation.generation_report(result, markdown=True) + "\n")
     print(generation.generation_report(result))
     print(f"wrote {out} and {out.with_suffix('.md')}")

@@ -20,7 +20,8 @@ step builder; no data, no tokenizer, no weights), prints a table and writes ``--
          "roofline_s": {compute, memory, communication}, "estimated_step_s", "estimated_step_s_serial",
          "bound",                                                    # compute | memory | communication
          train only: "model_flops_per_step", "estimated_mfu", "estimated_tokens_per_s"}},
-     "advice": [...], "compare": {method: {...}}, "search": [...]}
+     "advice": [...], "compare": {method: {...}}, "search": [...],
+     "command": "python -m train.plan ...", "provenance": {commit, packages (libtpu included), machine, date}}
 
 Times and MFU are estimates (a roofline of the compiled step: mora_jax.plan.roofline), not
 measurements. A plan that does not fit exits with status 1 after writing the JSON and says what to
@@ -91,6 +92,10 @@ def main(argv):
         result["headroom_note"] = note
     print(report.table(result), flush=True)
     if _OUT.value:
+        from mora_jax.experiments.provenance import provenance
+
+        result["command"] = " ".join(["python -m train.plan", *sys.argv[1:]])
+        result["provenance"] = provenance()
         out = pathlib.Path(_OUT.value)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(planner.to_json(result))

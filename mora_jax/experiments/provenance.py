@@ -15,7 +15,7 @@ import platform
 import subprocess
 from importlib import metadata
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "sentencepiece")
+PACKAGES = ("jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint", "numpy", "sentencepiece")
 
 
 def _git(*args: str) -> str | None:
