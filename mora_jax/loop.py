@@ -14,7 +14,6 @@ evaluations, checkpoints. It owns the effects; the steps are pure.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import json
 import math

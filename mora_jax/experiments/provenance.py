@@ -39,7 +39,8 @@ def cpu_model() -> str:
 
 
 def provenance(seeds=None) -> dict:
-    """The commit (and whether the tree had uncommitted changes), package versions, machine and date."""
+    """The commit (and whether the code had uncommitted changes: files under ``benchmarks/`` and
+    ``results/`` do not count), package versions, machine and date."""
     import jax
 
     versions = {}
@@ -48,7 +49,8 @@ def provenance(seeds=None) -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # results being rewritten (by this very command, or one run beside it) do not change the code
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks", ":!results")
     return {
         "commit": _git("rev-parse", "HEAD"),
         "uncommitted_changes": bool(status) if status is not None else None,
