@@ -82,9 +82,20 @@ def _wrap_pad(x_Bxk, length: int):
 
 
 def _compress_sum(x_Bxk, r_hat: int):
-    """S: sum of the wrapped chunks of length ``r̂``."""
+    """S: sum of the wrapped chunks of length ``r̂``.
+
+    Up to four chunks are added slice by slice (the padding a concatenate, :func:`_repeat_to`): on a
+    TPU that is one fusion reading ``x``, where the reshape-and-reduce form wrote the padded input and
+    a broadcast of it for the backward pass (the 250M step moved 8% more HBM bytes). On a CPU it is
+    as fast or faster."""
     k = x_Bxk.shape[-1]
     n = -(-k // r_hat)
+    if n <= 4:
+        padded = _repeat_to(x_Bxk, n * r_hat)
+        out = padded[..., :r_hat]
+        for c in range(1, n):
+            out = out + padded[..., c * r_hat:(c + 1) * r_hat]
+        return out
     padded = _wrap_pad(x_Bxk, n * r_hat)
     return padded.reshape(*x_Bxk.shape[:-1], n, r_hat).sum(axis=-2)
 
@@ -105,8 +116,9 @@ def _compress_group(x_Bxk, r_hat: int):
 
 
 def _decompress_tile(u_BxR, d: int):
-    """T: ``Δy_j = u_{j mod r̂}`` (also type 6's truncate/tile of the concatenated chunks)."""
-    return _wrap_pad(u_BxR, d)
+    """T: ``Δy_j = u_{j mod r̂}`` (also type 6's truncate/tile of the concatenated chunks); a few
+    copies are concatenated, many broadcast (:func:`_repeat_to`)."""
+    return _repeat_to(u_BxR, d)
 
 
 def _decompress_interleave(u_BxR, d: int):
@@ -236,8 +248,8 @@ def _type6_product(x, m, n: int, out_features: int):
 
 
 def _repeat_to(v, length: int):
-    """``_wrap_pad`` for type 6's few repeats (``n·r̂`` just above ``k``; the output tile, ``d`` a
-    small multiple of ``n·r̂``): a concatenate of whole copies and a slice. On a TPU it fuses into its
+    """``_wrap_pad`` for a few repeats (type 6's ``n·r̂`` just above ``k``; the output tile, ``d`` a
+    small multiple of ``r̂`` or ``n·r̂``): a concatenate of whole copies and a slice. On a TPU it fuses into its
     consumer, where the broadcast form left a materialised ``reps × width`` array (and its adjoint
     a padded one), twice the temporaries of a 4096→11008 projection."""
     width = v.shape[-1]
