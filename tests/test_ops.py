@@ -111,6 +111,34 @@ def test_delta_weight_matches_definition_when_r_hat_exceeds_k(k, d, r, t):
     np.testing.assert_allclose(delta_weight(m, **kw), _dense_reference_dk(m, k, d, t), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k,r_hat", [(768, 443), (2560, 653), (10, 4), (9, 3), (12, 5)])
+def test_sliced_chunk_sum_and_tile_equal_the_cpu_forms(k, r_hat):
+    # TPU programs run the sliced chunk sum and the concatenated tile, CPU programs the reshape and
+    # the broadcast (lax.platform_dependent): same values and gradients, though CPU tests run only one.
+    from mora_jax import ops
+
+    x = _random((2, 3, k), 3)
+    sliced = lambda x: ops._compress_sum_sliced(x, r_hat)
+    reshaped = lambda x: ops._compress_sum_reshaped(x, r_hat)
+    np.testing.assert_allclose(np.asarray(sliced(x)), np.asarray(reshaped(x)), rtol=1e-6, atol=1e-5)
+    probe = _random((2, 3, r_hat), 4)
+    grads = [jax.grad(lambda x, f=f: jnp.sum(f(x) * probe))(x) for f in (sliced, reshaped)]
+    np.testing.assert_array_equal(np.asarray(grads[0]), np.asarray(grads[1]))
+    u = _random((2, r_hat), 5)
+    for d in (r_hat - 1, 2 * r_hat + 3, 4 * r_hat):
+        np.testing.assert_array_equal(np.asarray(ops._repeat_to(u, d)), np.asarray(ops._wrap_pad(u, d)))
+
+
+def test_a_tpu_program_takes_the_sliced_chunk_sum():
+    # The form is picked when the program is lowered for a platform, not by the default backend.
+    f = lambda x: apply_mora(x, jnp.eye(443), in_features=768, out_features=768, mora_type=1)
+    x = jax.ShapeDtypeStruct((4, 768), jnp.float32)
+    tpu = jax.jit(f).trace(x).lower(lowering_platforms=("tpu",)).as_text()
+    cpu = jax.jit(f).trace(x).lower(lowering_platforms=("cpu",)).as_text()
+    assert "reduce" in cpu and "reduce" not in tpu.replace("reduce_precision", "")
+    assert "tensor<4x886xf32>" in tpu  # the input padded by a concatenate to two chunks, then sliced
+
+
 def test_wrap_padding_beyond_2k():
     # r̂ > 2k: the reference's x[:pad] append fails; P(x)_j = x_{j mod k} must hold.
     k, d, r = 3, 200, 16
