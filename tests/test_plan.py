@@ -414,3 +414,21 @@ def test_benchmark_tpu_plan_sits_beside_the_cpu_rows():
     assert all(r["fits"] and r["bytes_per_chip"] > 0 and r["estimated_step_s"] > 0 for r in planned)
     table = tpu.side_by_side(result)
     assert "not measured" in table and "| mora6 r=8 | 12.0 ms |" in table
+
+
+def test_hbm_bytes_by_op_says_which_pass_and_operation_moves_the_bytes():
+    import jax
+    import jax.numpy as jnp
+
+    from mora_jax.plan.hlo_parse import _parse_instruction
+
+    line = ('  %fusion.7 = bf16[8,1024,2560]{2,1,0} fusion(%p), kind=kLoop, calls=%fused_computation.7, '
+            'metadata={op_name="jit(traced)/while/body/closed_call/transpose(jvp(LlamaForCausalLM))/model/while/'
+            'body/closed_call/checkpoint/rematted_computation/layers/layers/mlp/mul"}')
+    assert hlo.op_label(_parse_instruction(line)) == "recomputed: layers/mlp/mul"
+    w, x = jnp.ones((64, 32)), jnp.ones((16, 64))
+    text = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2))).lower(w, x).compile().as_text()
+    stats = hlo.analyze(text)
+    assert stats.hbm_bytes_by_op and sum(stats.hbm_bytes_by_op.values()) <= stats.hbm_bytes
+    assert any(label.startswith("backward: ") for label in stats.hbm_bytes_by_op)
+    assert any(label.startswith("forward: ") for label in stats.hbm_bytes_by_op)

@@ -12,6 +12,9 @@ count). From that it counts, per device:
   entry (each fusion reads its operands and writes its result once), leaving out buffers in on-chip
   memory (layouts in memory space ``S(1)``) and instructions that move nothing (``bitcast``,
   ``get-tuple-element``, ...);
+* where that traffic goes: the bytes grouped by the JAX operation each instruction comes from
+  (its ``op_name`` metadata, :func:`op_label`: forward, backward or recomputed, and the last
+  module path and primitive), the largest groups kept (``hbm_bytes_by_op``);
 * custom kernels (Pallas ``tpu_custom_call``s, e.g. flash attention) by name: their FLOPs are
   inside the kernel, invisible here (the planner adds them from the FLOP model);
 * collectives by kind (``all-gather``, ``reduce-scatter``, ``all-reduce``, ``all-to-all``,
@@ -53,10 +56,31 @@ class HloStats:
     unknown_trip_counts: int
     num_partitions: int
     kernels: dict[str, int] = dataclasses.field(default_factory=dict)  # custom kernels (Pallas) run, by name
+    hbm_bytes_by_op: dict[str, float] = dataclasses.field(default_factory=dict)  # largest groups, see op_label
 
     @property
     def wire_bytes(self) -> float:
         return sum(c["wire_bytes"] for c in self.collectives.values())
+
+
+# op_name path pieces that say how JAX got there, not what runs
+_PATH_NOISE = ("jit(", "jvp(", "transpose(", "closed_call", "while", "body", "checkpoint", "rematted_computation",
+               "cond", "branch_")
+TOP_OPS = 15
+
+
+def op_label(inst: Instruction) -> str:
+    """``"forward: mlp/down_proj/reduce_sum"``: the pass (forward, backward, or recomputed for the
+    backward by remat) and the last three pieces of the instruction's JAX ``op_name``; instructions
+    without one (XLA's own copies and collectives) by opcode."""
+    meta = re.search(r'op_name="([^"]*)"', inst.attrs)
+    if meta is None:
+        return f"xla: {inst.opcode}"
+    parts = meta.group(1).split("/")
+    where = ("recomputed" if "rematted_computation" in parts
+             else "backward" if any(p.startswith("transpose(") for p in parts) else "forward")
+    path = [p for i, p in enumerate(parts) if p and not p.startswith(_PATH_NOISE) and p != parts[i - 1]]
+    return f"{where}: {'/'.join(path[-3:]) or inst.opcode}"
 
 
 def _group_size(attrs: str, num_partitions: int) -> int:
@@ -231,6 +255,7 @@ def analyze(text: str) -> HloStats:
     flops = hbm = 0.0
     collectives: dict[str, dict] = {}
     kernels: dict[str, int] = collections.Counter()
+    by_op: dict[str, float] = collections.Counter()
     pieces: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
     for comp in computations.values():
         m = mult.get(comp.name, 0.0)
@@ -249,7 +274,9 @@ def analyze(text: str) -> HloStats:
                 key = (kind, channel.group(1) if channel else f"{comp.name}/{inst.name}")
                 pieces.setdefault(key, []).append((m, max(operand_bytes, out), _group_size(inst.attrs, num_partitions)))
             if comp.name in sequential and inst.opcode not in _NO_TRAFFIC and not inst.opcode.endswith("-done"):
-                hbm += m * _hbm_traffic(inst, comp, computations)
+                traffic = m * _hbm_traffic(inst, comp, computations)
+                hbm += traffic
+                by_op[op_label(inst)] += traffic
     for (kind, _), group in pieces.items():
         # TPU HLO splits a collective into "async collective fusions" that share its channel id and
         # each name the whole result; a loop body holding such pieces progresses one collective
@@ -267,7 +294,8 @@ def analyze(text: str) -> HloStats:
     for entry in collectives.values():
         entry["group_sizes"] = sorted(entry["group_sizes"])
     return HloStats(matmul_flops=flops, hbm_bytes=hbm, collectives=collectives, loop_trip_counts=sorted(trips),
-                    unknown_trip_counts=unknown, num_partitions=num_partitions, kernels=dict(kernels))
+                    unknown_trip_counts=unknown, num_partitions=num_partitions, kernels=dict(kernels),
+                    hbm_bytes_by_op={k: v for k, v in by_op.most_common(TOP_OPS) if v > 0})
 
 
 def kernel_gradient_dots(text: str, kernel_shapes: Iterable[Sequence[int]], *, max_shards: int | None = None) -> list[str]:

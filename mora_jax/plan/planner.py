@@ -164,6 +164,7 @@ def compile_step(lowered, chip: chips_lib.ChipSpec, *, name: str, kernel_flops=N
         "collectives": {kind: {k: v for k, v in c.items()} for kind, c in sorted(stats.collectives.items())},
         "xla_flops": float(cost.get("flops", 0.0)), "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
         "hlo_matmul_flops": stats.matmul_flops, "hlo_hbm_bytes": stats.hbm_bytes,
+        "hbm_bytes_by_op": stats.hbm_bytes_by_op,
         "kernels": stats.kernels, "kernel_flops": extra,
         "loop_trip_counts": stats.loop_trip_counts, "unknown_trip_counts": stats.unknown_trip_counts,
         **estimate,
