@@ -7,7 +7,7 @@ period ``remora.every``: neither is set twice.
 
 import ml_collections
 
-from mora_jax.config import LLAMA_TARGETS
+from mora_jax.methods import LLAMA_TARGETS
 
 
 def base_config():

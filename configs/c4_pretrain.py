@@ -10,7 +10,7 @@ steps, batch 1,024 sequences of 1,024 tokens, T5's 32,100-token vocabulary.
 """
 
 from configs.base import base_config
-from mora_jax.config import LLAMA_FULLY_TRAINED
+from mora_jax.methods import LLAMA_FULLY_TRAINED
 
 
 def get_config(variant: str = "250m"):

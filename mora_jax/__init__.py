@@ -27,17 +27,10 @@ from mora_jax.adapters import (
     trainable_patterns,
     unmerge,
 )
-from mora_jax.config import (
-    LLAMA_FULLY_TRAINED,
-    LLAMA_TARGETS,
-    MORA_TYPES,
-    FullConfig,
-    LoRAConfig,
-    MoRAConfig,
-    make_config,
-)
 from mora_jax.generate import generate
 from mora_jax.intercept import apply_model
+from mora_jax.methods import LLAMA_FULLY_TRAINED, LLAMA_TARGETS, FullConfig, LoRAConfig, MoRAConfig, make_config
+from mora_jax.ops import MORA_TYPES
 from mora_jax.models import LLAMA_CONFIGS, LlamaConfig, LlamaForCausalLM
 from mora_jax.ops import apply_lora, apply_mora, delta_weight, lora_delta_weight, rank_hat
 from mora_jax.optim import masked, param_labels, partition, unpartition

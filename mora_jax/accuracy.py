@@ -22,6 +22,11 @@ from decimal import Decimal
 
 import numpy as np
 
+from mora_jax import sharding
+from mora_jax.data.finetune import BadRecordError, format_prompt_response
+from mora_jax.data.sources import ProcessShard
+from mora_jax.generate import generate
+
 _MARKER = re.compile(r"####|[Tt]he (?:final )?answer is:?")
 _NUMBER = re.compile(r"[-+]?\d*\.?\d+")
 
@@ -70,8 +75,6 @@ class AccuracyEvaluator:
 
     def __init__(self, model, tokenizer, records: Iterable[Mapping], data_config, *, max_new_tokens: int = 256,
                  batch_size: int = 8, mesh=None, rules=None):
-        from mora_jax.data.finetune import BadRecordError, format_prompt_response
-
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
         self.model, self.tokenizer, self.mesh, self.rules = model, tokenizer, mesh, rules
@@ -100,8 +103,6 @@ class AccuracyEvaluator:
         self.max_new_tokens = min(int(max_new_tokens), limit - width)
         shards = 1
         if mesh is not None:
-            from mora_jax import sharding
-
             shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules or sharding.DEFAULT_RULES))
         self.batch_size = -(-min(batch_size, len(prompts)) // shards) * shards
         pad = max(tokenizer.pad_id, 0)
@@ -127,8 +128,6 @@ class AccuracyEvaluator:
         """``{"accuracy": percent correct, "accuracy_examples": n}``; the generated texts and extracted
         answers are kept in ``texts`` / ``predictions``."""
         import jax
-
-        from mora_jax.generate import generate
 
         n, b = len(self.references), self.batch_size
         texts = []
@@ -158,8 +157,6 @@ class AccuracyEvaluator:
 
 def read_records(source, *, split: str = "train", limit: int = 0) -> list[Mapping]:
     """The first ``limit`` (0 = all) records of a local file / glob / Hub data set, in order."""
-    from mora_jax.data.sources import ProcessShard
-
     shard = ProcessShard(source, split=split, text_field=None, process_index=0, process_count=1)
     records = []
     for record, _ in shard.records(epoch=0):

@@ -23,7 +23,8 @@ import numpy as np
 from flax import traverse_util
 
 from mora_jax import ops
-from mora_jax.config import AdapterConfig, FullConfig, LoRAConfig, MoRAConfig
+from mora_jax.intercept import record_dense_calls
+from mora_jax.methods import AdapterConfig, FullConfig, LoRAConfig, MoRAConfig
 
 Path = tuple[str, ...]
 
@@ -196,8 +197,6 @@ def dense_layout(model, *args, **kwargs) -> dict[str, tuple[int, int]]:
     Needed by :func:`init_adapters` only for kernels that are not plain 2-D ``(in, out)``: layers
     under ``nn.scan`` (a leading layer axis) or ``DenseGeneral`` with several input axes.
     """
-    from mora_jax.intercept import record_dense_calls
-
     with record_dense_calls() as calls:
         variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
     flat = flatten(variables["params"])

@@ -52,7 +52,7 @@ class UserError(Exception):
 
 def _stored_dtype(base_dir: pathlib.Path) -> str:
     """The base checkpoint's parameter dtype from ``config.json`` (``float32`` if unknown)."""
-    from mora_jax.hf_format import read_json_object
+    from mora_jax.hf.files import read_json_object
 
     if not (base_dir / "config.json").is_file():
         return "float32"  # load_llama reports a missing config.json itself
@@ -106,10 +106,10 @@ def merge_command(args) -> int:
     from tqdm import tqdm
 
     from mora_jax.adapters import flatten, merge, path_str, unflatten
-    from mora_jax.hf import SAFE_WEIGHTS, load_llama, param_to_hf_tensor, read_config, save_llama
-    from mora_jax.hf_format import copy_file_atomic
+    from mora_jax.hf.checkpoints import SAFE_WEIGHTS, load_llama, param_to_hf_tensor, read_config, save_llama
+    from mora_jax.hf.files import copy_file_atomic
+    from mora_jax.hf.peft import load_adapter
     from mora_jax.models.llama import abstract_params
-    from mora_jax.peft import load_adapter
 
     base, adapter_dir, out = pathlib.Path(args.base), pathlib.Path(args.adapter), pathlib.Path(args.out)
     _check_merge_paths(base, adapter_dir, out, args.overwrite)
@@ -176,8 +176,8 @@ def describe_adapter(path) -> str:
     """A short human-readable description of the adapter directory ``path`` (no base model needed)."""
     import re
 
+    from mora_jax.hf.peft_files import check_supported, parse_tensor_name, read_adapter_config, read_adapter_tensors
     from mora_jax.ops import lora_scale
-    from mora_jax.peft_format import check_supported, parse_tensor_name, read_adapter_config, read_adapter_tensors
 
     raw = read_adapter_config(path)
     check_supported(raw, str(path))
@@ -240,9 +240,9 @@ def info_command(args) -> int:
 def generate_command(args) -> int:
     from mora_jax.data import Tokenizer
     from mora_jax.generate import encode_prompts, generate
-    from mora_jax.hf import load_llama, read_config
+    from mora_jax.hf.checkpoints import load_llama, read_config
+    from mora_jax.hf.peft import load_adapter
     from mora_jax.models.llama import abstract_params
-    from mora_jax.peft import load_adapter
 
     base = pathlib.Path(args.base)
     for what, directory in (("base model", base), ("adapter", args.adapter and pathlib.Path(args.adapter))):

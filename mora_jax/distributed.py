@@ -5,7 +5,7 @@ before anything touches a JAX device, then build the mesh over ``jax.devices()``
 devices), and feed each process only its own rows of the global batch::
 
     mora_jax.distributed.initialize()                     # TPU pods / SLURM: auto-detected
-    mesh = mora_jax.sharding.make_mesh(MeshConfig(...))
+    mesh = mora_jax.mesh.make_mesh(MeshConfig(...))
     rows = process_batch_slice(global_batch_size, mora_jax.sharding.batch_sharding(mesh))
     batch = mora_jax.sharding.shard_batch({k: v[rows] for k, v in global_batch_np.items()}, mesh)
 

@@ -11,7 +11,7 @@ numbers come from the shapes alone (``tests/test_benchmark.py`` checks them agai
 from __future__ import annotations
 
 from mora_jax import ops
-from mora_jax.models.llama import LlamaConfig
+from mora_jax.models.config import LlamaConfig
 
 
 def llama_kernel_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:

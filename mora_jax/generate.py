@@ -34,8 +34,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mora_jax import adapters as adapters_lib
+from mora_jax import sharding
 from mora_jax.intercept import apply_model
-from mora_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_kv_cache, kv_cache_logical_axes
+from mora_jax.models.config import LlamaConfig
+from mora_jax.models.llama import LlamaForCausalLM, init_kv_cache, kv_cache_logical_axes
 
 
 def _check_inputs(config: LlamaConfig, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p):
@@ -192,8 +194,6 @@ def _compiled(config: LlamaConfig, max_new_tokens: int, temperature: float, top_
 
 def _place(mesh: Mesh | None, rules, params, adapters, ids, mask):
     """Inputs laid out over ``mesh`` like training (params by the rules, rows over the data axes)."""
-    from mora_jax import sharding
-
     rules = rules or sharding.DEFAULT_RULES
     batch = sharding.batch_sharding(mesh, rules)
     shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
@@ -263,8 +263,6 @@ def generate(
         fn = _compiled(config, int(max_new_tokens), float(temperature), int(top_k), float(top_p), eos_ids,
                        int(pad_token_id), bool(merge_adapters), None)
         return fn(params, adapters, jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32), rng)
-
-    from mora_jax import sharding
 
     rules, params, adapters, ids, mask = _place(mesh, rules, params, adapters, np.asarray(input_ids, np.int32),
                                                 np.asarray(mask, np.int32))

@@ -1,7 +1,7 @@
 """The training loop: the story of a run, from base weights to trained adapters.
 
 :func:`run` creates the train state (frozen base weights, float32 trainables, one optimizer state
-per group), lays it out on the mesh and compiles its steps (:mod:`mora_jax.steps`), resumes from
+per group) and the compiled steps (:mod:`mora_jax.assembly`), lays the state out on the mesh, resumes from
 the latest checkpoint, then repeats: a train step, a ReMoRA merge every ``remora.every`` steps,
 evaluations, checkpoints. It owns the effects; the steps are pure.
 
@@ -25,11 +25,11 @@ import jax
 import numpy as np
 
 from mora_jax import adapters as adapters_lib
-from mora_jax import distributed
+from mora_jax import assembly, distributed, remora_diagnostics, training
 from mora_jax import metrics as metrics_lib
-from mora_jax import remora_diagnostics
 from mora_jax import steps as steps_lib
-from mora_jax import training, workdir_lock
+from mora_jax.checkpoint import workdir_lock
+from mora_jax.checkpoint.checkpointer import Checkpointer
 from mora_jax.run_config import RunConfig
 
 
@@ -48,7 +48,8 @@ class RunResult:
 
 def run(model, params, config: RunConfig, *, train_batches: Iterator[Mapping[str, np.ndarray]],
         eval_batches: Callable[[], Iterator] | None = None, callbacks: Sequence[Callable] = (),
-        layout=None, mesh=None, rules=None, frozen_source: str = "", workdir_locked: bool = False) -> RunResult:
+        layout=None, mesh=None, rules=None, steps: steps_lib.Steps | None = None, frozen_source: str = "",
+        workdir_locked: bool = False) -> RunResult:
     """Train ``model`` from base ``params`` as ``config`` says (MoRA, LoRA or full fine-tuning).
 
     Args:
@@ -59,30 +60,31 @@ def run(model, params, config: RunConfig, *, train_batches: Iterator[Mapping[str
       callbacks: ``fn(step, state, log)`` after each step (after merges); ``log(dict)`` writes metrics.
       layout: the adapters' layout for a model that scans over layers (``mora_jax.dense_layout``).
       mesh, rules: the device mesh and sharding rules (None: the default device, the default rules).
+      steps: the run's compiled steps when the caller built them already
+        (:func:`mora_jax.assembly.assemble`); else built here from ``config``, ``mesh`` and ``rules``.
       frozen_source: where the base weights came from, recorded with each checkpoint.
       workdir_locked: the caller holds the workdir's lock already (``recipes.run`` holds it through
         the export that follows the run).
 
     Only one run at a time may write a workdir: it is locked from start to end
-    (:mod:`mora_jax.workdir_lock`), and a second run is refused with the first one named.
+    (:mod:`mora_jax.checkpoint.workdir_lock`), and a second run is refused with the first one named.
     """
     lock = contextlib.nullcontext() if workdir_locked else workdir_lock.hold(config.workdir)
     with lock:  # released on every exit, exceptions included
         return _run(model, params, config, train_batches=train_batches, eval_batches=eval_batches,
-                    callbacks=callbacks, layout=layout, mesh=mesh, rules=rules, frozen_source=frozen_source)
+                    callbacks=callbacks, layout=layout, mesh=mesh, rules=rules, steps=steps,
+                    frozen_source=frozen_source)
 
 
-def _run(model, params, config: RunConfig, *, train_batches, eval_batches, callbacks, layout, mesh, rules,
+def _run(model, params, config: RunConfig, *, train_batches, eval_batches, callbacks, layout, mesh, rules, steps,
          frozen_source) -> RunResult:
     workdir = pathlib.Path(config.workdir)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-    state = initial_state(params, config, layout)
+    state = assembly.initial_state(params, config, layout)
     summary = training.trainable_summary(state)
-    steps = steps_lib.build_steps(model, config.optim.optimizer(), config.schedule(), config.step_config(),
-                                  mesh=mesh, rules=rules, use_dropout=uses_dropout(config),
-                                  reset_optimizer=config.remora.reset_optimizer)
+    steps = steps if steps is not None else assembly.build_steps(config, model, mesh, rules)
     state = steps.place(state)
     initial_frozen = state.frozen
     checkpointer = _checkpointer(config, workdir)
@@ -106,7 +108,7 @@ def _run(model, params, config: RunConfig, *, train_batches, eval_batches, callb
             flush()  # never save a state whose update was not finite
             data_state = distributed.gather_process_states(  # each process reads its own shard
                 train_batches.get_state() if hasattr(train_batches, "get_state") else {})
-            meta = {"mora_type": adapters_lib.current_mora_type(state.adapters), "frozen_source": frozen_source}
+            meta = {"frozen_source": frozen_source}  # the MoRA type is recorded by the checkpointer itself
             checkpointer.save(step, state, data_state=data_state, meta=meta, force=force,
                               frozen_changed=bool(config.remora.every) and step >= config.remora.every)
 
@@ -196,26 +198,9 @@ def evaluate(steps: steps_lib.Steps, state, batches) -> dict:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
-def initial_state(params, config: RunConfig, layout) -> training.TrainState:
-    """The state a run starts from: ``params`` frozen or trained as ``config.adapter`` says, fresh
-    adapters (ReMoRA: of the cycle's first type) and optimizer states. The TPU planner traces it
-    with ``jax.eval_shape`` (``mora_jax.plan``), so what it compiles is what a run holds."""
-    rng = jax.random.key(config.seed)
-    adapter_config = config.initial_adapter_config()
-    adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
-    return training.create_train_state(params, adapters, adapter_config, config.optim.optimizer(),
-                                       jax.random.fold_in(rng, 2))
-
-
-def uses_dropout(config: RunConfig) -> bool:
-    """Whether the steps need a dropout rng (adapter dropout)."""
-    return float(getattr(config.adapter, "dropout", 0.0)) > 0.0
-
-
 def _checkpointer(config: RunConfig, workdir: pathlib.Path):
     if not config.checkpoint.every:
         return None
-    from mora_jax.checkpoint import Checkpointer
 
     # orbax needs an absolute path (a relative workdir such as runs/x fails deep inside tensorstore)
     return Checkpointer((workdir / "checkpoints").absolute(), max_to_keep=config.checkpoint.keep,

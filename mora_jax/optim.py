@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from mora_jax.adapters import combine, flatten, split, trainable_patterns, unflatten
-from mora_jax.config import AdapterConfig
+from mora_jax.methods import AdapterConfig
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 

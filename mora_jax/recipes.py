@@ -1,8 +1,9 @@
 """From a config to a finished run: the one runner behind ``train/pretrain.py`` and ``train/finetune.py``.
 
-:func:`run` reads the config (:class:`mora_jax.run_config.RunConfig`), builds the model (a preset
-or a Hugging Face checkpoint), the mesh, the data pipeline of the task (``"pretrain"``: packed
-causal-LM text; ``"finetune"``: prompt/response records with the loss on the response), hands over
+:func:`run` reads the config (:class:`mora_jax.run_config.RunConfig`), assembles the run
+(:mod:`mora_jax.assembly`: model, weights, mesh, steps), builds the data pipeline of the task
+(``"pretrain"``: packed causal-LM text; ``"finetune"``: prompt/response records with the loss on
+the response), hands over
 to :func:`mora_jax.loop.run`, draws the loss curve, and exports the adapter (PEFT format) and the
 merged model (Hugging Face format).
 """
@@ -15,43 +16,15 @@ import pathlib
 
 import jax
 
+from mora_jax import accuracy, assembly, distributed, loop, metrics
+from mora_jax import adapters as adapters_lib
 from mora_jax import data as data_lib
-from mora_jax import loop, metrics, sharding
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
+from mora_jax.checkpoint import workdir_lock
+from mora_jax.hf.checkpoints import read_config, save_llama
+from mora_jax.hf.peft import save_adapter
 from mora_jax.run_config import RunConfig
 
 TASKS = ("pretrain", "finetune")
-
-
-def build_model(config: RunConfig, vocab_size: int | None = None):
-    """``(model, params)`` from ``config.model``: a Hugging Face directory (``hf_path``) or a preset
-    initialised from ``config.seed``."""
-    m = config.model
-    if m.hf_path:
-        from mora_jax import hf
-
-        return hf.load_llama(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-                             config_overrides={"remat_policy": m.remat_policy, "attention": m.attention,
-                                               **dict(m.overrides)})
-    if m.preset not in LLAMA_CONFIGS:
-        raise ValueError(f"unknown model preset {m.preset!r}: choose one of {sorted(LLAMA_CONFIGS)} or set model.hf_path")
-    model_config = LLAMA_CONFIGS[m.preset].replace(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
-                                                   scan_layers=m.scan_layers, attention=m.attention, **dict(m.overrides))
-    if vocab_size is not None and model_config.vocab_size < vocab_size:
-        raise ValueError(f"the tokenizer has {vocab_size} tokens but model preset {m.preset!r} only "
-                         f"{model_config.vocab_size}; use a matching tokenizer or --config.model.overrides.vocab_size")
-    model = LlamaForCausalLM(model_config)
-    return model, init_params(model_config, jax.random.key(config.seed))
-
-
-def build_mesh(config: RunConfig):
-    """The device mesh of ``config.mesh``; sizes that do not fit the devices are an error."""
-    mesh = sharding.make_mesh(config.mesh)
-    shards = 1
-    for axis in sharding.batch_axes(mesh):
-        shards *= mesh.shape[axis]
-    config.train.check_data_parallel(shards, jax.process_count())
-    return mesh
 
 
 def _tokenizer(config: RunConfig):
@@ -63,9 +36,7 @@ def _tokenizer(config: RunConfig):
                          "model with: python -m train.train_tokenizer --input corpus.txt --vocab-size 8000 --out tok)")
     tokenizer = data_lib.Tokenizer(path)
     if config.model.hf_path:  # before any weight is read: a tokenizer from another model is an error
-        from mora_jax import hf
-
-        c = hf.read_config(config.model.hf_path)
+        c = read_config(config.model.hf_path)
         tokenizer.check_fits(c.vocab_size, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
                              model=config.model.hf_path)
     return tokenizer
@@ -110,9 +81,6 @@ def export(config: RunConfig, model, result: loop.RunResult) -> None:
     """``export/adapter`` (PEFT format, with the MoRA type in use at the end) and ``export/merged``
     (Hugging Face format) in the workdir, as ``config.export`` asks. Every process calls it (arrays
     sharded across processes are gathered); process 0 writes."""
-    from mora_jax import adapters as adapters_lib
-    from mora_jax import distributed, hf
-
     if result.preempted:
         return
     workdir = pathlib.Path(config.workdir)
@@ -120,18 +88,16 @@ def export(config: RunConfig, model, result: loop.RunResult) -> None:
     if config.export.adapter and adapters_lib.flatten(adapters):
         host_adapters = distributed.fetch_tree(adapters)  # small: gathered whole
         if jax.process_index() == 0:
-            hf.save_adapter(workdir / "export" / "adapter", adapter_config_for_export(config.adapter, adapters),
+            save_adapter(workdir / "export" / "adapter", adapter_config_for_export(config.adapter, adapters),
                             host_adapters, base_model_name_or_path=config.model.hf_path, overwrite=True)
     if config.export.merged:
-        hf.save_llama(workdir / "export" / "merged", model, adapters_lib.merge(params, adapters), overwrite=True)
+        save_llama(workdir / "export" / "merged", model, adapters_lib.merge(params, adapters), overwrite=True)
     distributed.barrier("export")
 
 
 def adapter_config_for_export(adapter_config, adapters):
     """The config to write next to the adapters (after ReMoRA the current type may differ)."""
-    from mora_jax.adapters import current_mora_type
-
-    mora_type = current_mora_type(adapters)
+    mora_type = adapters_lib.current_mora_type(adapters)
     if mora_type is not None and mora_type != adapter_config.mora_type:
         return dataclasses.replace(adapter_config, mora_type=mora_type)
     return adapter_config
@@ -143,29 +109,23 @@ def run(config, task: str) -> loop.RunResult:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {TASKS}")
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
-    mesh = build_mesh(config)
     tokenizer = _tokenizer(config)
-    model, params = build_model(config, tokenizer.vocab_size)
+    assembled = assembly.assemble(config, vocab_size=tokenizer.vocab_size)
+    params = assembled.load_params()
     train_batches, eval_batches = build_data(config, task, tokenizer)
-    layout = None
-    if model.config.scan_layers:
-        from mora_jax.adapters import dense_layout
-
-        layout = dense_layout(model, jax.numpy.zeros((1, 8), jax.numpy.int32))
-    from mora_jax import workdir_lock
-
     # one lock from the first step to the last exported file: no other run writes this workdir between
     with workdir_lock.hold(config.workdir):
-        result = loop.run(model, params, config, train_batches=train_batches, eval_batches=eval_batches,
-                          layout=layout, mesh=mesh,
-                          callbacks=accuracy_callbacks(config, model, tokenizer, train_batches, mesh),
+        result = loop.run(assembled.model, params, config, train_batches=train_batches, eval_batches=eval_batches,
+                          layout=assembled.layout, mesh=assembled.mesh, steps=assembled.steps,
+                          callbacks=accuracy_callbacks(config, assembled.model, tokenizer, train_batches,
+                                                       assembled.mesh),
                           frozen_source=config.model.hf_path or f"preset:{config.model.preset}", workdir_locked=True)
         if jax.process_index() == 0:
             if hasattr(train_batches, "report"):
                 print(train_batches.report(), flush=True)
             metrics.plot_loss_curve(result.history, pathlib.Path(config.workdir) / "loss_curve.png",
                                     title=f"{config.method} training loss")
-        export(config, model, result)
+        export(config, assembled.model, result)
     return result
 
 
@@ -177,8 +137,6 @@ def accuracy_callbacks(config: RunConfig, model, tokenizer, train_batches, mesh)
         return []
     if not hasattr(train_batches, "config") or not hasattr(train_batches.config, "response_field"):
         raise ValueError("data.accuracy_source scores fine-tuning answers: use it with train/finetune.py")
-    from mora_jax import accuracy
-
     records = accuracy.read_records(d.accuracy_source, split=d.eval_split, limit=d.accuracy_examples)
     evaluator = accuracy.AccuracyEvaluator(model, tokenizer, records, train_batches.config,
                                            max_new_tokens=d.accuracy_max_new_tokens, mesh=mesh)

@@ -8,7 +8,7 @@ command line, ``--config.optim.lr=1e-3``); :meth:`RunConfig.from_dict` turns it 
 config section     dataclass
 =================  =========================================================================
 ``model``          :class:`ModelConfig`
-``adapter``        :class:`~mora_jax.config.MoRAConfig` / ``LoRAConfig`` / ``FullConfig``
+``adapter``        :class:`~mora_jax.methods.MoRAConfig` / ``LoRAConfig`` / ``FullConfig``
                    (by ``method``; the section holds the union of their fields)
 ``remora``         :class:`~mora_jax.remora.RemoraConfig`
 ``optim``          :class:`OptimConfig`
@@ -33,13 +33,10 @@ from typing import Any, Mapping
 
 from mora_jax import optim as optim_lib
 from mora_jax import schedules, training
-from mora_jax.config import AdapterConfig, FullConfig, LoRAConfig, MoRAConfig
 from mora_jax.mesh import MeshConfig
+from mora_jax.methods import METHODS, AdapterConfig, MoRAConfig, config_class
 from mora_jax.models.attention import check_implementation as check_attention
 from mora_jax.remora import RemoraConfig
-
-ADAPTER_CLASSES = {"mora": MoRAConfig, "lora": LoRAConfig, "full": FullConfig}
-
 
 def _positive_int(section: str, **values) -> None:
     for name, value in values.items():
@@ -56,7 +53,7 @@ def _non_negative_int(section: str, **values) -> None:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Attributes:
-      preset: a ``mora_jax.models.llama.LLAMA_CONFIGS`` name, used when ``hf_path`` is empty.
+      preset: a ``mora_jax.models.config.LLAMA_CONFIGS`` name, used when ``hf_path`` is empty.
       hf_path: a Hugging Face LLaMA directory to start from.
       dtype / param_dtype: compute dtype, and storage dtype of the frozen weights.
       remat_policy: activation checkpointing ("none", "full", "projections", "dots_saveable", ...).
@@ -267,7 +264,6 @@ class RunConfig:
 
     seed: int = 0
     workdir: str = "runs/default"
-    method: str = "mora"
     model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = MoRAConfig()
     remora: RemoraConfig = RemoraConfig()
@@ -278,11 +274,12 @@ class RunConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     export: ExportConfig = ExportConfig()
 
+    @property
+    def method(self) -> str:
+        """The method's name (``"mora"``, ``"lora"``, ``"full"``): the adapter config's."""
+        return self.adapter.method
+
     def __post_init__(self):
-        if self.method not in ADAPTER_CLASSES:
-            raise ValueError(f"method={self.method!r}: choose one of {sorted(ADAPTER_CLASSES)}")
-        if self.adapter.method != self.method:
-            raise ValueError(f"method={self.method!r} but the adapter config is for {self.adapter.method!r}")
         if self.method == "full" and self.remora.every:
             object.__setattr__(self, "remora", dataclasses.replace(self.remora, every=0))
         if self.optim.warmup_steps > self.train.steps:
@@ -296,18 +293,15 @@ class RunConfig:
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         sections = {"model": ModelConfig, "remora": RemoraConfig, "optim": OptimConfig, "train": TrainConfig,
                     "data": DataConfig, "checkpoint": CheckpointConfig, "export": ExportConfig}
-        top = {f.name for f in dataclasses.fields(cls)}
+        top = {f.name for f in dataclasses.fields(cls)} | {"method"}
         unknown = set(config) - top
         if unknown:
             raise ValueError(f"config has no field(s) {sorted(unknown)}; valid: {sorted(top)}")
-        kwargs: dict[str, Any] = {k: config[k] for k in ("seed", "workdir", "method") if k in config}
+        kwargs: dict[str, Any] = {k: config[k] for k in ("seed", "workdir") if k in config}
         for name, section_cls in sections.items():
             if name in config:
                 kwargs[name] = _section(section_cls, name, config[name])
-        method = kwargs.get("method", cls.method)
-        if method not in ADAPTER_CLASSES:
-            raise ValueError(f"method={method!r}: choose one of {sorted(ADAPTER_CLASSES)}")
-        kwargs["adapter"] = adapter_config(method, config.get("adapter", {}) or {})
+        kwargs["adapter"] = adapter_config(config.get("method", cls.adapter.method), config.get("adapter", {}) or {})
         if "mesh" in config:
             mesh = dict(config["mesh"] or {})
             kwargs["mesh"] = MeshConfig(axis_names=tuple(mesh), axis_sizes=tuple(int(v) for v in mesh.values()))
@@ -355,8 +349,8 @@ def adapter_config(method: str, section: Mapping[str, Any]) -> AdapterConfig:
     """The ``method``'s adapter config from an ``adapter`` section holding any of the three methods'
     fields (those the method does not have are ignored; unknown ones are an error). ``targets`` and
     ``unfreeze`` may be comma-separated strings."""
-    cls = ADAPTER_CLASSES[method]
-    known = set().union(*({f.name for f in dataclasses.fields(c)} for c in ADAPTER_CLASSES.values()))
+    cls = config_class(method)
+    known = set().union(*({f.name for f in dataclasses.fields(c)} for c in METHODS.values()))
     unknown = set(section) - known
     if unknown:
         raise ValueError(f"config.adapter has no field(s) {sorted(unknown)}; valid: {sorted(known)}")

@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mora_jax import adapters as adapters_lib
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, is_adapter
-from mora_jax.mesh import DEFAULT_AXIS_NAMES, MeshConfig, make_mesh, mesh_context, put, replicated  # noqa: F401 (re-exported)
+from mora_jax.mesh import mesh_context, put, replicated
 
 logger = logging.getLogger(__name__)
 
@@ -438,23 +438,18 @@ def init_sharded_state(init_fn: Callable, *args, mesh: Mesh, rules: ShardingRule
 
 
 __all__ = [
-    "DEFAULT_AXIS_NAMES",
     "DEFAULT_RULES",
     "LLAMA_PARAM_RULES",
     "LOGICAL_AXIS_RULES",
-    "MeshConfig",
     "ShardingRules",
     "batch_axes",
     "batch_sharding",
     "follow_shardings",
     "init_sharded_state",
-    "make_mesh",
     "param_sharding_fn",
     "param_spec",
     "params_shardings",
     "place",
-    "put",
-    "replicated",
     "shard_batch",
     "shardings_for",
     "spec_from_logical",

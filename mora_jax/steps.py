@@ -22,7 +22,6 @@ they time or compile is the step a run executes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
@@ -31,6 +30,7 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from mora_jax import mesh as mesh_lib
 from mora_jax import remora, sharding, training, xla_tuning
 from mora_jax.sharding import DEFAULT_RULES, ShardingRules
 
@@ -39,8 +39,8 @@ def default_mesh() -> Mesh:
     """The mesh used when none is given: the default device alone (one process), or every device
     as data parallelism (several processes, where each must hold a part of the batch)."""
     if jax.process_count() == 1:
-        return sharding.make_mesh(sharding.MeshConfig(axis_sizes=(1, 1, 1)), devices=jax.devices()[:1])
-    return sharding.make_mesh(sharding.MeshConfig())
+        return mesh_lib.make_mesh(mesh_lib.MeshConfig(axis_sizes=(1, 1, 1)), devices=jax.devices()[:1])
+    return mesh_lib.make_mesh(mesh_lib.MeshConfig())
 
 
 def abstract(tree):
@@ -85,7 +85,7 @@ class Steps:
         self.mesh, self.rules = mesh, rules
         self.use_dropout, self.reset_optimizer = use_dropout, reset_optimizer
         self.compiler_options = dict(compiler_options) if compiler_options else None
-        self.replicated = sharding.replicated(mesh)
+        self.replicated = mesh_lib.replicated(mesh)
         self.batch_sharding = sharding.batch_sharding(mesh, rules)
         self._flax_rules = rules.flax_rules(mesh)
         self._cache: dict = {}
@@ -109,7 +109,7 @@ class Steps:
         arrays); the frozen weights are put in place without a copy where they already are, and
         are remembered as borrowed: no step deletes them (see the module docstring)."""
         shardings = self.state_shardings(state)
-        frozen = sharding.put(state.frozen, shardings.frozen)
+        frozen = mesh_lib.put(state.frozen, shardings.frozen)
         # Hold the borrowed arrays (not just their ids: a freed array's id could be reused by a
         # weight this run produced, which would then never be donated).
         self._borrowed_arrays = jax.tree_util.tree_leaves(frozen) + jax.tree_util.tree_leaves(state.frozen)
@@ -217,7 +217,7 @@ def build_steps(model, tx: optax.GradientTransformation, schedule: Callable,
       model: a Flax model (``mora_jax.apply_model`` applies it with adapters).
       tx: the optax optimizer, applied to each trainable group (its learning rate is set every
         step from ``schedule``; clipping is global, in the step).
-      mesh: the device mesh (:func:`mora_jax.sharding.make_mesh`); None = :func:`default_mesh`.
+      mesh: the device mesh (:func:`mora_jax.mesh.make_mesh`); None = :func:`default_mesh`.
       rules: sharding rules (default :data:`mora_jax.sharding.DEFAULT_RULES`).
       use_dropout: pass a dropout rng to the model (adapter dropout).
       reset_optimizer: fresh adapter optimizer state at each merge (ReMoRA).

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from mora_jax import adapters as adapters_lib
-from mora_jax.config import AdapterConfig
 from mora_jax.intercept import apply_model
+from mora_jax.methods import AdapterConfig
 from mora_jax.optim import partition, unpartition
 
 Batch = dict[str, jax.Array]

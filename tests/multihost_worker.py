@@ -43,8 +43,9 @@ def main() -> None:
     import mora_jax as mj
     from mora_jax import sharding as shd
     from mora_jax import training
+    from mora_jax.models.config import LLAMA_CONFIGS
+    from mora_jax.models.llama import LlamaForCausalLM
     from mora_jax.steps import build_steps
-    from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM
 
     cfg = dataclasses.replace(LLAMA_CONFIGS["tiny"], num_attention_heads=8, num_key_value_heads=4)
     model = LlamaForCausalLM(cfg)

@@ -192,13 +192,14 @@ def compile_tpu_train_step(config: LlamaConfig, *, topology="v5e:2x2", batch=4, 
     returns the compiled executable and its HLO text."""
     from jax.experimental import topologies
 
-    from mora_jax import adapters, optim, sharding, steps, training
-    from mora_jax.config import LoRAConfig
+    from mora_jax import adapters, optim, steps, training
+    from mora_jax import mesh as mesh_lib
+    from mora_jax.methods import LoRAConfig
 
     # No TPU is touched: let this compile load libtpu beside another process doing the same.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
-    mesh = sharding.make_mesh(sharding.MeshConfig(("data", "fsdp", "tensor"), mesh_shape), devices=devices)
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(("data", "fsdp", "tensor"), mesh_shape), devices=devices)
     model = LlamaForCausalLM(config)
     tx = optim.adamw(1e-4)
     adapter_config = LoRAConfig(r=8)

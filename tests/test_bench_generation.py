@@ -19,7 +19,8 @@ import mora_jax as mj
 from mora_jax.bench import generation
 from mora_jax.bench.runners import xla_flops
 from mora_jax.generate import left_pad, lower_decode_step, lower_prefill
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
+from mora_jax.models.config import LLAMA_CONFIGS
+from mora_jax.models.llama import LlamaForCausalLM, init_params
 
 
 @pytest.fixture(scope="module")

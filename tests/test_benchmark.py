@@ -15,10 +15,10 @@ import ml_collections
 import pytest
 
 from configs import bench_tiny
+from mora_jax import flops, xla_tuning
 from mora_jax import steps as steps_lib
-from mora_jax import xla_tuning
-from mora_jax.bench import flops, harness, methods, peer, report, runners
-from mora_jax.models.llama import LLAMA_CONFIGS
+from mora_jax.bench import harness, methods, peer, report, runners
+from mora_jax.models.config import LLAMA_CONFIGS
 
 TINY = LLAMA_CONFIGS["tiny"]  # D=64, F=172, L=2, N=4 heads, K=2 kv heads, H=16, V=256
 

@@ -12,12 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import mora_jax as mj
 from mora_jax import remora, training
 from mora_jax.checkpoint import Checkpointer, with_mora_type
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params, stack_layers
+from mora_jax.models.config import LLAMA_CONFIGS
+from mora_jax.models.llama import LlamaForCausalLM, init_params
+from mora_jax.models.params import stack_layers
 
 CFG = LLAMA_CONFIGS["tiny"]
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

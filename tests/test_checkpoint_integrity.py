@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mora_jax import checkpoint_integrity as integrity
-from mora_jax.checkpoint import Checkpointer
+from mora_jax.checkpoint import Checkpointer, integrity
 from mora_jax.training import TrainState
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mora_jax import hf_format
 from mora_jax.cli import main
+from mora_jax.hf import files as hf_format
 
 E2E = pathlib.Path(__file__).parent / "fixtures" / "e2e_public"
 BASE, ADAPTER = E2E / "base", E2E / "adapter_type6_r4"

@@ -12,8 +12,8 @@ import subprocess
 import pytest
 
 from mora_jax import ops
-from mora_jax.config import LoRAConfig, MoRAConfig
-from mora_jax.peft_format import peft_config_dict
+from mora_jax.hf.peft_files import peft_config_dict
+from mora_jax.methods import LoRAConfig, MoRAConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "mora.md"

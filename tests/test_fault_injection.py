@@ -21,8 +21,8 @@ import time
 import numpy as np
 import pytest
 
-from mora_jax import checkpoint_integrity as integrity
 from mora_jax import data as data_lib
+from mora_jax.checkpoint import integrity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 16, 2

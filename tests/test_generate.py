@@ -95,13 +95,13 @@ def test_scanned_model_and_adapters_give_the_same_tokens():
 def test_sharded_over_a_mesh_like_training():
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 devices (tests/conftest.py forces 8 CPU devices)")
-    from mora_jax import sharding
+    from mora_jax import mesh as mesh_lib
 
     model, params = load_llama(tf.checkpoint("mistral"))
     _, adapters = _mora(params)
     ids, mask = _prompts(seed=2)
     expected = mj.generate(model, params, ids, attention_mask=mask, max_new_tokens=NEW, adapters=adapters)
-    mesh = sharding.make_mesh(sharding.MeshConfig(axis_sizes=(2, 1, 2)), devices=jax.devices()[:4])
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(axis_sizes=(2, 1, 2)), devices=jax.devices()[:4])
     out = mj.generate(model, params, ids, attention_mask=mask, max_new_tokens=NEW, adapters=adapters, mesh=mesh)
     np.testing.assert_array_equal(out, expected)
     with pytest.raises(ValueError, match="cannot be split over the mesh's 2 batch shards"):

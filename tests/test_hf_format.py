@@ -1,5 +1,5 @@
-"""``mora_jax.hf_format``: the one safetensors reader/writer and HF-name mapping that ``mora_jax.hf``
-and ``mora_jax.peft`` share; and ``mora_jax.peft_format``'s tensor names and refusals."""
+"""``mora_jax.hf.files``: the one safetensors reader/writer and HF-name mapping that ``mora_jax.hf``
+and ``mora_jax.hf.peft`` share; and ``mora_jax.hf.peft_files``'s tensor names and refusals."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mora_jax import hf, peft
-from mora_jax.hf_format import (
+from mora_jax import hf
+from mora_jax.hf import peft
+from mora_jax.hf.files import (
     FLOAT_DTYPES,
     SafetensorsError,
     SafetensorsFile,
@@ -22,7 +23,7 @@ from mora_jax.hf_format import (
     read_safetensors,
     write_safetensors,
 )
-from mora_jax.peft_format import AdapterFormatError, parse_tensor_name, read_adapter_tensors, tensor_name
+from mora_jax.hf.peft_files import AdapterFormatError, parse_tensor_name, read_adapter_tensors, tensor_name
 
 
 def _tensors():

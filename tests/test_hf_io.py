@@ -13,14 +13,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from mora_jax.hf import (
-    hf_name_to_path,
-    load_llama,
-    param_to_hf_tensor,
-    params_to_hf_tensors,
-    path_to_hf_name,
-    save_llama,
-)
+from mora_jax.hf.checkpoints import load_llama, param_to_hf_tensor, params_to_hf_tensors, save_llama
+from mora_jax.hf.files import hf_name_to_path, path_to_hf_name
 from mora_jax.models import LLAMA_CONFIGS, LlamaForCausalLM, abstract_params, stack_layers
 
 

@@ -4,7 +4,12 @@
 Module-level imports run when a module is first imported, so a cycle among them can leave a module
 half-initialised: the whole package must have none. Imports inside functions run later, but a cycle
 through them still ties modules together; the Hugging Face / PEFT I/O modules must have none of
-either kind (``hf_format`` at the bottom, ``peft_format`` and ``peft`` above it, ``hf`` on top).
+either kind (``hf.files`` at the bottom, ``hf.peft_files`` and ``hf.peft`` above it,
+``hf.checkpoints`` on top).
+
+Each name has one home: a module's ``__all__`` lists only what it defines (a package's
+``__init__`` may present its modules' names), and the project's own modules are imported at the top
+of a module, never inside a function, except by the CLI (start-up time).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import ast
 import pathlib
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "mora_jax"
-IO_MODULES = ("mora_jax.hf", "mora_jax.hf_format", "mora_jax.peft", "mora_jax.peft_format", "mora_jax.cli")
+IO_MODULES = ("mora_jax.hf.checkpoints", "mora_jax.hf.files", "mora_jax.hf.peft", "mora_jax.hf.peft_files",
+              "mora_jax.cli")
+# Modules that may import the project's modules inside functions (start-up time of a command line).
+DEFERRED_IMPORTS_ALLOWED = ("mora_jax.cli",)
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -109,9 +117,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_graph_sees_the_io_modules_and_their_imports():
     for module in IO_MODULES:
         assert module in MODULES, module
-    assert ("mora_jax.peft", False) in IMPORTS["mora_jax.hf"]
-    assert ("mora_jax.hf_format", False) in IMPORTS["mora_jax.peft"]
-    assert ("mora_jax.hf", True) in IMPORTS["mora_jax.cli"]  # imports inside functions are seen too
+    assert ("mora_jax.hf.peft", False) in IMPORTS["mora_jax.hf"]  # the package's face
+    assert ("mora_jax.hf.files", False) in IMPORTS["mora_jax.hf.peft"]
+    assert ("mora_jax.hf.checkpoints", True) in IMPORTS["mora_jax.cli"]  # imports inside functions are seen too
 
 
 def test_detector_finds_a_cycle():
@@ -129,10 +137,48 @@ def test_no_import_cycle_through_the_hf_and_peft_modules():
 
 
 def test_io_layering():
-    """``hf_format`` imports no other ``mora_jax`` module; ``peft`` and ``peft_format`` never import ``hf``."""
-    assert IMPORTS["mora_jax.hf_format"] == []
-    for module in ("mora_jax.peft", "mora_jax.peft_format", "mora_jax.hf_format"):
-        assert "mora_jax.hf" not in {t for t, _ in IMPORTS[module]}, module
+    """``hf.files`` imports no other ``mora_jax`` module; the PEFT modules never import ``hf.checkpoints``."""
+    assert IMPORTS["mora_jax.hf.files"] == []
+    for module in ("mora_jax.hf.peft", "mora_jax.hf.peft_files", "mora_jax.hf.files"):
+        assert not {"mora_jax.hf", "mora_jax.hf.checkpoints"} & {t for t, _ in IMPORTS[module]}, module
+
+
+def test_project_modules_are_imported_at_the_top():
+    deferred = {m: sorted({t for t, d in edges if d}) for m, edges in IMPORTS.items()
+                if m not in DEFERRED_IMPORTS_ALLOWED and any(d for _, d in edges)}
+    assert deferred == {}
+
+
+def _defined_names(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def _exported_names(tree: ast.Module) -> list[str]:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return [e.value for e in node.value.elts]
+    return []
+
+
+def test_each_name_has_one_home():
+    """No module (other than a package's face) exports a name it imports, and none says "re-exported"."""
+    offenders = {}
+    for module, path in MODULES.items():
+        if path.name == "__init__.py":
+            continue
+        source = path.read_text()
+        tree = ast.parse(source)
+        foreign = sorted(set(_exported_names(tree)) - _defined_names(tree))
+        if foreign or "re-exported" in source:
+            offenders[module] = foreign or ["a 're-exported' import"]
+    assert offenders == {}
 
 
 def test_cli_imports_no_private_names():

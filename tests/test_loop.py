@@ -8,7 +8,8 @@ import numpy as np
 
 import mora_jax as mj
 from mora_jax import loop
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
+from mora_jax.models.config import LLAMA_CONFIGS
+from mora_jax.models.llama import LlamaForCausalLM, init_params
 from mora_jax.run_config import CheckpointConfig, OptimConfig, RunConfig, TrainConfig
 
 
@@ -28,7 +29,7 @@ def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
     params = init_params(cfg, jax.random.key(0))
 
     def config(steps):
-        return RunConfig(workdir="runs/rel", method="lora", adapter=mj.LoRAConfig(r=2),
+        return RunConfig(workdir="runs/rel", adapter=mj.LoRAConfig(r=2),
                          optim=OptimConfig(lr=1e-3, warmup_steps=0),
                          train=TrainConfig(steps=steps, batch_size=2, seq_len=16, log_every=1, progress=False),
                          checkpoint=CheckpointConfig(every=2, async_save=False))
@@ -47,7 +48,7 @@ def test_sigterm_on_a_step_just_saved_on_schedule_stops_without_saving_it_twice(
     cfg = dataclasses.replace(LLAMA_CONFIGS["tiny"], num_hidden_layers=1)
     model = LlamaForCausalLM(cfg)
     params = init_params(cfg, jax.random.key(0))
-    config = RunConfig(workdir=str(tmp_path / "run"), method="lora", adapter=mj.LoRAConfig(r=2),
+    config = RunConfig(workdir=str(tmp_path / "run"), adapter=mj.LoRAConfig(r=2),
                        optim=OptimConfig(lr=1e-3, warmup_steps=0),
                        train=TrainConfig(steps=10, batch_size=2, seq_len=16, log_every=1, progress=False),
                        checkpoint=CheckpointConfig(every=2, async_save=False))

@@ -12,13 +12,15 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import mora_jax as mj
 import mora_jax.nnx as mnx
-from mora_jax import peft
+from mora_jax.hf import peft
 from mora_jax.models import RopeScaling
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
+from mora_jax.models.config import LLAMA_CONFIGS
+from mora_jax.models.llama import LlamaForCausalLM, init_params
 from mora_jax.nnx import llama as nnx_llama
 from mora_jax.remora import RemoraConfig
 
@@ -556,7 +558,8 @@ def test_tunix_peft_trainer_trains_mora_on_its_llama3():
     """Runs when google-tunix is installed (the `nnx` extra): its PeftTrainer trains MoRA unchanged."""
     pytest.importorskip("tunix")
     from tunix.models.llama3 import model as llama3
-    from tunix.sft import peft_trainer, utils as sft_utils
+    from tunix.sft import peft_trainer
+    from tunix.sft import utils as sft_utils
 
     no_sharding = llama3.ShardingConfig(
         emb_vd=(None, None), emb_dv=(None, None), q_weight_dnh=(None,) * 3, kv_weight_dnh=(None,) * 3,
@@ -646,7 +649,7 @@ def test_adapter_dropout_is_on_in_training_and_off_in_eval():
 
 
 def test_core_package_does_not_import_nnx():
-    code = "import sys, mora_jax, mora_jax.hf, mora_jax.peft, mora_jax.remora; assert 'mora_jax.nnx' not in sys.modules"
+    code = "import sys, mora_jax, mora_jax.hf, mora_jax.hf.peft, mora_jax.remora; assert 'mora_jax.nnx' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
 
 

@@ -20,8 +20,7 @@ from safetensors.numpy import load_file, save_file
 import mora_jax as mj
 from mora_jax.adapters import flatten
 from mora_jax.cli import main
-from mora_jax.hf import load_llama, params_to_hf_tensors
-from mora_jax.peft import AdapterFormatError, load_adapter, save_adapter
+from mora_jax.hf import AdapterFormatError, load_adapter, load_llama, params_to_hf_tensors, save_adapter
 
 E2E = pathlib.Path(__file__).parent / "fixtures" / "e2e_public"
 BASE, ADAPTER = E2E / "base", E2E / "adapter_type6_r4"

@@ -360,7 +360,7 @@ def test_search_lists_fitting_candidates_best_first():
 
 
 def test_search_mesh_shapes_split_heads_and_batch():
-    from mora_jax.models.llama import LLAMA_CONFIGS
+    from mora_jax.models.config import LLAMA_CONFIGS
     from mora_jax.plan import search
 
     shapes = search.mesh_shapes(8, LLAMA_CONFIGS["tiny"], batch_size=8)  # 2 kv heads: tensor <= 2

@@ -16,8 +16,8 @@ import pytest
 from configs import c4_pretrain, math_finetune
 from mora_jax import data as data_lib
 from mora_jax import hf, loop, recipes
+from mora_jax.checkpoint.workdir_lock import LOCK_FILE
 from mora_jax.run_config import RunConfig
-from mora_jax.workdir_lock import LOCK_FILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def test_non_finite_update_stops_the_run_and_is_never_checkpointed(corpus, tmp_p
 def test_a_second_run_on_a_locked_workdir_is_refused_with_the_holder_named(corpus, tmp_path):
     import socket
 
-    from mora_jax.workdir_lock import WorkdirLock, WorkdirLocked
+    from mora_jax.checkpoint.workdir_lock import WorkdirLock, WorkdirLocked
 
     config = _pretrain_config(corpus, tmp_path / "busy", steps=6)
     with WorkdirLock(tmp_path / "busy"):  # the first run
@@ -233,7 +233,7 @@ def test_one_device_mesh_sizes_that_do_not_fit_are_refused():
 
 @pytest.mark.slow
 def test_resume_sets_a_damaged_checkpoint_aside_and_falls_back(corpus, tmp_path, capsys):
-    from mora_jax import checkpoint_integrity as integrity
+    from mora_jax.checkpoint import integrity
 
     config = _pretrain_config(corpus, tmp_path / "run", steps=6, eval_every=0, log_every=1)
     config.checkpoint.every = 2

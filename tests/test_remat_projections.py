@@ -9,7 +9,9 @@ import pytest
 
 import mora_jax as mj
 from mora_jax import training
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params, stack_layers
+from mora_jax.models.config import LLAMA_CONFIGS
+from mora_jax.models.llama import LlamaForCausalLM, init_params
+from mora_jax.models.params import stack_layers
 from mora_jax.steps import build_steps
 
 # Wide adapters on a small model (r̂ close to the hidden size, as r=128 on the 250M model), a long

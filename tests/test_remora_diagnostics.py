@@ -8,7 +8,8 @@ import numpy as np
 
 import mora_jax as mj
 from mora_jax import loop, remora_diagnostics
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
+from mora_jax.models.config import LLAMA_CONFIGS
+from mora_jax.models.llama import LlamaForCausalLM, init_params
 from mora_jax.remora import RemoraConfig
 from mora_jax.run_config import CheckpointConfig, OptimConfig, RunConfig, TrainConfig
 
@@ -50,7 +51,7 @@ class _Batches:
 def _run(tmp_path, adapter, every=3, steps=9):
     cfg = dataclasses.replace(LLAMA_CONFIGS["tiny"], num_hidden_layers=1)
     model = LlamaForCausalLM(cfg)
-    config = RunConfig(workdir=str(tmp_path), method=adapter.method, adapter=adapter,
+    config = RunConfig(workdir=str(tmp_path), adapter=adapter,
                        remora=RemoraConfig(every=every), optim=OptimConfig(lr=1e-2, warmup_steps=0, restart_warmup=1),
                        train=TrainConfig(steps=steps, batch_size=4, seq_len=16, log_every=1, progress=False),
                        checkpoint=CheckpointConfig(every=0))

@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 
 from configs import base, c4_pretrain, math_finetune
-from mora_jax import recipes
-from mora_jax.config import LoRAConfig, MoRAConfig
-from mora_jax.run_config import ADAPTER_CLASSES, RunConfig
+from mora_jax import assembly
+from mora_jax.methods import METHODS, LoRAConfig, MoRAConfig
+from mora_jax.run_config import RunConfig
 
 SECTIONS = {"model", "adapter", "remora", "optim", "train", "data", "mesh", "checkpoint", "export"}
 
@@ -23,7 +23,7 @@ def test_every_config_section_has_the_fields_of_its_dataclass():
     assert set(c.keys()) == {f.name for f in dataclasses.fields(RunConfig)}
     for name in SECTIONS - {"adapter", "mesh"}:
         assert set(c[name].keys()) == _field_names(type(getattr(run, name))), name
-    adapter_fields = set().union(*(_field_names(cls) for cls in ADAPTER_CLASSES.values()))
+    adapter_fields = set().union(*(_field_names(cls) for cls in METHODS.values()))
     assert set(c.adapter.keys()) == adapter_fields
     assert run.mesh.axis_names == tuple(c.mesh.keys()) and run.mesh.axis_sizes == tuple(c.mesh.values())
     # same names, same values: nothing renamed on the way
@@ -115,11 +115,11 @@ def test_mesh_and_batch_must_fit_the_devices():
     c = c4_pretrain.get_config("tiny")  # the test session has 8 CPU devices
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 1
     with pytest.raises(ValueError, match=r"has 4 devices but there are 8"):
-        recipes.build_mesh(RunConfig.from_dict(c))
+        assembly.make_mesh(RunConfig.from_dict(c))
     c.mesh.data, c.mesh.fsdp = -1, 1
     c.train.batch_size, c.train.grad_accum = 8, 2
     with pytest.raises(ValueError, match=r"use a multiple of 16"):
-        recipes.build_mesh(RunConfig.from_dict(c))
+        assembly.make_mesh(RunConfig.from_dict(c))
 
 
 def test_the_entry_point_reports_a_bad_config_in_one_line():

@@ -13,13 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import mora_jax as mj
 from mora_jax import sharding as shd
 from mora_jax import training
+from mora_jax.models.config import LLAMA_CONFIGS
+from mora_jax.models.llama import LlamaForCausalLM, abstract_params
+from mora_jax.models.params import stack_layers, unstack_layers
 from mora_jax.steps import build_steps
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, abstract_params, stack_layers, unstack_layers
 
 # The tiny test model with 8 query / 4 key-value heads, so heads, kv heads, MLP (172 = 4·43),
 # hidden size (64) and vocabulary (256) all divide the 4-way mesh axes.

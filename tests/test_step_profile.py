@@ -4,7 +4,8 @@ import jax
 import pytest
 
 from configs import bench_tiny
-from mora_jax.bench import flops, methods, profile, runners
+from mora_jax import flops
+from mora_jax.bench import methods, profile, runners
 from mora_jax.models.llama import LlamaForCausalLM, init_params
 
 

@@ -7,7 +7,8 @@ import numpy as np
 
 import mora_jax as mj
 from mora_jax import training
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
+from mora_jax.models.config import LLAMA_CONFIGS
+from mora_jax.models.llama import LlamaForCausalLM, init_params
 from mora_jax.steps import abstract, build_steps, default_mesh
 
 MODEL = LlamaForCausalLM(LLAMA_CONFIGS["tiny"])

@@ -1,6 +1,7 @@
 """The pure train step, schedules and ReMoRA on the tiny LLaMA."""
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 
 import mora_jax as mj
 from mora_jax import remora, schedules, training
+from mora_jax.models.config import LLAMA_CONFIGS
+from mora_jax.models.llama import LlamaForCausalLM, init_params
 from mora_jax.run_config import OptimConfig
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
 
 CFG = LLAMA_CONFIGS["tiny"]
 MODEL = LlamaForCausalLM(CFG)

@@ -13,11 +13,11 @@ import textwrap
 import pytest
 
 from mora_jax import workdir_lock
-from mora_jax.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLocked
+from mora_jax.checkpoint.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLocked
 
 _HOLD = textwrap.dedent("""
     import sys, time
-    from mora_jax.workdir_lock import WorkdirLock
+    from mora_jax.checkpoint.workdir_lock import WorkdirLock
     WorkdirLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(600)

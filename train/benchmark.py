@@ -31,6 +31,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mora_jax import logs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py)")
 _OUT = flags.DEFINE_string("out", "results.json", "JSON file to write (a .md report is written beside it)")
 _SCALING = flags.DEFINE_bool("scaling", False, "run the scaling study instead (JSON + .md table + .png plot)")
@@ -48,6 +50,7 @@ _PEER = flags.DEFINE_bool("peer", False, "also time the same model in PyTorch: f
 
 def main(argv):
     del argv
+    logs.apply_verbosity_flag()  # other libraries' INFO lines only with --verbosity
     from mora_jax import distributed
     distributed.initialize()  # multi-host: join the cluster before any device use; one process: a no-op
     from mora_jax.bench import harness, methods, peer, report

@@ -10,6 +10,8 @@ Writes results.md, results.json, perplexity.png and remora_diagnostics.png into 
 from absl import app, flags
 from ml_collections import config_flags
 
+from mora_jax import logs
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/c4_pretrain.py:cpu", "base run configuration")
 _METHODS = flags.DEFINE_string("methods", "full,lora,relora,mora,remora", "comma-separated methods to compare")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "seeds per method: config.seed, config.seed + 1, ...")
@@ -17,6 +19,7 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "seeds per method: config.seed, config
 
 def main(argv):
     del argv
+    logs.apply_verbosity_flag()  # other libraries' INFO lines only with --verbosity
     from mora_jax.experiments import compare_pretraining
 
     methods = tuple(m.strip() for m in _METHODS.value.split(",") if m.strip())

@@ -37,6 +37,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mora_jax import logs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run configuration (a configs/*.py file[:variant])")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, GENERATION:AxB[xC]: v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:4x4")
 _OUT = flags.DEFINE_string("out", None, "JSON file to write")
@@ -54,6 +56,7 @@ def _fail(message: str, status: int = 2):
 
 def main(argv):
     del argv
+    logs.apply_verbosity_flag()  # other libraries' INFO lines only with --verbosity
     from mora_jax.plan import PlanError, advice, parse_topology, planner, report
     from mora_jax.plan import search as search_lib
     from mora_jax.run_config import RunConfig

@@ -14,6 +14,8 @@ import re
 from absl import app, flags
 from ml_collections import config_flags
 
+from mora_jax import logs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py)")
 _METHOD = flags.DEFINE_string("method", "mora1 r=8", 'method label: "full", "lora r=8", "mora6 r=128", ...')
 _STEPS = flags.DEFINE_integer("steps", 3, "profiled steps (after one warm-up step)")
@@ -37,6 +39,7 @@ def parse_method(label: str):
 
 def main(argv):
     del argv
+    logs.apply_verbosity_flag()  # other libraries' INFO lines only with --verbosity
     import jax
 
     from mora_jax.bench import methods, profile, runners

@@ -13,6 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mora_jax import logs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run configuration (a configs/*.py file[:variant])")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "multi-process runs: HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS, "
@@ -26,10 +28,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process runs: this
 def _user_errors():
     """Errors that describe a problem with the run's input (config, data, workdir, a diverging run),
     each with its fix in the message."""
-    from mora_jax.checkpoint_integrity import CheckpointDamaged
+    from mora_jax.checkpoint.integrity import CheckpointDamaged
+    from mora_jax.checkpoint.workdir_lock import WorkdirLocked
     from mora_jax.data.batching import BadRecordError
     from mora_jax.loop import TrainingDiverged
-    from mora_jax.workdir_lock import WorkdirLocked
 
     return (BadRecordError, CheckpointDamaged, TrainingDiverged, WorkdirLocked, FileNotFoundError)
 
@@ -39,6 +41,7 @@ def main(task: str) -> None:
 
     def run(argv):
         del argv
+        logs.apply_verbosity_flag()  # other libraries' INFO lines only with --verbosity
         from mora_jax import distributed
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any device use

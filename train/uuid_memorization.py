@@ -9,7 +9,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from mora_jax import distributed
+from mora_jax import distributed, logs
 from mora_jax.experiments.uuid_memorization import results_markdown, run_uuid_memorization
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/uuid_memorization.py", "experiment configuration")
@@ -18,6 +18,7 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "seeds: config.seed, config.seed + 1, 
 
 def main(argv):
     del argv
+    logs.apply_verbosity_flag()  # other libraries' INFO lines only with --verbosity
     distributed.initialize()  # multi-host: join the cluster before any device use; one process: a no-op
     config = _CONFIG.value
     print(config, flush=True)

@@ -6,7 +6,6 @@ and importing it imports none of its modules. The entry points are ``train/bench
 
 * :mod:`~mora_jax.bench.methods`: the methods compared (full, LoRA, MoRA types), the model and batch
   of a ``configs/bench_*.py`` config.
-* :mod:`~mora_jax.bench.flops`: the FLOP model (matmul FLOPs per training step, for MFU).
 * :mod:`~mora_jax.bench.runners`: each method's compiled step, built by :func:`mora_jax.steps.build_steps`
   as the training loop builds it, the ReMoRA merge and the matmul peak, timed call by call.
 * :mod:`~mora_jax.bench.harness`: the side-by-side interleaved measurement, targets, the scaling study.

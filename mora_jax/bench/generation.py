@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,8 @@ from mora_jax.bench.methods import llama_config_from
 from mora_jax.bench.report import _table
 from mora_jax.bench.runners import device_description, run_interleaved, xla_flops
 from mora_jax.generate import generate, lower_decode_step, lower_prefill
-from mora_jax.models.llama import LlamaForCausalLM, count_params, init_params
+from mora_jax.models.llama import LlamaForCausalLM, init_params
+from mora_jax.models.params import count_params
 
 # Keys of each "generation" row of the JSON and of its "flops" comparison.
 GENERATION_ROW = ("batch", "prompt_len", "new_tokens", "decode_steps", "cache_len", "prefill_s", "generate_s",

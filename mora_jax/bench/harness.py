@@ -15,7 +15,7 @@ builder's merge, with the state and its frozen weights donated) is timed the sam
 
 Alongside: the device's practical dense-matmul peak for the same dtype (a chain of large jitted
 matmuls, best of several runs), the analytic model FLOPs of each method
-(:func:`mora_jax.bench.flops.model_flops_per_step`) and so the MFU, the compiled step's memory
+(:func:`mora_jax.flops.model_flops_per_step`) and so the MFU, the compiled step's memory
 (:func:`mora_jax.bench.runners.peak_memory_bytes`) and a ``delta_weight`` micro-benchmark against
 the time to write an output of the same size. :func:`run_scaling` sweeps tokens, rank and kernel
 size. :mod:`mora_jax.bench.report` renders the results.
@@ -35,11 +35,22 @@ import jax.numpy as jnp
 
 from mora_jax import adapters as adapters_lib
 from mora_jax import ops
-from mora_jax.bench.flops import flop_breakdown, model_flops_per_step
 from mora_jax.bench.methods import MethodSpec, llama_config_from, make_batch, method_specs
-from mora_jax.bench.runners import (MatmulRunner, MergeRunner, StepRunner, device_description, measure_peak_matmul,
-                                    memory_stats, peak_memory_bytes, run_interleaved, time_calls, xla_flops)
-from mora_jax.models.llama import LlamaForCausalLM, count_params, init_params
+from mora_jax.bench.runners import (
+    MatmulRunner,
+    MergeRunner,
+    StepRunner,
+    device_description,
+    measure_peak_matmul,
+    memory_stats,
+    peak_memory_bytes,
+    run_interleaved,
+    time_calls,
+    xla_flops,
+)
+from mora_jax.flops import flop_breakdown, model_flops_per_step
+from mora_jax.models.llama import LlamaForCausalLM, init_params
+from mora_jax.models.params import count_params
 
 
 def delta_weight_benchmark(in_features: int, out_features: int, r: int, mora_types: Iterable[int], *,

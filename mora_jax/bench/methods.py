@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mora_jax.config import LLAMA_TARGETS, FullConfig, LoRAConfig, MoRAConfig
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaConfig
+from mora_jax.methods import LLAMA_TARGETS, FullConfig, LoRAConfig, MoRAConfig
+from mora_jax.models.config import LLAMA_CONFIGS, LlamaConfig
 
 LORA_ALPHA = 16.0  # LoRA's alpha in every benchmark (mora-jax and the PyTorch peer): scale alpha / r
 

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mora_jax import ops
-from mora_jax.bench.flops import model_flops_per_step
 from mora_jax.bench.methods import LORA_ALPHA, MethodSpec, method_specs
-from mora_jax.models.llama import LlamaConfig
+from mora_jax.flops import model_flops_per_step
+from mora_jax.models.config import LlamaConfig
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEER_INSTALL = "pip install torch==2.13.0 transformers peft"

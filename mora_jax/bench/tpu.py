@@ -15,6 +15,8 @@ from typing import Callable, Mapping
 
 from mora_jax.bench import methods as methods_lib
 from mora_jax.mesh import MeshConfig
+from mora_jax.plan import chips as chips_lib
+from mora_jax.plan import planner
 from mora_jax.remora import RemoraConfig
 from mora_jax.run_config import ModelConfig, OptimConfig, RunConfig, TrainConfig
 
@@ -30,7 +32,6 @@ def run_config(config, spec: methods_lib.MethodSpec, chips: int) -> RunConfig:
         overrides["num_hidden_layers"] = int(config.num_layers)
     adapter = spec.adapter_config()
     return RunConfig(
-        method=spec.method,
         model=ModelConfig(preset=config.model, dtype="bfloat16", param_dtype="bfloat16",
                           remat_policy=llama.remat_policy, scan_layers=llama.scan_layers, overrides=overrides),
         adapter=adapter, remora=RemoraConfig(every=0),
@@ -41,9 +42,6 @@ def run_config(config, spec: methods_lib.MethodSpec, chips: int) -> RunConfig:
 
 def plan_methods(config, topology: str, rows, *, log: Callable[[str], None] = print) -> dict:
     """The TPU plan of every method in ``rows`` (the CPU results' ``method``/``r``/``mora_type``)."""
-    from mora_jax.plan import chips as chips_lib
-    from mora_jax.plan import planner
-
     slice_ = chips_lib.parse_topology(topology)
     devices = chips_lib.topology_devices(slice_)
     out = []

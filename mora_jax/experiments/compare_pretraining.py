@@ -25,8 +25,8 @@ import numpy as np
 
 from mora_jax import adapters as adapters_lib
 from mora_jax import recipes
-from mora_jax.config import LLAMA_FULLY_TRAINED, LLAMA_TARGETS
 from mora_jax.experiments.provenance import provenance, provenance_markdown
+from mora_jax.methods import LLAMA_FULLY_TRAINED, LLAMA_TARGETS
 from mora_jax.run_config import RunConfig
 
 METHODS = ("full", "lora", "relora", "mora", "remora")

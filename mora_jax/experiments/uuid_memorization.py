@@ -18,10 +18,12 @@ import numpy as np
 
 from mora_jax import adapters as adapters_lib
 from mora_jax import loop, metrics
-from mora_jax.config import FullConfig, LoRAConfig, MoRAConfig
 from mora_jax.experiments import uuid_task
 from mora_jax.experiments.provenance import provenance, provenance_markdown
-from mora_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
+from mora_jax.hf.checkpoints import load_llama, save_llama
+from mora_jax.methods import FullConfig, LoRAConfig, MoRAConfig
+from mora_jax.models.config import LlamaConfig
+from mora_jax.models.llama import LlamaForCausalLM, init_params
 from mora_jax.run_config import CheckpointConfig, OptimConfig, RunConfig, TrainConfig
 
 
@@ -49,7 +51,7 @@ def run_config(method_config, *, steps, lr, warmup, weight_decay, seed, workdir,
     """One training run of the experiment: constant learning rate after warm-up, clipping at 1, no
     checkpoints."""
     return RunConfig(
-        seed=seed, workdir=str(workdir), method=method_config.method, adapter=method_config,
+        seed=seed, workdir=str(workdir), adapter=method_config,
         optim=OptimConfig(lr=lr, warmup_steps=min(warmup, steps), decay="constant", weight_decay=weight_decay),
         train=TrainConfig(steps=steps, batch_size=batch_size, seq_len=uuid_task.SEQ_LEN,
                           log_every=max(1, min(50, steps // 10)), progress=False),
@@ -67,8 +69,6 @@ def pretrain_base(config, model, workdir: pathlib.Path):
 
     Saved as a Hugging Face checkpoint in ``config.base_dir`` (default ``workdir/base_model``) and
     reused by later runs with the same pretraining settings."""
-    from mora_jax import hf
-
     params = init_params(model.config, jax.random.key(config.seed))
     if not config.pretrain_steps:
         return params
@@ -76,7 +76,7 @@ def pretrain_base(config, model, workdir: pathlib.Path):
     signature_file = base_dir / "uuid_pretraining.json"
     if signature_file.exists() and json.loads(signature_file.read_text()) == _pretrain_signature(config):
         print(f"reusing the pre-trained base model in {base_dir}", flush=True)
-        return hf.load_llama(base_dir, dtype=model.config.dtype)[1]
+        return load_llama(base_dir, dtype=model.config.dtype)[1]
     result = loop.run(
         model, params,
         run_config(FullConfig(targets=(r".*",)), steps=config.pretrain_steps, lr=config.pretrain_lr,
@@ -85,7 +85,7 @@ def pretrain_base(config, model, workdir: pathlib.Path):
         train_batches=uuid_task.RandomPairBatches(config.batch_size, seed=config.seed + 1000),
     )
     params = result.state.params()
-    hf.save_llama(base_dir, model, params, overwrite=True)
+    save_llama(base_dir, model, params, overwrite=True)
     signature_file.write_text(json.dumps(_pretrain_signature(config), indent=2) + "\n")
     return params
 

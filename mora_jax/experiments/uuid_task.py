@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mora_jax.generate import generate
+from mora_jax.models.llama import LlamaForCausalLM
+
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 CHARS = "0123456789abcdef-"
 CHAR_TO_ID = {c: i + 4 for i, c in enumerate(CHARS)}
@@ -124,11 +127,7 @@ def greedy_values(model, keys_NxP, params=None, adapters=None) -> jax.Array:
     cache (e.g. an oracle): each step then re-encodes the sequence, the positions after the prompt
     starting as padding (causal attention makes them invisible to earlier positions).
     """
-    from mora_jax.models.llama import LlamaForCausalLM
-
     if isinstance(model, LlamaForCausalLM):
-        from mora_jax.generate import generate
-
         return generate(model, params, keys_NxP, max_new_tokens=UUID_LEN, adapters=adapters, eos_token_id=[])
     logits_fn = model
     n = keys_NxP.shape[0]

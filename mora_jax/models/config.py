@@ -341,4 +341,4 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
     ),
 }
 
-__all__ = ["ARCHITECTURES", "LLAMA_CONFIGS", "MODEL_TYPES", "REMAT_POLICIES", "ROPE_TYPES", "LlamaConfig", "RopeScaling"]
+__all__ = ["ARCHITECTURES", "LLAMA_CONFIGS", "MODEL_TYPES", "REMAT_POLICIES", "LlamaConfig"]

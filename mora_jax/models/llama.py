@@ -45,17 +45,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from mora_jax.models import attention as attention_lib
-from mora_jax.models.config import (  # noqa: F401 (re-exported)
-    ARCHITECTURES,
-    LLAMA_CONFIGS,
-    MODEL_TYPES,
-    PROJECTION_NAME,
-    REMAT_POLICIES,
-    LlamaConfig,
-    _check_hf_config,
-)
-from mora_jax.models.params import count_params, stack_layers, unstack_layers  # noqa: F401 (re-exported)
-from mora_jax.models.rope import RopeScaling, _rotate_half, apply_rope, rope_cos_sin  # noqa: F401 (re-exported)
+from mora_jax.models.config import PROJECTION_NAME, LlamaConfig
+from mora_jax.models.rope import apply_rope, rope_cos_sin
 
 
 # ---- Building blocks ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mora_jax import ops
-from mora_jax.config import AdapterConfig, FullConfig, LoRAConfig, MoRAConfig
+from mora_jax.methods import AdapterConfig, FullConfig, LoRAConfig, MoRAConfig
 from mora_jax.nnx import layers as layers_lib
 from mora_jax.nnx.layers import DROPOUT_ATTR, SPEC_ATTR, AdapterSpec
 from mora_jax.nnx.variables import MoRAParam, TrainedParam

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, is_adapter, unflatten
-from mora_jax.config import LoRAConfig, MoRAConfig
+from mora_jax.methods import LoRAConfig, MoRAConfig
 from mora_jax.nnx import layers as layers_lib
 from mora_jax.nnx.attach import _add_adapter, adaptable_layers, adapted_layers, path_str
 from mora_jax.nnx.layers import SPEC_ATTR
@@ -70,7 +70,7 @@ def to_linen_adapters(model, *, path_map: PathMap | None = None) -> dict:
 
 def linen_kernel_shapes(model, *, path_map: PathMap | None = None, dtype=jnp.float32) -> dict:
     """A linen-style parameter tree of ``jax.ShapeDtypeStruct`` ``(k, d)`` for every adaptable kernel of
-    ``model`` (what ``mora_jax.peft.load_adapter`` needs to check a PEFT file against the model)."""
+    ``model`` (what ``mora_jax.hf.peft.load_adapter`` needs to check a PEFT file against the model)."""
     shapes = {}
     for path, layer in adaptable_layers(model).items():
         kind = layers_lib.kind_of(layer)

@@ -26,7 +26,9 @@ from flax import nnx
 from flax.nnx import filterlib
 
 from mora_jax.adapters import flatten, path_str, unflatten
-from mora_jax.models.llama import LlamaConfig, apply_rope, make_attention_mask, rope_cos_sin, segment_positions
+from mora_jax.models.config import LlamaConfig
+from mora_jax.models.llama import make_attention_mask, segment_positions
+from mora_jax.models.rope import apply_rope, rope_cos_sin
 from mora_jax.nnx.attach import iter_params
 from mora_jax.nnx.convert import linen_path
 

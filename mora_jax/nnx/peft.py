@@ -1,9 +1,9 @@
 """PEFT adapter files for nnx models, through the linen path's reader and writer.
 
 ``save_adapter(path, model)`` converts the model's adapters to the linen adapter tree
-(:func:`to_linen_adapters`) and writes it with :func:`mora_jax.peft.save_adapter`: the MoRA
+(:func:`to_linen_adapters`) and writes it with :func:`mora_jax.hf.peft.save_adapter`: the MoRA
 reference's format (``use_mora``, ``mora_type``, ``lora_A.weight = lora_B.weight = Mᵀ``) or plain
-LoRA. ``load_adapter(path, model)`` reads a directory with :func:`mora_jax.peft.load_adapter`,
+LoRA. ``load_adapter(path, model)`` reads a directory with :func:`mora_jax.hf.peft.load_adapter`,
 checked against the model's kernel shapes, and puts the adapters into the model
 (:func:`load_linen_adapters`). Module names follow the linen paths (``model.layers.0.self_attn.q_proj``
 for ``model/layers/0/self_attn/q_proj``); ``path_map`` renames for other models.
@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 
 from mora_jax.adapters import flatten
-from mora_jax.config import LoRAConfig, MoRAConfig
+from mora_jax.hf import peft
+from mora_jax.methods import LoRAConfig, MoRAConfig
 from mora_jax.nnx.attach import adapted_layers, path_str
 from mora_jax.nnx.convert import PathMap, linen_kernel_shapes, load_linen_adapters, to_linen_adapters
 from mora_jax.nnx.layers import SPEC_ATTR
@@ -42,8 +43,6 @@ def adapter_config(model) -> MoRAConfig | LoRAConfig:
 def save_adapter(path, model, *, path_map: PathMap | None = None, base_model_name_or_path: str = "",
                  overwrite: bool = False):
     """Write ``model``'s adapters as a PEFT adapter directory; returns the written files."""
-    from mora_jax import peft
-
     config = adapter_config(model)
     return peft.save_adapter(path, config, to_linen_adapters(model, path_map=path_map),
                              base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
@@ -52,8 +51,6 @@ def save_adapter(path, model, *, path_map: PathMap | None = None, base_model_nam
 def load_adapter(path, model, *, path_map: PathMap | None = None, rngs=None) -> MoRAConfig | LoRAConfig:
     """Read a PEFT adapter directory into ``model`` (attaching adapters where it has none); returns its config
     with ``targets`` naming the adapted kernels' nnx paths."""
-    from mora_jax import peft
-
     _, adapters = peft.load_adapter(path, linen_kernel_shapes(model, path_map=path_map))
     if not flatten(adapters):
         raise ValueError(f"{path} holds no adapters")

@@ -323,4 +323,4 @@ def kernel_gradient_dots(text: str, kernel_shapes: Iterable[Sequence[int]], *, m
     return found
 
 
-__all__ = ["COLLECTIVES", "HloStats", "analyze", "kernel_gradient_dots", "parse_module"]
+__all__ = ["COLLECTIVES", "HloStats", "analyze", "kernel_gradient_dots"]

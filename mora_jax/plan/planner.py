@@ -1,10 +1,10 @@
 """Compile a run's steps for a TPU slice from any machine, and say whether they fit and how fast they may go.
 
 :func:`plan` takes a run config (:class:`mora_jax.run_config.RunConfig`) and a topology name. It
-builds the state a run would start from (``jax.eval_shape`` of :func:`mora_jax.loop.initial_state`:
-shapes only, no weights, no data, no tokenizer), the mesh of ``config.mesh`` over the slice's chips
-(compile-only devices from ``libtpu``), and the run's compiled steps with
-:func:`mora_jax.steps.build_steps`, exactly as the training loop builds them; then it compiles the
+assembles the run over the slice's chips (compile-only devices from ``libtpu``) exactly as a
+training run is assembled (:func:`mora_jax.assembly.assemble`: the mesh of ``config.mesh``, the
+compiled steps, and the state a run would start from as shapes only: no weights, no data, no
+tokenizer); then it compiles the
 train, eval and ReMoRA-merge programs for that slice and reads, per chip:
 
 * memory: XLA's buffer assignment (``memory_analysis``): arguments, outputs, the part of the outputs
@@ -29,11 +29,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from mora_jax import adapters as adapters_lib
+from mora_jax import assembly, sharding
 from mora_jax import flops as flops_lib
+from mora_jax.methods import MoRAConfig
 from mora_jax.plan import chips as chips_lib
 from mora_jax.plan import hlo as hlo_lib
 from mora_jax.plan import roofline
-from mora_jax.plan.chips import GiB, PlanError
+from mora_jax.plan.chips import PlanError
 from mora_jax.run_config import RunConfig
 
 # The arrays of every batch the data pipelines produce (mora_jax.data: int32, (batch, seq_len)).
@@ -42,35 +45,12 @@ STEP_NAMES = ("train", "eval", "merge")
 
 
 def model_config(config: RunConfig):
-    """The ``LlamaConfig`` of ``config.model``: a Hugging Face directory's ``config.json`` (shapes
-    only, no weights are read) or a preset, with the config's dtypes, remat policy and overrides."""
-    from mora_jax.models.llama import LLAMA_CONFIGS
-
-    m = config.model
-    options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
-                   scan_layers=m.scan_layers, **dict(m.overrides))
-    if hasattr(m, "attention"):  # the attention implementation (mora_jax.models.attention)
-        options["attention"] = m.attention
-    if m.hf_path:
-        from mora_jax import hf
-
-        return hf.read_config(m.hf_path, **options)
-    if m.preset not in LLAMA_CONFIGS:
-        raise PlanError(f"unknown model preset {m.preset!r}: choose one of {sorted(LLAMA_CONFIGS)} or set model.hf_path")
-    return LLAMA_CONFIGS[m.preset].replace(**options)
-
-
-def abstract_state(config: RunConfig, llama_config):
-    """``(model, abstract TrainState, layout)``: the state a run starts from, as shapes."""
-    from mora_jax import loop
-    from mora_jax.adapters import dense_layout
-    from mora_jax.models.llama import LlamaForCausalLM, abstract_params
-
-    model = LlamaForCausalLM(llama_config)
-    layout = dense_layout(model, jnp.zeros((1, 8), jnp.int32)) if llama_config.scan_layers else None
-    params = abstract_params(llama_config)
-    state = jax.eval_shape(lambda p: loop.initial_state(p, config, layout), params)
-    return model, state, layout
+    """The ``LlamaConfig`` of ``config.model`` (:func:`mora_jax.assembly.model_config`); bad input is a
+    :class:`PlanError`."""
+    try:
+        return assembly.model_config(config)
+    except (ValueError, FileNotFoundError) as e:
+        raise PlanError(str(e)) from None
 
 
 def _with_shardings(tree, shardings):
@@ -186,51 +166,29 @@ class Prepared:
 
 
 def prepare(config: RunConfig, topology: chips_lib.Topology | str, devices: Sequence | None = None) -> Prepared:
-    """Build, for ``topology``, the run's steps (:func:`mora_jax.steps.build_steps`) and the abstract
-    state and batch they compile for; bad input is a :class:`PlanError`."""
-    from mora_jax import mesh as mesh_lib
-    from mora_jax import sharding
-    from mora_jax import steps as steps_lib
-    from mora_jax.loop import uses_dropout
-
+    """Assemble the run for ``topology`` (:func:`mora_jax.assembly.assemble`): its steps and the
+    abstract state and batch they compile for; bad input is a :class:`PlanError`."""
     topology = chips_lib.parse_topology(topology) if isinstance(topology, str) else topology
     devices = list(devices) if devices is not None else chips_lib.topology_devices(topology)
     try:
-        mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
-    except ValueError as e:
+        assembled = assembly.assemble(config, devices=devices)
+    except (ValueError, FileNotFoundError) as e:
         raise PlanError(f"{e} (the {topology.name} slice has {topology.chips} chips)") from None
-    shards = 1
-    for axis in sharding.batch_axes(mesh):
-        shards *= mesh.shape[axis]
-    hosts = len({d.process_index for d in devices})
-    try:
-        config.train.check_data_parallel(shards, hosts)
-        llama_config = model_config(config)
-    except ValueError as e:
-        raise PlanError(str(e)) from None
-    if config.train.seq_len > llama_config.max_position_embeddings:
-        raise PlanError(f"train.seq_len={config.train.seq_len} exceeds the model's max_position_embeddings="
-                        f"{llama_config.max_position_embeddings}; shorten it or set "
-                        "--config.model.overrides.max_position_embeddings")
-    model, state, _ = abstract_state(config, llama_config)
-    steps = steps_lib.build_steps(model, config.optim.optimizer(), config.schedule(), config.step_config(), mesh=mesh,
-                                  use_dropout=uses_dropout(config), reset_optimizer=config.remora.reset_optimizer)
+    steps = assembled.steps
+    state = assembled.abstract_state()
     state = _with_shardings(state, steps.state_shardings(state))
     shape = (config.train.batch_size, config.train.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=steps.batch_sharding) for k in BATCH_KEYS}
-    return Prepared(config, topology, llama_config, steps, state, batch, hosts)
+    hosts = len({d.process_index for d in devices})
+    return Prepared(config, topology, assembled.model_config, steps, state, batch, hosts)
 
 
 def _merges(config: RunConfig, state) -> bool:
-    from mora_jax import adapters as adapters_lib
-
     return bool(config.remora.every) and bool(adapters_lib.flatten(state.trainables["adapters"]))
 
 
 def model_flops(config: RunConfig, llama_config) -> float:
     """The project's FLOP model (:mod:`mora_jax.flops`) for one optimizer step of ``config``."""
-    from mora_jax.config import MoRAConfig
-
     adapter = config.initial_adapter_config()
     trained_lm_head = any(re.fullmatch(p, "lm_head/kernel") for p in adapter.unfreeze)
     return flops_lib.model_flops_per_step(
@@ -327,8 +285,6 @@ def _run_summary(config: RunConfig, prepared: Prepared) -> dict:
 
 
 def _batch_shards(prepared: Prepared) -> int:
-    from mora_jax import sharding
-
     n = 1
     for axis in sharding.batch_axes(prepared.steps.mesh):
         n *= prepared.steps.mesh.shape[axis]
@@ -347,5 +303,5 @@ def _json_default(value):
     raise TypeError(f"not JSON-able: {type(value).__name__}")
 
 
-__all__ = ["BATCH_KEYS", "STEP_NAMES", "Prepared", "abstract_state", "compile_step", "model_config", "model_flops",
+__all__ = ["BATCH_KEYS", "STEP_NAMES", "Prepared", "compile_step", "model_config", "model_flops",
            "plan", "prepare", "to_json"]

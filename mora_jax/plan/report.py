@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from mora_jax.plan.chips import GiB
-from mora_jax.run_config import ADAPTER_CLASSES, RunConfig, adapter_config
+from mora_jax.methods import METHODS
+from mora_jax.run_config import RunConfig, adapter_config
 
 ESTIMATE_NOTE = "times and MFU are roofline estimates of the compiled steps, not measurements"
 
@@ -15,9 +16,9 @@ def compare_methods(method: str, requested) -> list[str]:
     names = [m.strip().lower() for m in requested if m.strip()]
     if names == ["all"]:
         names = [m for m in ("mora", "lora", "full") if m != method]
-    unknown = sorted(set(names) - set(ADAPTER_CLASSES))
+    unknown = sorted(set(names) - set(METHODS))
     if unknown:
-        raise ValueError(f"--compare: unknown method(s) {unknown}; choose from {sorted(ADAPTER_CLASSES)} or 'all'")
+        raise ValueError(f"--compare: unknown method(s) {unknown}; choose from {sorted(METHODS)} or 'all'")
     return [m for m in dict.fromkeys(names) if m != method]
 
 
@@ -25,7 +26,7 @@ def with_method(config: RunConfig, method: str) -> RunConfig:
     """``config`` with another method: the same targets, rank, dropout and unfrozen parameters
     (LoRA takes its default alpha; full fine-tuning has no merges)."""
     section = {f.name: getattr(config.adapter, f.name) for f in dataclasses.fields(config.adapter)}
-    return dataclasses.replace(config, method=method, adapter=adapter_config(method, section))
+    return dataclasses.replace(config, adapter=adapter_config(method, section))
 
 
 def _gib(n) -> str:

@@ -8,13 +8,11 @@ modelled here (DoRA, ``modules_to_save``, per-layer ranks, trained biases, ...) 
 message saying so.
 
 Design: the format itself (file and tensor names, safe reading, the supported options, the config
-the reference writes) is ``mora_jax.peft_format``, which knows nothing of base models; this module
+the reference writes) is ``mora_jax.hf.peft_files``, which knows nothing of base models; this module
 does the conversion, which is where shapes are checked against the base model: each tensor name
 resolves to a base kernel, ``r̂`` is recomputed from that kernel's shape (``mora_jax.ops.rank_hat``),
 and PyTorch's ``(out, in)`` layout becomes the kernel layout ``(in, out)``. Names map through
-``mora_jax.hf_format`` (shared with ``mora_jax.hf``); this module never imports ``mora_jax.hf``,
-which re-exports ``load_adapter`` / ``save_adapter``. The format's public names are re-exported here
-too, so ``from mora_jax.peft import AdapterFormatError, read_adapter_config, ...`` keeps working.
+``mora_jax.hf.files`` (shared with ``mora_jax.hf.checkpoints``, which this module never imports).
 """
 
 from __future__ import annotations
@@ -30,9 +28,8 @@ import numpy as np
 
 from mora_jax import ops
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, is_adapter, path_str, unflatten
-from mora_jax.config import LoRAConfig, MoRAConfig
-from mora_jax.hf_format import Path, hf_name_to_path, layer_index, write_safetensors, write_text_atomic
-from mora_jax.peft_format import (
+from mora_jax.hf.files import Path, hf_name_to_path, layer_index, write_safetensors, write_text_atomic
+from mora_jax.hf.peft_files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     PICKLE_WEIGHTS_FILE,
@@ -48,6 +45,7 @@ from mora_jax.peft_format import (
     target_modules_for,
     tensor_name,
 )
+from mora_jax.methods import LoRAConfig, MoRAConfig
 
 # ---------------------------------------------------------------------------------------------
 # load_adapter
@@ -359,18 +357,4 @@ def save_adapter(
     return [config_path, weights_path]
 
 
-__all__ = [
-    "ADAPTER_CONFIG_FILE",
-    "ADAPTER_WEIGHTS_FILE",
-    "PICKLE_WEIGHTS_FILE",
-    "TENSOR_PREFIX",
-    "AdapterFormatError",
-    "adapter_tensors",
-    "check_supported",
-    "load_adapter",
-    "parse_tensor_name",
-    "peft_config_dict",
-    "read_adapter_config",
-    "read_adapter_tensors",
-    "save_adapter",
-]
+__all__ = ["adapter_tensors", "load_adapter", "save_adapter"]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mora_jax.adapters import MoRAAdapter
-from mora_jax.checkpoint_integrity import METADATA_FORMAT
+from mora_jax.checkpoint.integrity import METADATA_FORMAT
 
 _SAMPLES_PER_AXIS = 4  # frozen-weight fingerprint: a 4 x 4 (x ...) grid of values per leaf
 

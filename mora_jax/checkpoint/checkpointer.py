@@ -20,7 +20,7 @@ Safety:
   (left-over temporary directories are removed when the next Checkpointer opens the directory);
 * once a save has been committed (for asynchronous saves, by a background thread as soon as orbax
   has finished) the step is *sealed*: ``<step>/mora_manifest.json`` records the size and CRC-32 of
-  every file it wrote (:mod:`mora_jax.checkpoint_integrity`);
+  every file it wrote (:mod:`mora_jax.checkpoint.integrity`);
 * :meth:`~Checkpointer.restore_latest_good` verifies the newest step before restoring it; a damaged
   or incomplete one (a truncated or changed file, a missing item, unreadable metadata, an empty
   directory) is reported in one line, moved to ``<directory>/damaged/<step>-<time>`` (never deleted)
@@ -63,10 +63,10 @@ from typing import Any, Callable, Literal, Mapping
 import jax
 import orbax.checkpoint as ocp
 
-from mora_jax import checkpoint_integrity as integrity
-from mora_jax import checkpoint_resume
 from mora_jax.adapters import mora_types
-from mora_jax.checkpoint_integrity import (
+from mora_jax.checkpoint import integrity
+from mora_jax.checkpoint import resume as checkpoint_resume
+from mora_jax.checkpoint.integrity import (
     FROZEN_ITEM,
     META_ITEM,
     METADATA_FORMAT,
@@ -74,7 +74,7 @@ from mora_jax.checkpoint_integrity import (
     CheckpointDamaged,
     StepCheck,
 )
-from mora_jax.checkpoint_metadata import (
+from mora_jax.checkpoint.metadata import (
     CheckpointMetadata,
     abstract_leaf,
     check_initial_frozen,
@@ -382,7 +382,7 @@ class Checkpointer:
                            opt_state=arrays["opt_state"], rng=rng)
         return state, info.data_state, info.meta
 
-    # ---- integrity and fallback (mora_jax.checkpoint_resume) ---------------------------------------
+    # ---- integrity and fallback (mora_jax.checkpoint.resume) ---------------------------------------
     def verify(self, step: int) -> StepCheck:
         """Check checkpoint ``step`` against its manifest and structure; on a multi-process run
         process 0 checks and every process gets its verdict."""
@@ -401,7 +401,7 @@ class Checkpointer:
     def restore_latest_good(self, *, abstract_state: TrainState, initial_frozen=None,
                             report: Callable[[str], None] = print) -> tuple[TrainState, dict | None, dict] | None:
         """:meth:`restore` the newest intact checkpoint, setting damaged ones aside
-        (:func:`mora_jax.checkpoint_resume.restore_latest_good`); None when none is left."""
+        (:func:`mora_jax.checkpoint.resume.restore_latest_good`); None when none is left."""
         return checkpoint_resume.restore_latest_good(self, abstract_state=abstract_state,
                                                      initial_frozen=initial_frozen, report=report)
 
@@ -431,13 +431,4 @@ class Checkpointer:
         self.close()
 
 
-__all__ = [
-    "METADATA_FORMAT",
-    "CheckpointDamaged",
-    "CheckpointMetadata",
-    "Checkpointer",
-    "StepCheck",
-    "frozen_fingerprint",
-    "mora_types",
-    "with_mora_type",
-]
+__all__ = ["Checkpointer"]

@@ -12,7 +12,7 @@ import dataclasses
 import re
 from typing import Union
 
-from mora_jax.ops import MORA_TYPES, _check_type
+from mora_jax.ops import _check_type
 
 # The seven projections of a LLaMA block, as named by Hugging Face and by mora_jax.models.llama.
 LLAMA_TARGETS = r".*/(q|k|v|o|gate|up|down)_proj/kernel"
@@ -110,25 +110,26 @@ def _check_dropout(rate) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {rate!r}")
 
 
+# The one registry of methods: name -> config class (each class's ``method`` is its name).
+METHODS: dict[str, type] = {c.method: c for c in (MoRAConfig, LoRAConfig, FullConfig)}
+
+
+def config_class(method: str) -> type:
+    """The config class of ``method``; an unknown name is an error listing the known ones."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method: method={method!r}; choose one of {sorted(METHODS)}")
+    return METHODS[method]
+
+
 def make_config(method: str, **kwargs) -> AdapterConfig:
     """Build a config by method name (``"mora"``, ``"lora"`` or ``"full"``), e.g. from a CLI flag."""
-    classes = {"mora": MoRAConfig, "lora": LoRAConfig, "full": FullConfig}
-    if method not in classes:
-        raise ValueError(f"unknown method {method!r}: choose one of {sorted(classes)}")
-    fields = {f.name for f in dataclasses.fields(classes[method])}
+    cls = config_class(method)
+    fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(kwargs) - fields
     if unknown:
         raise ValueError(f"{method} config has no field(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    return classes[method](**kwargs)
+    return cls(**kwargs)
 
 
-__all__ = [
-    "AdapterConfig",
-    "FullConfig",
-    "LLAMA_FULLY_TRAINED",
-    "LLAMA_TARGETS",
-    "LoRAConfig",
-    "MORA_TYPES",
-    "MoRAConfig",
-    "make_config",
-]
+__all__ = ["METHODS", "AdapterConfig", "FullConfig", "LLAMA_FULLY_TRAINED", "LLAMA_TARGETS", "LoRAConfig", "MoRAConfig",
+           "config_class", "make_config"]

@@ -7,10 +7,10 @@ The PEFT code is split in two by concern:
   change the adapted model's function in ways this project does not model, and what config the
   MoRA reference's fork of PEFT writes. It works on plain dicts and NumPy arrays and knows nothing
   of base models or adapter trees;
-- ``mora_jax.peft`` *converts* between those files and this project's adapter trees
+- ``mora_jax.hf.peft`` *converts* between those files and this project's adapter trees
   (``load_adapter`` / ``save_adapter``), checking shapes against a base model.
 
-Both use ``mora_jax.hf_format`` for safetensors and for the HF-name <-> Flax-path mapping, which is
+Both use ``mora_jax.hf.files`` for safetensors and for the HF-name <-> Flax-path mapping, which is
 shared with ``mora_jax.hf``; none of them imports ``mora_jax.hf``.
 
 The format
@@ -38,8 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mora_jax import ops
-from mora_jax.config import LoRAConfig, MoRAConfig
-from mora_jax.hf_format import (
+from mora_jax.hf.files import (
     FLOAT_DTYPES,
     JSONFileError,
     Path,
@@ -50,6 +49,7 @@ from mora_jax.hf_format import (
     read_json_object,
     read_safetensors,
 )
+from mora_jax.methods import LoRAConfig, MoRAConfig
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"

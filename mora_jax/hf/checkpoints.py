@@ -13,9 +13,7 @@ safetensors files, so a large model is never held twice in host memory. Pickle c
 (``*.bin``) are refused unless ``allow_pickle=True``; remote code is never run.
 
 The name mapping and the safetensors reader/writer are shared with the PEFT adapter code and live in
-``mora_jax.hf_format``. PEFT adapter files are part of the Hugging Face interoperability API, so
-``load_adapter`` / ``save_adapter`` (from ``mora_jax.peft``) are offered here too; ``mora_jax.peft``
-never imports this module, so there is no import cycle.
+``mora_jax.hf.files``; PEFT adapter files are ``mora_jax.hf.peft``.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from mora_jax import distributed
-from mora_jax.hf_format import (
+from mora_jax.hf.files import (
     Path,
     SafetensorsFile,
     hf_name_to_path,
@@ -44,8 +42,8 @@ from mora_jax.hf_format import (
     write_safetensors,
     write_text_atomic,
 )
-from mora_jax.models.llama import ARCHITECTURES, LlamaConfig, LlamaForCausalLM, abstract_params
-from mora_jax.peft import load_adapter, save_adapter
+from mora_jax.models.config import ARCHITECTURES, LlamaConfig
+from mora_jax.models.llama import LlamaForCausalLM, abstract_params
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -444,17 +442,5 @@ def _prepare_directory(directory: pathlib.Path, overwrite: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
 
-__all__ = [
-    "DEFAULT_MAX_SHARD_BYTES",
-    "SAFE_INDEX",
-    "SAFE_WEIGHTS",
-    "hf_name_to_path",
-    "load_adapter",
-    "load_llama",
-    "param_to_hf_tensor",
-    "params_to_hf_tensors",
-    "path_to_hf_name",
-    "read_config",
-    "save_adapter",
-    "save_llama",
-]
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "SAFE_INDEX", "SAFE_WEIGHTS", "load_llama", "param_to_hf_tensor",
+           "params_to_hf_tensors", "read_config", "save_llama"]

@@ -1,7 +1,7 @@
 """The Hugging Face on-disk format shared by model checkpoints and adapter files.
 
 Two readers need the same two things: ``mora_jax.hf`` (LLaMA checkpoints, ``config.json`` +
-``model*.safetensors``) and ``mora_jax.peft`` (PEFT adapters, ``adapter_model.safetensors``). Both
+``model*.safetensors``) and ``mora_jax.hf.peft`` (PEFT adapters, ``adapter_model.safetensors``). Both
 live here, once, so that neither of those modules imports the other:
 
 - **Names.** A HF module name ``model.layers.3.self_attn.q_proj`` is the Flax tree path

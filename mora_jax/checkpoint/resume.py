@@ -2,7 +2,7 @@
 
 A preempted run restarts with :meth:`mora_jax.checkpoint.Checkpointer.restore_latest_good`, which
 calls :func:`restore_latest_good` here. Newest step first, each is checked against its manifest
-(:func:`mora_jax.checkpoint_integrity.check_step`); a damaged one is reported in one line, moved
+(:func:`mora_jax.checkpoint.integrity.check_step`); a damaged one is reported in one line, moved
 to ``<directory>/damaged/`` (never deleted) and the previous one is tried. A step without a manifest
 (killed between orbax's commit and the seal) is restored as it is; if reading it fails although its
 stored arrays have the run's shapes and dtypes, it is damaged too. Whatever is not damage (a config
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mora_jax import checkpoint_integrity as integrity
-from mora_jax.checkpoint_integrity import CheckpointDamaged, StepCheck
+from mora_jax.checkpoint import integrity
+from mora_jax.checkpoint.integrity import CheckpointDamaged, StepCheck
 
 _STATUSES = ("verified", "unverified", "damaged")
 
@@ -56,7 +56,7 @@ def structure_mismatch(manager, step: int, targets: Mapping[str, Any]) -> str | 
 
 
 def verify(checkpointer, step: int) -> StepCheck:
-    """Process 0's :func:`~mora_jax.checkpoint_integrity.check_step` of ``step``, on every process."""
+    """Process 0's :func:`~mora_jax.checkpoint.integrity.check_step` of ``step``, on every process."""
     if not checkpointer._local:
         return StepCheck(step, "unverified")
     check = integrity.check_step(checkpointer.step_dir(step), step) if jax.process_index() == 0 else None
@@ -77,7 +77,7 @@ def set_aside(checkpointer, step: int, reason: str):
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"mora_jax.checkpoint_resume.set_aside.{step}")
+        multihost_utils.sync_global_devices(f"mora_jax.checkpoint.resume.set_aside.{step}")
     return moved or checkpointer.step_dir(step).parent / integrity.DAMAGED_DIR
 
 

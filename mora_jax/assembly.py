@@ -1,0 +1,151 @@
+"""One assembly of a run from its :class:`~mora_jax.run_config.RunConfig`.
+
+Every consumer of a run config takes its pieces from here, so a run, its TPU plan and its
+benchmark are built the same way:
+
+* :func:`model_config`: the ``LlamaConfig`` (a Hugging Face directory's ``config.json`` or a preset,
+  with the config's dtypes, remat policy, scan, attention and overrides), checked against the run;
+* :func:`load_params`: the base weights (the checkpoint's, or a preset initialised from the seed);
+* :func:`make_mesh`: the device mesh, checked against the batch size and the process count;
+* :func:`scan_layout`: the adapters' layout for a model that scans over its layers;
+* :func:`initial_state`: the state a run starts from (frozen base, fresh adapters, optimizer states);
+* :func:`build_steps`: the compiled train / eval / merge steps (:mod:`mora_jax.steps`).
+
+:func:`assemble` puts them together (everything but the weights). The recipes
+(``train/pretrain.py``, ``train/finetune.py``), the loop, the TPU planner and the benchmark use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mora_jax import adapters as adapters_lib
+from mora_jax import mesh as mesh_lib
+from mora_jax import sharding, training
+from mora_jax import steps as steps_lib
+from mora_jax.hf.checkpoints import load_llama, read_config
+from mora_jax.models.config import LLAMA_CONFIGS, LlamaConfig
+from mora_jax.models.llama import LlamaForCausalLM, abstract_params, init_params
+from mora_jax.run_config import RunConfig
+
+
+def _options(config: RunConfig) -> dict:
+    m = config.model
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
+                attention=m.attention, **dict(m.overrides))
+
+
+def model_config(config: RunConfig, vocab_size: int | None = None) -> LlamaConfig:
+    """The ``LlamaConfig`` of ``config.model`` (no weights are read). ``vocab_size``: the
+    tokenizer's, which a preset's vocabulary must cover."""
+    m = config.model
+    if m.hf_path:
+        llama_config = read_config(m.hf_path, **_options(config))
+    else:
+        if m.preset not in LLAMA_CONFIGS:
+            raise ValueError(f"unknown model preset {m.preset!r}: choose one of {sorted(LLAMA_CONFIGS)} "
+                             "or set model.hf_path")
+        llama_config = LLAMA_CONFIGS[m.preset].replace(**_options(config))
+        if vocab_size is not None and llama_config.vocab_size < vocab_size:
+            raise ValueError(f"the tokenizer has {vocab_size} tokens but model preset {m.preset!r} only "
+                             f"{llama_config.vocab_size}; use a matching tokenizer or "
+                             "--config.model.overrides.vocab_size")
+    if config.train.seq_len > llama_config.max_position_embeddings:
+        raise ValueError(f"train.seq_len={config.train.seq_len} exceeds the model's max_position_embeddings="
+                         f"{llama_config.max_position_embeddings}; shorten it or set "
+                         "--config.model.overrides.max_position_embeddings")
+    return llama_config
+
+
+def load_params(config: RunConfig, llama_config: LlamaConfig, *, shardings=None):
+    """The base weights: ``model.hf_path``'s (read tensor by tensor, placed by ``shardings``) or the
+    preset initialised from ``config.seed``."""
+    if config.model.hf_path:
+        _, params = load_llama(config.model.hf_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                               scan_layers=config.model.scan_layers, shardings=shardings,
+                               config_overrides={k: v for k, v in _options(config).items()
+                                                 if k not in ("dtype", "param_dtype", "scan_layers")})
+        return params
+    return init_params(llama_config, jax.random.key(config.seed))
+
+
+def make_mesh(config: RunConfig, devices: Sequence | None = None) -> Mesh:
+    """The device mesh of ``config.mesh`` over ``devices`` (default: all), checked against the
+    batch size and the number of processes the devices belong to."""
+    mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
+    shards = 1
+    for axis in sharding.batch_axes(mesh):
+        shards *= mesh.shape[axis]
+    hosts = len({d.process_index for d in mesh.devices.flat})
+    config.train.check_data_parallel(shards, hosts)
+    return mesh
+
+
+def scan_layout(model) -> Any:
+    """The adapters' layout for a model that scans over its layers (None for an unrolled one)."""
+    if not model.config.scan_layers:
+        return None
+    return adapters_lib.dense_layout(model, jnp.zeros((1, 8), jnp.int32))
+
+
+def initial_state(params, config: RunConfig, layout=None) -> training.TrainState:
+    """The state a run starts from: ``params`` frozen or trained as ``config.adapter`` says, fresh
+    adapters (ReMoRA: of the cycle's first type) and optimizer states."""
+    rng = jax.random.key(config.seed)
+    adapter_config = config.initial_adapter_config()
+    adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
+    return training.create_train_state(params, adapters, adapter_config, config.optim.optimizer(),
+                                       jax.random.fold_in(rng, 2))
+
+
+def uses_dropout(config: RunConfig) -> bool:
+    """Whether the steps need a dropout rng (adapter dropout)."""
+    return float(getattr(config.adapter, "dropout", 0.0)) > 0.0
+
+
+def build_steps(config: RunConfig, model, mesh: Mesh | None = None, rules=None, **options) -> steps_lib.Steps:
+    """The compiled steps of ``config``'s run of ``model`` (``options``: :func:`mora_jax.steps.build_steps`'s)."""
+    return steps_lib.build_steps(model, config.optim.optimizer(), config.schedule(), config.step_config(), mesh=mesh,
+                                 rules=rules, use_dropout=uses_dropout(config),
+                                 reset_optimizer=config.remora.reset_optimizer, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Assembly:
+    """A run's pieces, everything but the weights (see :func:`assemble`)."""
+
+    config: RunConfig
+    model_config: LlamaConfig
+    model: LlamaForCausalLM
+    mesh: Mesh
+    layout: Any
+    steps: steps_lib.Steps
+
+    def initial_state(self, params) -> training.TrainState:
+        return initial_state(params, self.config, self.layout)
+
+    def abstract_state(self) -> training.TrainState:
+        """The state a run starts from, as shapes (``jax.eval_shape``: no weights are read)."""
+        return jax.eval_shape(self.initial_state, abstract_params(self.model_config))
+
+    def load_params(self, shardings=None):
+        return load_params(self.config, self.model_config, shardings=shardings)
+
+
+def assemble(config: RunConfig, *, devices: Sequence | None = None, rules=None, vocab_size: int | None = None,
+             **step_options) -> Assembly:
+    """The model config, model, mesh, layout and compiled steps of ``config``'s run."""
+    mesh = make_mesh(config, devices)
+    llama_config = model_config(config, vocab_size)
+    model = LlamaForCausalLM(llama_config)
+    return Assembly(config, llama_config, model, mesh, scan_layout(model),
+                    build_steps(config, model, mesh, rules, **step_options))
+
+
+__all__ = ["Assembly", "assemble", "build_steps", "initial_state", "load_params", "make_mesh", "model_config",
+           "scan_layout", "uses_dropout"]
