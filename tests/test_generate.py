@@ -242,17 +242,3 @@ def test_uuid_task_decodes_with_the_kv_cache():
     re_encoded = uuid_task.greedy_values(jax.jit(lambda ids: model.apply({"params": params}, ids)), keys)
     assert cached.shape == (3, uuid_task.UUID_LEN)
     np.testing.assert_array_equal(cached, re_encoded)
-
-
-def test_readme_generation_example_runs():
-    import pathlib
-    import re
-
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Llama 3, Mistral, Qwen2 and generation", 1)[1].split("\n## ", 1)[0]
-    example = next(b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "mj.generate(" in b)
-    namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
-    new_tokens, model = namespace["new_tokens"], namespace["model"]
-    assert new_tokens.shape == (2, 8) and model.config.rope_scaling.rope_type == "llama3"
-    assert model.config.tie_word_embeddings and "lm_head" not in namespace["params"]

@@ -615,7 +615,7 @@ def test_tunix_peft_trainer_trains_mora_on_its_llama3():
 
 
 # ---------------------------------------------------------------------------------------------
-# Errors, dropout, packaging, README.
+# Errors, dropout, packaging.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -651,20 +651,3 @@ def test_adapter_dropout_is_on_in_training_and_off_in_eval():
 def test_core_package_does_not_import_nnx():
     code = "import sys, mora_jax, mora_jax.hf, mora_jax.hf.peft, mora_jax.remora; assert 'mora_jax.nnx' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
-
-
-def test_readme_nnx_example_runs():
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## MoRA with flax.nnx / Tunix", 1)[1].split("\n## ", 1)[0]
-    example = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
-    namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
-    assert namespace["losses"][-1] < namespace["losses"][0]
-    model, optimizer = namespace["model"], namespace["optimizer"]
-    assert isinstance(model.layers[0].q_proj.kernel_mora_m, mnx.MoRAParam) and not mnx.is_merged(model)
-    n_m = mj.count_params(nnx.state(model, mnx.MoRAParam))
-    assert n_m == 4 * 16 * 16  # r̂ = 16 for r = 4 on 32 x 32 kernels
-    assert mj.count_params(nnx.state(optimizer, nnx.optimizer.OptState)) == 2 + 2 * n_m  # state for M only
-    assert set(mj.adapters.flatten(namespace["adapters"])) == {
-        ("layers_0", "q_proj", "kernel"), ("layers_0", "down_proj", "kernel"),
-        ("layers_1", "q_proj", "kernel"), ("layers_1", "down_proj", "kernel")}
