@@ -84,7 +84,7 @@ def get_config(variant: str = "250m"):
         c.train.eval_every = 25
         c.train.eval_batches = 4
         c.train.log_every = 25
-        c.data.source = "data/pyprose/train.txt"  # python -m train.make_corpus --from-rst ... (README)
+        c.data.source = "data/pyprose/train.txt"  # python -m train.make_corpus --from-rst ... (docs/experiments.md)
         c.data.eval_source = "data/pyprose/eval.txt"
         c.data.tokenizer = "data/pyprose/tok.model"
         c.mesh.fsdp = 1
@@ -94,7 +94,7 @@ def get_config(variant: str = "250m"):
     elif variant in ("250m_tpu", "1b_tpu"):
         # The reference's recipe at its batch (1,024 x 1,024 tokens) on a TPU slice, planned from a CPU
         # machine: python -m train.plan --config=configs/c4_pretrain.py:1b_tpu --topology=v4:2x2x2
-        # (250m_tpu: --topology=v5e:2x4). README, "Planning a TPU run from a CPU machine".
+        # (250m_tpu: --topology=v5e:2x4). docs/tpu.md, "Planning a TPU run from a CPU machine".
         c.model.scan_layers = True
         # keep each projection's output (adapter included), recompute the rest: on a v5e 2x4 it cut
         # MoRA 9.0 -> 7.9 and LoRA 10.7 -> 7.4 GiB per chip against "dots_saveable" (every matmul output)

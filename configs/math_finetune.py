@@ -68,7 +68,7 @@ def get_config(variant: str = ""):
     elif variant == "llama2_7b_tpu":
         # Llama-2-7B at 2048 tokens on a TPU v5e 2x4 slice (8 chips x 16 GiB), planned from a CPU machine:
         #   python -m train.plan --config=configs/math_finetune.py:llama2_7b_tpu --topology=v5e:2x4
-        # (README, "Planning a TPU run from a CPU machine"). The planner reads shapes only (this preset,
+        # (docs/tpu.md, "Planning a TPU run from a CPU machine"). The planner reads shapes only (this preset,
         # or model.hf_path's config.json); a run sets model.hf_path to the checkpoint.
         c.model.preset = "llama2-7b"
         c.model.scan_layers = True

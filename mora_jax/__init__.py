@@ -1,16 +1,17 @@
 """mora-jax: MoRA (high-rank parameter-efficient fine-tuning) for JAX/Flax.
 
-Core API (see README):
+Core API (docs/api.md):
   rank_hat, apply_mora, delta_weight                 exact operators (pure jax.numpy)
-  MoRAConfig, LoRAConfig, FullConfig                 method configs (frozen dataclasses)
+  MoRAConfig, LoRAConfig, FullConfig                 method configs (frozen dataclasses, module methods)
   init_adapters, apply_model, merge, unmerge         adapters as parameter-pytree transforms
   split, combine, partition, unpartition, masked     trainable-only training
   generate                                           KV-cache text generation (module mora_jax.generate)
 
-Modules: models (LLaMA), hf / hf_format / peft / peft_format (Hugging Face weights and PEFT
-adapters), mesh, sharding, distributed, training (the pure step), steps (the compiled steps),
-remora, schedules, run_config (the config layer), loop, metrics, checkpoint, data, recipes, cli,
-nnx (flax.nnx models). Not imported by any of them: bench (benchmarks), experiments (UUID job).
+Modules: models (LLaMA family), hf (Hugging Face checkpoints and PEFT adapter files), mesh,
+sharding, distributed, training (the pure step), steps (the compiled steps), assembly (a run's
+pieces from its config), remora, schedules, run_config (the config layer), loop, metrics, logs,
+checkpoint, data, recipes, cli, nnx (flax.nnx models), plan (the TPU planner). Not imported by any
+of them: bench (benchmarks), experiments (UUID job, pretraining comparison).
 """
 
 from mora_jax.adapters import (

@@ -250,7 +250,7 @@ def _type6_product(x, m, n: int, out_features: int):
     Rotating the activations instead (the reference's order) writes a float32 array the size of the
     input per adapted projection, keeps its cast for the backward pass, and reads and writes it
     again there: on a TPU v5e that made a type-6 step of the 250M model take 1.5x LoRA's memory per
-    chip and 1.3x its estimated time (``README.md``, "Planning a TPU run from a CPU machine"). Folded,
+    chip and 1.3x its estimated time (``docs/tpu.md``, "Choices the plans informed"). Folded,
     the backward pass keeps the chunks, which are ``x`` itself when ``r̂`` divides ``k``."""
     r_hat = m.shape[-1]
     blocks_NxRxR = rotated_blocks(m, n).astype(x.dtype)
@@ -378,7 +378,7 @@ def _low_rank_product(x, a, b):
     """``(x @ a) @ b``. Its gradient is written out so that no activation-sized transpose is
     materialised: autodiff's ``∂b = hᵀ·∂y`` makes XLA:CPU write a transposed copy of every
     ``∂y`` (and its producer fusion) before a skinny dot; ``(∂yᵀ·h)ᵀ`` transposes an ``(r, d)``
-    result instead (about 8% of a LoRA step on the 250M model, ``benchmarks/README.md``)."""
+    result instead (about 8% of a LoRA step on the 250M model, ``docs/benchmarks.md``)."""
     return (x @ a) @ b
 
 

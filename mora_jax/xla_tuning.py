@@ -5,7 +5,7 @@ input-gradient dots together with the adjoint of its compression/decompression (
 and those fused kernels run at about half the plain matmul rate. Restricting YNNPACK to individual
 dots keeps the dots on the fast path: the MoRA training step of the 250M model gets 3-15% faster
 (interleaved in one process: 0.85x at 4 layers, 0.93-0.97x at 24), LoRA and full fine-tuning are
-unchanged within noise (``benchmarks/README.md``, "Profiling"). Other backends get no options.
+unchanged within noise (``docs/benchmarks.md``, "Profiling"). Other backends get no options.
 
 The options are applied per compile (``jax.jit(..., compiler_options=...)``), so they never touch
 the user's other programs. They are skipped when ``XLA_FLAGS`` already sets the same option (the

@@ -1,4 +1,4 @@
-"""Entry point: fine-tune with MoRA / LoRA / full fine-tuning (see configs/ and the README).
+"""Entry point: fine-tune with MoRA / LoRA / full fine-tuning (see configs/ and docs/training.md).
 
     python -m train.finetune --config=configs/math_finetune.py:tiny [--config.FIELD=VALUE ...]
 """

@@ -1,4 +1,4 @@
-"""Entry point: pretrain with MoRA / LoRA / full fine-tuning (see configs/ and the README).
+"""Entry point: pretrain with MoRA / LoRA / full fine-tuning (see configs/ and docs/training.md).
 
     python -m train.pretrain --config=configs/c4_pretrain.py:tiny [--config.FIELD=VALUE ...]
 """

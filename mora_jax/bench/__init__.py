@@ -2,7 +2,7 @@
 
 Not part of the library: nothing in ``mora_jax`` outside this package imports it (a test checks),
 and importing it imports none of its modules. The entry points are ``train/benchmark.py`` and
-``train/profile_step.py``; ``benchmarks/README.md`` has the results.
+``train/profile_step.py``; ``docs/benchmarks.md`` has the results.
 
 * :mod:`~mora_jax.bench.methods`: the methods compared (full, LoRA, MoRA types), the model and batch
   of a ``configs/bench_*.py`` config.

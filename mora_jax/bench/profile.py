@@ -4,7 +4,7 @@ XLA:CPU records one trace event per executed fusion; the compiled HLO says what 
 computes. :func:`profile_step` runs a :class:`mora_jax.bench.runners.StepRunner` under the profiler and
 returns one row per fusion group (kind, output shape, the op it came from, forward or backward),
 with its time per step and, for fusions that contain dots, the FLOPs and the rate they ran at.
-``python -m train.profile_step`` prints the table; ``benchmarks/README.md`` quotes it.
+``python -m train.profile_step`` prints the table; ``docs/benchmarks.md`` quotes it.
 """
 
 from __future__ import annotations
