@@ -41,6 +41,7 @@ def main() -> None:
     import numpy as np
 
     import mora_jax as mj
+    from mora_jax import mesh as mesh_lib
     from mora_jax import sharding as shd
     from mora_jax import training
     from mora_jax.models.config import LLAMA_CONFIGS
@@ -58,7 +59,7 @@ def main() -> None:
         adapters = mj.init_adapters(params, adapter_config, jax.random.fold_in(key, 1))
         return training.create_train_state(params, adapters, adapter_config, tx, jax.random.fold_in(key, 2))
 
-    mesh = shd.make_mesh(shd.MeshConfig(("data", "fsdp", "tensor"), (2, 2, 2)))
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(("data", "fsdp", "tensor"), (2, 2, 2)))
     state, state_sh = shd.init_sharded_state(init_state, np.int32(0), mesh=mesh)
     steps = build_steps(model, tx, lambda s: 3e-3, training.StepConfig(), mesh=mesh)
     assert steps.state_shardings(state) == state_sh  # the builder lays the state out as init did
@@ -73,7 +74,7 @@ def main() -> None:
 
     with shd.use_mesh(mesh):
         checksum = jax.jit(lambda t: sum(jnp.sum(jnp.abs(x)) for x in jax.tree_util.tree_leaves(t)),
-                           out_shardings=shd.replicated(mesh))(state.trainables)
+                           out_shardings=mesh_lib.replicated(mesh))(state.trainables)
     q = state.frozen["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     result = {
         "process_index": jax.process_index(),

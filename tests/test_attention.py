@@ -113,11 +113,12 @@ def test_model_with_the_pallas_kernel_equals_the_einsum_model():
 
 def test_pallas_kernel_sharded_over_a_mesh_equals_einsum():
     """Under a mesh the kernel runs per device (shard_map over the batch and head axes)."""
+    from mora_jax import mesh as mesh_lib
     from mora_jax import sharding as shd
 
     q, k, v = _qkv(B=4, T=40, N=4, K=2)
     seg = jnp.concatenate([_segments(T=40)] * 2)
-    mesh = shd.make_mesh(shd.MeshConfig(("data", "fsdp", "tensor"), (2, 2, 2)))
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(("data", "fsdp", "tensor"), (2, 2, 2)))
     with shd.use_mesh(mesh):
         fn = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v, segment_ids=seg, implementation="flash",
                                                              interpret=True))

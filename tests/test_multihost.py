@@ -101,8 +101,9 @@ def test_two_processes_train_like_one(tmp_path):
 def test_process_batch_slice_single_process():
     """With one process, this process feeds every row, with or without a batch sharding."""
     from mora_jax import distributed
+    from mora_jax import mesh as mesh_lib
     from mora_jax import sharding as shd
 
-    mesh = shd.make_mesh(shd.MeshConfig(("data", "fsdp", "tensor"), (2, 2, 2)))
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(("data", "fsdp", "tensor"), (2, 2, 2)))
     assert distributed.process_batch_slice(8) == slice(0, 8)
     assert distributed.process_batch_slice(8, shd.batch_sharding(mesh)) == slice(0, 8)

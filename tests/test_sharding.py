@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mora_jax as mj
+from mora_jax import mesh as mesh_lib
 from mora_jax import sharding as shd
 from mora_jax import training
 from mora_jax.models.config import LLAMA_CONFIGS
@@ -35,8 +36,8 @@ STEP_CONFIG = training.StepConfig(clip_norm=1.0)
 N_STEPS = 3
 
 MESHES = {
-    "data2_tensor4": shd.MeshConfig(("data", "tensor"), (2, 4)),
-    "fsdp4_tensor2": shd.MeshConfig(("fsdp", "tensor"), (4, 2)),
+    "data2_tensor4": mesh_lib.MeshConfig(("data", "tensor"), (2, 4)),
+    "fsdp4_tensor2": mesh_lib.MeshConfig(("fsdp", "tensor"), (4, 2)),
 }
 
 
@@ -96,7 +97,7 @@ def reference():
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
 def test_forward_loss_and_adapter_grads_match_single_device(reference, mesh_name):
-    mesh = shd.make_mesh(MESHES[mesh_name])
+    mesh = mesh_lib.make_mesh(MESHES[mesh_name])
     state = _perturbed(reference["state0"])
     state_sh = shd.state_shardings(state, mesh)
     state = shd.place(state, state_sh)
@@ -126,7 +127,7 @@ def _spec_of(sharding_tree, *path):
 
 
 def test_train_steps_match_unsharded_and_use_intended_specs(reference):
-    mesh = shd.make_mesh(MESHES["fsdp4_tensor2"])
+    mesh = mesh_lib.make_mesh(MESHES["fsdp4_tensor2"])
     steps = build_steps(MODEL, TX, SCHEDULE, STEP_CONFIG, mesh=mesh)
     state = steps.place(reference["state0"])
     state_sh = steps.state_shardings(state)
@@ -191,7 +192,7 @@ def test_train_steps_match_unsharded_and_use_intended_specs(reference):
 
 
 def test_init_sharded_state_matches_unsharded_init(reference):
-    mesh = shd.make_mesh(MESHES["data2_tensor4"])
+    mesh = mesh_lib.make_mesh(MESHES["data2_tensor4"])
     state, state_sh = shd.init_sharded_state(_init_state, jax.random.key(0), mesh=mesh)
     q = state.frozen["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert q.sharding.spec == P(None, "tensor")  # no fsdp axis on this mesh: only tensor-parallel
@@ -205,7 +206,7 @@ def test_init_sharded_state_matches_unsharded_init(reference):
 def test_scan_layers_sharded_steps_match_unrolled(reference):
     """The reference's weights stacked for an nn.scan model: same losses, stacked specs."""
     model = LlamaForCausalLM(dataclasses.replace(CFG, scan_layers=True))
-    mesh = shd.make_mesh(MESHES["data2_tensor4"])
+    mesh = mesh_lib.make_mesh(MESHES["data2_tensor4"])
     state0 = reference["state0"]
     state = training.create_train_state(stack_layers(state0.params()), stack_layers(state0.adapters),
                                         ADAPTER_CONFIG, TX, state0.rng)
@@ -229,7 +230,7 @@ def test_scan_layers_sharded_steps_match_unrolled(reference):
 
 
 def test_remora_merge_under_jit_keeps_shardings_and_function(reference):
-    mesh = shd.make_mesh(MESHES["fsdp4_tensor2"])
+    mesh = mesh_lib.make_mesh(MESHES["fsdp4_tensor2"])
     state = _perturbed(reference["state0"])  # non-zero adapters: the merge changes the kernels
     steps = build_steps(MODEL, TX, SCHEDULE, STEP_CONFIG, mesh=mesh)
     state = steps.place(state)
@@ -260,7 +261,7 @@ def test_remora_merge_under_jit_keeps_shardings_and_function(reference):
 
 
 def test_indivisible_dims_fall_back_to_replicated_and_lora_follows_the_kernel():
-    mesh = shd.make_mesh(shd.MeshConfig(("data", "fsdp", "tensor"), (1, 2, 4)))
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(("data", "fsdp", "tensor"), (1, 2, 4)))
     cfg = dataclasses.replace(LLAMA_CONFIGS["tiny"], intermediate_size=170)  # 170 = 2·85: not divisible by 4
     params = abstract_params(cfg)
     specs = shd.tree_specs(params, mesh)
@@ -269,7 +270,7 @@ def test_indivisible_dims_fall_back_to_replicated_and_lora_follows_the_kernel():
     assert layer["mlp"]["down_proj"]["kernel"] == P(None, "fsdp")
     assert layer["self_attn"]["k_proj"]["kernel"] == P("fsdp", "tensor")  # 2 kv heads × 16 = 32 divides
     # batch over data × fsdp: a dimension divisible by data only keeps the prefix that divides
-    assert shd.spec_from_logical((6, 5), ("batch", "embed"), shd.make_mesh(shd.MeshConfig(("data", "fsdp", "tensor"), (2, 4, 1)))) == P("data", None)
+    assert shd.spec_from_logical((6, 5), ("batch", "embed"), mesh_lib.make_mesh(mesh_lib.MeshConfig(("data", "fsdp", "tensor"), (2, 4, 1)))) == P("data", None)
     assert shd.spec_from_logical((4, 64, 64), ("embed", "mlp"), mesh) == P(None, "fsdp", "tensor")
 
     lora = jax.eval_shape(lambda: mj.init_adapters(params, mj.LoRAConfig(r=4), jax.random.key(1)))
@@ -294,7 +295,7 @@ def test_load_llama_reads_sharded_slices(fixtures_dir):
     from mora_jax.hf import load_llama, read_config
 
     path = fixtures_dir / "e2e_public" / "base"
-    mesh = shd.make_mesh(MESHES["fsdp4_tensor2"])
+    mesh = mesh_lib.make_mesh(MESHES["fsdp4_tensor2"])
     shard_fn = shd.param_sharding_fn(abstract_params(read_config(path)), mesh)
     _, params = load_llama(path, shardings=shard_fn)
     _, plain = load_llama(path)
@@ -307,21 +308,21 @@ def test_load_llama_reads_sharded_slices(fixtures_dir):
 
 
 def test_mesh_config_errors():
-    assert shd.MeshConfig().resolve(8) == (8, 1, 1)
-    assert shd.MeshConfig(axis_sizes=(2, -1, 2)).resolve(8) == (2, 2, 2)
-    mesh = shd.make_mesh(shd.MeshConfig(axis_sizes=(2, -1, 2)))
+    assert mesh_lib.MeshConfig().resolve(8) == (8, 1, 1)
+    assert mesh_lib.MeshConfig(axis_sizes=(2, -1, 2)).resolve(8) == (2, 2, 2)
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(axis_sizes=(2, -1, 2)))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     with pytest.raises(ValueError, match="need a multiple of 3 devices"):
-        shd.make_mesh(shd.MeshConfig(axis_sizes=(-1, 3, 1)))
+        mesh_lib.make_mesh(mesh_lib.MeshConfig(axis_sizes=(-1, 3, 1)))
     with pytest.raises(ValueError, match="has 12 devices but there are 8"):
-        shd.make_mesh(shd.MeshConfig(axis_sizes=(3, 2, 2)))
+        mesh_lib.make_mesh(mesh_lib.MeshConfig(axis_sizes=(3, 2, 2)))
     with pytest.raises(ValueError, match="at most one mesh axis may have size -1"):
-        shd.MeshConfig(axis_sizes=(-1, -1, 2))
+        mesh_lib.MeshConfig(axis_sizes=(-1, -1, 2))
     with pytest.raises(ValueError, match="3 axis names .* but 2 sizes"):
-        shd.MeshConfig(axis_sizes=(4, 2))
+        mesh_lib.MeshConfig(axis_sizes=(4, 2))
     with pytest.raises(ValueError, match="distinct"):
-        shd.MeshConfig(("data", "data"), (2, 4))
+        mesh_lib.MeshConfig(("data", "data"), (2, 4))
     with pytest.raises(ValueError, match="has size 0"):
-        shd.MeshConfig(axis_sizes=(8, 0, 1))
+        mesh_lib.MeshConfig(axis_sizes=(8, 0, 1))
     with pytest.raises(ValueError, match="holds 8 of the 8 batch shards"):
-        shd.shard_batch({"input_ids": np.zeros((4, 16), np.int32)}, shd.make_mesh(shd.MeshConfig()))
+        shd.shard_batch({"input_ids": np.zeros((4, 16), np.int32)}, mesh_lib.make_mesh(mesh_lib.MeshConfig()))
