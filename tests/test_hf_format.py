@@ -103,11 +103,19 @@ def test_names():
     assert parse_tensor_name("base_model.model.model.layers.0.q_proj.lora_magnitude_vector") is None
 
 
-def test_public_names_stay_where_they_were():
-    for name in ("hf_name_to_path", "path_to_hf_name", "load_adapter", "save_adapter", "load_llama", "save_llama",
-                 "read_config", "params_to_hf_tensors", "param_to_hf_tensor"):
-        assert callable(getattr(hf, name)), name
-    assert hf.load_adapter is peft.load_adapter and hf.save_adapter is peft.save_adapter
-    for name in ("AdapterFormatError", "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "adapter_tensors",
-                 "peft_config_dict", "read_adapter_config", "read_adapter_tensors"):
-        assert hasattr(peft, name), name
+def test_the_hf_package_presents_each_name_from_its_one_home():
+    """``mora_jax.hf`` presents the package's public names; each is the defining module's object and
+    no module of the package re-exports another's."""
+    from mora_jax.hf import checkpoints, peft_files
+
+    homes = {"load_llama": checkpoints, "save_llama": checkpoints, "read_config": checkpoints,
+             "params_to_hf_tensors": checkpoints, "load_adapter": peft, "save_adapter": peft,
+             "AdapterFormatError": peft_files}
+    for name, module in homes.items():
+        assert getattr(hf, name) is getattr(module, name), name
+        assert name in module.__all__, name
+    assert sorted(hf.__all__) == sorted(homes)
+    for name in ("load_adapter", "save_adapter"):
+        assert name not in checkpoints.__all__, name
+    for name in ("AdapterFormatError", "read_adapter_config", "peft_config_dict"):
+        assert name not in peft.__all__ and name in peft_files.__all__, name
