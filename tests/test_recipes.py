@@ -15,7 +15,7 @@ import pytest
 
 from configs import c4_pretrain, math_finetune
 from mora_jax import data as data_lib
-from mora_jax import hf, loop, recipes
+from mora_jax import assembly, hf, loop, recipes
 from mora_jax.checkpoint.workdir_lock import LOCK_FILE
 from mora_jax.run_config import RunConfig
 
@@ -220,7 +220,7 @@ def test_settings_are_checked_before_anything_compiles(tmp_path, overrides, mess
         section, field = key.split(".")
         config[section][field] = value
     with pytest.raises(ValueError, match=message):
-        recipes.build_mesh(RunConfig.from_dict(config))  # what recipes.run does first
+        assembly.make_mesh(RunConfig.from_dict(config))  # what assembling the run does first
     assert not (tmp_path / "never").exists()
 
 
