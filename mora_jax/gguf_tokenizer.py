@@ -10,7 +10,10 @@ A GGUF file has no ``tokenizer.json``; it keeps the vocabulary as metadata under
   before BPE (:data:`PRE_TOKENIZERS`; llama.cpp refuses names it does not know, and so do we).
 - ``tokenizer.ggml.model = "llama"``: a SentencePiece vocabulary (``▁`` for a space, ``<0xNN>``
   byte tokens, a score per token, no merges). llama.cpp merges the adjacent pair whose result scores
-  highest, which is BPE with merges ranked by the merged token's score, falling back to bytes.
+  highest, which is BPE with merges ranked by the merged token's score, falling back to bytes. The
+  space prefix is ``transformers``' (a ``Metaspace`` that prepends ``▁`` to the first piece of text,
+  unless it already starts with a space), so a text beginning with a space, or text right after a
+  special token, is cut as ``transformers`` cuts it, where SentencePiece and llama.cpp add one more ``▁``.
 - ``tokenizer.ggml.token_type``: 1 normal, 2 unknown, 3 control (special, e.g. ``<s>``,
   ``<|im_end|>``), 4 user-defined (added, not special), 5 unused, 6 byte. Control and unknown tokens
   become special added tokens, user-defined ones plain added tokens, so that their text in a prompt
@@ -93,7 +96,7 @@ def build_tokenizer(get: Callable[..., Any], *, where: str):
     tokens = list(get("tokenizer.ggml.tokens"))
     types = list(get("tokenizer.ggml.token_type", None) or [NORMAL] * len(tokens))
     vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}
-    special = {name: get(f"tokenizer.ggml.{key}_token_id") for name, key in
+    special = {name: get(f"tokenizer.ggml.{key}_token_id", None) for name, key in
                (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))}
     special = {name: tokens[i] for name, i in special.items() if i is not None and 0 <= i < len(tokens)}
     if kind == "gpt2":
