@@ -84,10 +84,19 @@ def _pre_tokenizer(pre: str):
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+def _bpe(make, where: str):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer(make())
+    except Exception as e:  # tokenizers raises its own Exception type on merges that name unknown tokens
+        raise ValueError(f"{where}: the GGUF vocabulary is inconsistent ({e}); re-download or re-convert the file") from None
+
+
 def build_tokenizer(get: Callable[..., Any], *, where: str):
     """``(tokenizers.Tokenizer, tokenizer_config dict)`` from GGUF metadata; ``get(key, default)`` reads
     a metadata value. ``ValueError`` (naming ``where``) for a vocabulary kind or pre-tokenizer not supported."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
     kind = get("tokenizer.ggml.model")
     if kind not in TOKENIZER_MODELS:
@@ -107,14 +116,15 @@ def build_tokenizer(get: Callable[..., Any], *, where: str):
         merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges", [])]
         if any(len(m) != 2 for m in merges):
             raise ValueError(f"{where}: tokenizer.ggml.merges has entries that are not two tokens separated by a space")
-        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=PRE_TOKENIZERS[pre][1]))
+        tok = _bpe(lambda: models.BPE(vocab, merges, ignore_merges=PRE_TOKENIZERS[pre][1]), where)
         tok.pre_tokenizer = _pre_tokenizer(pre)
         tok.decoder = decoders.ByteLevel()
         add_bos = get("tokenizer.ggml.add_bos_token", False)
     else:
         scores = list(get("tokenizer.ggml.scores", None) or [0.0] * len(tokens))
         merges = score_merges(tokens, scores, types)
-        tok = Tokenizer(models.BPE(vocab, merges, unk_token=special.get("unk_token"), fuse_unk=True, byte_fallback=True))
+        tok = _bpe(lambda: models.BPE(vocab, merges, unk_token=special.get("unk_token"), fuse_unk=True,
+                                      byte_fallback=True), where)
         prefix = bool(get("tokenizer.ggml.add_space_prefix", True))
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE_SPACE, prepend_scheme="first" if prefix else "never",
                                                      split=False)
@@ -125,13 +135,12 @@ def build_tokenizer(get: Callable[..., Any], *, where: str):
                             for i in _ids_by_type(types, CONTROL, UNKNOWN)])
     tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in _ids_by_type(types, USER_DEFINED)])
     add_eos = get("tokenizer.ggml.add_eos_token", False)
-    ends = [special[name] for name, on in (("bos_token", add_bos), ("eos_token", add_eos)) if on and name in special]
-    if ends:
-        first = [special["bos_token"]] if add_bos and "bos_token" in special else []
-        last = [special["eos_token"]] if add_eos and "eos_token" in special else []
+    first = [special["bos_token"]] if add_bos and "bos_token" in special else []
+    last = [special["eos_token"]] if add_eos and "eos_token" in special else []
+    if first or last:  # the tokenizer adds BOS / EOS itself when asked to (transformers' add_special_tokens)
         tok.post_processor = processors.TemplateProcessing(
             single=" ".join(first + ["$A"] + last), pair=" ".join(first + ["$A"] + last + first + ["$B"] + last),
-            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(ends)])
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(first + last)])
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": bool(add_bos),
               "add_eos_token": bool(add_eos), "clean_up_tokenization_spaces": False}
     if get("tokenizer.chat_template", None) is not None:

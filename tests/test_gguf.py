@@ -25,6 +25,7 @@ SPECS = {  # family / tensor type / tied / tokenizer kind; every one with groupe
     "mistral-q4_0-untied-spm": tg.Spec(name="Mistral-7B-tiny", qtype="Q4_0", tied=False, tokenizer="llama"),
     "qwen2-q4_1-tied-bpe": tg.Spec(arch="qwen2", qtype="Q4_1", pre="qwen2"),
     "qwen2-f16-untied-bpe": tg.Spec(arch="qwen2", qtype="F16", tied=False, pre="qwen2"),
+    "llama-bf16-tied-bpe": tg.Spec(qtype="BF16", layers=1, pre="gpt2"),
     "llama-q4_k-llama3-bpe": tg.Spec(qtype="Q4_K", hidden=256, intermediate=256, layers=1, pre="llama-bpe"),
     "llama-q6_k": tg.Spec(qtype="Q6_K", hidden=256, intermediate=512, layers=1, tied=False),
 }
@@ -141,7 +142,7 @@ def _edit(path, out, change):
                             sub_type=field.types[-1] if array else None)
     for key, value in change.items():
         if "." in key:
-            w.add_string(key, value)
+            w.add_array(key, value) if isinstance(value, list) else w.add_string(key, value)
     for t in reader.tensors:
         data, qtype = np.asarray(t.data), t.tensor_type
         if t.name == "blk.0.ffn_up.weight" and "qtype" in change:  # the same elements, bytes of another type
@@ -174,6 +175,8 @@ def test_unsupported_inputs_get_one_clear_line(files, tmp_path, capsys):
     bpe = files["llama-f32-untied-bpe"][0]
     with pytest.raises(ValueError, match="pre-tokenizer 'mystery' .* is not supported; supported: .*smollm"):
         convert_gguf(_edit(bpe, tmp_path / "pre.gguf", {"tokenizer.ggml.pre": "mystery"}), tmp_path / "pre")
+    with pytest.raises(ValueError, match="the GGUF vocabulary is inconsistent"):
+        convert_gguf(_edit(bpe, tmp_path / "merges.gguf", {"tokenizer.ggml.merges": ["zz qq"]}), tmp_path / "merges")
     (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(64))
     assert cli.main(["convert-gguf", str(tmp_path / "not.gguf"), str(tmp_path / "x")]) == 1
     assert "not a readable GGUF file" in capsys.readouterr().err
