@@ -41,8 +41,9 @@ from mora_jax.models.rope import RopeScaling, rope_inv_freq
 
 ARCHITECTURES = ("llama", "qwen2")
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_TENSORS = {
+# GGUF tensor names -> Hugging Face module names (the layer ones under blk.N. / model.layers.N.).
+GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
@@ -109,10 +110,10 @@ class GGUFFile:
 def _hf_name(name: str) -> str | None:
     """GGUF tensor name -> Hugging Face name (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
     parts = name.split(".")
-    if len(parts) == 2 and parts[0] in _GLOBAL_TENSORS:
-        return f"{_GLOBAL_TENSORS[parts[0]]}.{parts[1]}"
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
-        return f"model.layers.{int(parts[1])}.{_LAYER_TENSORS[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in GLOBAL_TENSORS:
+        return f"{GLOBAL_TENSORS[parts[0]]}.{parts[1]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_TENSORS:
+        return f"model.layers.{int(parts[1])}.{LAYER_TENSORS[parts[2]]}.{parts[3]}"
     return None
 
 
@@ -259,5 +260,5 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
     return out
 
 
-__all__ = ["ARCHITECTURES", "TENSOR_TYPES", "GGUFFile", "convert_gguf", "generation_config", "hf_tensors",
+__all__ = ["ARCHITECTURES", "GLOBAL_TENSORS", "LAYER_TENSORS", "TENSOR_TYPES", "GGUFFile", "convert_gguf", "generation_config", "hf_tensors",
            "load_gguf", "permute_rows", "read_config", "unpermute_rows"]

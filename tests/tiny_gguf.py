@@ -101,14 +101,14 @@ def hf_weights(spec: Spec, vocab: int) -> dict[str, np.ndarray]:
 
 
 def _gguf_name(hf: str) -> str:
-    from mora_jax.gguf import _GLOBAL_TENSORS, _LAYER_TENSORS
+    from mora_jax.gguf import GLOBAL_TENSORS, LAYER_TENSORS
 
     module, leaf = hf.rsplit(".", 1)
-    for gguf_name, hf_name in _GLOBAL_TENSORS.items():
+    for gguf_name, hf_name in GLOBAL_TENSORS.items():
         if module == hf_name:
             return f"{gguf_name}.{leaf}"
     _, _, layer, rest = module.split(".", 3)
-    return f"blk.{layer}.{next(g for g, h in _LAYER_TENSORS.items() if h == rest)}.{leaf}"
+    return f"blk.{layer}.{next(g for g, h in LAYER_TENSORS.items() if h == rest)}.{leaf}"
 
 
 def _encode(w: np.ndarray, qtype: str, rng):
