@@ -27,7 +27,8 @@ and ``add_*_token`` keys (a SentencePiece vocabulary without the key adds BOS, a
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE, SentencePiece
@@ -89,7 +90,7 @@ def _bpe(make, where: str):
 
     try:
         return Tokenizer(make())
-    except Exception as e:  # tokenizers raises its own Exception type on merges that name unknown tokens
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on merges naming unknown tokens
         raise ValueError(f"{where}: the GGUF vocabulary is inconsistent ({e}); re-download or re-convert the file") from None
 
 

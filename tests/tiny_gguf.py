@@ -72,7 +72,7 @@ def spm_vocab(directory: pathlib.Path):
                                    hard_vocab_limit=False, num_threads=1, normalization_rule_name="identity",
                                    remove_extra_whitespaces=False, split_digits=True)  # as Llama's
     sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
-    kind = lambda i: 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1  # noqa: E731
+    kind = lambda i: 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
     n = sp.get_piece_size()
     return [sp.id_to_piece(i) for i in range(n)], [kind(i) for i in range(n)], [sp.get_score(i) for i in range(n)], sp
 
@@ -132,14 +132,14 @@ def _encode(w: np.ndarray, qtype: str, rng):
     return raw, t, dequantize(raw, t)
 
 
-def write(path: str | pathlib.Path, spec: Spec = Spec()) -> dict:
+def write(path: str | pathlib.Path, spec: Spec | None = None) -> dict:
     """Write the GGUF file ``path``; returns ``{"weights": HF name -> float32 values as stored (after
     quantization), "tokens": ..., "sp": the SentencePiece processor or None}``."""
     import gguf
 
     from mora_jax.gguf import permute_rows
 
-    path = pathlib.Path(path)
+    path, spec = pathlib.Path(path), spec or Spec()
     rng = np.random.default_rng(spec.seed + 1)
     w = gguf.GGUFWriter(path, spec.arch)
     w.add_name(spec.name)
