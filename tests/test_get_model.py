@@ -5,9 +5,12 @@ is fetched only by the slow test, which compares the converted model with transf
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import jax.numpy as jnp
@@ -23,6 +26,7 @@ from mora_jax.run_config import RunConfig
 from train import get_model as get_model_cli
 
 MEMBER = "tiny_pkg/tiny.Q8_0.gguf"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -140,16 +144,20 @@ def test_smollm2_from_the_package_index_matches_transformers(smollm2_files):
 
 @pytest.mark.slow
 def test_smollm2_quick_finetune_runs(smollm2_files, tmp_path):
-    """configs/smollm2.py:quick on the real model: steps, evaluation (loss and generated answers), export."""
+    """``python -m train.finetune --config=configs/smollm2.py:quick`` on the real model (its own process:
+    about 4 GB at its peak): steps, evaluation (loss and generated answers), the exported adapter."""
     from mora_jax import data as data_lib
-    from mora_jax import recipes
 
     data_lib.write_synthetic_math(tmp_path / "train.jsonl", 64, seed=0)
     data_lib.write_synthetic_math(tmp_path / "eval.jsonl", 8, seed=1)
-    c = smollm2.get_config("quick")
-    c.model.hf_path = str(smollm2_files[0])
-    c.workdir, c.train.progress, c.train.steps = str(tmp_path / "run"), False, 2
-    c.data.source, c.data.eval_source = str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
-    result = recipes.finetune(c)
-    assert int(result.state.step) == 2 and result.final_eval["eval_tokens"] > 0
+    command = [sys.executable, "-m", "train.finetune", "--config=configs/smollm2.py:quick", "--config.train.steps=2",
+               f"--config.model.hf_path={smollm2_files[0]}", f"--config.workdir={tmp_path / 'run'}",
+               f"--config.data.source={tmp_path / 'train.jsonl'}", f"--config.data.eval_source={tmp_path / 'eval.jsonl'}",
+               "--config.train.progress=False"]
+    done = subprocess.run(command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "finished at step 2" in done.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and any("eval_loss" in r for r in rows)
     assert (tmp_path / "run" / "export" / "adapter" / "adapter_model.safetensors").is_file()
