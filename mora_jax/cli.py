@@ -13,6 +13,10 @@
                     [--max-new-tokens N] [--chat] [--temperature T --top-k K --top-p P --seed S]
       Continue each prompt with the base model (plus the adapter, unmerged) and the checkpoint's own
       tokenizer; --chat wraps each prompt in the tokenizer's chat template. Greedy by default.
+  mora-jax convert-gguf FILE OUT_DIR [--dtype float32|bfloat16|float16] [--overwrite]
+      Write a GGUF model (llama.cpp's format: Llama, Mistral, Qwen2; float or quantized) as a Hugging
+      Face directory: config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the
+      chat template) and generation_config.json (mora_jax.gguf.weights.convert_gguf; no torch needed).
 
 User errors (missing or malformed files, adapters that do not fit the base model, an existing or
 unwritable output directory, ...) are reported on stderr as one ``mora-jax: error: ...`` line naming
@@ -279,6 +283,23 @@ def generate_command(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# convert-gguf
+# ---------------------------------------------------------------------------------------------
+
+
+def convert_gguf_command(args) -> int:
+    from mora_jax.gguf.weights import convert_gguf
+
+    out = pathlib.Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise UserError(f"{out} exists and is not an empty directory; choose a new one or pass --overwrite")
+    print(f"converting {args.file} ...", file=sys.stderr, flush=True)
+    convert_gguf(args.file, out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.dtype})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -324,6 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen_parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     gen_parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     gen_parser.set_defaults(run=generate_command)
+
+    gguf_parser = commands.add_parser(
+        "convert-gguf", help="write a GGUF model as a Hugging Face directory",
+        description="Read a GGUF file (llama.cpp's format; architectures llama, mistral and qwen2; float, Q8_0, "
+        "Q4_0, Q4_1, Q5 and K-quant tensors) and write config.json, model.safetensors, tokenizer.json, "
+        "tokenizer_config.json (with the chat template) and generation_config.json.",
+    )
+    gguf_parser.add_argument("file", metavar="FILE", help="the .gguf file")
+    gguf_parser.add_argument("out_dir", metavar="OUT_DIR", help="directory for the Hugging Face model")
+    gguf_parser.add_argument("--dtype", choices=_LOADABLE_DTYPES, default="float32",
+                             help="dtype of the written weights (default float32)")
+    gguf_parser.add_argument("--overwrite", action="store_true", help="replace the model files in a non-empty OUT_DIR")
+    gguf_parser.set_defaults(run=convert_gguf_command)
     return parser
 
 
