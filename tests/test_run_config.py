@@ -20,7 +20,9 @@ def _field_names(cls):
 def test_every_config_section_has_the_fields_of_its_dataclass():
     c = base.base_config()
     run = RunConfig.from_dict(c)
-    assert set(c.keys()) == {f.name for f in dataclasses.fields(RunConfig)}
+    # ``method`` picks the adapter section's class; the RunConfig holds it once, as run.adapter.method
+    assert set(c.keys()) == {f.name for f in dataclasses.fields(RunConfig)} | {"method"}
+    assert run.method == run.adapter.method == c.method and "method" not in _field_names(RunConfig)
     for name in SECTIONS - {"adapter", "mesh"}:
         assert set(c[name].keys()) == _field_names(type(getattr(run, name))), name
     adapter_fields = set().union(*(_field_names(cls) for cls in METHODS.values()))
