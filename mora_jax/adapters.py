@@ -25,7 +25,7 @@ from flax import traverse_util
 from mora_jax import dora, ops
 from mora_jax.dora import DoRAAdapter
 from mora_jax.intercept import record_dense_calls
-from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, LoRAConfig, MoRAConfig
+from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, LoRAConfig, MoRAConfig, PiSSAConfig
 
 Path = tuple[str, ...]
 
@@ -224,6 +224,9 @@ def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None)
     returns ``{}``. ``layout`` (from :func:`dense_layout`) is needed only for stacked or
     multi-input-axis kernels.
     """
+    if isinstance(config, PiSSAConfig):
+        raise TypeError("PiSSA also rewrites the base weights (K -> K - s·A0·B0): use "
+                        "params, adapters = mora_jax.pissa.init(params, config, rng, layout=...)")
     flat = flatten(params)
     paths = _select(flat, config.targets, "targets")
     if isinstance(config, FullConfig):

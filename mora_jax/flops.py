@@ -42,7 +42,7 @@ def adapter_flops_per_token(k: int, d: int, method: str, r: int, mora_type: int 
     backward ``∇m = zᵀ·du`` and ``dz = du·mᵀ``, one forward's worth each. Type 6: the same per chunk
     that reaches the output (:func:`mora_chunks_used`), ``2·n·r̂²``.
     """
-    if method in ("lora", "dora"):  # DoRA's per-token extra (the magnitude scaling) is elementwise
+    if method in ("lora", "pissa", "dora"):  # PiSSA is LoRA at run time; DoRA's per-token extra (the magnitude scaling) is elementwise
         return 2.0 * r * (k + d), 2.0 * k * r
     if method == "mora":
         r_hat = ops.rank_hat(k, d, r, mora_type)
@@ -67,9 +67,9 @@ def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r
                    mora_type: int | None = None, *, skip_dead_input_grads: bool = True,
                    trained_lm_head: bool = False) -> dict[str, float]:
     """Matmul FLOPs of one training step of a LLaMA model, by part (see :func:`model_flops_per_step`)."""
-    if method not in ("full", "lora", "dora", "mora", "frozen"):
-        raise ValueError(f"method must be 'full', 'lora', 'dora', 'mora' or 'frozen', got {method!r}")
-    if method in ("lora", "dora", "mora") and not r:
+    if method not in ("full", "lora", "pissa", "dora", "mora", "frozen"):
+        raise ValueError(f"method must be 'full', 'lora', 'pissa', 'dora', 'mora' or 'frozen', got {method!r}")
+    if method in ("lora", "pissa", "dora", "mora") and not r:
         raise ValueError(f"{method} needs a rank r")
     if method == "mora" and mora_type is None:
         raise ValueError("mora needs a mora_type")
@@ -91,7 +91,7 @@ def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r
                        + (2.0 * D * V * tokens if trained_lm_head else 0.0),
         "adapter": 0.0,
     }
-    if method in ("lora", "dora", "mora"):
+    if method in ("lora", "pissa", "dora", "mora"):
         per_token = per_step = 0.0
         for proj, (k, d) in shapes.items():
             fwd, in_grad = adapter_flops_per_token(k, d, method, r, mora_type)

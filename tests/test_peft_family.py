@@ -13,9 +13,9 @@ import pytest
 
 import mora_jax as mj
 from mora_jax import adapters as adapters_lib
-from mora_jax import dora, flops, remora, sharding, training
+from mora_jax import dora, flops, pissa, remora, sharding, training
 from mora_jax.hf import AdapterFormatError, load_adapter, load_llama, save_adapter
-from mora_jax.methods import METHODS, DoRAConfig, make_config
+from mora_jax.methods import METHODS, DoRAConfig, PiSSAConfig, make_config
 from mora_jax.models.config import LLAMA_CONFIGS
 from mora_jax.optim import partition
 
@@ -171,3 +171,63 @@ def test_dora_peft_files_round_trip(tmp_path, base, ids):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(raw))
     with pytest.raises(AdapterFormatError, match="use_dora is not set"):
         load_adapter(tmp_path / "a", params)
+
+
+# ---- PiSSA --------------------------------------------------------------------------------------
+def test_pissa_init_is_the_principal_part_and_keeps_the_model(base, ids):
+    model, params = base
+    config = PiSSAConfig(r=3, alpha=6.0)
+    with pytest.raises(TypeError, match="pissa.init"):
+        mj.init_adapters(params, config, jax.random.key(0))
+    residual, adapters = pissa.init(params, config, jax.random.key(0))
+    path = ("model", "layers_0", "mlp", "gate_proj", "kernel")
+    kernel = np.asarray(adapters_lib.flatten(params)[path])
+    node = adapters_lib.flatten(adapters)[path]
+    u, s, vt = np.linalg.svd(kernel, full_matrices=False)
+    np.testing.assert_allclose(node.scale * np.asarray(node.a @ node.b), (u[:, :3] * s[:3]) @ vt[:3], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.svd(np.asarray(adapters_lib.flatten(residual)[path]), compute_uv=False)[:-3],
+                               s[3:], atol=1e-5)
+    np.testing.assert_allclose(mj.apply_model(model, residual, ids, adapters=adapters), model.apply({"params": params}, ids),
+                               atol=2e-5)
+    # the randomized SVD (niter subspace iterations) finds the same principal part of a kernel with a decaying spectrum
+    rng = np.random.default_rng(0)
+    q1, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    q2, _ = np.linalg.qr(rng.standard_normal((48, 48)))
+    k = (q1[:, :48] * (0.5 ** np.arange(48))) @ q2.T
+    exact = pissa.principal_init(jnp.asarray(k), 3, 2.0, None, jax.random.key(0))
+    fast = pissa.principal_init(jnp.asarray(k), 3, 2.0, 4, jax.random.key(0))
+    np.testing.assert_allclose(fast[0] @ fast[1], exact[0] @ exact[1], atol=1e-4)
+
+
+def test_pissa_export_is_a_rank_2r_lora_on_the_original_base(base, ids, tmp_path):
+    model, params = base
+    config = PiSSAConfig(r=2, alpha=4.0, rslora=True)
+    residual, initial = pissa.init(params, config, jax.random.key(0))
+    trained = _perturbed(initial, scale=0.02)
+    ours = mj.apply_model(model, residual, ids, adapters=trained)
+    lora_config, lora = pissa.to_lora(trained, initial, config)
+    assert lora_config.r == 4 and lora_config.alpha == pytest.approx(4.0 * np.sqrt(2))
+    np.testing.assert_allclose(mj.apply_model(model, params, ids, adapters=lora), ours, atol=3e-5)
+    save_adapter(tmp_path / "lora", lora_config, lora)
+    _, loaded = load_adapter(tmp_path / "lora", params)
+    np.testing.assert_allclose(mj.apply_model(model, params, ids, adapters=loaded), ours, atol=3e-5)
+
+
+def test_pissa_run_state_and_restart_reruns_the_svd(base, ids):
+    model, params = base
+    config = PiSSAConfig(r=2, alpha=4.0)
+    residual, adapters = pissa.init(params, config, jax.random.key(0))
+    tx = optax.adam(1e-2)
+    state = training.create_train_state(residual, adapters, config, tx, jax.random.key(1))
+    for _ in range(2):
+        state, _ = training.train_step(state, {"input_ids": ids}, model=model, tx=tx, schedule=lambda s: 1e-2)
+    before = training.logits_fn(model, state, ids)
+    restarted = remora.merge_and_reset(state, tx=tx, next_type=None)
+    path = ("model", "layers_1", "self_attn", "o_proj", "kernel")
+    node = adapters_lib.flatten(restarted.adapters)[path]
+    merged = np.asarray(adapters_lib.flatten(mj.merge(state.frozen, state.adapters))[path])
+    u, s, vt = np.linalg.svd(merged, full_matrices=False)
+    np.testing.assert_allclose(node.scale * np.asarray(node.a @ node.b), (u[:, :2] * s[:2]) @ vt[:2], atol=1e-5)
+    np.testing.assert_allclose(training.logits_fn(model, restarted, ids), before, atol=3e-5)
+    assert flops.model_flops_per_step(LLAMA_CONFIGS["tiny"], 2, 8, "pissa", 4) == flops.model_flops_per_step(
+        LLAMA_CONFIGS["tiny"], 2, 8, "lora", 4)

@@ -305,8 +305,8 @@ def _check_adapters_match(config, flat_adapters) -> None:
                     "adapters were created with"
                 )
         else:
-            want = DoRAAdapter if isinstance(config, DoRAConfig) else LoRAAdapter
-            if type(adapter) is not want or (adapter.r, adapter.alpha, adapter.rslora) != (
+            want = DoRAAdapter if isinstance(config, DoRAConfig) else LoRAAdapter  # PiSSA's nodes are LoRA's
+            if not isinstance(adapter, want) or isinstance(adapter, DoRAAdapter) != (want is DoRAAdapter) or (adapter.r, adapter.alpha, adapter.rslora) != (
                 config.r, float(config.alpha), bool(config.rslora)
             ):
                 raise AdapterFormatError(
