@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mora_jax import ops
+from mora_jax import dora, ops
+from mora_jax.dora import DoRAAdapter
 from mora_jax.intercept import record_dense_calls
-from mora_jax.methods import AdapterConfig, FullConfig, LoRAConfig, MoRAConfig
+from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, LoRAConfig, MoRAConfig, PiSSAConfig
 
 Path = tuple[str, ...]
 
@@ -106,11 +107,12 @@ class LoRAAdapter:
         return (kernel.astype(jnp.float32) + sign * self.delta_weight()).astype(kernel.dtype)
 
 
-Adapter = MoRAAdapter | LoRAAdapter
+Adapter = MoRAAdapter | LoRAAdapter | DoRAAdapter
+ADAPTER_TYPES = (MoRAAdapter, LoRAAdapter, DoRAAdapter)
 
 
 def is_adapter(x) -> bool:
-    return isinstance(x, (MoRAAdapter, LoRAAdapter))
+    return isinstance(x, ADAPTER_TYPES)
 
 
 def _is_mora(x) -> bool:
@@ -217,10 +219,14 @@ def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None)
     """A new adapter pytree for the kernels that ``config.targets`` selects.
 
     MoRA ``m`` starts at zero; LoRA ``a`` is kaiming-uniform (PyTorch's ``a=√5`` on the ``(r, k)``
-    matrix, i.e. ``U(-1/√k, 1/√k)``) and ``b`` zero; all float32. ``FullConfig`` has no adapters and
+    matrix, i.e. ``U(-1/√k, 1/√k)``) and ``b`` zero; DoRA as LoRA plus ``magnitude = ‖K‖_c``
+    (:mod:`mora_jax.dora`); all float32. ``FullConfig`` has no adapters and
     returns ``{}``. ``layout`` (from :func:`dense_layout`) is needed only for stacked or
     multi-input-axis kernels.
     """
+    if isinstance(config, PiSSAConfig):
+        raise TypeError("PiSSA also rewrites the base weights (K -> K - s·A0·B0): use "
+                        "params, adapters = mora_jax.pissa.init(params, config, rng, layout=...)")
     flat = flatten(params)
     paths = _select(flat, config.targets, "targets")
     if isinstance(config, FullConfig):
@@ -241,8 +247,10 @@ def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None)
                 a=a, b=jnp.zeros((*stack, config.r, d), jnp.float32), in_features=k, out_features=d,
                 alpha=float(config.alpha), rslora=bool(config.rslora), dropout=config.dropout,
             )
+        elif isinstance(config, DoRAConfig):
+            out[path] = dora.init_adapter(flat[path], stack, k, d, config, jax.random.fold_in(rng, i))
         else:
-            raise TypeError(f"config must be MoRAConfig, LoRAConfig or FullConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be one of the mora_jax.methods configs, got {type(config).__name__}")
     return unflatten(out)
 
 
@@ -288,6 +296,38 @@ def _merge(params, adapters, sign: float):
     return unflatten(flat_params)
 
 
+def merge_with_norms(params, adapters):
+    """:func:`merge` plus what :func:`unmerge_with_norms` needs to undo it exactly: for each DoRA
+    adapter the column norm ``‖K + s·A·B‖_c`` at merge time (a tree like ``adapters``; None for the
+    other methods, whose merge :func:`unmerge` undoes alone)."""
+    flat_params, flat_adapters = flatten(params), flatten(adapters)
+    norms = {}
+    for path, adapter in flat_adapters.items():
+        if isinstance(adapter, DoRAAdapter):
+            kernel = flat_params[path]
+            stack = _check_fits(path, kernel, adapter)
+            merged, norms[path] = adapter.merged_kernel(kernel.reshape(*stack, adapter.in_features,
+                                                                       adapter.out_features))
+            flat_params[path] = merged.astype(kernel.dtype).reshape(kernel.shape)
+        else:
+            norms[path] = None
+    others = {p: a for p, a in flat_adapters.items() if not isinstance(a, DoRAAdapter)}
+    return merge(unflatten(flat_params), unflatten(others)), unflatten(norms)
+
+
+def unmerge_with_norms(params, adapters, norms):
+    """The inverse of :func:`merge_with_norms` (``norms`` is its second output)."""
+    flat_params, flat_adapters, flat_norms = flatten(params), flatten(adapters), flatten(norms)
+    for path, adapter in flat_adapters.items():
+        if isinstance(adapter, DoRAAdapter):
+            kernel = flat_params[path]
+            stack = _check_fits(path, kernel, adapter)
+            kernel_KxD = kernel.reshape(*stack, adapter.in_features, adapter.out_features)
+            flat_params[path] = adapter.unmerge_kernel(kernel_KxD, flat_norms[path]).reshape(kernel.shape)
+    others = {p: a for p, a in flat_adapters.items() if not isinstance(a, DoRAAdapter)}
+    return unmerge(unflatten(flat_params), unflatten(others))
+
+
 def merge(params, adapters):
     """Params with every adapter folded in, ``K ← K + ΔK`` (float32 accumulate, cast back to ``K``'s dtype).
 
@@ -297,7 +337,7 @@ def merge(params, adapters):
 
 
 def unmerge(params, adapters):
-    """The inverse of :func:`merge`: ``K ← K − ΔK``."""
+    """The inverse of :func:`merge`: ``K ← K − ΔK`` (DoRA: use :func:`unmerge_with_norms`)."""
     return _merge(params, adapters, -1.0)
 
 

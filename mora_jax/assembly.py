@@ -26,11 +26,12 @@ from jax.sharding import Mesh
 
 from mora_jax import adapters as adapters_lib
 from mora_jax import mesh as mesh_lib
-from mora_jax import sharding, training
+from mora_jax import pissa, sharding, training
 from mora_jax import steps as steps_lib
 from mora_jax.hf.checkpoints import load_llama, read_config
 from mora_jax.models.config import LLAMA_CONFIGS, LlamaConfig
 from mora_jax.models.llama import LlamaForCausalLM, abstract_params, init_params
+from mora_jax.methods import PiSSAConfig
 from mora_jax.run_config import RunConfig
 
 
@@ -95,10 +96,14 @@ def scan_layout(model) -> Any:
 
 def initial_state(params, config: RunConfig, layout=None) -> training.TrainState:
     """The state a run starts from: ``params`` frozen or trained as ``config.adapter`` says, fresh
-    adapters (ReMoRA: of the cycle's first type) and optimizer states."""
+    adapters (ReMoRA: of the cycle's first type; PiSSA: from the kernels' SVD, the kernels replaced
+    by their residuals) and optimizer states."""
     rng = jax.random.key(config.seed)
     adapter_config = config.initial_adapter_config()
-    adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
+    if isinstance(adapter_config, PiSSAConfig):  # the base becomes the SVD residual
+        params, adapters = pissa.init(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
+    else:
+        adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
     return training.create_train_state(params, adapters, adapter_config, config.optim.optimizer(),
                                        jax.random.fold_in(rng, 2))
 

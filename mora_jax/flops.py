@@ -42,23 +42,34 @@ def adapter_flops_per_token(k: int, d: int, method: str, r: int, mora_type: int 
     backward ``∇m = zᵀ·du`` and ``dz = du·mᵀ``, one forward's worth each. Type 6: the same per chunk
     that reaches the output (:func:`mora_chunks_used`), ``2·n·r̂²``.
     """
-    if method == "lora":
+    if method in ("lora", "pissa", "dora"):  # PiSSA is LoRA at run time; DoRA's per-token extra (the magnitude scaling) is elementwise
         return 2.0 * r * (k + d), 2.0 * k * r
     if method == "mora":
         r_hat = ops.rank_hat(k, d, r, mora_type)
         n = mora_chunks_used(k, d, r_hat) if mora_type == 6 else 1
         fwd = 2.0 * n * r_hat * r_hat
         return fwd, fwd
-    raise ValueError(f"adapter method must be 'lora' or 'mora', got {method!r}")
+    raise ValueError(f"adapter method must be 'lora', 'dora' or 'mora', got {method!r}")
+
+
+def adapter_flops_per_step(k: int, d: int, method: str, r: int) -> float:
+    """Matmul FLOPs an adapter on a ``k × d`` kernel needs once per step, independent of the tokens.
+
+    DoRA: the detached column norm ``‖K + s·A·B‖_c`` (``mora_jax.dora.weight_norm``): ``Aᵀ·K``
+    (``2·k·d·r``), ``AᵀA`` (``2·k·r²``) and ``(AᵀA)·B`` (``2·r²·d``). Zero for the other methods.
+    """
+    if method == "dora":
+        return 2.0 * k * d * r + 2.0 * k * r * r + 2.0 * r * r * d
+    return 0.0
 
 
 def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r: int | None = None,
                    mora_type: int | None = None, *, skip_dead_input_grads: bool = True,
                    trained_lm_head: bool = False) -> dict[str, float]:
     """Matmul FLOPs of one training step of a LLaMA model, by part (see :func:`model_flops_per_step`)."""
-    if method not in ("full", "lora", "mora", "frozen"):
-        raise ValueError(f"method must be 'full', 'lora', 'mora' or 'frozen', got {method!r}")
-    if method in ("lora", "mora") and not r:
+    if method not in ("full", "lora", "pissa", "dora", "mora", "frozen"):
+        raise ValueError(f"method must be 'full', 'lora', 'pissa', 'dora', 'mora' or 'frozen', got {method!r}")
+    if method in ("lora", "pissa", "dora", "mora") and not r:
         raise ValueError(f"{method} needs a rank r")
     if method == "mora" and mora_type is None:
         raise ValueError("mora needs a mora_type")
@@ -80,14 +91,15 @@ def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r
                        + (2.0 * D * V * tokens if trained_lm_head else 0.0),
         "adapter": 0.0,
     }
-    if method in ("lora", "mora"):
-        per_token = 0.0
+    if method in ("lora", "pissa", "dora", "mora"):
+        per_token = per_step = 0.0
         for proj, (k, d) in shapes.items():
             fwd, in_grad = adapter_flops_per_token(k, d, method, r, mora_type)
             per_token += L * 3.0 * fwd
+            per_step += L * adapter_flops_per_step(k, d, method, r)
             if skip_dead_input_grads and proj in ("q_proj", "k_proj", "v_proj"):
                 per_token -= in_grad
-        out["adapter"] = per_token * tokens
+        out["adapter"] = per_token * tokens + per_step
     return out
 
 
@@ -106,8 +118,9 @@ def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: 
     * backward, trained kernels (``"full"`` only): the weight gradient, another ``2·P_blocks·tokens``;
       the LM head's, ``2·D·V·tokens``, only with ``trained_lm_head`` (a recipe that unfreezes it,
       like the reference's pretraining);
-    * adapters (``"lora"``/``"mora"``): their own matmuls, three times the forward
-      (:func:`adapter_flops_per_token`): LoRA ``2·tokens·r·(k+d)·3``; MoRA ``2·tokens·r̂²·3`` (types
+    * adapters (``"lora"``/``"dora"``/``"mora"``): their own matmuls, three times the forward
+      (:func:`adapter_flops_per_token`): LoRA and DoRA ``2·tokens·r·(k+d)·3`` (DoRA adds its
+      per-step column norm, :func:`adapter_flops_per_step`); MoRA ``2·tokens·r̂²·3`` (types
       1–4) or ``2·tokens·n·r̂²·3`` (type 6, ``n`` chunks reaching the output);
     * ``"frozen"``: the base model alone with every kernel frozen (what any adapter method pays
       before its adapter matmuls), so ``full − frozen`` is exactly the weight-gradient term.
@@ -122,4 +135,4 @@ def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: 
                                     trained_lm_head=trained_lm_head).values()))
 
 
-__all__ = ["adapter_flops_per_token", "flop_breakdown", "llama_kernel_shapes", "model_flops_per_step", "mora_chunks_used"]
+__all__ = ["adapter_flops_per_step", "adapter_flops_per_token", "flop_breakdown", "llama_kernel_shapes", "model_flops_per_step", "mora_chunks_used"]

@@ -68,9 +68,50 @@ def _adapter_interceptor(next_fun, args, kwargs, context):
     if not module.has_variable(ADAPTER_COLLECTION, "kernel"):
         return next_fun(*args, **kwargs)
     adapter = module.get_variable(ADAPTER_COLLECTION, "kernel")
-    y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
+    if getattr(adapter, "uses_kernel", False):
+        return _kernel_adapter_output(module, adapter, x, lambda: next_fun(*args, **kwargs))
+    y = next_fun(*args, **kwargs)
     return y + _adapter_delta(module, adapter, x, y)
+
+
+def _kernel_adapter_output(module, adapter, x, base_fn):
+    """The layer's output under an adapter that needs the frozen kernel (DoRA, HiRA): the adapter's
+    ``dense_output`` gets the input and kernel as ``(..., k)`` / ``(k, d)``, the frozen layer's output
+    as a thunk (it may not need it), the bias, the dropout (None when inactive) and the compute dtype."""
+    n_in = _input_axes(module, x)
+    lead = x.shape[: x.ndim - n_in]
+    kernel = module.get_variable("params", "kernel")
+    k, d = adapter.in_features, adapter.out_features
+    if math.prod(x.shape[len(lead):]) != k or kernel.size != k * d:
+        raise ValueError(
+            f"adapter at {'/'.join(module.scope.path)}/kernel is {k}x{d} but the layer's kernel has shape "
+            f"{tuple(kernel.shape)}. For stacked (nn.scan) or multi-input-axis kernels pass "
+            "layout=mora_jax.dense_layout(model, ...) to init_adapters"
+        )
+    bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
+    dtype = module.dtype or jax.numpy.result_type(x, kernel)
+    out_shape = None
+
+    def base():
+        nonlocal out_shape
+        y = base_fn()
+        out_shape = y.shape
+        return y.reshape(*lead, d)
+
+    dropout_fn = None
+    if adapter.dropout > 0.0 and module.scope.has_rng("dropout"):
+        keep = 1.0 - adapter.dropout
+
+        def dropout_fn(x_BxK):
+            mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x_BxK.shape)
+            return jax.numpy.where(mask, x_BxK / keep, 0).astype(x_BxK.dtype)
+
+    y = adapter.dense_output(x.reshape(*lead, k).astype(dtype), kernel.reshape(k, d), base_fn=base,
+                             bias_D=None if bias is None else bias.reshape(d), dropout_fn=dropout_fn, dtype=dtype,
+                             precision=getattr(module, "precision", None))
+    features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
+    return y.reshape(out_shape or (*lead, *features))
 
 
 def apply_model(model: nn.Module, params, *args, adapters=None, **kwargs):

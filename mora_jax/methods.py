@@ -102,7 +102,57 @@ class FullConfig:
         _check_selection(self)
 
 
-AdapterConfig = Union[MoRAConfig, LoRAConfig, FullConfig]
+def _check_lora_like(name: str, config) -> None:
+    _check_rank(name, config.r)
+    if not config.alpha > 0:
+        raise ValueError(f"{name}.alpha must be positive, got {config.alpha!r}")
+    _check_dropout(config.dropout)
+    _check_selection(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class DoRAConfig:
+    """DoRA (weight-decomposed LoRA): ``K' = (mag/‖K + s·A·B‖_c)·(K + s·A·B)`` per output column,
+    ``mag`` trainable (initialised to ``‖K‖_c``), the column norm detached in the backward pass as in
+    the DoRA paper and Hugging Face PEFT. ``s`` is LoRA's scale (``α/r``, rsLoRA ``α/√r``)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    targets: tuple[str, ...] = (LLAMA_TARGETS,)
+    dropout: float = 0.0
+    unfreeze: tuple[str, ...] = ()
+    method = "dora"
+
+    def __post_init__(self):
+        _check_lora_like("DoRAConfig", self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PiSSAConfig:
+    """PiSSA: LoRA whose ``A``, ``B`` start from the ``r`` principal singular triplets of the frozen
+    kernel (``s·A·B = U_r·S_r·V_rᵀ``) and whose base becomes the residual ``K − s·A₀·B₀``.
+
+    ``niter``: None for the exact SVD; an int for the randomized SVD with that many subspace
+    iterations (PEFT's ``init_lora_weights="pissa_niter_<n>"``)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    targets: tuple[str, ...] = (LLAMA_TARGETS,)
+    dropout: float = 0.0
+    unfreeze: tuple[str, ...] = ()
+    niter: int | None = None
+    method = "pissa"
+
+    def __post_init__(self):
+        _check_lora_like("PiSSAConfig", self)
+        if self.niter is not None and (isinstance(self.niter, bool) or not isinstance(self.niter, int)
+                                       or self.niter < 0):
+            raise ValueError(f"PiSSAConfig.niter must be None (exact SVD) or an int >= 0, got {self.niter!r}")
+
+
+AdapterConfig = Union[MoRAConfig, LoRAConfig, DoRAConfig, PiSSAConfig, FullConfig]
 
 
 def _check_dropout(rate) -> None:
@@ -111,7 +161,7 @@ def _check_dropout(rate) -> None:
 
 
 # The one registry of methods: name -> config class (each class's ``method`` is its name).
-METHODS: dict[str, type] = {c.method: c for c in (MoRAConfig, LoRAConfig, FullConfig)}
+METHODS: dict[str, type] = {c.method: c for c in (MoRAConfig, LoRAConfig, DoRAConfig, PiSSAConfig, FullConfig)}
 
 
 def config_class(method: str) -> type:
@@ -131,5 +181,5 @@ def make_config(method: str, **kwargs) -> AdapterConfig:
     return cls(**kwargs)
 
 
-__all__ = ["METHODS", "AdapterConfig", "FullConfig", "LLAMA_FULLY_TRAINED", "LLAMA_TARGETS", "LoRAConfig", "MoRAConfig",
+__all__ = ["METHODS", "AdapterConfig", "DoRAConfig", "FullConfig", "PiSSAConfig", "LLAMA_FULLY_TRAINED", "LLAMA_TARGETS", "LoRAConfig", "MoRAConfig",
            "config_class", "make_config"]

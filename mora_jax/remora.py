@@ -3,7 +3,8 @@
 After the update of step ``s`` with ``s % T == 0`` (``s > 0``): every adapted kernel becomes
 ``K + ΔK`` (float32 accumulate, cast back, inside ``jax.jit`` on the sharded, donated weights),
 MoRA's ``m`` restarts at zero with the next operator type of the cycle (reference: 1→2→3→4→1),
-LoRA's ``a`` is re-initialised and ``b`` zeroed, and the adapters get a fresh optimizer state
+LoRA's ``a`` is re-initialised and ``b`` zeroed (DoRA's magnitude restarts at the merged kernel's column
+norms; PiSSA runs its SVD again on the merged kernel and freezes the new residual), and the adapters get a fresh optimizer state
 (moments and step count) while fully trained parameters keep theirs. The learning-rate restart is
 part of the schedule (``mora_jax.schedules``).
 """
@@ -17,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mora_jax import ops
+from mora_jax import dora, ops, pissa
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, merge, unflatten
+from mora_jax.dora import DoRAAdapter
+from mora_jax.pissa import PiSSAAdapter
 from mora_jax.training import TrainState
 
 REFERENCE_CYCLE = (1, 2, 3, 4)  # the reference's remora_types=4; (1, 2) is its alternative
@@ -64,10 +67,12 @@ class RemoraConfig:
         return self.type_cycle[(completed_steps // self.every) % len(self.type_cycle)]
 
 
-def fresh_adapters(adapters, rng, mora_type: int | None = None):
+def fresh_adapters(adapters, rng, mora_type: int | None = None, merged_params=None):
     """New adapters of the same shapes: MoRA ``m = 0`` (optionally another type), LoRA ``a`` re-initialised
-    (kaiming-uniform) and ``b = 0``."""
+    (kaiming-uniform) and ``b = 0``; DoRA as LoRA with ``magnitude`` the column norms of the merged
+    kernels in ``merged_params`` (needed for DoRA), so the model is unchanged by the restart."""
     flat = flatten(adapters)
+    flat_params = flatten(merged_params) if merged_params is not None else {}
     out = {}
     for i, (path, adapter) in enumerate(sorted(flat.items())):
         if isinstance(adapter, MoRAAdapter):
@@ -75,10 +80,18 @@ def fresh_adapters(adapters, rng, mora_type: int | None = None):
             if new_type != adapter.mora_type and (new_type == 6) != (adapter.mora_type == 6):
                 raise ValueError(f"cannot switch {'/'.join(path)} between type 6 and types 1-4 at a merge")
             out[path] = adapter.replace(m=jnp.zeros_like(adapter.m), mora_type=new_type)
+        elif isinstance(adapter, PiSSAAdapter):
+            raise ValueError(f"the PiSSA adapter at {'/'.join(path)} restarts with its base kernel (a new SVD): use "
+                             "merge_and_reset, or mora_jax.pissa.restart")
         elif isinstance(adapter, LoRAAdapter):
             bound = 1.0 / math.sqrt(adapter.in_features)
             a = jax.random.uniform(jax.random.fold_in(rng, i), adapter.a.shape, adapter.a.dtype, -bound, bound)
             out[path] = adapter.replace(a=a, b=jnp.zeros_like(adapter.b))
+        elif isinstance(adapter, DoRAAdapter):
+            if path not in flat_params:
+                raise ValueError(f"restarting the DoRA adapter at {'/'.join(path)} needs its merged kernel: "
+                                 "pass merged_params to fresh_adapters")
+            out[path] = dora.fresh(adapter, flat_params[path], jax.random.fold_in(rng, i))
         else:
             raise TypeError(f"not an adapter at {'/'.join(path)}: {type(adapter).__name__}")
     return unflatten(out)
@@ -93,7 +106,10 @@ def merge_and_reset(state: TrainState, *, tx: optax.GradientTransformation, next
     adapters = state.trainables["adapters"]
     frozen = merge(state.frozen, adapters)
     rng, init_rng = jax.random.split(state.rng)
-    new_adapters = fresh_adapters(adapters, init_rng, next_type)
+    frozen, restarted = _restart_pissa(frozen, adapters, jax.random.fold_in(init_rng, 1))
+    others = unflatten({p: a for p, a in flatten(adapters).items() if p not in restarted})
+    new_adapters = unflatten({**flatten(fresh_adapters(others, init_rng, next_type, merged_params=frozen)),
+                              **restarted})
     trainables = dict(state.trainables, adapters=new_adapters)
     opt_state = dict(state.opt_state)
     if reset_optimizer:
@@ -101,6 +117,15 @@ def merge_and_reset(state: TrainState, *, tx: optax.GradientTransformation, next
     else:  # keep the moments, re-labelled for the new adapter tree (same shapes)
         opt_state["adapters"] = _retarget(opt_state["adapters"], adapters, new_adapters)
     return state.replace(frozen=frozen, trainables=trainables, opt_state=opt_state, rng=rng)
+
+
+def _restart_pissa(frozen, adapters, rng):
+    """PiSSA adapters restart by a new SVD of the merged kernel: ``(frozen with residuals, {path: adapter})``."""
+    flat_frozen, restarted = flatten(frozen), {}
+    for i, (path, adapter) in enumerate(sorted(flatten(adapters).items())):
+        if isinstance(adapter, PiSSAAdapter):
+            flat_frozen[path], restarted[path] = pissa.restart(adapter, flat_frozen[path], jax.random.fold_in(rng, i))
+    return (unflatten(flat_frozen) if restarted else frozen), restarted
 
 
 def _retarget(opt_state, old_adapters, new_adapters):

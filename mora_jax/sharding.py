@@ -19,8 +19,8 @@ Three layers of naming, as in MaxText / big_vision:
    that no rule matches are replicated.
 
 Adapters: MoRA's ``m`` (``r̂ × r̂``, or ``(L, r̂, r̂)`` when scanned) is small and replicated unless
-a rule matches its path (``…/q_proj/kernel/m``); LoRA's ``a (k, r)`` / ``b (r, d)`` shard ``k`` / ``d``
-like the adapted kernel's input / output dimension. Optimizer-state leaves follow the trainable
+a rule matches its path (``…/q_proj/kernel/m``); LoRA's (and DoRA's) ``a (k, r)`` / ``b (r, d)`` shard
+``k`` / ``d`` like the adapted kernel's input / output dimension, DoRA's ``magnitude (d,)`` like ``d``. Optimizer-state leaves follow the trainable
 leaf they belong to (matched by key-path suffix and shape); scalars (step counts, injected
 hyperparameters) are replicated.
 
@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mora_jax import adapters as adapters_lib
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, is_adapter
+from mora_jax.dora import DoRAAdapter
 from mora_jax.mesh import mesh_context, put, replicated
 
 logger = logging.getLogger(__name__)
@@ -220,11 +221,14 @@ def _adapter_specs(path: str, adapter, mesh: Mesh, rules: ShardingRules):
     """The adapter node with each array field replaced by its PartitionSpec."""
     if isinstance(adapter, MoRAAdapter):
         return adapter.replace(m=param_spec(f"{path}/m", adapter.m.shape, mesh, rules))
-    if isinstance(adapter, LoRAAdapter):
+    if isinstance(adapter, (LoRAAdapter, DoRAAdapter)):
         specs = {}
         kernel_axes = rules.param_logical_axes(path) or ()
         k_axis, d_axis = kernel_axes[-2:] if len(kernel_axes) >= 2 else (None, None)
-        for field, logical in (("a", (k_axis, None)), ("b", (None, d_axis))):
+        fields = [("a", (k_axis, None)), ("b", (None, d_axis))]
+        if isinstance(adapter, DoRAAdapter):
+            fields.append(("magnitude", (d_axis,)))
+        for field, logical in fields:
             leaf = getattr(adapter, field)
             own = rules.param_logical_axes(f"{path}/{field}")  # an explicit rule wins
             specs[field] = spec_from_logical(leaf.shape, own if own is not None else logical, mesh, rules,

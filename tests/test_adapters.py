@@ -210,7 +210,7 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="invalid regular expression"):
         mj.LoRAConfig(targets=("(",))
     with pytest.raises(ValueError, match="unknown method"):
-        mj.make_config("dora")
+        mj.make_config("vera")
     other = MLP().init(jax.random.key(0), jnp.ones((1, 30)))["params"]  # fc1 is 30 -> 48 there
     adapters = mj.init_adapters(other, mj.MoRAConfig(r=2, mora_type=1, targets=ALL_KERNELS), jax.random.key(0))
     with pytest.raises(ValueError, match=r"'fc1/kernel' does not fit the kernel.*30x48.*\(20, 48\)"):

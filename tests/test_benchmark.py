@@ -89,7 +89,7 @@ def test_mora_flops_by_hand():
 
 def test_flops_errors():
     with pytest.raises(ValueError, match="method"):
-        flops.model_flops_per_step(TINY, 1, 1, "dora")
+        flops.model_flops_per_step(TINY, 1, 1, "vera")
     with pytest.raises(ValueError, match="rank"):
         flops.model_flops_per_step(TINY, 1, 1, "lora")
     with pytest.raises(ValueError, match="mora_type"):

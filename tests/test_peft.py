@@ -263,14 +263,14 @@ LOAD_ERRORS = {
     "type-mismatch": (None, {"mora_type": 1}, None, AdapterFormatError, r"mora_type 1 gives r̂=31"),
     "odd-type6": (None, None, _odd_q_proj, AdapterFormatError, r"q_proj\.lora_A\.weight.*type 6.*even r̂, got 21"),
     "b-differs": (None, None, _b_differs, AdapterFormatError, r"lora_B\.weight differs from lora_A\.weight"),
-    "dora": (None, {"use_dora": True}, None, AdapterFormatError, r"DoRA.*not supported"),
+    "dora-and-mora": (None, {"use_dora": True}, None, AdapterFormatError, r"use_mora and use_dora \(DoRA\) are both set"),
     "modules-to-save": (None, {"modules_to_save": ["lm_head"]}, None, AdapterFormatError, r"modules_to_save.*not supported"),
     "rank-pattern": (None, {"rank_pattern": {"q_proj": 8}}, None, AdapterFormatError, r"rank_pattern.*not supported"),
     "bias": (None, {"bias": "all"}, None, AdapterFormatError, r"bias='all'.*not supported"),
     "peft-type": (None, {"peft_type": "IA3"}, None, AdapterFormatError, r"peft_type 'IA3' is not supported"),
     "unknown-type": (None, {"mora_type": 5}, None, AdapterFormatError, r"unknown mora_type 5"),
     "bad-r": (None, {"r": 0}, None, AdapterFormatError, r"'r' must be a positive int"),
-    "extra-tensor": (None, None, _dora_magnitude, AdapterFormatError, r"not LoRA/MoRA weights.*lora_magnitude_vector"),
+    "extra-tensor": (None, None, _dora_magnitude, AdapterFormatError, r"lora_magnitude_vector but use_dora is not set"),
     "lora-shapes": (None, {"use_mora": False}, None, AdapterFormatError, r"should be \(4, 172\) and \(64, 4\)"),
 }  # fmt: skip
 

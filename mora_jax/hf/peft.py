@@ -4,7 +4,7 @@
 LoRA) into an adapter tree for the given base parameters (unrolled ``model/layers_{i}`` or scanned
 ``model/layers`` with a leading layer axis); ``save_adapter`` writes one that the reference (and, for
 LoRA, stock PEFT) loads. Everything that would change the adapted model's function but is not
-modelled here (DoRA, ``modules_to_save``, per-layer ranks, trained biases, ...) is refused with a
+modelled here (``modules_to_save``, per-layer ranks, trained biases, ...) is refused with a
 message saying so.
 
 Design: the format itself (file and tensor names, safe reading, the supported options, the config
@@ -28,6 +28,7 @@ import numpy as np
 
 from mora_jax import ops
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, is_adapter, path_str, unflatten
+from mora_jax.dora import DoRAAdapter
 from mora_jax.hf.files import Path, hf_name_to_path, layer_index, write_safetensors, write_text_atomic
 from mora_jax.hf.peft_files import (
     ADAPTER_CONFIG_FILE,
@@ -45,7 +46,7 @@ from mora_jax.hf.peft_files import (
     target_modules_for,
     tensor_name,
 )
-from mora_jax.methods import LoRAConfig, MoRAConfig
+from mora_jax.methods import DoRAConfig, LoRAConfig, MoRAConfig
 
 # ---------------------------------------------------------------------------------------------
 # load_adapter
@@ -128,7 +129,18 @@ def _lora_matrices(module: str, parts, k: int, d: int, r: int, where) -> tuple[n
     return np.ascontiguousarray(a_t.astype(np.float32).T), np.ascontiguousarray(b_t.astype(np.float32).T)
 
 
-def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig, dict]:
+def _magnitude(module: str, parts, d: int, where) -> np.ndarray:
+    """DoRA's ``lora_magnitude_vector`` ``(d,)`` float32."""
+    if "lora_magnitude_vector" not in parts:
+        raise AdapterFormatError(f"{where}: {TENSOR_PREFIX}{module}.lora_magnitude_vector is missing (use_dora is set)")
+    mag = parts["lora_magnitude_vector"]
+    if mag.shape != (d,):
+        raise AdapterFormatError(f"{where}: {TENSOR_PREFIX}{module}.lora_magnitude_vector has shape {mag.shape}, but "
+                                 f"the base layer has {d} output features; the adapter was trained for another model")
+    return mag.astype(np.float32)
+
+
+def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig | DoRAConfig, dict]:
     """Read a PEFT adapter directory (MoRA reference format or plain LoRA) for the base ``params``.
 
     Args:
@@ -154,6 +166,7 @@ def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig, dict]:
     modules = group_tensors(read_adapter_tensors(directory), where)
 
     use_mora = bool(raw.get("use_mora"))
+    use_dora = bool(raw.get("use_dora"))
     r = int(raw["r"])
     mora_type = int(raw.get("mora_type", 1))
     alpha = float(raw.get("lora_alpha", 8))
@@ -184,6 +197,11 @@ def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig, dict]:
             value = _mora_matrix(module, modules[module], k, d, r, mora_type, where)
         else:
             value = _lora_matrices(module, modules[module], k, d, r, where)
+            if use_dora:
+                value = (*value, _magnitude(module, modules[module], d, where))
+        if not use_dora and "lora_magnitude_vector" in modules[module]:
+            raise AdapterFormatError(f"{where}: {module} has a lora_magnitude_vector but use_dora is not set in "
+                                     "adapter_config.json; set \"use_dora\": true if it is a DoRA adapter")
         per_kernel.setdefault(kernel_path, {})[layer] = (value, k, d)
     if unmatched:
         raise AdapterFormatError(
@@ -215,6 +233,12 @@ def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig, dict]:
                 m=_device_array(stack(items)), in_features=k, out_features=d, mora_type=mora_type, r=r,
                 dropout=dropout,
             )
+        elif use_dora:
+            flat_adapters[kernel_path] = DoRAAdapter(
+                a=_device_array(stack([v[0] for v in items])), b=_device_array(stack([v[1] for v in items])),
+                magnitude=_device_array(stack([v[2] for v in items])),
+                in_features=k, out_features=d, alpha=alpha, rslora=rslora, dropout=dropout,
+            )
         else:
             flat_adapters[kernel_path] = LoRAAdapter(
                 a=_device_array(stack([a for a, _ in items])), b=_device_array(stack([b for _, b in items])),
@@ -224,6 +248,8 @@ def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig, dict]:
     targets = _config_targets(raw.get("target_modules"), flat_params, set(flat_adapters))
     if use_mora:
         config = MoRAConfig(r=r, mora_type=mora_type, targets=targets, dropout=dropout)
+    elif use_dora:
+        config = DoRAConfig(r=r, alpha=alpha, rslora=rslora, targets=targets, dropout=dropout)
     else:
         config = LoRAConfig(r=r, alpha=alpha, rslora=rslora, targets=targets, dropout=dropout)
     return config, unflatten(flat_adapters)
@@ -279,11 +305,13 @@ def _check_adapters_match(config, flat_adapters) -> None:
                     "adapters were created with"
                 )
         else:
-            if not isinstance(adapter, LoRAAdapter) or (adapter.r, adapter.alpha, adapter.rslora) != (
+            want = DoRAAdapter if isinstance(config, DoRAConfig) else LoRAAdapter  # PiSSA's nodes are LoRA's
+            if not isinstance(adapter, want) or isinstance(adapter, DoRAAdapter) != (want is DoRAAdapter) or (adapter.r, adapter.alpha, adapter.rslora) != (
                 config.r, float(config.alpha), bool(config.rslora)
             ):
                 raise AdapterFormatError(
-                    f"adapter at {path_str(path)} does not match the LoRAConfig(r={config.r}, alpha={config.alpha}, "
+                    f"adapter at {path_str(path)} does not match the {type(config).__name__}(r={config.r}, "
+                    f"alpha={config.alpha}, "
                     f"rslora={config.rslora}) given to save_adapter ({_describe(adapter)}); pass the config the "
                     "adapters were created with"
                 )
@@ -292,10 +320,12 @@ def _check_adapters_match(config, flat_adapters) -> None:
 def _describe(adapter) -> str:
     if isinstance(adapter, MoRAAdapter):
         return f"MoRA r={adapter.r}, type {adapter.mora_type}"
+    if isinstance(adapter, DoRAAdapter):
+        return f"DoRA r={adapter.r}, alpha={adapter.alpha}, rslora={adapter.rslora}"
     return f"LoRA r={adapter.r}, alpha={adapter.alpha}, rslora={adapter.rslora}"
 
 
-def adapter_tensors(config: MoRAConfig | LoRAConfig, adapters) -> dict[str, np.ndarray]:
+def adapter_tensors(config: MoRAConfig | LoRAConfig | DoRAConfig, adapters) -> dict[str, np.ndarray]:
     """The PEFT state dict (name -> numpy array in PyTorch layout) of an adapter tree."""
     flat = flatten(adapters)
     if not flat:
@@ -315,12 +345,15 @@ def adapter_tensors(config: MoRAConfig | LoRAConfig, adapters) -> dict[str, np.n
             for (module, a_2d), (_, b_2d) in zip(a, b):
                 tensors[tensor_name(module, "lora_A")] = np.ascontiguousarray(a_2d.T)  # (r, k)
                 tensors[tensor_name(module, "lora_B")] = np.ascontiguousarray(b_2d.T)  # (d, r)
+            if isinstance(adapter, DoRAAdapter):
+                for module, mag in _per_layer(path, np.asarray(jax.device_get(adapter.magnitude))[..., None]):
+                    tensors[tensor_name(module, "lora_magnitude_vector")] = np.ascontiguousarray(mag[:, 0])
     return tensors
 
 
 def save_adapter(
     path,
-    config: MoRAConfig | LoRAConfig,
+    config: MoRAConfig | LoRAConfig | DoRAConfig,
     adapters,
     *,
     base_model_name_or_path: str = "",
@@ -335,8 +368,8 @@ def save_adapter(
     unless ``overwrite=True`` (which replaces the two adapter files and keeps other files).
     Returns the written files.
     """
-    if not isinstance(config, (MoRAConfig, LoRAConfig)):
-        raise TypeError(f"config must be a MoRAConfig or LoRAConfig, got {type(config).__name__}")
+    if not isinstance(config, (MoRAConfig, LoRAConfig, DoRAConfig)):
+        raise TypeError(f"config must be a MoRAConfig, LoRAConfig or DoRAConfig, got {type(config).__name__}")
     tensors = adapter_tensors(config, adapters)  # validate before touching the disk
     modules = sorted({hf_name_to_path(parse_tensor_name(n)[0]) for n in tensors})
     config_dict = peft_config_dict(config, target_modules_for(modules), base_model_name_or_path)

@@ -21,6 +21,8 @@ adapter name ``default`` when saving) in PyTorch layout:
 
 - plain LoRA: ``lora_A.weight`` is ``Aᵀ`` ``(r, k)`` and ``lora_B.weight`` is ``Bᵀ`` ``(d, r)``, with
   ``Δy = scale·(x·A)·B`` and ``scale = mora_jax.ops.lora_scale(r, lora_alpha, use_rslora)``;
+- DoRA (``"use_dora": true``): LoRA's two tensors plus ``lora_magnitude_vector`` ``(d,)`` per module
+  (no ``.weight`` suffix), the magnitude of ``mora_jax.dora``;
 - MoRA (the reference's fork of PEFT: ``"peft_type": "LORA"``, ``"use_mora": true``,
   ``"mora_type": t``): ``lora_A.weight`` is ``Mᵀ`` ``(r̂, r̂)`` and ``lora_B.weight`` is an identical
   copy (the reference aliases B to A). ``r̂`` is not stored; it follows from ``r``, the type and each
@@ -49,14 +51,16 @@ from mora_jax.hf.files import (
     read_json_object,
     read_safetensors,
 )
-from mora_jax.methods import LoRAConfig, MoRAConfig
+from mora_jax.methods import DoRAConfig, LoRAConfig, MoRAConfig
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 TENSOR_PREFIX = "base_model.model."
-TENSOR_PARTS = ("lora_A", "lora_B")
-_TENSOR_NAME = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight")
+TENSOR_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")
+# PEFT saves DoRA's magnitude without a ``.weight`` suffix (older versions wrote ``.weight``).
+_TENSOR_NAME = re.compile(
+    r"base_model\.model\.(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|(?P<mag>lora_magnitude_vector)(?:\.weight)?)")
 
 
 class AdapterFormatError(ValueError):
@@ -72,15 +76,16 @@ def tensor_name(module_path: Path, part: str) -> str:
     ``('model', 'layers_0', 'self_attn', 'q_proj')`` -> ``'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'``."""
     if part not in TENSOR_PARTS:
         raise ValueError(f"part must be one of {TENSOR_PARTS}, got {part!r}")
-    return f"{TENSOR_PREFIX}{path_to_hf_name(module_path)}.{part}.weight"
+    suffix = "" if part == "lora_magnitude_vector" else ".weight"
+    return f"{TENSOR_PREFIX}{path_to_hf_name(module_path)}.{part}{suffix}"
 
 
 def parse_tensor_name(name: str) -> tuple[str, str] | None:
     """``(HF module name, part)`` of a PEFT LoRA/MoRA tensor name, or None for any other tensor
-    (e.g. a DoRA magnitude vector): ``'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight'`` ->
-    ``('model.layers.0.mlp.up_proj', 'lora_B')``."""
+    (DoRA's ``lora_magnitude_vector`` included): ``'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight'``
+    -> ``('model.layers.0.mlp.up_proj', 'lora_B')``."""
     match = _TENSOR_NAME.fullmatch(name)
-    return (match.group("module"), match.group("part")) if match else None
+    return (match.group("module"), match.group("part") or match.group("mag")) if match else None
 
 
 # ---- Reading the files -------------------------------------------------------------------------
@@ -162,7 +167,7 @@ def group_tensors(tensors: Mapping[str, np.ndarray], where) -> dict[str, dict[st
         raise AdapterFormatError(
             f"{where}: {len(unknown)} tensor(s) are not LoRA/MoRA weights "
             f"(expected '{TENSOR_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'): {sorted(unknown)[:10]}; "
-            "adapters with other trained tensors (DoRA magnitudes, embeddings, biases, modules_to_save) "
+            "adapters with other trained tensors (embeddings, biases, modules_to_save) "
             "are not supported"
         )
     if not modules:
@@ -177,7 +182,6 @@ def _is_set(value) -> bool:
 
 
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters (use_dora: true)",
     "modules_to_save": "fully trained modules saved alongside the adapter (modules_to_save)",
     "rank_pattern": "per-module ranks (rank_pattern)",
     "alpha_pattern": "per-module alphas (alpha_pattern)",
@@ -215,6 +219,8 @@ def check_supported(raw: Mapping[str, Any], where) -> None:
     r = raw.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise AdapterFormatError(f"{where}: 'r' must be a positive int (the LoRA rank), got {r!r}")
+    if raw.get("use_mora") and raw.get("use_dora"):
+        raise AdapterFormatError(f"{where}: use_mora and use_dora (DoRA) are both set; a PEFT file is MoRA or DoRA, not both")
     if raw.get("use_mora"):
         mora_type = raw.get("mora_type", 1)  # the reference's default
         if isinstance(mora_type, bool) or mora_type not in ops.MORA_TYPES:
@@ -269,10 +275,10 @@ def _json_number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def peft_config_dict(config: MoRAConfig | LoRAConfig, target_modules, base_model_name_or_path: str = "") -> dict:
+def peft_config_dict(config: MoRAConfig | LoRAConfig | DoRAConfig, target_modules, base_model_name_or_path: str = "") -> dict:
     """``adapter_config.json`` contents, with every field the reference's PEFT fork writes, for a
     ``MoRAConfig`` (``"use_mora": true``; ``lora_alpha`` is written as the fork's unused default 8)
-    or a ``LoRAConfig``."""
+    or a ``LoRAConfig`` / ``DoRAConfig`` (``"use_dora": true``)."""
     if isinstance(config, MoRAConfig):
         mora_fields = {"use_mora": True, "mora_type": int(config.mora_type)}
         alpha = 8  # ignored by MoRA; the reference LoraConfig's default
@@ -304,7 +310,7 @@ def peft_config_dict(config: MoRAConfig | LoRAConfig, target_modules, base_model
         "revision": None,
         "target_modules": list(target_modules),
         "task_type": "CAUSAL_LM",
-        "use_dora": False,
+        "use_dora": isinstance(config, DoRAConfig),
         "use_rslora": rslora,
     }
 
