@@ -70,6 +70,12 @@ def base_config():
     c.train.eval_batches = 20  # batches per evaluation (0 = the whole eval split)
     c.train.progress = True  # progress bar
     c.train.z_loss = 0.0  # z-loss coefficient on the log-partition (0 = off)
+    # A run can collapse and stay finite (mora_jax.health): these say what counts as unhealthy. While
+    # it is, the last checkpoint from before is kept out of checkpoint.keep's rotation and named.
+    c.train.collapse_steps = 5  # steps in a row with a zero gradient norm or a loss pinned at ln(vocab) (0 = off)
+    c.train.on_collapse = "stop"  # a collapse "stop"s the run (naming the checkpoint to resume from) or "warn"s
+    c.train.spike_window = 100  # a loss spike is judged against this many recent healthy losses (0 = off)
+    c.train.spike_zscore = 6.0  # robust z-score (median, MAD; spread >= 0.1 nat) that 3 losses in a row must pass
 
     c.data = ml_collections.ConfigDict()
     c.data.source = ""  # "c4", or local .txt/.jsonl/.parquet files (a path or glob)

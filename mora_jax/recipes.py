@@ -17,7 +17,8 @@ import jax
 
 from mora_jax import data as data_lib
 from mora_jax import loop, metrics, sharding
-from mora_jax.models.llama import LLAMA_CONFIGS, LlamaForCausalLM, init_params
+from mora_jax.errors import ConfigError
+from mora_jax.models.llama import LlamaForCausalLM, init_params
 from mora_jax.run_config import RunConfig
 
 TASKS = ("pretrain", "finetune")
@@ -33,15 +34,26 @@ def build_model(config: RunConfig, vocab_size: int | None = None):
         return hf.load_llama(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
                              config_overrides={"remat_policy": m.remat_policy, "attention": m.attention,
                                                **dict(m.overrides)})
-    if m.preset not in LLAMA_CONFIGS:
-        raise ValueError(f"unknown model preset {m.preset!r}: choose one of {sorted(LLAMA_CONFIGS)} or set model.hf_path")
-    model_config = LLAMA_CONFIGS[m.preset].replace(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
-                                                   scan_layers=m.scan_layers, attention=m.attention, **dict(m.overrides))
+    model_config = m.preset_config()
     if vocab_size is not None and model_config.vocab_size < vocab_size:
-        raise ValueError(f"the tokenizer has {vocab_size} tokens but model preset {m.preset!r} only "
-                         f"{model_config.vocab_size}; use a matching tokenizer or --config.model.overrides.vocab_size")
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens but model preset {m.preset!r} only "
+                          f"{model_config.vocab_size}: use a matching tokenizer, or "
+                          f"--config.model.overrides.vocab_size={vocab_size} (or more)")
     model = LlamaForCausalLM(model_config)
     return model, init_params(model_config, jax.random.key(config.seed))
+
+
+def check_context(config: RunConfig) -> None:
+    """``train.seq_len`` must fit the model's context (a preset's, or the ``config.json`` of
+    ``model.hf_path``, read before any weight)."""
+    m = config.model
+    if m.hf_path:
+        from mora_jax import hf
+
+        max_positions = hf.read_config(m.hf_path, **dict(m.overrides)).max_position_embeddings
+    else:
+        max_positions = m.preset_config().max_position_embeddings
+    m.check_seq_len(config.train.seq_len, max_positions)
 
 
 def build_mesh(config: RunConfig):
@@ -58,9 +70,9 @@ def _tokenizer(config: RunConfig):
     """``data.tokenizer``, else the checkpoint's own (``model.hf_path``); checked against the checkpoint."""
     path = config.data.tokenizer or config.model.hf_path
     if not path:
-        raise ValueError("config.data.tokenizer is empty and there is no model.hf_path to take the tokenizer from: give "
-                         "a SentencePiece .model, a tokenizer.json or a checkpoint directory (train a SentencePiece "
-                         "model with: python -m train.train_tokenizer --input corpus.txt --vocab-size 8000 --out tok)")
+        raise ConfigError("config.data.tokenizer is empty and there is no model.hf_path to take the tokenizer from: give "
+                          "a SentencePiece .model, a tokenizer.json or a checkpoint directory (train a SentencePiece "
+                          "model with: python -m train.train_tokenizer --input corpus.txt --vocab-size 8000 --out tok)")
     tokenizer = data_lib.Tokenizer(path)
     if config.model.hf_path:  # before any weight is read: a tokenizer from another model is an error
         from mora_jax import hf
@@ -93,7 +105,7 @@ def build_data(config: RunConfig, task: str, tokenizer):
     else:
         factory = {"alpaca": data_lib.FinetuneDataConfig.alpaca, "metamathqa": data_lib.FinetuneDataConfig.metamathqa}
         if d.format not in factory:
-            raise ValueError(f"unknown data.format {d.format!r}: choose one of {sorted(factory)}")
+            raise ConfigError(f"unknown data.format {d.format!r}: choose one of {sorted(factory)}")
         data_config = factory[d.format](t.seq_len, batch_size, packing=d.packing, num_epochs=d.num_epochs,
                                         seed=config.seed, overlong=d.overlong, on_bad_record=d.on_bad_record,
                                         add_bos=tokenizer.adds_bos, chat_template=d.chat_template)
@@ -143,6 +155,7 @@ def run(config, task: str) -> loop.RunResult:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {TASKS}")
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+    check_context(config)
     mesh = build_mesh(config)
     tokenizer = _tokenizer(config)
     model, params = build_model(config, tokenizer.vocab_size)
@@ -176,7 +189,7 @@ def accuracy_callbacks(config: RunConfig, model, tokenizer, train_batches, mesh)
     if not d.accuracy_source:
         return []
     if not hasattr(train_batches, "config") or not hasattr(train_batches.config, "response_field"):
-        raise ValueError("data.accuracy_source scores fine-tuning answers: use it with train/finetune.py")
+        raise ConfigError("data.accuracy_source scores fine-tuning answers: use it with train/finetune.py")
     from mora_jax import accuracy
 
     records = accuracy.read_records(d.accuracy_source, split=d.eval_split, limit=d.accuracy_examples)
