@@ -7,7 +7,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -41,15 +41,20 @@ class MetricsWriter:
     the tokens per second since the last flush. :meth:`write` writes other values (evaluations,
     merges) for a step. Only process 0 writes (``enabled=False`` elsewhere, which still checks).
 
+    ``on_step(step, metrics)``, if given, sees each step's fetched metrics (plain numbers) in order,
+    once they are known to be finite (``mora_jax.health.HealthMonitor.observe``).
+
     Opening a workdir that already has ``metrics.jsonl`` keeps its rows up to ``resume_step`` (the
     restored checkpoint's step; 0 for a fresh start) and drops the rest, including a partial last
     line left by a kill during a write, so the file stays one history with no step twice.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int = 0,
-                 tensorboard: bool = True, progress_total: int | None = None):
+                 tensorboard: bool = True, progress_total: int | None = None,
+                 on_step: Callable[[int, Mapping[str, float]], None] | None = None):
         self.workdir = pathlib.Path(workdir)
         self.enabled = enabled
+        self.on_step = on_step
         self.path = self.workdir / "metrics.jsonl"
         self._tb = None
         self._progress = None
@@ -92,6 +97,8 @@ class MetricsWriter:
             for key in FINITE_KEYS:
                 if key in m and not np.isfinite(m[key]):
                     raise NonFiniteMetrics(s, key, float(m[key]))
+            if self.on_step is not None:
+                self.on_step(s, {k: float(v) for k, v in m.items()})
         self._tokens += sum(float(m["tokens"]) for m in fetched)
         elapsed = time.perf_counter() - self._since
         row = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm") if k in fetched[0]}

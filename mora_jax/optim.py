@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from mora_jax.adapters import combine, flatten, split, trainable_patterns, unflatten
+from mora_jax.errors import ConfigError
 from mora_jax.methods import AdapterConfig
 
 TRAINABLE, FROZEN = "trainable", "frozen"
@@ -86,19 +87,23 @@ def adamw(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-
     return optax.inject_hyperparams(make)(learning_rate=learning_rate)
 
 
+def is_optimizer_name(name: str) -> bool:
+    """Whether :func:`from_name` knows ``name`` (``"adamw"`` or an optax optimizer function)."""
+    return name == "adamw" or (isinstance(name, str) and callable(getattr(optax, name, None)))
+
+
 def from_name(name: str, learning_rate, **kwargs) -> optax.GradientTransformation:
     """Any optax optimizer by name (``"adamw"``, ``"lion"``, ``"sgd"``, ...), with its learning rate
     injected as a hyperparameter (the loop sets it every step). ``"adamw"`` uses :func:`adamw`
     without clipping (the train step clips globally)."""
     if name == "adamw":
         return adamw(learning_rate, clip_norm=None, **kwargs)
-    factory = getattr(optax, name, None)
-    if factory is None or not callable(factory):
-        raise ValueError(f"unknown optimizer {name!r}: use the name of an optax optimizer, e.g. adamw, lion, sgd")
+    if not is_optimizer_name(name):
+        raise ConfigError(f"unknown optimizer {name!r}: use the name of an optax optimizer, e.g. adamw, lion, sgd")
     try:
-        return optax.inject_hyperparams(factory)(learning_rate=learning_rate, **kwargs)
+        return optax.inject_hyperparams(getattr(optax, name))(learning_rate=learning_rate, **kwargs)
     except TypeError as e:
-        raise ValueError(f"optimizer {name!r} does not accept {sorted(kwargs)}: {e}") from None
+        raise ConfigError(f"optimizer {name!r} does not accept {sorted(kwargs)}: {e}") from None
 
 
 def state_bytes(opt_state) -> int:

@@ -375,7 +375,7 @@ def test_compare_methods_and_variants():
     config = _config()
     assert report.compare_methods("mora", ["all"]) == ["lora", "full"]
     with pytest.raises(ValueError, match="unknown method"):
-        report.compare_methods("mora", ["lora", "dora"])
+        report.compare_methods("mora", ["lora", "vera"])
     lora = report.with_method(config, "lora")
     assert lora.method == "lora" and lora.adapter.r == config.adapter.r and lora.adapter.targets == config.adapter.targets
     full = report.with_method(config, "full")

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mora_jax.models.attention import check_implementation as check_attention
-from mora_jax.models.rope import ROPE_TYPES, RopeScaling
+from mora_jax.models.rope import RopeScaling
 
-_SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 # model_type -> the HF causal-LM class of that family.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 MODEL_TYPES = tuple(ARCHITECTURES)
@@ -52,9 +52,9 @@ def _as_dtype(value, field: str) -> np.dtype:
     try:
         dtype = jnp.dtype(value)
     except TypeError as e:
-        raise ValueError(f"LlamaConfig.{field}={value!r} is not a dtype; use one of {_SUPPORTED_DTYPES}") from e
-    if dtype.name not in _SUPPORTED_DTYPES:
-        raise ValueError(f"LlamaConfig.{field}={dtype.name} is not supported; use one of {_SUPPORTED_DTYPES}")
+        raise ValueError(f"LlamaConfig.{field}={value!r} is not a dtype; use one of {SUPPORTED_DTYPES}") from e
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"LlamaConfig.{field}={dtype.name} is not supported; use one of {SUPPORTED_DTYPES}")
     return dtype
 
 
