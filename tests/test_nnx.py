@@ -264,7 +264,7 @@ def test_adapted_linear_general_and_einsum_fold_consistently():
         adapted = call(net, x)
         assert adapted.shape == base.shape == (2, 7, 3)
         assert np.abs(np.asarray(adapted - base)).max() > 1e-2
-        mnx.merge(net)
+        mnx.merge_adapters(net)
         assert net.heads.mora_spec.merged
         np.testing.assert_allclose(call(net, x), adapted, rtol=1e-5, atol=1e-5)
         mnx.unmerge(net)
@@ -284,7 +284,7 @@ def test_merge_unmerge_round_trip(params, config):
     adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
     adapted = _logits(model, IDS)
-    mnx.merge(model)
+    mnx.merge_adapters(model)
     assert mnx.is_merged(model)
     # the merged kernels are the linen merge's, and the merged model computes the adapted function
     merged_params = mj.merge(params, adapters)
@@ -292,7 +292,7 @@ def test_merge_unmerge_round_trip(params, config):
                     jax.tree_util.tree_leaves(merged_params)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     np.testing.assert_allclose(_logits(model, IDS), adapted, rtol=0, atol=1e-5)
-    mnx.merge(model)  # idempotent
+    mnx.merge_adapters(model)  # idempotent
     mnx.unmerge(model)
     assert not mnx.is_merged(model)
     for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
@@ -471,7 +471,7 @@ def test_sharded_adapters_follow_their_kernel_under_jit():
     _, expected = _sharded_run(None)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
     # merging keeps the kernel's sharding
-    mnx.merge(net)
+    mnx.merge_adapters(net)
     assert placed(net.down.kernel[...], "tensor", "fsdp")
 
 
@@ -548,7 +548,7 @@ def test_tunix_style_model_and_peft_trainer_loop():
     flat = mj.adapters.flatten(mnx.to_linen_adapters(model))
     assert ("layers_1", "o_proj", "kernel") in flat and flat[("layers_1", "o_proj", "kernel")].in_features == 16
     adapted = model(tokens)
-    mnx.merge(model)
+    mnx.merge_adapters(model)
     np.testing.assert_allclose(model(tokens), adapted, rtol=1e-5, atol=1e-5)
 
 
@@ -665,3 +665,48 @@ def test_readme_nnx_example_runs():
     assert set(mj.adapters.flatten(namespace["adapters"])) == {
         ("layers_0", "q_proj", "kernel"), ("layers_0", "down_proj", "kernel"),
         ("layers_1", "q_proj", "kernel"), ("layers_1", "down_proj", "kernel")}
+
+
+def test_merge_is_a_deprecated_alias_of_merge_adapters_that_warns_once(params, monkeypatch):
+    """``mnx.merge(model)`` read like ``nnx.merge(graphdef, state)``; ``merge_adapters`` is its name now."""
+    import importlib
+    import warnings
+
+    merge_lib = importlib.import_module("mora_jax.nnx.merge")  # the module (the package's `merge` is the function)
+    monkeypatch.setattr(merge_lib, "_merge_warned", False)
+    adapters = _random_like(mj.init_adapters(params, mj.MoRAConfig(r=2, mora_type=6), jax.random.key(1)))
+    model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
+    other = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
+    with pytest.warns(DeprecationWarning, match="merge_adapters"):
+        assert mnx.merge(model) is model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call does not warn again
+        mnx.merge(model)
+    assert mnx.is_merged(model)
+    mnx.merge_adapters(other)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx.state(model)), jax.tree_util.tree_leaves(nnx.state(other))):
+        np.testing.assert_array_equal(a, b)
+
+
+class _NetWithABatchEinsum(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(16, 24, use_bias=False, rngs=rngs)
+        self.heads = nnx.Einsum("bnd,ndf->bnf", (3, 24, 16), rngs=rngs)  # n is a batch axis: no adapter fits it
+
+    def __call__(self, x_BxD):
+        h_BxF = jnp.tanh(self.up(x_BxD))
+        return self.heads(jnp.broadcast_to(h_BxF[:, None], (x_BxD.shape[0], 3, 24)))
+
+
+def test_load_adapter_inspects_only_the_layers_the_file_adapts(tmp_path):
+    x = jax.random.normal(jax.random.key(0), (2, 16))
+    model = mnx.attach(_NetWithABatchEinsum(nnx.Rngs(0)), mj.MoRAConfig(r=2, mora_type=6, targets=(r"up/kernel",)))
+    model.up.kernel_mora_m[...] = 0.3 * jax.random.normal(jax.random.key(1), model.up.kernel_mora_m.shape)
+    mnx.save_adapter(tmp_path / "adapter", model)
+    fresh = _NetWithABatchEinsum(nnx.Rngs(0))
+    config = mnx.load_adapter(tmp_path / "adapter", fresh)
+    assert config.targets == (r"up/kernel",) and list(mnx.adapted_layers(fresh)) == [("up",)]
+    np.testing.assert_allclose(fresh(x), model(x), rtol=1e-6, atol=1e-6)
+    # targeting the batch einsum itself still says why it cannot carry an adapter
+    with pytest.raises(NotImplementedError, match="batch axes"):
+        mnx.attach(_NetWithABatchEinsum(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"heads/kernel",)))

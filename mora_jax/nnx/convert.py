@@ -68,11 +68,17 @@ def to_linen_adapters(model, *, path_map: PathMap | None = None) -> dict:
     return unflatten(out)
 
 
-def linen_kernel_shapes(model, *, path_map: PathMap | None = None, dtype=jnp.float32) -> dict:
+def linen_kernel_shapes(model, *, path_map: PathMap | None = None, dtype=jnp.float32, modules=None) -> dict:
     """A linen-style parameter tree of ``jax.ShapeDtypeStruct`` ``(k, d)`` for every adaptable kernel of
-    ``model`` (what ``mora_jax.peft.load_adapter`` needs to check a PEFT file against the model)."""
+    ``model`` (what ``mora_jax.peft.load_adapter`` needs to check a PEFT file against the model).
+
+    ``modules``: linen module paths (tuples); only those layers are inspected, so a layer no adapter
+    targets is never asked how it would be adapted (an ``nnx.Einsum`` with a batch axis cannot be)."""
     shapes = {}
+    wanted = None if modules is None else {tuple(m) for m in modules}
     for path, layer in adaptable_layers(model).items():
+        if wanted is not None and _adapter_key(path, path_map)[:-1] not in wanted:
+            continue
         kind = layers_lib.kind_of(layer)
         in_axes, out_axes = kind.axes(layer)
         shape = getattr(layer, kind.kernel).shape

@@ -55,7 +55,7 @@ class AdapterSpec:
       mora_type: MoRA operator type (1, 2, 3, 4, 6); None for LoRA.
       alpha / rslora: LoRA scale ``α/r`` (``α/√r``).
       dropout: dropout rate on the adapter input.
-      merged: ``ΔK`` is folded into the kernel and the adapter is skipped (:func:`mora_jax.nnx.merge`).
+      merged: ``ΔK`` is folded into the kernel and the adapter is skipped (:func:`mora_jax.nnx.merge_adapters`).
     """
 
     method: str

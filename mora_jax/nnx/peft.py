@@ -15,9 +15,11 @@ import re
 
 from mora_jax.adapters import flatten
 from mora_jax.config import LoRAConfig, MoRAConfig
+from mora_jax.hf_format import hf_name_to_path, layer_index
 from mora_jax.nnx.attach import adapted_layers, path_str
 from mora_jax.nnx.convert import PathMap, linen_kernel_shapes, load_linen_adapters, to_linen_adapters
 from mora_jax.nnx.layers import SPEC_ATTR
+from mora_jax.peft_format import adapter_directory, group_tensors, read_adapter_tensors
 
 
 def adapter_config(model) -> MoRAConfig | LoRAConfig:
@@ -54,7 +56,12 @@ def load_adapter(path, model, *, path_map: PathMap | None = None, rngs=None) -> 
     with ``targets`` naming the adapted kernels' nnx paths."""
     from mora_jax import peft
 
-    _, adapters = peft.load_adapter(path, linen_kernel_shapes(model, path_map=path_map))
+    # Only the layers the file adapts are inspected: the model may hold layers no adapter could attach to.
+    directory = adapter_directory(path)
+    targeted = [hf_name_to_path(m) for m in group_tensors(read_adapter_tensors(directory), str(directory))]
+    stacked = [tuple("layers" if layer_index(p) is not None else p for p in m) for m in targeted]  # scanned trees
+    shapes = linen_kernel_shapes(model, path_map=path_map, modules=targeted + stacked)
+    _, adapters = peft.load_adapter(path, shapes)
     if not flatten(adapters):
         raise ValueError(f"{path} holds no adapters")
     load_linen_adapters(model, adapters, path_map=path_map, rngs=rngs)

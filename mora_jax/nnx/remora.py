@@ -58,7 +58,7 @@ def merge_and_reset(model, optimizer: nnx.Optimizer | None = None, *, next_type:
     layers = adapted_layers(model)
     for path, layer in layers.items():
         if getattr(layer, SPEC_ATTR).merged:
-            raise ValueError(f"{path_str(path)} is merged (mora_jax.nnx.merge); unmerge before a ReMoRA step")
+            raise ValueError(f"{path_str(path)} is merged (mora_jax.nnx.merge_adapters); unmerge before a ReMoRA step")
     for i, (path, layer) in enumerate(layers.items()):
         spec = getattr(layer, SPEC_ATTR)
         fold(layer, +1.0)
