@@ -710,3 +710,136 @@ def test_load_adapter_inspects_only_the_layers_the_file_adapts(tmp_path):
     # targeting the batch einsum itself still says why it cannot carry an adapter
     with pytest.raises(NotImplementedError, match="batch axes"):
         mnx.attach(_NetWithABatchEinsum(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"heads/kernel",)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers stacked with nnx.vmap and run with nnx.scan (how MaxText and Tunix scan their models).
+# ---------------------------------------------------------------------------------------------
+
+N_STACKED = 3
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(16, 24, use_bias=False, rngs=rngs)
+        self.down = nnx.Linear(24, 16, use_bias=False, rngs=rngs)
+        self.heads = nnx.Einsum("btd,dnh->btnh", (16, 2, 8), rngs=rngs)  # output axes after the input's
+
+    def __call__(self, x_BxTxD):
+        h_BxTxD = x_BxTxD + self.down(jax.nn.silu(self.up(x_BxTxD)))
+        return h_BxTxD + jnp.tanh(self.heads(h_BxTxD)).reshape(h_BxTxD.shape)
+
+
+class _ScannedModel(nnx.Module):
+    """The blocks' parameters stacked on a leading axis by nnx.vmap; nnx.scan runs them in turn."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=N_STACKED)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _Block(rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, layer):
+            return layer(x)
+
+        return body(x, self.layers)
+
+
+class _UnrolledModel(nnx.Module):
+    def __init__(self, scanned: _ScannedModel):
+        self.layers = nnx.List([_Block(nnx.Rngs(0)) for _ in range(N_STACKED)])
+        for i, block in enumerate(self.layers):
+            for name in ("up", "down", "heads"):
+                getattr(block, name).kernel[...] = getattr(scanned.layers, name).kernel[...][i]
+
+    def __call__(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+STACKED_CONFIGS = [mj.MoRAConfig(r=2, mora_type=6, targets=(r".*/(up|down|heads)/kernel",)),
+                   mj.MoRAConfig(r=3, mora_type=1, targets=(r".*/(up|down|heads)/kernel",)),
+                   mj.LoRAConfig(r=2, alpha=4.0, targets=(r".*/(up|down|heads)/kernel",))]
+
+
+@pytest.mark.parametrize("config", STACKED_CONFIGS, ids=IDS_OF)
+def test_layers_stacked_with_vmap_and_run_with_scan_match_the_unrolled_model(config, tmp_path):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    scanned = _ScannedModel(nnx.Rngs(0))
+    unrolled = _UnrolledModel(scanned)
+    base = scanned(x)
+    np.testing.assert_allclose(unrolled(x), base, rtol=1e-5, atol=1e-5)
+    mnx.attach(scanned, config)
+    mnx.attach(unrolled, config)
+    up = scanned.layers.up
+    assert up.mora_spec.stack_shape == (N_STACKED,) and up.mora_spec.in_shape == (16,)
+    assert scanned.layers.heads.mora_spec.out_shape == (2, 8) and unrolled.layers[0].heads.mora_spec.stack_shape == ()
+    # the adapters are stacked like their kernels: layer i of the stack is layer i of the unrolled model
+    seeds = iter(range(100))
+    for name in ("up", "down", "heads"):
+        for var_name in getattr(scanned.layers, name).mora_spec.names:
+            stacked = getattr(getattr(scanned.layers, name), var_name)
+            assert stacked.shape[0] == N_STACKED
+            stacked[...] = 0.05 * jax.random.normal(jax.random.key(next(seeds)), stacked.shape)
+            for i, block in enumerate(unrolled.layers):
+                getattr(getattr(block, name), var_name)[...] = stacked[...][i]
+    adapted = nnx.jit(lambda m, x: m(x))(scanned, x)
+    assert np.abs(np.asarray(adapted - base)).max() > 1e-2
+    np.testing.assert_allclose(adapted, unrolled(x), rtol=1e-5, atol=1e-5)
+
+    # backward: the stacked adapters' gradients are the unrolled layers' gradients, the kernels get none
+    def loss(model):
+        return jnp.mean(model(x) ** 2)
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(scanned)
+    unrolled_grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(unrolled)
+    for name in ("up", "down", "heads"):
+        for var_name in getattr(scanned.layers, name).mora_spec.names:
+            g = grads["layers"][name][var_name][...]
+            for i in range(N_STACKED):
+                np.testing.assert_allclose(g[i], unrolled_grads["layers"][i][name][var_name][...], rtol=1e-4,
+                                           atol=1e-5 * float(np.abs(g).max()))
+    optimizer = nnx.Optimizer(scanned, optax.sgd(1e-2), wrt=nnx.LoRAParam)
+    kernel_before = scanned.layers.up.kernel[...]
+    optimizer.update(scanned, grads)
+    np.testing.assert_array_equal(scanned.layers.up.kernel[...], kernel_before)
+    trained = scanned(x)
+
+    # merge folds each layer's adapter into its slice of the stacked kernel
+    mnx.merge_adapters(scanned)
+    np.testing.assert_allclose(scanned(x), trained, rtol=1e-5, atol=1e-5)
+    mnx.unmerge(scanned)
+    np.testing.assert_allclose(scanned.layers.up.kernel[...], kernel_before, atol=2e-5)
+
+    # PEFT files: one tensor per layer (model.layers.i...), read back into a fresh stacked model
+    flat = mj.adapters.flatten(mnx.to_linen_adapters(scanned))
+    first = flat[("layers", "up", "kernel")]
+    assert jax.tree_util.tree_leaves(first)[0].shape[0] == N_STACKED
+    mnx.save_adapter(tmp_path / "adapter", scanned)
+    names = peft.read_adapter_tensors(tmp_path / "adapter")
+    assert any(".layers.2.up.lora_A" in n for n in names)
+    fresh = _ScannedModel(nnx.Rngs(0))
+    mnx.load_adapter(tmp_path / "adapter", fresh)
+    np.testing.assert_allclose(fresh(x), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stacked_layer_called_whole_or_stacked_on_another_axis_is_a_clear_error():
+    scanned = mnx.attach(_ScannedModel(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"layers/up/kernel",)))
+    with pytest.raises(ValueError, match=r"stacked over \(3,\).*inside the nnx.scan"):
+        scanned.layers.up(jnp.ones((2, 16)))
+    with pytest.raises(ValueError, match="would need random streams split per layer"):
+        mnx.attach(_ScannedModel(nnx.Rngs(0)), mj.LoRAConfig(r=2, targets=(r"layers/up/kernel",), dropout=0.1),
+                   rngs=nnx.Rngs(dropout=0))
+
+    @nnx.split_rngs(splits=N_STACKED)
+    @nnx.vmap(in_axes=(0,), out_axes=1)  # stacked on axis 1: (16, 3, 24)
+    def make(rngs):
+        return nnx.Linear(16, 24, rngs=rngs)
+
+    with pytest.raises(ValueError, match=r"does not end in the layer's own kernel shape \(16, 24\)"):
+        mnx.attach(make(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"kernel",)))

@@ -27,7 +27,8 @@ def adapter_config(model) -> MoRAConfig | LoRAConfig:
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("the model carries no adapters (attach them with mora_jax.nnx.attach)")
-    specs = {getattr(layer, SPEC_ATTR).replace(in_shape=(), out_shape=(), perm=(), kernel="", merged=False)
+    specs = {getattr(layer, SPEC_ATTR).replace(in_shape=(), out_shape=(), perm=(), kernel="", merged=False,
+                                               stack_shape=())
              for layer in layers.values()}
     if len(specs) > 1:
         raise ValueError(
