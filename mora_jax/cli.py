@@ -97,7 +97,7 @@ def checked_weights(base: pathlib.Path, adapter_dir, params, adapters, *, merged
     from tqdm import tqdm
 
     from mora_jax.adapters import flatten, merge, path_str, unflatten
-    from mora_jax.hf import SAFE_WEIGHTS, param_to_hf_tensor
+    from mora_jax.hf.checkpoints import SAFE_WEIGHTS, param_to_hf_tensor
 
     flat_params = flatten(params)
     bad = _first_non_finite(flat_params)

@@ -489,7 +489,8 @@ def test_flash_pairs_are_the_blocks_the_kernel_computes(seq_len, block_size, cau
 
 def _layers_config(layers: int, seq_len: int, batch: int = 32, grad_accum: int = 1):
     config = _config("c4_pretrain", "250m", model__overrides__num_hidden_layers=layers, train__seq_len=seq_len,
-                     train__batch_size=batch, train__grad_accum=grad_accum, model__scan_layers=False)
+                     train__batch_size=batch, train__grad_accum=grad_accum, model__scan_layers=False,
+                     model__overrides__max_position_embeddings=max(seq_len, 1024))  # the context must fit
     from mora_jax.plan import planner
 
     return config, planner.model_config(config)
