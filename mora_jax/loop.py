@@ -19,6 +19,7 @@ import json
 import math
 import pathlib
 import signal
+import time
 from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -114,6 +115,7 @@ def _run(model, params, config: RunConfig, *, train_batches, eval_batches, callb
 
     preempted, last_eval = False, None
     train_cfg = config.train
+    compiles = True  # the first step (and the first after a merge) may compile: timed apart from tokens/s
     try:
         with _SigtermFlag() as sigterm:
             while step < train_cfg.steps:
@@ -125,16 +127,28 @@ def _run(model, params, config: RunConfig, *, train_batches, eval_batches, callb
                           + ("" if local_batch is None else " (on another process)"), flush=True)
                     break
                 batch = steps.shard_batch(local_batch)
-                state, step_metrics = steps.train(state, batch)
+                if compiles:
+                    with writer.untimed():
+                        t0 = time.perf_counter()
+                        state, step_metrics = steps.train(state, batch)
+                        jax.block_until_ready(step_metrics)
+                    if is_main and step == 0:
+                        print(f"first train step: {time.perf_counter() - t0:.1f} s (compiling it included; "
+                              "left out of tokens/s)", flush=True)
+                else:
+                    state, step_metrics = steps.train(state, batch)
                 step += 1
-                writer.add(step, step_metrics)
+                writer.add(step, step_metrics, positions=batch["input_ids"].size, timed=not compiles)
+                compiles = False
                 if config.remora.is_merge_step(step) and step < train_cfg.steps and adapters_lib.flatten(state.adapters):
                     flush()
                     state, merge_row = _merge(steps, state, step, config, initial_frozen)
                     writer.write(step, merge_row)
                     writer.reset_clock()
-                for callback in callbacks:
-                    callback(step, state, lambda values, s=step: (flush(), writer.write(s, values)))
+                    compiles = True  # a new MoRA type changes the step's program
+                with writer.untimed():  # e.g. accuracy's generation: not training
+                    for callback in callbacks:
+                        callback(step, state, lambda values, s=step: (flush(), writer.write(s, values)))
                 if step % train_cfg.log_every == 0 or step == train_cfg.steps:
                     flush()
                 if eval_batches is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0:
