@@ -31,6 +31,7 @@ import json
 import math
 import pathlib
 import signal
+import time
 from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -170,6 +171,7 @@ def _train(steps: steps_lib.Steps, state, step: int, config: RunConfig, *, train
     preempted = False
     last_eval = _logged_eval(writer, step) if eval_batches is not None and step >= config.train.steps else None
     train_cfg = config.train
+    compiles = True  # the first step (and the first after a merge) may compile: timed apart from tokens/s
     with _SigtermFlag() as sigterm:
         while step < train_cfg.steps:
             # Processes decide together (a step one process skips would hang the others): all
@@ -180,9 +182,19 @@ def _train(steps: steps_lib.Steps, state, step: int, config: RunConfig, *, train
                       + ("" if local_batch is None else " (on another process)"), flush=True)
                 break
             batch = steps.shard_batch(local_batch)
-            state, step_metrics = steps.train(state, batch)
+            if compiles:
+                with writer.untimed():
+                    t0 = time.perf_counter()
+                    state, step_metrics = steps.train(state, batch)
+                    jax.block_until_ready(step_metrics)
+                if is_main and step == 0:
+                    print(f"first train step: {time.perf_counter() - t0:.1f} s (compiling it included; "
+                          "left out of tokens/s)", flush=True)
+            else:
+                state, step_metrics = steps.train(state, batch)
             step += 1
-            writer.add(step, step_metrics)
+            writer.add(step, step_metrics, positions=batch["input_ids"].size, timed=not compiles)
+            compiles = False
             if checkpointer is not None:
                 checkpointer.raise_if_failed()  # a save that failed in the background stops the run now
             if config.remora.is_merge_step(step) and step < train_cfg.steps and adapters_lib.flatten(state.adapters):
@@ -194,8 +206,10 @@ def _train(steps: steps_lib.Steps, state, step: int, config: RunConfig, *, train
                         "before they are saved or trained on: " + _stop_advice(checkpointer, monitor, step))
                 writer.write(step, merge_row)
                 writer.reset_clock()
-            for callback in callbacks:
-                callback(step, state, lambda values, s=step: (flush(), writer.write(s, values)))
+                compiles = True  # a new MoRA type changes the step's program
+            with writer.untimed():  # e.g. accuracy's generation: not training
+                for callback in callbacks:
+                    callback(step, state, lambda values, s=step: (flush(), writer.write(s, values)))
             if step % train_cfg.log_every == 0 or step == train_cfg.steps:
                 flush()
             if eval_batches is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0:

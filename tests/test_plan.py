@@ -414,11 +414,12 @@ def test_compare_methods_and_variants():
 def test_benchmark_methods_become_run_configs_for_the_slice():
     from configs import bench_tiny
     from mora_jax.bench import methods, tpu
+    from mora_jax.bench.config import BenchConfig
 
-    config = bench_tiny.get_config()
+    config = BenchConfig.from_config(bench_tiny.get_config()).run
     for spec in methods.method_specs([8], [1, 6]):
         run = tpu.run_config(config, spec, chips=4)
-        assert run.method == spec.method and run.train.batch_size == 4 * config.batch
+        assert run.method == spec.method and run.train.batch_size == 4 * config.train.batch_size
         assert run.model.dtype == "bfloat16" and run.mesh.axis_sizes == (1, -1, 1) and run.remora.every == 0
         assert getattr(run.adapter, "mora_type", None) == spec.mora_type
 
@@ -428,9 +429,11 @@ def test_benchmark_methods_become_run_configs_for_the_slice():
 def test_benchmark_tpu_plan_sits_beside_the_cpu_rows():
     from configs import bench_tiny
     from mora_jax.bench import tpu
+    from mora_jax.bench.config import BenchConfig
 
-    config = bench_tiny.get_config()
-    config.scan_layers = True
+    c = bench_tiny.get_config()
+    c.model.scan_layers = True
+    config = BenchConfig.from_config(c).run
     rows = [{"method": "lora", "r": 8, "mora_type": None, "step_s": 0.01, "mfu": 0.1},
             {"method": "mora", "r": 8, "mora_type": 6, "step_s": 0.012, "mfu": 0.09}]
     result = {"results": rows, "tpu_plan": tpu.plan_methods(config, "v5e:2x2", rows, log=lambda m: None)}

@@ -367,6 +367,12 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=32768,
         sliding_window=4096, bos_token_id=1, eos_token_id=2,
     ),
+    # SmolLM2-135M(-Instruct): the Instruct checkpoint's special tokens (<|im_start|> 1, <|im_end|> 2).
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    ),
     "qwen2.5-0.5b": LlamaConfig(
         model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
