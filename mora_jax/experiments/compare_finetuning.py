@@ -79,6 +79,24 @@ def check_config(config, names) -> None:
         raise ValueError(f"experiment.sweep_steps must be >= 1, got {e.sweep_steps}")
 
 
+def _task_settings(config) -> dict:
+    """The experiment's fields that decide the task's data (not the methods, rates or step counts)."""
+    e = _plain(config)["experiment"]
+    return {k: v for k, v in e.items() if k not in ("methods", "run", "eval_steps", "sweep_steps")}
+
+
+def signature(config, rc: RunConfig | None, **extra) -> dict:
+    """What a run's record depends on: its run config (but where it is written, how often it logs or
+    saves), the task's data settings, ``extra``."""
+    run = {}
+    if rc is not None:
+        run = rc.to_dict()
+        run.pop("workdir")
+        run.pop("checkpoint")
+        run["train"] = {k: v for k, v in run["train"].items() if k not in ("progress", "log_every")}
+    return {"run": run, "task": _task_settings(config), "model": config.model.hf_path, **extra}
+
+
 def run_config(config, name: str, *, lr: float, seed: int, steps: int, workdir: pathlib.Path) -> RunConfig:
     """The run config of method ``name`` at learning rate ``lr``: the experiment's run settings,
     the method's adapter fields over ``adapter``, the peak learning rate in the optimizer state."""
@@ -193,13 +211,16 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
     def run(label, folder, steps, **kwargs):
         cached = (folder / runs.DONE).exists()
         progress.run(label, steps, cached)
-        record = runs.cached_run(folder, lambda: cmp.train(steps=steps, workdir=folder, **kwargs))
+        rc = run_config(config, kwargs["name"], lr=kwargs["lr"], seed=kwargs["seed"], steps=steps, workdir=folder)
+        sig = signature(config, rc, eval_steps=sorted(int(s) for s in kwargs["eval_steps"]), split=kwargs["split"])
+        record = runs.cached_run(folder, lambda: cmp.train(steps=steps, workdir=folder, **kwargs), sig)
         progress.finished(steps, trained=not cached)
         return record
 
     first = run_config(config, names[0], lr=1.0, seed=int(config.seed), steps=sweep_steps, workdir=workdir / "base")
     progress.run("the pretrained model, before fine-tuning", 0, (workdir / "base" / runs.DONE).exists())
-    base = runs.cached_run(workdir / "base", lambda: cmp.evaluate_base(first))
+    base_sig = signature(config, None, seq_len=config.train.seq_len, batch_size=config.train.batch_size)
+    base = runs.cached_run(workdir / "base", lambda: cmp.evaluate_base(first), base_sig)
     sweep = {}
     for name in names:
         records = [run(f"sweep {name} lr={lr:g}", workdir / "sweep" / name / f"lr{lr:g}", sweep_steps, name=name,

@@ -17,13 +17,38 @@ import numpy as np
 DONE = "done.json"
 
 
-def cached_run(workdir: pathlib.Path, train: Callable[[], dict]) -> dict:
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def _first_difference(old, new) -> str:
+    a, b = _flat(old), _flat(new)
+    key = next(k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    return f"{key}: {a.get(key, '<absent>')!r} then, {b.get(key, '<absent>')!r} now"
+
+
+def cached_run(workdir: pathlib.Path, train: Callable[[], dict], signature: dict | None = None) -> dict:
     """``train()``'s record, written to ``workdir/done.json``; read from there when it exists. The
-    record is returned as read back from the file (a resumed comparison sees the same values)."""
+    record is returned as read back from the file (a resumed comparison sees the same values).
+
+    ``signature``: the settings the record depends on, stored with it; a record made with other
+    settings is an error naming the first difference (results of two configurations never mix)."""
     done = pathlib.Path(workdir) / DONE
+    signature = json.loads(json.dumps(signature)) if signature is not None else None
     if done.exists():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        if signature is not None and record.get("signature") != signature:
+            raise ValueError(f"{done} was made with other settings ({_first_difference(record.get('signature') or {}, signature)}): "
+                             "use another --config.workdir, or delete that folder to train it again")
+        return record
     record = train()
+    if signature is not None:
+        record = {**record, "signature": signature}
     done.parent.mkdir(parents=True, exist_ok=True)
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(record) + "\n")

@@ -62,8 +62,13 @@ def read_index(path: pathlib.Path) -> Iterator[tuple[str, int, list[str]]]:
         yield fields[0], tagsense_cnt, fields[6 + p_cnt: 6 + p_cnt + synset_cnt]
 
 
+def word_hash(word: str) -> float:
+    """A word's place in [0, 1) by its SHA-256 (the same on every machine)."""
+    return int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "big") / 2.0**64
+
+
 def _split(word: str) -> str:
-    u = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "big") / 2.0**64
+    u = word_hash(word)
     return next(name for name, bound in SPLITS if u < bound)
 
 
@@ -144,4 +149,4 @@ def is_correct(generated: str, answers: Iterable[str]) -> bool:
 
 
 __all__ = ["PROMPTS", "is_correct", "normalize", "read_data", "read_index", "read_records", "relation_records",
-           "write_records"]
+           "word_hash", "write_records"]
