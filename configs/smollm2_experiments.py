@@ -105,21 +105,21 @@ def get_config(preset: str = "memorization_quick"):
         c.train.seq_len = 128 if quick else 256
         e.eval_batches = 2 if quick else 8  # batches per split: valid and test (domain), test (general)
         c.optim.warmup_steps = 2 if quick else 20
-        e.sweep_steps = 5 if quick else 60
-        c.train.steps = 15 if quick else 240
-        e.eval_steps = (5, 10, 15) if quick else (60, 120, 180, 240)
+        e.sweep_steps = 4 if quick else 60
+        c.train.steps = 12 if quick else 240
+        e.eval_steps = (4, 8, 12) if quick else (60, 120, 180, 240)
     else:
         e.methods = _methods((8,), adapter_lrs=ADAPTER_LRS, full_lrs=FULL_LRS)
         e.run = "full,lora,mora1,mora6"
         e.wordnet_dir = "/usr/share/wordnet"  # apt-get install wordnet-base
         e.relations_file = ""  # or a JSONL file of questions (python -m train.make_word_relations)
         e.train_examples = 2000 if quick else 100000  # questions trained on (at most)
-        e.eval_examples = 48 if quick else 500  # held-out questions per split (valid, test)
+        e.eval_examples = 32 if quick else 500  # held-out questions per split (valid, test)
         e.max_new_tokens = 6  # generation budget per answer
         c.train.batch_size = 16 if quick else 32
         c.train.seq_len = 24  # prompt + answer + EOS
         c.optim.warmup_steps = 2 if quick else 20
-        e.sweep_steps = 8 if quick else 100
-        c.train.steps = 24 if quick else 600
-        e.eval_steps = (8, 16, 24) if quick else (150, 300, 450, 600)
+        e.sweep_steps = 6 if quick else 100
+        c.train.steps = 18 if quick else 600
+        e.eval_steps = (6, 12, 18) if quick else (150, 300, 450, 600)
     return c
