@@ -199,6 +199,7 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
     names = method_names(config, methods)
     check_config(config, names)
     e = config.experiment
+    started = provenance(seeds)  # the code that runs: later commits while it runs do not count
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runs.enable_compilation_cache(workdir / "compilation_cache")
@@ -238,7 +239,7 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
                "eval_steps": sorted({int(s) for s in e.eval_steps} | {train_steps}), "sweep_steps": sweep_steps,
                "columns": [list(c) for c in cmp.task.columns], "select": [list(s) for s in cmp.task.select],
                "labels": {n: label(e.methods[n]) for n in names}, "base": base, "sweep": sweep, "runs": finals,
-               "config": _plain(config), "command": command, "provenance": provenance(seeds),
+               "config": _plain(config), "command": command, "provenance": started,
                "model": {"hf_path": config.model.hf_path, "layers": cmp.model_config.num_hidden_layers,
                          "hidden": cmp.model_config.hidden_size, "vocab": cmp.model_config.vocab_size}}
     write_results(results, workdir)
