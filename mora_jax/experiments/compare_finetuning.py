@@ -262,7 +262,8 @@ def label(spec) -> str:
 
 
 def _cell(records, step, metric, digits=1) -> str:
-    values = [r["eval"][str(step)][metric] for r in records if not r["diverged"] and str(step) in r["eval"]]
+    values = [r["eval"][str(step)][metric] for r in records
+              if not r["diverged"] and metric in r["eval"].get(str(step), {})]
     diverged = sum(bool(r["diverged"]) for r in records)
     text = runs.mean_std(values, digits) if values else "—"
     return text + (f" ({diverged} diverged)" if diverged else "")
@@ -280,6 +281,8 @@ def results_markdown(results) -> str:
         lines.append(f"Base model: domain perplexity {base_test['domain_ppl']:.2f}, general perplexity "
                      f"{base_test['general_ppl']:.2f}: the domain is {ratio:.2f}× as perplexing, {verdict}.\n")
     for metric, title, higher in results["columns"]:
+        if metric not in base_test:  # e.g. a relation the questions do not ask
+            continue
         head = "| method | trainable params | lr (chosen of sweep) | base | " + " | ".join(f"step {s}" for s in steps) + " |"
         lines += [f"**{title}** on the test split ({'higher' if higher else 'lower'} is better), mean ± std over "
                   f"{len(results['seeds'])} seed(s):\n", head, "|---|---:|---:|---:|" + "---:|" * len(steps)]
@@ -324,7 +327,7 @@ def plot_results(results, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = results["columns"]
+    columns = [c for c in results["columns"] if c[0] in results["base"]["test"]]
     fig, axes = plt.subplots(1, len(columns), figsize=(6 * len(columns), 4), squeeze=False)
     for ax, (metric, title, _) in zip(axes[0], columns):
         for name in results["methods"]:

@@ -129,7 +129,8 @@ class Continual(Task):
 
 class WordRelations(Task):
     name = "word_relations"
-    columns = (("exact_match", "exact match (%)", True),)
+    columns = (("exact_match", "exact match (%)", True), ("exact_match/antonym", "exact match, antonyms (%)", True),
+               ("exact_match/hypernym", "exact match, hypernyms (%)", True))
     select = (("exact_match", True), ("answer_loss", False))
 
     def __init__(self, config, tokenizer, data_dir):
