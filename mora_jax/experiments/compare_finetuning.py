@@ -120,6 +120,8 @@ class Comparison:
         probe = run_config(config, list(config.experiment.methods.keys())[0], lr=1.0, seed=0, steps=1, workdir=workdir)
         self.mesh = assembly.make_mesh(probe)
         self.model_config = assembly.model_config(probe, vocab_size=self.tokenizer.vocab_size)
+        self.tokenizer.check_fits(self.model_config.vocab_size, bos_token_id=self.model_config.bos_token_id,
+                                  eos_token_id=self.model_config.eos_token_id, model=config.model.hf_path)
         self.model = LlamaForCausalLM(self.model_config)
         self.layout = assembly.scan_layout(self.model)
         self.params = assembly.load_params(probe, self.model_config)
@@ -127,8 +129,10 @@ class Comparison:
         self._steps: dict = {}
 
     def steps(self, rc: RunConfig):
-        """The compiled steps of ``rc``, shared by runs that differ in learning rate or seed only."""
-        key = (repr(rc.adapter), rc.train.steps, repr(rc.optim.schedule_shape()), repr(rc.step_config()))
+        """The compiled steps of ``rc``, shared by runs that differ in learning rate or seed only (with
+        ReMoRA merges the rate too: a merge's fresh optimizer state takes it from the steps' optimizer)."""
+        key = (repr(rc.adapter), rc.train.steps, repr(rc.optim.schedule_shape()), repr(rc.step_config()),
+               repr(rc.remora), rc.optim.lr if rc.remora.every else None)
         if key not in self._steps:
             self._steps[key] = assembly.build_steps(rc, self.model, self.mesh)
         return self._steps[key]
