@@ -81,6 +81,8 @@ def get_config(preset: str = "memorization_quick"):
 
     e = c.experiment = ml_collections.ConfigDict()
     e.task = experiment  # memorization | continual | word_relations (mora_jax.experiments.finetune_tasks)
+    e.label = (f"{preset}: a check that the pipeline works on the real model (a handful of steps, one seed); not a "
+               "measurement" if quick else f"{preset}")  # the first line of results.md
     e.data_seed = 0  # which pairs / which questions (the runs' seeds change order and adapter init)
     if experiment == "memorization":
         # LoRA against MoRA at a low and a high rank (equal trainable parameters at each), and full fine-tuning

@@ -321,7 +321,8 @@ class RunConfig:
 
     def schedule(self):
         """The learning-rate schedule: ``train.steps`` long, restarting every ``remora.every`` steps."""
-        return schedules.make_schedule(self.optim.schedule_shape(), total_steps=self.train.steps, restart_every=self.remora.every)
+        return schedules.make_schedule(self.optim.schedule_shape(), total_steps=self.train.steps,
+                                       restart_every=self.remora.every)
 
     def step_config(self) -> training.StepConfig:
         """The train step's static settings."""

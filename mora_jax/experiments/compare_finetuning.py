@@ -82,7 +82,7 @@ def check_config(config, names) -> None:
 def _task_settings(config) -> dict:
     """The experiment's fields that decide the task's data (not the methods, rates or step counts)."""
     e = _plain(config)["experiment"]
-    return {k: v for k, v in e.items() if k not in ("methods", "run", "eval_steps", "sweep_steps")}
+    return {k: v for k, v in e.items() if k not in ("methods", "run", "eval_steps", "sweep_steps", "label")}
 
 
 def signature(config, rc: RunConfig | None, **extra) -> dict:
@@ -239,7 +239,7 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
             lr = sweep[name]["chosen_lr"]
             finals[name].append(run(f"{name} lr={lr:g} seed {seed}", workdir / name / f"seed{seed}", train_steps,
                                     name=name, lr=lr, seed=int(seed), eval_steps=e.eval_steps, split="test"))
-    results = {"task": cmp.task.name, "task_data": cmp.task.describe(), "methods": list(names), "seeds": list(seeds),
+    results = {"label": e.get("label", ""), "task": cmp.task.name, "task_data": cmp.task.describe(), "methods": list(names), "seeds": list(seeds),
                "eval_steps": sorted({int(s) for s in e.eval_steps} | {train_steps}), "sweep_steps": sweep_steps,
                "columns": [list(c) for c in cmp.task.columns], "select": [list(s) for s in cmp.task.select],
                "labels": {n: label(e.methods[n]) for n in names}, "base": base, "sweep": sweep, "runs": finals,
@@ -276,7 +276,7 @@ def _cell(records, step, metric, digits=1) -> str:
 def results_markdown(results) -> str:
     """The table (mean ± sample std over seeds at each evaluated step), the base model, the sweep,
     and the provenance."""
-    lines = []
+    lines = [f"**{results['label']}**\n"] if results.get("label") else []
     base_test = results["base"]["test"]
     steps = results["eval_steps"]
     if results["task"] == "continual":
