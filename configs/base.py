@@ -61,6 +61,7 @@ def base_config():
     c.optim.b2 = 0.999  # AdamW beta2
     c.optim.eps = 1e-8  # AdamW epsilon
     c.optim.clip_norm = 1.0  # global gradient-norm clipping (0 = off)
+    c.optim.lr_in_state = False  # peak lr as an array in the optimizer state: runs differing in lr share one program
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps

@@ -139,6 +139,10 @@ class OptimConfig:
         (:mod:`mora_jax.schedules`).
       weight_decay, b1, b2, eps: AdamW's.
       clip_norm: global gradient-norm clipping (0 = off).
+      lr_in_state: the peak learning rate is an array in the optimizer state instead of a constant
+        of the compiled step (the schedule runs at peak 1 and the updates are scaled by it): runs
+        that differ only in ``lr`` share one compiled program, e.g. a learning-rate sweep
+        (``mora_jax.optim.from_name``'s ``peak_lr``).
     """
 
     name: str = "adamw"
@@ -154,6 +158,7 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float = 1.0
+    lr_in_state: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -183,7 +188,14 @@ class OptimConfig:
             kwargs = dict(b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay)
         else:
             kwargs = dict(self.kwargs)
+        if self.lr_in_state:
+            return optim_lib.from_name(self.name, 1.0, peak_lr=self.lr, **kwargs)
         return optim_lib.from_name(self.name, self.lr, **kwargs)
+
+    def schedule_shape(self) -> "OptimConfig":
+        """The settings the schedule is made from: with ``lr_in_state`` its peak is 1 (the optimizer
+        scales by ``lr``)."""
+        return dataclasses.replace(self, lr=1.0) if self.lr_in_state else self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,7 +394,8 @@ class RunConfig:
 
     def schedule(self):
         """The learning-rate schedule: ``train.steps`` long, restarting every ``remora.every`` steps."""
-        return schedules.make_schedule(self.optim, total_steps=self.train.steps, restart_every=self.remora.every)
+        return schedules.make_schedule(self.optim.schedule_shape(), total_steps=self.train.steps,
+                                       restart_every=self.remora.every)
 
     def step_config(self) -> training.StepConfig:
         """The train step's static settings."""
