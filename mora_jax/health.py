@@ -266,15 +266,25 @@ def _steps(steps: Sequence[int]) -> str:
 # ---- finite trees --------------------------------------------------------------------------------
 
 
+@jax.jit
+def _all_finite(leaves):
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
 def first_non_finite(tree) -> str | None:
     """The key path of the first floating-point leaf of ``tree`` holding a NaN or an infinity, or
-    None when every value is finite (one device reduction per leaf, fetched together)."""
+    None when every value is finite. One compiled program for the whole tree: with several
+    processes, every one must call it (arrays sharded across them are checked where they live)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     floating = [(path, x) for path, x in flat if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
     if not floating:
         return None
-    finite = jax.device_get([jnp.isfinite(x).all() for _, x in floating])
-    for (path, _), ok in zip(floating, finite):
+    finite = _all_finite([x for _, x in floating])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        finite = multihost_utils.process_allgather(finite, tiled=True)
+    for (path, _), ok in zip(floating, np.asarray(jax.device_get(finite)).reshape(-1)):
         if not bool(ok):
             return jax.tree_util.keystr(path)
     return None
