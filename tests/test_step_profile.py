@@ -32,13 +32,9 @@ def test_profiled_dot_flops_are_the_steps_matmul_flops(tiny, spec):
     assert text.count("\n|") == 2 + 5
 
 
-def test_method_labels_parse():
-    from train.profile_step import parse_method
-
-    assert parse_method("mora6 r=128") == methods.MethodSpec("mora", 128, 6)
-    assert parse_method("lora r=8") == methods.MethodSpec("lora", 8)
-    assert parse_method("full") == methods.MethodSpec("full")
-    from absl import app
-
-    with pytest.raises(app.UsageError, match="mora<type> r=<r>"):
-        parse_method("mora r=8")
+def test_method_labels_parse_back_to_their_spec():
+    for spec in methods.method_specs([8, 128], [1, 6]):
+        assert methods.MethodSpec.from_label(spec.label) == spec
+    assert methods.MethodSpec.from_label(" mora6 r=128 ") == methods.MethodSpec("mora", 128, 6)
+    with pytest.raises(ValueError, match="mora<type> r=<r>"):
+        methods.MethodSpec.from_label("mora r=8")

@@ -9,12 +9,14 @@ without mora_jax.xla_tuning's options (to see what they change).
 
 from __future__ import annotations
 
-import re
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from mora_jax import logs
+from mora_jax.bench import methods, profile, runners
+from mora_jax.bench.config import BenchConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py), or any run config")
 _METHOD = flags.DEFINE_string("method", "mora1 r=8", 'method label: "full", "lora r=8", "mora6 r=128", ...')
@@ -24,30 +26,15 @@ _UNTUNED = flags.DEFINE_bool("untuned", False, "compile without mora_jax.xla_tun
 _OUT = flags.DEFINE_string("out", "", "also write the markdown table here")
 
 
-def parse_method(label: str):
-    from mora_jax.bench.methods import MethodSpec
-
-    m = re.fullmatch(r"\s*(full|lora r=(\d+)|mora([12346]) r=(\d+))\s*", label)
-    if not m:
-        raise app.UsageError(f'--method {label!r}: use "full", "lora r=<r>" or "mora<type> r=<r>" (e.g. "mora6 r=8")')
-    if m.group(1) == "full":
-        return MethodSpec("full")
-    if m.group(2):
-        return MethodSpec("lora", int(m.group(2)))
-    return MethodSpec("mora", int(m.group(4)), int(m.group(3)))
-
-
 def main(argv):
     del argv
     logs.apply_verbosity_flag()  # other libraries' INFO lines only with --verbosity
-    import sys
-
-    from mora_jax.bench import methods, profile, runners
-    from mora_jax.bench.config import BenchConfig
-
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config configs/bench_250m.py")
-    spec = parse_method(_METHOD.value)
+    try:
+        spec = methods.MethodSpec.from_label(_METHOD.value)
+    except ValueError as e:
+        raise app.UsageError(f"--{e}") from None
     try:
         run = BenchConfig.from_config(_CONFIG.value).run
     except ValueError as e:

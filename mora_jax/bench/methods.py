@@ -10,6 +10,7 @@ methods of a run in the order of its results table. :func:`model_name` names the
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import numpy as np
@@ -35,6 +36,18 @@ class MethodSpec:
         if self.method == "lora":
             return f"lora r={self.r}"
         return f"mora{self.mora_type} r={self.r}"
+
+    @classmethod
+    def from_label(cls, label: str) -> "MethodSpec":
+        """The inverse of :attr:`label`: "full", "lora r=<r>" or "mora<type> r=<r>"."""
+        m = re.fullmatch(r"\s*(full|lora r=(\d+)|mora([12346]) r=(\d+))\s*", label)
+        if not m:
+            raise ValueError(f'method {label!r}: use "full", "lora r=<r>" or "mora<type> r=<r>" (e.g. "mora6 r=8")')
+        if m.group(1) == "full":
+            return cls("full")
+        if m.group(2):
+            return cls("lora", int(m.group(2)))
+        return cls("mora", int(m.group(4)), int(m.group(3)))
 
     def adapter_config(self, alpha: float = LORA_ALPHA):
         if self.method == "full":
