@@ -2,6 +2,8 @@
 and 3 key-value heads of 64, vocabulary 49,152, tied embeddings, rope theta 100,000), sized for two CPU cores.
 
     nice -n 10 python -m train.benchmark --config configs/bench_smollm2.py --peer --out benchmarks/cpu_smollm2.json
+    nice -n 10 python -m train.benchmark --config configs/bench_smollm2.py --peer --config.benchmark.r_small=64 \
+        --config.benchmark.r_large=64 --out benchmarks/cpu_smollm2_r64.json
     python -m train.benchmark --config configs/bench_smollm2.py --config.model.hf_path=/path/to/SmolLM2-135M-Instruct ...
 
 The preset ``smollm2-135m`` is initialised at random (the timings do not depend on the values); with
@@ -21,7 +23,8 @@ def get_config():
     c.train.seq_len = 64  # tokens per sequence
     b = c.benchmark
     b.r_small = 8  # the usual fine-tuning rank
-    b.r_large = 64  # a large rank (MoRA type 1's regime)
+    b.r_large = 8  # one rank: every method of both frameworks is held in memory at once (a large rank:
+    # --config.benchmark.r_small=64 --config.benchmark.r_large=64)
     b.steps = 5  # timed steps per method (a few seconds each on two cores)
     b.warmup = 1  # untimed steps per method
     b.xla_tuning_ablation = False  # the 250M benchmark has it; here it would add three more compiled models
