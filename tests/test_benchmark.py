@@ -416,6 +416,9 @@ def test_bench_config_is_a_run_config_plus_a_strict_benchmark_section():
     assert (bench.run.train.batch_size, bench.run.train.seq_len) == (8, 64)
     assert bench.ranks == (8,) and bench.delta_weight.in_features == 576 and bench.peer.attention == "sdpa"
     assert assembly.model_config(bench.run) == LLAMA_CONFIGS["smollm2-135m"]  # the one model-building path
+    assert [s.label for s in peer.peer_specs(bench)] == ["lora r=8", "mora1 r=8", "mora6 r=8"]  # benchmark.full=False
+    c.benchmark.full, c.benchmark.mora_types = True, ()
+    assert [s.label for s in peer.peer_specs(BenchConfig.from_config(c))] == ["full", "lora r=8"]
     c.benchmark.stepz = 3
     with pytest.raises(ValueError, match=r"config.benchmark has no field\(s\) \['stepz'\]"):
         BenchConfig.from_config(c)
@@ -520,3 +523,11 @@ def test_step_variants_time_the_runs_own_step_beside_its_variants():
         variants.Variant.parse("model.dtype=float32")
     with pytest.raises(ValueError, match=r"config.train has no field\(s\) \['stepz'\]"):
         variants.variant_runs(c, [variants.Variant.parse("bad: train.stepz=3")])
+
+
+def test_targets_without_full_fine_tuning(result):
+    fake = json.loads(json.dumps(result))
+    fake["results"] = [r for r in fake["results"] if r["method"] != "full"]
+    targets = harness.check_targets(fake)
+    assert targets and not any(name.startswith(("b:", "d:")) for name in targets)
+    assert "a: mora1_r8 step / lora step" in targets
