@@ -283,7 +283,7 @@ def test_cli_peer_without_torch_names_the_pip_command(tmp_path):
 def test_configs_have_the_documented_fields():
     import importlib
 
-    for name, r_large in (("bench_tiny", 32), ("bench_250m", 128), ("bench_1b", 256), ("bench_smollm2", 64)):
+    for name, r_large in (("bench_tiny", 32), ("bench_250m", 128), ("bench_1b", 256), ("bench_smollm2", 8)):
         c = importlib.import_module(f"configs.{name}").get_config()
         assert isinstance(c, ml_collections.ConfigDict)
         assert c.benchmark.r_small == 8 and c.benchmark.r_large == r_large
@@ -414,8 +414,11 @@ def test_bench_config_is_a_run_config_plus_a_strict_benchmark_section():
     bench = BenchConfig.from_config(c)
     assert bench.run.model.preset == "smollm2-135m" and bench.run.model.dtype == "float32"
     assert (bench.run.train.batch_size, bench.run.train.seq_len) == (8, 64)
-    assert bench.ranks == (8, 64) and bench.delta_weight.in_features == 576 and bench.peer.attention == "sdpa"
+    assert bench.ranks == (8,) and bench.delta_weight.in_features == 576 and bench.peer.attention == "sdpa"
     assert assembly.model_config(bench.run) == LLAMA_CONFIGS["smollm2-135m"]  # the one model-building path
+    assert [s.label for s in peer.peer_specs(bench)] == ["lora r=8", "mora1 r=8", "mora6 r=8"]  # benchmark.full=False
+    c.benchmark.full, c.benchmark.mora_types = True, ()
+    assert [s.label for s in peer.peer_specs(BenchConfig.from_config(c))] == ["full", "lora r=8"]
     c.benchmark.stepz = 3
     with pytest.raises(ValueError, match=r"config.benchmark has no field\(s\) \['stepz'\]"):
         BenchConfig.from_config(c)
@@ -520,3 +523,11 @@ def test_step_variants_time_the_runs_own_step_beside_its_variants():
         variants.Variant.parse("model.dtype=float32")
     with pytest.raises(ValueError, match=r"config.train has no field\(s\) \['stepz'\]"):
         variants.variant_runs(c, [variants.Variant.parse("bad: train.stepz=3")])
+
+
+def test_targets_without_full_fine_tuning(result):
+    fake = json.loads(json.dumps(result))
+    fake["results"] = [r for r in fake["results"] if r["method"] != "full"]
+    targets = harness.check_targets(fake)
+    assert targets and not any(name.startswith(("b:", "d:")) for name in targets)
+    assert "a: mora1_r8 step / lora step" in targets

@@ -73,6 +73,7 @@ class BenchConfig:
     r_small: int = 8
     r_large: int = 32
     mora_types: tuple[int, ...] = (1, 6)
+    full: bool = True
     steps: int = 5
     warmup: int = 2
     interleave: bool = True
@@ -93,8 +94,9 @@ class BenchConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"benchmark.{name} must be a positive integer, got {value!r}")
         bad = [t for t in self.mora_types if t not in (1, 2, 3, 4, 6)]
-        if not self.mora_types or bad:
-            raise ValueError(f"benchmark.mora_types={self.mora_types!r}: use MoRA types among 1, 2, 3, 4 and 6")
+        if bad:
+            raise ValueError(f"benchmark.mora_types={self.mora_types!r}: use MoRA types among 1, 2, 3, 4 and 6 "
+                             "(or none: () times full fine-tuning and LoRA)")
 
     @property
     def ranks(self) -> tuple[int, ...]:

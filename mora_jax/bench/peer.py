@@ -130,7 +130,7 @@ def add_torch_mora(model, r: int, mora_type: int, projections=LLAMA_PROJECTIONS)
 
 def peer_specs(bench) -> list[MethodSpec]:
     """The benchmark's methods that the peer implements (MoRA types 1 and 6 only)."""
-    return method_specs(bench.ranks, [t for t in bench.mora_types if t in (1, 6)])
+    return method_specs(bench.ranks, [t for t in bench.mora_types if t in (1, 6)], include_full=bench.full)
 
 
 class TorchModels:
@@ -208,7 +208,7 @@ class TorchStepRunner:
         dt = time.perf_counter() - t0
         if record:
             self.times.append(dt)
-        self.last_loss = float(out.loss)
+        self.last_loss = float(out.loss.detach())
         return dt
 
     def release(self):
