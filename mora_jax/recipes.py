@@ -21,7 +21,8 @@ from mora_jax import adapters as adapters_lib
 from mora_jax import data as data_lib
 from mora_jax.checkpoint import workdir_lock
 from mora_jax.errors import ConfigError
-from mora_jax.hf.checkpoints import read_config, save_llama
+from mora_jax.hf.checkpoints import read_config
+from mora_jax.hf.merge import save_merged
 from mora_jax.hf.peft import save_adapter
 from mora_jax.run_config import RunConfig
 
@@ -92,7 +93,7 @@ def export(config: RunConfig, model, result: loop.RunResult) -> None:
             save_adapter(workdir / "export" / "adapter", adapter_config_for_export(config.adapter, adapters),
                             host_adapters, base_model_name_or_path=config.model.hf_path, overwrite=True)
     if config.export.merged:
-        save_llama(workdir / "export" / "merged", model, adapters_lib.merge(params, adapters), overwrite=True)
+        save_merged(workdir / "export" / "merged", model, params, adapters, overwrite=True)
     distributed.barrier("export")
 
 
