@@ -81,7 +81,7 @@ def build_data(config: RunConfig, task: str, tokenizer):
 
 def export(config: RunConfig, model, result: loop.RunResult) -> None:
     """``export/adapter`` (PEFT format, with the MoRA type in use at the end) and ``export/merged``
-    (Hugging Face format) in the workdir, as ``config.export`` asks. Every process calls it (arrays
+    (Hugging Face format, with the base checkpoint's tokenizer and generation files) in the workdir, as ``config.export`` asks. Every process calls it (arrays
     sharded across processes are gathered); process 0 writes."""
     if result.preempted:
         return
@@ -93,7 +93,8 @@ def export(config: RunConfig, model, result: loop.RunResult) -> None:
             save_adapter(workdir / "export" / "adapter", adapter_config_for_export(config.adapter, adapters),
                             host_adapters, base_model_name_or_path=config.model.hf_path, overwrite=True)
     if config.export.merged:
-        save_merged(workdir / "export" / "merged", model, params, adapters, overwrite=True)
+        save_merged(workdir / "export" / "merged", model, params, adapters, overwrite=True,
+                    base_dir=config.model.hf_path or None)  # with the base's tokenizer: ready to load and chat
     distributed.barrier("export")
 
 

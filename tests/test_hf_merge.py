@@ -8,6 +8,7 @@ parameters in memory the same merged model it writes from files.
 import json
 import pathlib
 import shutil
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -15,10 +16,14 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import mora_jax as mj
+from configs.base import base_config
+from mora_jax import recipes
 from mora_jax.cli import main
 from mora_jax.errors import UserError
 from mora_jax.hf import load_adapter, load_llama, save_adapter
 from mora_jax.hf.merge import BASE_FILES_TO_COPY, merge_adapter_dir, save_merged, stored_dtype
+from mora_jax.loop import RunResult
+from mora_jax.run_config import RunConfig
 
 E2E = pathlib.Path(__file__).parent / "fixtures" / "e2e_public"
 BASE, ADAPTER = E2E / "base", E2E / "adapter_type6_r4"
@@ -69,6 +74,20 @@ def test_save_merged_from_memory_writes_the_same_model_as_from_files(tmp_path):
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=name)
     assert save_merged(tmp_path / "plain", model, params) == ()  # no base_dir: the weights and config.json only
     assert sorted(_files(tmp_path / "plain")) == ["config.json", "model.safetensors"]
+
+
+def test_a_runs_merged_export_carries_the_bases_files(tmp_path):
+    """recipes.export writes export/merged through save_merged, with model.hf_path's tokenizer and
+    generation files beside the weights (the same directory mora-jax merge writes)."""
+    merge_adapter_dir(BASE, ADAPTER, tmp_path / "cli")
+    model, params = load_llama(BASE)
+    _, adapters = load_adapter(ADAPTER, params)
+    c = base_config()
+    c.workdir, c.model.hf_path = str(tmp_path / "run"), str(BASE)
+    c.export.adapter, c.export.merged = False, True
+    state = SimpleNamespace(params=lambda: params, adapters=adapters)
+    recipes.export(RunConfig.from_dict(c), model, RunResult(state, [], False, tmp_path / "run"))
+    assert _files(tmp_path / "run" / "export" / "merged").keys() == _files(tmp_path / "cli").keys()
 
 
 def test_a_non_empty_out_is_refused_without_overwrite_and_kept(tmp_path):
