@@ -21,7 +21,12 @@ from mora_jax import recipes
 from mora_jax.cli import main
 from mora_jax.errors import UserError
 from mora_jax.hf import load_adapter, load_llama, save_adapter
-from mora_jax.hf.merge import BASE_FILES_TO_COPY, merge_adapter_dir, save_merged, stored_dtype
+from mora_jax.hf.merge import (
+    BASE_FILES_TO_COPY,
+    merge_adapter_dir,
+    save_merged,
+    stored_dtype,
+)
 from mora_jax.loop import RunResult
 from mora_jax.run_config import RunConfig
 
