@@ -14,7 +14,7 @@ def base_config():
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds model init (presets), adapters, dropout and data shuffling
     c.workdir = "runs/default"  # metrics.jsonl, tensorboard/, loss_curve.png, run_config.json, checkpoints/, export/
-    c.method = "mora"  # "mora", "lora", "dora", "pissa" or "full" (full fine-tuning of adapter.targets + adapter.unfreeze)
+    c.method = "mora"  # "mora", "lora", "dora", "pissa", "hira" or "full" (full fine-tuning of adapter.targets + adapter.unfreeze)
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # a mora_jax.models.llama.LLAMA_CONFIGS name, used when hf_path is empty

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mora_jax import dora, ops
+from mora_jax import dora, hira, ops
 from mora_jax.dora import DoRAAdapter
 from mora_jax.errors import ConfigError
+from mora_jax.hira import HiRAAdapter
 from mora_jax.intercept import record_dense_calls
-from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, LoRAConfig, MoRAConfig, PiSSAConfig
+from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, HiRAConfig, LoRAConfig, MoRAConfig, PiSSAConfig
 
 Path = tuple[str, ...]
 
@@ -108,8 +109,8 @@ class LoRAAdapter:
         return (kernel.astype(jnp.float32) + sign * self.delta_weight()).astype(kernel.dtype)
 
 
-Adapter = MoRAAdapter | LoRAAdapter | DoRAAdapter
-ADAPTER_TYPES = (MoRAAdapter, LoRAAdapter, DoRAAdapter)
+Adapter = MoRAAdapter | LoRAAdapter | DoRAAdapter | HiRAAdapter
+ADAPTER_TYPES = (MoRAAdapter, LoRAAdapter, DoRAAdapter, HiRAAdapter)
 
 
 def is_adapter(x) -> bool:
@@ -222,8 +223,8 @@ def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None)
 
     MoRA ``m`` starts at zero; LoRA ``a`` is kaiming-uniform (PyTorch's ``a=√5`` on the ``(r, k)``
     matrix, i.e. ``U(-1/√k, 1/√k)``) and ``b`` zero; DoRA as LoRA plus ``magnitude = ‖K‖_c``
-    (:mod:`mora_jax.dora`); all float32. ``FullConfig`` has no adapters and
-    returns ``{}``. ``layout`` (from :func:`dense_layout`) is needed only for stacked or
+    (:mod:`mora_jax.dora`); HiRA as LoRA without a scale (:mod:`mora_jax.hira`); all float32.
+    ``FullConfig`` has no adapters and returns ``{}``. ``layout`` (from :func:`dense_layout`) is needed only for stacked or
     multi-input-axis kernels.
     """
     if isinstance(config, PiSSAConfig):
@@ -251,6 +252,8 @@ def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None)
             )
         elif isinstance(config, DoRAConfig):
             out[path] = dora.init_adapter(flat[path], stack, k, d, config, jax.random.fold_in(rng, i))
+        elif isinstance(config, HiRAConfig):
+            out[path] = hira.init_adapter(stack, k, d, config, jax.random.fold_in(rng, i))
         else:
             raise TypeError(f"config must be one of the mora_jax.methods configs, got {type(config).__name__}")
     return unflatten(out)
@@ -339,7 +342,8 @@ def merge(params, adapters):
 
 
 def unmerge(params, adapters):
-    """The inverse of :func:`merge`: ``K ← K − ΔK`` (DoRA: use :func:`unmerge_with_norms`)."""
+    """The inverse of :func:`merge`: ``K ← K − ΔK`` (HiRA: ``K ← K / (1 + A·B)``; DoRA: use
+    :func:`unmerge_with_norms`)."""
     return _merge(params, adapters, -1.0)
 
 

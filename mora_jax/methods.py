@@ -153,7 +153,25 @@ class PiSSAConfig:
             raise ValueError(f"PiSSAConfig.niter must be None (exact SVD) or an int >= 0, got {self.niter!r}")
 
 
-AdapterConfig = Union[MoRAConfig, LoRAConfig, DoRAConfig, PiSSAConfig, FullConfig]
+@dataclasses.dataclass(frozen=True)
+class HiRAConfig:
+    """HiRA (Hadamard high-rank adaptation): ``K' = K ⊙ (1 + A·B)``, ``A (k, r)``, ``B (r, d)`` trained,
+    no scale (as Hugging Face PEFT's ``HiraConfig``); the update ``K ⊙ A·B`` has rank up to ``r·rank(K)``
+    with LoRA's parameter count (:mod:`mora_jax.hira`)."""
+
+    r: int = 8
+    targets: tuple[str, ...] = (LLAMA_TARGETS,)
+    dropout: float = 0.0
+    unfreeze: tuple[str, ...] = ()
+    method = "hira"
+
+    def __post_init__(self):
+        _check_rank("HiRAConfig", self.r)
+        _check_dropout(self.dropout)
+        _check_selection(self)
+
+
+AdapterConfig = Union[MoRAConfig, LoRAConfig, DoRAConfig, PiSSAConfig, HiRAConfig, FullConfig]
 
 
 def _check_dropout(rate) -> None:
@@ -162,7 +180,8 @@ def _check_dropout(rate) -> None:
 
 
 # The one registry of methods: name -> config class (each class's ``method`` is its name).
-METHODS: dict[str, type] = {c.method: c for c in (MoRAConfig, LoRAConfig, DoRAConfig, PiSSAConfig, FullConfig)}
+METHODS: dict[str, type] = {c.method: c for c in (MoRAConfig, LoRAConfig, DoRAConfig, PiSSAConfig, HiRAConfig,
+                                                    FullConfig)}
 
 
 def config_class(method: str) -> type:
@@ -182,5 +201,5 @@ def make_config(method: str, **kwargs) -> AdapterConfig:
     return cls(**kwargs)
 
 
-__all__ = ["METHODS", "AdapterConfig", "DoRAConfig", "FullConfig", "PiSSAConfig", "LLAMA_FULLY_TRAINED", "LLAMA_TARGETS", "LoRAConfig", "MoRAConfig",
+__all__ = ["METHODS", "AdapterConfig", "DoRAConfig", "FullConfig", "HiRAConfig", "PiSSAConfig", "LLAMA_FULLY_TRAINED", "LLAMA_TARGETS", "LoRAConfig", "MoRAConfig",
            "config_class", "make_config"]

@@ -4,7 +4,7 @@ After the update of step ``s`` with ``s % T == 0`` (``s > 0``): every adapted ke
 ``K + ΔK`` (float32 accumulate, cast back, inside ``jax.jit`` on the sharded, donated weights),
 MoRA's ``m`` restarts at zero with the next operator type of the cycle (reference: 1→2→3→4→1),
 LoRA's ``a`` is re-initialised and ``b`` zeroed (DoRA's magnitude restarts at the merged kernel's column
-norms; PiSSA runs its SVD again on the merged kernel and freezes the new residual), and the adapters get a fresh optimizer state
+norms; HiRA's next update multiplies the merged kernel; PiSSA runs its SVD again on the merged kernel and freezes the new residual), and the adapters get a fresh optimizer state
 (moments and step count) while fully trained parameters keep theirs. The learning-rate restart is
 part of the schedule (``mora_jax.schedules``).
 """
@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mora_jax import dora, ops, pissa
+from mora_jax import dora, hira, ops, pissa
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, merge, unflatten
 from mora_jax.dora import DoRAAdapter
+from mora_jax.hira import HiRAAdapter
 from mora_jax.pissa import PiSSAAdapter
 from mora_jax.training import TrainState
 
@@ -92,6 +93,8 @@ def fresh_adapters(adapters, rng, mora_type: int | None = None, merged_params=No
                 raise ValueError(f"restarting the DoRA adapter at {'/'.join(path)} needs its merged kernel: "
                                  "pass merged_params to fresh_adapters")
             out[path] = dora.fresh(adapter, flat_params[path], jax.random.fold_in(rng, i))
+        elif isinstance(adapter, HiRAAdapter):
+            out[path] = hira.fresh(adapter, jax.random.fold_in(rng, i))
         else:
             raise TypeError(f"not an adapter at {'/'.join(path)}: {type(adapter).__name__}")
     return unflatten(out)

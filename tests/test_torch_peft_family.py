@@ -12,7 +12,7 @@ import pytest
 
 import mora_jax as mj
 from mora_jax import hf
-from mora_jax.methods import DoRAConfig
+from mora_jax.methods import DoRAConfig, HiRAConfig
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]  # ~40 s per test on 2 CPU cores
 TOL = 2e-4
@@ -93,5 +93,38 @@ def test_peft_dora_file_loads_here(tmp_path, tied):
     assert isinstance(config, DoRAConfig) and config.rslora and config.r == 4
     ours = np.asarray(mj.apply_model(model, params, jnp.asarray(ids), adapters=adapters))
     np.testing.assert_allclose(ours, theirs, atol=TOL)
+    merged = mj.merge(params, adapters)  # and merged, exactly
+    np.testing.assert_allclose(np.asarray(model.apply({"params": merged}, ids)), theirs, atol=TOL)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hira_saved_here_runs_in_peft(tmp_path, tied):
+    torch, transformers, base_dir = _torch_llama(tmp_path, tied)
+    model, params = hf.load_llama(base_dir)
+    config = HiRAConfig(r=4)
+    adapters = _perturbed(mj.init_adapters(params, config, jax.random.key(0)), scale=0.2)
+    hf.save_adapter(tmp_path / "hira", config, adapters, base_model_name_or_path=str(base_dir))
+    ids = np.random.default_rng(0).integers(0, 96, (2, 10))
+    ours = np.asarray(mj.apply_model(model, params, jnp.asarray(ids), adapters=adapters))
+    theirs = _peft_logits(torch, transformers, base_dir, tmp_path / "hira", ids)
+    np.testing.assert_allclose(ours, theirs, atol=TOL)
+    assert np.abs(ours - np.asarray(model.apply({"params": params}, ids))).max() > 1e-2  # the adapter matters
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_peft_hira_file_loads_here(tmp_path, tied):
+    peft = pytest.importorskip("peft")
+    torch, transformers, base_dir = _torch_llama(tmp_path, tied)
+    ids = np.random.default_rng(1).integers(0, 96, (2, 10))
+    # init_weights=False: A, B random (PEFT's debugging start), since a few steps from B = 0 barely move HiRA
+    peft_config = peft.HiraConfig(r=4, init_weights=False,
+                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+    theirs = _peft_trained(torch, transformers, base_dir, peft_config, tmp_path / "hira", ids)
+    model, params = hf.load_llama(base_dir)
+    config, adapters = hf.load_adapter(tmp_path / "hira", params)
+    assert isinstance(config, HiRAConfig) and config.r == 4
+    ours = np.asarray(mj.apply_model(model, params, jnp.asarray(ids), adapters=adapters))
+    np.testing.assert_allclose(ours, theirs, atol=TOL)
+    assert np.abs(ours - np.asarray(model.apply({"params": params}, ids))).max() > 1e-2  # the adapter matters
     merged = mj.merge(params, adapters)  # and merged, exactly
     np.testing.assert_allclose(np.asarray(model.apply({"params": merged}, ids)), theirs, atol=TOL)
