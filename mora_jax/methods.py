@@ -55,6 +55,8 @@ class MoRAConfig:
       targets: regexes over ``/``-joined parameter paths selecting the kernels to adapt.
       dropout: dropout rate on the adapter input (active only when a ``'dropout'`` rng is passed).
       unfreeze: regexes of base parameters trained in full alongside the adapters.
+      magnitude: a DoRA-style trainable magnitude per output feature on top of MoRA: the adapted
+        kernel is ``(mag/‖K + ΔK‖_c)·(K + ΔK)`` column-wise, the norm detached in the backward pass.
     """
 
     r: int = 8
@@ -62,10 +64,13 @@ class MoRAConfig:
     targets: tuple[str, ...] = (LLAMA_TARGETS,)
     dropout: float = 0.0
     unfreeze: tuple[str, ...] = ()
+    magnitude: bool = False
     method = "mora"
 
     def __post_init__(self):
         _check_rank("MoRAConfig", self.r)
+        if not isinstance(self.magnitude, bool):
+            raise ValueError(f"MoRAConfig.magnitude must be True or False, got {self.magnitude!r}")
         _check_type(self.mora_type)
         _check_dropout(self.dropout)
         _check_selection(self)

@@ -71,7 +71,7 @@ class RemoraConfig:
 def fresh_adapters(adapters, rng, mora_type: int | None = None, merged_params=None):
     """New adapters of the same shapes: MoRA ``m = 0`` (optionally another type), LoRA ``a`` re-initialised
     (kaiming-uniform) and ``b = 0``; DoRA as LoRA with ``magnitude`` the column norms of the merged
-    kernels in ``merged_params`` (needed for DoRA), so the model is unchanged by the restart."""
+    kernels in ``merged_params`` (needed for DoRA and MoRA with a magnitude), so the model is unchanged by the restart."""
     flat = flatten(adapters)
     flat_params = flatten(merged_params) if merged_params is not None else {}
     out = {}
@@ -81,6 +81,12 @@ def fresh_adapters(adapters, rng, mora_type: int | None = None, merged_params=No
             if new_type != adapter.mora_type and (new_type == 6) != (adapter.mora_type == 6):
                 raise ValueError(f"cannot switch {'/'.join(path)} between type 6 and types 1-4 at a merge")
             out[path] = adapter.replace(m=jnp.zeros_like(adapter.m), mora_type=new_type)
+            if adapter.magnitude is not None:  # restarts at the merged kernel's column norms, as DoRA's
+                if path not in flat_params:
+                    raise ValueError(f"restarting the MoRA adapter with a magnitude at {'/'.join(path)} needs its "
+                                     "merged kernel: pass merged_params to fresh_adapters")
+                merged = flat_params[path].reshape(*adapter.m.shape[:-2], adapter.in_features, adapter.out_features)
+                out[path] = out[path].replace(magnitude=dora.column_norms(merged).astype(adapter.magnitude.dtype))
         elif isinstance(adapter, PiSSAAdapter):
             raise ValueError(f"the PiSSA adapter at {'/'.join(path)} restarts with its base kernel (a new SVD): use "
                              "merge_and_reset, or mora_jax.pissa.restart")

@@ -15,11 +15,13 @@ import mora_jax as mj
 from mora_jax import adapters as adapters_lib
 from mora_jax import dora, flops, hira, pissa, remora, sharding, training
 from mora_jax.cli import describe_adapter
+from mora_jax.errors import ConfigError
 from mora_jax.hf import AdapterFormatError, load_adapter, load_llama, save_adapter
 from mora_jax.hf.peft_files import read_adapter_tensors
-from mora_jax.methods import METHODS, DoRAConfig, HiRAConfig, PiSSAConfig, make_config
+from mora_jax.methods import METHODS, DoRAConfig, HiRAConfig, MoRAConfig, PiSSAConfig, make_config
 from mora_jax.models.config import LLAMA_CONFIGS, LlamaConfig
 from mora_jax.optim import partition
+from mora_jax.run_config import ExportConfig, RunConfig
 
 BASE = pathlib.Path(__file__).parent / "fixtures" / "e2e_public" / "base"
 
@@ -361,3 +363,89 @@ def test_hira_peft_files_round_trip(tmp_path, base):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(raw))
     with pytest.raises(AdapterFormatError, match='set "peft_type": "HIRA"'):
         load_adapter(tmp_path / "a", params)
+
+
+# ---- MoRA with a DoRA-style magnitude -----------------------------------------------------------
+def test_mora_magnitude_is_off_by_default_and_changes_nothing(base):
+    _, params = base
+    node = adapters_lib.flatten(mj.init_adapters(params, MoRAConfig(r=4), jax.random.key(0)))[
+        ("model", "layers_0", "mlp", "up_proj", "kernel")]
+    assert node.magnitude is None and not node.uses_kernel and not node.merge_needs_norms
+    assert jax.tree_util.tree_leaves(node) == [node.m]  # the same pytree leaves (checkpoints, optimizer state)
+    with pytest.raises(ValueError, match="magnitude must be True or False"):
+        MoRAConfig(magnitude=1)
+
+
+@pytest.mark.parametrize("mora_type", [1, 6])
+def test_mora_magnitude_init_identity_merge_equals_apply_and_unmerge(base, ids, mora_type):
+    model, params = base
+    frozen_logits = model.apply({"params": params}, ids)
+    adapters = mj.init_adapters(params, MoRAConfig(r=4, mora_type=mora_type, magnitude=True), jax.random.key(0))
+    path = ("model", "layers_1", "self_attn", "o_proj", "kernel")
+    node = adapters_lib.flatten(adapters)[path]
+    np.testing.assert_allclose(node.magnitude, np.linalg.norm(np.asarray(adapters_lib.flatten(params)[path]), axis=0),
+                               rtol=1e-6)
+    np.testing.assert_allclose(mj.apply_model(model, params, ids, adapters=adapters), frozen_logits, atol=1e-5)
+    adapters = _perturbed(adapters, scale=0.05)
+    ours = mj.apply_model(model, params, ids, adapters=adapters)
+    assert float(jnp.abs(ours - frozen_logits).max()) > 1e-2
+    merged, norms = adapters_lib.merge_with_norms(params, adapters)
+    assert _max_diff(merged, mj.merge(params, adapters)) == 0.0
+    np.testing.assert_allclose(model.apply({"params": merged}, ids), ours, atol=3e-5)
+    assert _max_diff(adapters_lib.unmerge_with_norms(merged, adapters, norms), params) < 1e-6
+    with pytest.raises(ValueError, match="merge_with_norms"):
+        mj.unmerge(merged, adapters)
+
+
+def test_mora_magnitude_gradients_detach_the_norm(base):
+    _, params = base
+    path = ("model", "layers_1", "mlp", "down_proj", "kernel")
+    node = adapters_lib.flatten(_perturbed(mj.init_adapters(params, MoRAConfig(r=2, mora_type=1, magnitude=True),
+                                                            jax.random.key(0)), scale=0.05))[path]
+    kernel = adapters_lib.flatten(params)[path]
+    x = jax.random.normal(jax.random.key(3), (5, node.in_features))
+
+    def ours(m, mag):
+        y = node.replace(m=m, magnitude=mag).dense_output(x, kernel, base_fn=lambda: x @ kernel, bias_D=None,
+                                                          dropout_fn=None, dtype=jnp.float32)
+        return jnp.sum(jnp.sin(y))
+
+    def definition(m, mag, frozen_norm=None):
+        w = kernel + node.replace(m=m).delta_weight()
+        n = jnp.linalg.norm(w, axis=0) if frozen_norm is None else frozen_norm
+        return jnp.sum(jnp.sin(x @ w * (mag / n)))
+
+    n0 = node.weight_norm(kernel)
+    np.testing.assert_allclose(ours(node.m, node.magnitude), definition(node.m, node.magnitude), rtol=1e-5)
+    g_ours = jax.grad(ours, argnums=(0, 1))(node.m, node.magnitude)
+    g_frozen = jax.grad(lambda m, mag: definition(m, mag, n0), argnums=(0, 1))(node.m, node.magnitude)
+    g_live = jax.grad(definition, argnums=(0, 1))(node.m, node.magnitude)
+    for got, want in zip(g_ours, g_frozen):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(g_ours[1]).max()) > 1e-3  # the magnitude is trained
+    assert float(jnp.abs(g_live[0] - g_frozen[0]).max()) > 1e-5  # the detachment is visible
+
+
+def test_mora_magnitude_partition_restart_sharding_and_export(base, ids, tmp_path):
+    model, params = base
+    config = MoRAConfig(r=2, mora_type=1, magnitude=True)
+    adapters = mj.init_adapters(params, config, jax.random.key(0))
+    tx = optax.adam(1e-2)
+    state = training.create_train_state(params, _perturbed(adapters, scale=0.05), config, tx, jax.random.key(1))
+    path = ("model", "layers_0", "mlp", "down_proj", "kernel")
+    assert adapters_lib.count_params(state.opt_state["adapters"]) == 2 * adapters_lib.count_params(adapters) + 1
+    before = training.logits_fn(model, state, ids)
+    restarted = remora.merge_and_reset(state, tx=tx, next_type=2)  # ReMoRA: the next type, magnitude re-based
+    fresh = adapters_lib.flatten(restarted.adapters)[path]
+    assert fresh.mora_type == 2 and not np.any(fresh.m)
+    np.testing.assert_allclose(fresh.magnitude, np.linalg.norm(np.asarray(adapters_lib.flatten(restarted.frozen)[path]),
+                                                               axis=0), rtol=1e-6)
+    np.testing.assert_allclose(training.logits_fn(model, restarted, ids), before, atol=3e-5)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(1, 1, 4), ("data", "fsdp", "tensor"))
+    specs = adapters_lib.flatten(sharding.specs_of(sharding.tree_shardings(jax.eval_shape(lambda: adapters), mesh)))
+    assert specs[("model", "layers_0", "mlp", "up_proj", "kernel")].magnitude == jax.sharding.PartitionSpec("tensor")
+    with pytest.raises(AdapterFormatError, match="no PEFT file format"):
+        save_adapter(tmp_path / "a", config, adapters)
+    with pytest.raises(ConfigError, match="export.adapter=False"):
+        RunConfig(adapter=config)
+    assert RunConfig(adapter=config, export=ExportConfig(adapter=False, merged=True)).adapter.magnitude

@@ -324,6 +324,11 @@ def _check_adapters_match(config, flat_adapters) -> None:
             raise AdapterFormatError(
                 f"adapter at {path_str(path)} is not on a 'kernel' parameter; PEFT files adapt whole Linear modules"
             )
+        if isinstance(adapter, MoRAAdapter) and adapter.magnitude is not None:
+            raise AdapterFormatError(
+                f"adapter at {path_str(path)} is MoRA with a magnitude (MoRAConfig(magnitude=True)), which no PEFT "
+                "file format holds; save the merged model instead (mora_jax.merge, then mora_jax.hf.save_llama)"
+            )
         if isinstance(config, HiRAConfig):
             if not isinstance(adapter, HiRAAdapter) or adapter.r != config.r:
                 raise AdapterFormatError(
