@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 import mora_jax as mj
 import mora_jax.nnx as mnx
 from mora_jax.hf import peft
+from mora_jax.methods import DoRAConfig, HiRAConfig
 from mora_jax.models import RopeScaling
 from mora_jax.models.config import LLAMA_CONFIGS
 from mora_jax.models.llama import LlamaForCausalLM, init_params
@@ -52,7 +53,7 @@ def _logits(model, ids):
     return model(ids)
 
 
-CONFIGS = [mj.MoRAConfig(r=2, mora_type=t) for t in (1, 2, 3, 4, 6)] + [mj.LoRAConfig(r=3, alpha=6.0)]
+CONFIGS = [mj.MoRAConfig(r=2, mora_type=t) for t in (1, 2, 3, 4, 6)] + [mj.LoRAConfig(r=3, alpha=6.0), HiRAConfig(r=3)]
 IDS_OF = lambda c: f"{c.method}{getattr(c, 'mora_type', '')}"  # noqa: E731
 
 
@@ -111,7 +112,8 @@ def test_model_families_match_linen_with_mora(name):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS_OF)
 def test_same_adapters_same_logits_as_linen(params, config):
-    adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
+    # HiRA's update is K ⊙ (a·b): a product of two small random matrices times a small kernel needs larger values
+    adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)), scale=0.4 if config.method == "hira" else 0.1)
     expected = mj.apply_model(LINEN, params, IDS, adapters=adapters)
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
     got = _logits(model, IDS)
@@ -156,7 +158,7 @@ def _nnx_step(model, optimizer, ids):
 
 
 @pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.MoRAConfig(r=2, mora_type=1),
-                                    mj.LoRAConfig(r=3, alpha=6.0)], ids=IDS_OF)
+                                    mj.LoRAConfig(r=3, alpha=6.0), HiRAConfig(r=2)], ids=IDS_OF)
 def test_training_matches_linen(params, config):
     tx = optax.adamw(1e-2)
     adapters = mj.init_adapters(params, config, jax.random.key(1))  # M = 0 (LoRA: random a, b = 0)
@@ -281,7 +283,7 @@ def test_adapted_linear_general_and_einsum_fold_consistently():
 
 
 @pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.MoRAConfig(r=2, mora_type=1),
-                                    mj.LoRAConfig(r=3, alpha=6.0)], ids=IDS_OF)
+                                    mj.LoRAConfig(r=3, alpha=6.0), HiRAConfig(r=3)], ids=IDS_OF)
 def test_merge_unmerge_round_trip(params, config):
     adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
@@ -364,6 +366,16 @@ def test_remora_merge_equals_linen_merge_and_keeps_the_function(params):
     mnx.merge_and_reset(model, rng=7)
     assert not np.any(model.model.layers[0].mlp.up_proj.kernel_lora_b[...])
     assert not np.allclose(model.model.layers[0].mlp.up_proj.kernel_lora_a[...], a_before)
+    # HiRA: the merge is the linen one (K ⊙ (1 + a·b)), then a re-initialised, b zero, the function kept
+    model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), _random_like(
+        mj.init_adapters(params, HiRAConfig(r=2), jax.random.key(1)), scale=0.4))
+    adapters, before = mnx.to_linen_adapters(model), _logits(model, IDS)
+    mnx.merge_and_reset(model, rng=7)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(mj.merge(params, adapters))):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert not np.any(model.model.layers[0].mlp.up_proj.kernel_hira_b[...])
+    np.testing.assert_allclose(_logits(model, IDS), before, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,8 +383,8 @@ def test_remora_merge_equals_linen_merge_and_keeps_the_function(params):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.LoRAConfig(r=3, alpha=6.0, rslora=True)],
-                         ids=IDS_OF)
+@pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.LoRAConfig(r=3, alpha=6.0, rslora=True),
+                                    HiRAConfig(r=2)], ids=IDS_OF)
 def test_converter_round_trip(params, config):
     adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
@@ -394,7 +406,8 @@ def test_converter_round_trip(params, config):
             ("model", "layers_0", "mlp", "up_proj", "kernel")]}}})
 
 
-@pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.LoRAConfig(r=3, alpha=6.0)], ids=IDS_OF)
+@pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.LoRAConfig(r=3, alpha=6.0), HiRAConfig(r=2)],
+                         ids=IDS_OF)
 def test_peft_export_from_nnx_loads_on_the_linen_side(params, config, tmp_path):
     adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
@@ -829,3 +842,17 @@ def test_a_stacked_layer_called_whole_or_stacked_on_another_axis_is_a_clear_erro
 
     with pytest.raises(ValueError, match=r"does not end in the layer's own kernel shape \(16, 24\)"):
         mnx.attach(make(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"kernel",)))
+
+
+def test_methods_the_nnx_path_lacks_are_refused_not_converted(params):
+    """DoRA and MoRA with a magnitude exist on the linen path only: attach and load_linen_adapters refuse them
+    (a DoRA tree loaded as LoRA would silently drop the magnitude)."""
+    model = nnx_llama.from_linen(CFG, params)
+    with pytest.raises(TypeError, match="does not implement dora"):
+        mnx.attach(model, DoRAConfig(r=2))
+    with pytest.raises(TypeError, match=r"magnitude=True\) is not implemented on the nnx path"):
+        mnx.attach(model, mj.MoRAConfig(r=2, magnitude=True))
+    for config in (DoRAConfig(r=2), mj.MoRAConfig(r=2, magnitude=True)):
+        with pytest.raises(TypeError, match="the nnx path does not implement"):
+            mnx.load_linen_adapters(model, mj.init_adapters(params, config, jax.random.key(0)))
+    assert not mnx.adapted_layers(model)  # nothing attached on the way

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mora_jax import ops
-from mora_jax.methods import AdapterConfig, FullConfig, LoRAConfig, MoRAConfig
+from mora_jax.methods import AdapterConfig, FullConfig, HiRAConfig, LoRAConfig, MoRAConfig
 from mora_jax.nnx import layers as layers_lib
 from mora_jax.nnx.layers import DROPOUT_ATTR, SPEC_ATTR, AdapterSpec
 from mora_jax.nnx.variables import MoRAParam, TrainedParam
@@ -207,7 +207,10 @@ def _plan_adapter(layer, config, rng, rngs):
         variables = [_new_variable(MoRAParam, jnp.zeros((*stack, r_hat, r_hat), jnp.float32), kernel,
                                    (*stacked, None, None), len(shape))]
     else:
-        spec = AdapterSpec(method="lora", alpha=float(config.alpha), rslora=bool(config.rslora), **common)
+        if isinstance(config, HiRAConfig):
+            spec = AdapterSpec(method="hira", **common)
+        else:
+            spec = AdapterSpec(method="lora", alpha=float(config.alpha), rslora=bool(config.rslora), **common)
         variables = [
             _new_variable(nnx.LoRAParam, initial_lora_a(rng, spec), kernel, (*stacked, *in_axes, None), len(shape)),
             _new_variable(nnx.LoRAParam, jnp.zeros((*stack, config.r, *out_shape), jnp.float32), kernel,
@@ -252,9 +255,9 @@ def initial_lora_a(rng, spec: AdapterSpec):
 def attach(model, config: AdapterConfig, *, rng: jax.Array | int = 0, rngs: nnx.Rngs | None = None):
     """Adapt ``model`` in place for ``config`` and return it.
 
-    ``MoRAConfig`` / ``LoRAConfig``: every ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` (or
+    ``MoRAConfig`` / ``LoRAConfig`` / ``HiRAConfig``: every ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` (or
     registered einsum layer) whose kernel path ``config.targets`` matches gets an adapter: MoRA's
-    ``M = 0`` (a :class:`MoRAParam`), LoRA's ``a`` kaiming-uniform and ``b = 0`` (``nnx.LoRAParam``),
+    ``M = 0`` (a :class:`MoRAParam`), LoRA's (and HiRA's) ``a`` kaiming-uniform and ``b = 0`` (``nnx.LoRAParam``),
     all float32. ``FullConfig``: the matched parameters become trainable. In every case ``unfreeze``
     patterns become trainable too (:class:`TrainedParam`). Afterwards::
 
@@ -264,8 +267,13 @@ def attach(model, config: AdapterConfig, *, rng: jax.Array | int = 0, rngs: nnx.
       rng: key (or int seed) for LoRA's ``a`` (kernel ``i`` in sorted path order uses ``fold_in(rng, i)``).
       rngs: random streams for adapter dropout (needed only when ``config.dropout > 0``).
     """
-    if not isinstance(config, (MoRAConfig, LoRAConfig, FullConfig)):
-        raise TypeError(f"config must be a MoRAConfig, LoRAConfig or FullConfig, got {type(config).__name__}")
+    if not isinstance(config, (MoRAConfig, LoRAConfig, HiRAConfig, FullConfig)):
+        raise TypeError(f"config must be a MoRAConfig, LoRAConfig, HiRAConfig or FullConfig, got "
+                        f"{type(config).__name__}: the nnx path does not implement {getattr(config, 'method', 'it')} yet (the linen path, "
+                        "mora_jax.init_adapters / apply_model, does)")
+    if isinstance(config, MoRAConfig) and config.magnitude:
+        raise TypeError("MoRAConfig(magnitude=True) is not implemented on the nnx path yet (the linen path, "
+                        "mora_jax.init_adapters / apply_model, has it); use magnitude=False")
     if not isinstance(model, nnx.Module):
         raise TypeError(
             f"attach needs an nnx.Module, got {type(model).__name__} (for linen models use mora_jax.init_adapters)"

@@ -52,7 +52,8 @@ class AdapterSpec:
     """Static metadata of the adapter on one layer (hashable: it lives in the graph definition).
 
     Attributes:
-      method: ``"mora"`` or ``"lora"``.
+      method: ``"mora"``, ``"lora"`` or ``"hira"`` (HiRA: LoRA's ``a``, ``b`` applied as ``K ⊙ (a·b)``,
+        :mod:`mora_jax.hira`).
       kernel: name of the adapted kernel attribute (``"kernel"``; ``"w"`` for Tunix's Einsum).
       in_shape / out_shape: the kernel's contracted and output axes (``k = prod(in_shape)``).
       perm: kernel axes in ``(*in axes, *out axes)`` order (the identity for Linear/LinearGeneral).
@@ -101,6 +102,8 @@ class AdapterSpec:
         """Attribute names of the adapter variables on the layer."""
         if self.method == "mora":
             return (f"{self.kernel}_mora_m",)
+        if self.method == "hira":
+            return (f"{self.kernel}_hira_a", f"{self.kernel}_hira_b")
         return (f"{self.kernel}_lora_a", f"{self.kernel}_lora_b")
 
     def replace(self, **changes) -> "AdapterSpec":
@@ -411,8 +414,14 @@ def adapter_arrays(layer, spec: AdapterSpec) -> tuple[jax.Array, ...]:
 
 
 def adapter_delta(layer, spec: AdapterSpec, x_BxK):
-    """``Δy`` for rows ``x (..., k)``: :func:`mora_jax.ops.apply_mora` / :func:`mora_jax.ops.apply_lora`."""
+    """``Δy`` for rows ``x (..., k)``: :func:`mora_jax.ops.apply_mora` / :func:`mora_jax.ops.apply_lora`;
+    HiRA's ``x·(K ⊙ a·b)`` (a second matmul beside the layer's own: unlike the linen path, which runs one
+    matmul with ``K ⊙ (1 + a·b)``, the nnx layer's own call is kept as it is)."""
     arrays = adapter_arrays(layer, spec)
+    if spec.method == "hira":
+        kernel_KxD = kernel_as_matrix(getattr(layer, spec.kernel)[...], spec).astype(jnp.float32)
+        update_KxD = kernel_KxD * jnp.matmul(arrays[0].astype(jnp.float32), arrays[1].astype(jnp.float32))
+        return jnp.matmul(x_BxK, update_KxD.astype(x_BxK.dtype))
     if spec.method == "mora":
         return ops.apply_mora(x_BxK, arrays[0], in_features=spec.in_features, out_features=spec.out_features,
                               mora_type=spec.mora_type)
@@ -445,6 +454,10 @@ def folded_kernel(kernel, arrays, spec: AdapterSpec, sign: float):
     if spec.method == "mora":
         matrix = ops.merge_into(matrix, arrays[0], in_features=spec.in_features, out_features=spec.out_features,
                                 mora_type=spec.mora_type, sign=sign)
+    elif spec.method == "hira":  # K ⊙ (1 + a·b), undone by division (mora_jax.hira)
+        factor = 1.0 + jnp.matmul(arrays[0].astype(jnp.float32), arrays[1].astype(jnp.float32))
+        matrix32 = matrix.astype(jnp.float32)
+        matrix = (matrix32 * factor if sign > 0 else matrix32 / factor).astype(kernel.dtype)
     else:
         delta = ops.lora_delta_weight(arrays[0], arrays[1], scale=spec.lora_scale)
         matrix = (matrix.astype(jnp.float32) + jnp.float32(sign) * delta).astype(kernel.dtype)
