@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 import mora_jax as mj
 import mora_jax.nnx as mnx
 from mora_jax.hf import peft
-from mora_jax.methods import DoRAConfig, HiRAConfig
+from mora_jax.methods import DoRAConfig, HiRAConfig, PiSSAConfig
 from mora_jax.models import RopeScaling
 from mora_jax.models.config import LLAMA_CONFIGS
 from mora_jax.models.llama import LlamaForCausalLM, init_params
@@ -384,7 +384,7 @@ def test_remora_merge_equals_linen_merge_and_keeps_the_function(params):
 
 
 @pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.LoRAConfig(r=3, alpha=6.0, rslora=True),
-                                    HiRAConfig(r=2)], ids=IDS_OF)
+                                    HiRAConfig(r=2), DoRAConfig(r=2, alpha=4.0)], ids=IDS_OF)
 def test_converter_round_trip(params, config):
     adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
@@ -845,14 +845,56 @@ def test_a_stacked_layer_called_whole_or_stacked_on_another_axis_is_a_clear_erro
 
 
 def test_methods_the_nnx_path_lacks_are_refused_not_converted(params):
-    """DoRA and MoRA with a magnitude exist on the linen path only: attach and load_linen_adapters refuse them
-    (a DoRA tree loaded as LoRA would silently drop the magnitude)."""
+    """MoRA with a magnitude exists on the linen path only: attach and load_linen_adapters refuse it
+    (loaded as plain MoRA it would silently drop the magnitude)."""
     model = nnx_llama.from_linen(CFG, params)
-    with pytest.raises(TypeError, match="does not implement dora"):
-        mnx.attach(model, DoRAConfig(r=2))
     with pytest.raises(TypeError, match=r"magnitude=True\) is not implemented on the nnx path"):
         mnx.attach(model, mj.MoRAConfig(r=2, magnitude=True))
-    for config in (DoRAConfig(r=2), mj.MoRAConfig(r=2, magnitude=True)):
-        with pytest.raises(TypeError, match="the nnx path does not implement"):
-            mnx.load_linen_adapters(model, mj.init_adapters(params, config, jax.random.key(0)))
+    with pytest.raises(TypeError, match="the nnx path does not implement"):
+        mnx.load_linen_adapters(model, mj.init_adapters(params, mj.MoRAConfig(r=2, magnitude=True), jax.random.key(0)))
+    with pytest.raises(TypeError, match="does not implement pissa"):
+        mnx.attach(model, PiSSAConfig(r=2))
     assert not mnx.adapted_layers(model)  # nothing attached on the way
+
+
+def test_dora_on_nnx_matches_linen_merges_exactly_and_restarts(params, tmp_path):
+    config = DoRAConfig(r=2, alpha=4.0)
+    attached = mnx.attach(nnx_llama.from_linen(CFG, params), config, rng=1)
+    linen_init = mj.init_adapters(params, config, jax.random.key(1))
+    for a, b in zip(jax.tree_util.tree_leaves(mnx.to_linen_adapters(attached)), jax.tree_util.tree_leaves(linen_init)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # a as linen draws it, b = 0, magnitude = ‖K‖_c
+    adapters = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), linen_init)
+    expected = mj.apply_model(LINEN, params, IDS, adapters=adapters)
+    model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
+    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
+    assert np.abs(np.asarray(expected - LINEN.apply({"params": params}, IDS))).max() > 1e-2
+    # gradients: the same as the linen path's (the norm detached on both sides)
+    linen_grads = jax.grad(lambda a: _next_token_loss(mj.apply_model(LINEN, params, IDS, adapters=a), IDS))(adapters)
+    nnx_grads = nnx.grad(lambda m: _next_token_loss(m(IDS), IDS), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    assert mj.count_params(nnx_grads) == mj.count_params(adapters)
+    node = mj.adapters.flatten(linen_grads)[("model", "layers_1", "mlp", "down_proj", "kernel")]
+    layer = model.model.layers[1].mlp.down_proj
+    grads = nnx_grads["model"]["layers"][1]["mlp"]["down_proj"]
+    np.testing.assert_allclose(grads["kernel_lora_magnitude"][...], node.magnitude, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads["kernel_lora_b"][...], node.b, rtol=1e-4, atol=1e-6)
+    assert layer.kernel_lora_magnitude[...].shape == node.magnitude.shape
+    # merge is exact and undone with the kept norms; merge_and_unload leaves a plain model
+    mnx.merge_adapters(model)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(mj.merge(params, adapters))):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
+    mnx.unmerge(model)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # PEFT files (use_dora) from nnx load on the linen side
+    mnx.save_adapter(tmp_path / "dora", model)
+    _, loaded = peft.load_adapter(tmp_path / "dora", params)
+    np.testing.assert_allclose(mj.apply_model(LINEN, params, IDS, adapters=loaded), expected, rtol=0, atol=1e-5)
+    # ReLoRA-style restart: merged, a new, b = 0, magnitude re-based: the function is kept
+    mnx.merge_and_reset(model, rng=3)
+    assert not np.any(layer.kernel_lora_b[...]) and not hasattr(layer, "mora_dora_norm")
+    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
+    plain = mnx.merge_and_unload(model)
+    np.testing.assert_allclose(_logits(plain, IDS), expected, rtol=0, atol=1e-5)

@@ -25,9 +25,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mora_jax import ops
-from mora_jax.methods import AdapterConfig, FullConfig, HiRAConfig, LoRAConfig, MoRAConfig
+from mora_jax import dora
+from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, HiRAConfig, LoRAConfig, MoRAConfig
 from mora_jax.nnx import layers as layers_lib
-from mora_jax.nnx.layers import DROPOUT_ATTR, SPEC_ATTR, AdapterSpec
+from mora_jax.nnx.layers import DROPOUT_ATTR, NORM_ATTR, SPEC_ATTR, AdapterSpec
 from mora_jax.nnx.variables import MoRAParam, TrainedParam
 
 Path = tuple  # of str | int
@@ -210,12 +211,16 @@ def _plan_adapter(layer, config, rng, rngs):
         if isinstance(config, HiRAConfig):
             spec = AdapterSpec(method="hira", **common)
         else:
-            spec = AdapterSpec(method="lora", alpha=float(config.alpha), rslora=bool(config.rslora), **common)
+            spec = AdapterSpec(method="dora" if isinstance(config, DoRAConfig) else "lora", alpha=float(config.alpha),
+                               rslora=bool(config.rslora), **common)
         variables = [
             _new_variable(nnx.LoRAParam, initial_lora_a(rng, spec), kernel, (*stacked, *in_axes, None), len(shape)),
             _new_variable(nnx.LoRAParam, jnp.zeros((*stack, config.r, *out_shape), jnp.float32), kernel,
                           (*stacked, None, *out_axes), len(shape)),
         ]
+        if spec.method == "dora":  # the magnitude starts at the kernel's column norms, laid out like its out axes
+            variables.append(_new_variable(nnx.LoRAParam, initial_magnitude(kernel[...], spec), kernel,
+                                           (*stacked, *out_axes), len(shape)))
     dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0.0 else None
     return spec, variables, dropout
 
@@ -234,6 +239,13 @@ def _add_adapter(layer, config, rng, rngs) -> AdapterSpec:
     spec, variables, dropout = _plan_adapter(layer, config, rng, rngs)
     _install(layer, spec, variables, dropout)
     return spec
+
+
+def initial_magnitude(kernel, spec: AdapterSpec):
+    """DoRA's ``magnitude = ‖K‖_c`` (float32) of a kernel in the layer's layout, as ``(*stack, *out_shape)``."""
+    n = kernel.ndim - len(spec.perm)
+    matrices = jax.vmap(lambda k: layers_lib.kernel_as_matrix(k, spec))(kernel.reshape(-1, *kernel.shape[n:]))
+    return dora.column_norms(matrices).reshape(*spec.stack_shape, *spec.out_shape)
 
 
 def lora_a_init(rng, k: int, r: int):
@@ -255,9 +267,10 @@ def initial_lora_a(rng, spec: AdapterSpec):
 def attach(model, config: AdapterConfig, *, rng: jax.Array | int = 0, rngs: nnx.Rngs | None = None):
     """Adapt ``model`` in place for ``config`` and return it.
 
-    ``MoRAConfig`` / ``LoRAConfig`` / ``HiRAConfig``: every ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` (or
+    ``MoRAConfig`` / ``LoRAConfig`` / ``HiRAConfig`` / ``DoRAConfig``: every ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` (or
     registered einsum layer) whose kernel path ``config.targets`` matches gets an adapter: MoRA's
-    ``M = 0`` (a :class:`MoRAParam`), LoRA's (and HiRA's) ``a`` kaiming-uniform and ``b = 0`` (``nnx.LoRAParam``),
+    ``M = 0`` (a :class:`MoRAParam`), LoRA's (HiRA's, DoRA's) ``a`` kaiming-uniform and ``b = 0`` (``nnx.LoRAParam``;
+    DoRA's magnitude ``‖K‖_c``),
     all float32. ``FullConfig``: the matched parameters become trainable. In every case ``unfreeze``
     patterns become trainable too (:class:`TrainedParam`). Afterwards::
 
@@ -267,8 +280,8 @@ def attach(model, config: AdapterConfig, *, rng: jax.Array | int = 0, rngs: nnx.
       rng: key (or int seed) for LoRA's ``a`` (kernel ``i`` in sorted path order uses ``fold_in(rng, i)``).
       rngs: random streams for adapter dropout (needed only when ``config.dropout > 0``).
     """
-    if not isinstance(config, (MoRAConfig, LoRAConfig, HiRAConfig, FullConfig)):
-        raise TypeError(f"config must be a MoRAConfig, LoRAConfig, HiRAConfig or FullConfig, got "
+    if not isinstance(config, (MoRAConfig, LoRAConfig, HiRAConfig, DoRAConfig, FullConfig)):
+        raise TypeError(f"config must be a MoRAConfig, LoRAConfig, HiRAConfig, DoRAConfig or FullConfig, got "
                         f"{type(config).__name__}: the nnx path does not implement {getattr(config, 'method', 'it')} yet (the linen path, "
                         "mora_jax.init_adapters / apply_model, does)")
     if isinstance(config, MoRAConfig) and config.magnitude:
@@ -303,6 +316,8 @@ def detach(model, *, keep_trained: bool = False):
         spec = getattr(layer, SPEC_ATTR)
         for name in (*spec.names, SPEC_ATTR):
             delattr(layer, name)
+        if hasattr(layer, NORM_ATTR):
+            delattr(layer, NORM_ATTR)
         if hasattr(layer, DROPOUT_ATTR):
             delattr(layer, DROPOUT_ATTR)
         layer.__class__ = layers_lib.base_class(type(layer))

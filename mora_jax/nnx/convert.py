@@ -29,7 +29,7 @@ from flax import nnx
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, is_adapter, unflatten
 from mora_jax.dora import DoRAAdapter
 from mora_jax.hira import HiRAAdapter
-from mora_jax.methods import HiRAConfig, LoRAConfig, MoRAConfig
+from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, MoRAConfig
 from mora_jax.nnx import layers as layers_lib
 from mora_jax.nnx.attach import _add_adapter, adaptable_layers, adapted_layers, path_str
 from mora_jax.nnx.layers import SPEC_ATTR
@@ -75,6 +75,10 @@ def to_linen_adapters(model, *, path_map: PathMap | None = None) -> dict:
         elif spec.method == "hira":
             out[key] = HiRAAdapter(a=arrays[0], b=arrays[1], in_features=spec.in_features,
                                    out_features=spec.out_features, dropout=spec.dropout)
+        elif spec.method == "dora":
+            out[key] = DoRAAdapter(a=arrays[0], b=arrays[1], magnitude=arrays[2], in_features=spec.in_features,
+                                   out_features=spec.out_features, alpha=spec.alpha, rslora=spec.rslora,
+                                   dropout=spec.dropout)
         else:
             out[key] = LoRAAdapter(a=arrays[0], b=arrays[1], in_features=spec.in_features,
                                    out_features=spec.out_features, alpha=spec.alpha, rslora=spec.rslora,
@@ -103,14 +107,16 @@ def linen_kernel_shapes(model, *, path_map: PathMap | None = None, dtype=jnp.flo
 
 
 def _method_of(key, adapter) -> str:
-    """``"mora"``, ``"hira"`` or ``"lora"``; the linen adapters the nnx path does not implement are refused."""
-    if isinstance(adapter, DoRAAdapter) or (isinstance(adapter, MoRAAdapter) and adapter.magnitude is not None):
-        what = "DoRA" if isinstance(adapter, DoRAAdapter) else "MoRA with a magnitude"
-        raise TypeError(f"adapter {'/'.join(key)} is {what}, which the nnx path does not implement yet; use it on the "
-                        "linen model (mora_jax.apply_model), or merge it there (mora_jax.merge) and load the merged "
-                        "weights")
+    """``"mora"``, ``"hira"``, ``"dora"`` or ``"lora"``; the linen adapters the nnx path does not implement are
+    refused."""
+    if isinstance(adapter, MoRAAdapter) and adapter.magnitude is not None:
+        raise TypeError(f"adapter {'/'.join(key)} is MoRA with a magnitude, which the nnx path does not implement "
+                        "yet; use it on the linen model (mora_jax.apply_model), or merge it there (mora_jax.merge) and "
+                        "load the merged weights")
     if isinstance(adapter, MoRAAdapter):
         return "mora"
+    if isinstance(adapter, DoRAAdapter):
+        return "dora"
     return "hira" if isinstance(adapter, HiRAAdapter) else "lora"
 
 
@@ -119,6 +125,9 @@ def _config_of(adapter):
         return MoRAConfig(r=adapter.r, mora_type=adapter.mora_type, targets=(".*",), dropout=adapter.dropout)
     if isinstance(adapter, HiRAAdapter):
         return HiRAConfig(r=adapter.r, targets=(".*",), dropout=adapter.dropout)
+    if isinstance(adapter, DoRAAdapter):
+        return DoRAConfig(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, targets=(".*",),
+                          dropout=adapter.dropout)
     return LoRAConfig(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, targets=(".*",), dropout=adapter.dropout)
 
 
@@ -177,6 +186,8 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
             new_spec = spec.replace(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, dropout=adapter.dropout)
             values = (adapter.a.reshape(*stack, *spec.in_shape, adapter.r),
                       adapter.b.reshape(*stack, adapter.r, *spec.out_shape))
+            if method == "dora":
+                values += (adapter.magnitude.reshape(*stack, *spec.out_shape),)
         for name, value in zip(spec.names, values):
             variable = getattr(layer, name)
             if variable.shape != value.shape:

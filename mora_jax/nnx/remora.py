@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mora_jax.nnx.attach import adapted_layers, initial_lora_a, path_str
-from mora_jax.nnx.layers import SPEC_ATTR
+from mora_jax.nnx.attach import adapted_layers, initial_lora_a, initial_magnitude, path_str
+from mora_jax.nnx.layers import NORM_ATTR, SPEC_ATTR
 from mora_jax.nnx.merge import fold, placed_like
 from mora_jax.nnx.variables import TrainedParam
 
@@ -62,6 +62,8 @@ def merge_and_reset(model, optimizer: nnx.Optimizer | None = None, *, next_type:
     for i, (path, layer) in enumerate(layers.items()):
         spec = getattr(layer, SPEC_ATTR)
         fold(layer, +1.0)
+        if hasattr(layer, NORM_ATTR):  # DoRA's merge-time norm: not needed, the layer is not left merged
+            delattr(layer, NORM_ATTR)
         first = getattr(layer, spec.names[0])
         if spec.method == "mora":
             new_type = spec.mora_type if next_type is None else int(next_type)
@@ -74,6 +76,9 @@ def merge_and_reset(model, optimizer: nnx.Optimizer | None = None, *, next_type:
             first[...] = placed_like(a, first[...])
             second = getattr(layer, spec.names[1])
             second[...] = jnp.zeros_like(second[...])
+            if spec.method == "dora":  # the magnitude restarts at the merged kernel's column norms
+                magnitude = getattr(layer, spec.names[2])
+                magnitude[...] = placed_like(initial_magnitude(getattr(layer, spec.kernel)[...], spec), magnitude[...])
     if optimizer is not None and reset_optimizer:
         reset_adapter_state(optimizer, model)
     return model
