@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import mora_jax as mj
 import mora_jax.nnx as mnx
+from mora_jax import pissa
 from mora_jax.hf import peft
 from mora_jax.methods import DoRAConfig, HiRAConfig, PiSSAConfig
 from mora_jax.models import RopeScaling
@@ -852,8 +853,6 @@ def test_methods_the_nnx_path_lacks_are_refused_not_converted(params):
         mnx.attach(model, mj.MoRAConfig(r=2, magnitude=True))
     with pytest.raises(TypeError, match="the nnx path does not implement"):
         mnx.load_linen_adapters(model, mj.init_adapters(params, mj.MoRAConfig(r=2, magnitude=True), jax.random.key(0)))
-    with pytest.raises(TypeError, match="does not implement pissa"):
-        mnx.attach(model, PiSSAConfig(r=2))
     assert not mnx.adapted_layers(model)  # nothing attached on the way
 
 
@@ -898,3 +897,32 @@ def test_dora_on_nnx_matches_linen_merges_exactly_and_restarts(params, tmp_path)
     np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
     plain = mnx.merge_and_unload(model)
     np.testing.assert_allclose(_logits(plain, IDS), expected, rtol=0, atol=1e-5)
+
+
+def test_pissa_on_nnx_is_the_linen_start_keeps_the_model_and_restarts_by_svd(params):
+    config = PiSSAConfig(r=2, alpha=4.0)
+    model = mnx.attach(nnx_llama.from_linen(CFG, params), config, rng=1)
+    residual, initial = pissa.init(params, config, jax.random.key(1))
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(residual)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # the kernels became the SVD residual
+    ours = mnx.to_linen_adapters(model)
+    assert isinstance(mj.adapters.flatten(ours)[("model", "layers_0", "mlp", "up_proj", "kernel")], pissa.PiSSAAdapter)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(initial)):  # same principal part
+        np.testing.assert_allclose(np.abs(a), np.abs(b), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_logits(model, IDS), LINEN.apply({"params": params}, IDS), rtol=0, atol=1e-5)
+    assert mnx.adapter_config(model) == PiSSAConfig(r=2, alpha=4.0, targets=mnx.adapter_config(model).targets)
+    # a ReLoRA-style restart merges and runs the SVD again on the merged kernel; the function is kept
+    layer = model.model.layers[1].self_attn.o_proj
+    layer.kernel_lora_b[...] += 0.05
+    before = _logits(model, IDS)
+    mnx.merge_and_reset(model, rng=3)
+    np.testing.assert_allclose(_logits(model, IDS), before, rtol=0, atol=2e-5)
+    merged = np.asarray(layer.kernel[...]) + 2.0 * np.asarray(layer.kernel_lora_a[...] @ layer.kernel_lora_b[...])
+    s_merged = np.linalg.svd(merged, compute_uv=False)
+    np.testing.assert_allclose(np.linalg.svd(np.asarray(layer.kernel[...]), compute_uv=False)[:-2], s_merged[2:],
+                               atol=1e-5)  # the residual lacks exactly the top-2 singular values
+    # the linen tree (PiSSA nodes) loads into a model built from the residual params without a new SVD
+    other = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, residual), initial)
+    assert getattr(other.model.layers[0].mlp.up_proj, "mora_spec").method == "pissa"
+    np.testing.assert_allclose(_logits(other, IDS), LINEN.apply({"params": params}, IDS), rtol=0, atol=1e-5)

@@ -30,6 +30,7 @@ from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, is_adapter, unf
 from mora_jax.dora import DoRAAdapter
 from mora_jax.hira import HiRAAdapter
 from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, MoRAConfig
+from mora_jax.pissa import PiSSAAdapter
 from mora_jax.nnx import layers as layers_lib
 from mora_jax.nnx.attach import _add_adapter, adaptable_layers, adapted_layers, path_str
 from mora_jax.nnx.layers import SPEC_ATTR
@@ -75,6 +76,10 @@ def to_linen_adapters(model, *, path_map: PathMap | None = None) -> dict:
         elif spec.method == "hira":
             out[key] = HiRAAdapter(a=arrays[0], b=arrays[1], in_features=spec.in_features,
                                    out_features=spec.out_features, dropout=spec.dropout)
+        elif spec.method == "pissa":
+            out[key] = PiSSAAdapter(a=arrays[0], b=arrays[1], in_features=spec.in_features,
+                                    out_features=spec.out_features, alpha=spec.alpha, rslora=spec.rslora,
+                                    dropout=spec.dropout, niter=spec.niter)
         elif spec.method == "dora":
             out[key] = DoRAAdapter(a=arrays[0], b=arrays[1], magnitude=arrays[2], in_features=spec.in_features,
                                    out_features=spec.out_features, alpha=spec.alpha, rslora=spec.rslora,
@@ -117,6 +122,8 @@ def _method_of(key, adapter) -> str:
         return "mora"
     if isinstance(adapter, DoRAAdapter):
         return "dora"
+    if isinstance(adapter, PiSSAAdapter):
+        return "pissa"
     return "hira" if isinstance(adapter, HiRAAdapter) else "lora"
 
 
@@ -161,7 +168,10 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
                 "the layer's (unstack an nn.scan tree for unstacked layers with mora_jax.models.unstack_layers)"
             )
         if not layers_lib.is_adapted(layer):
+            # PiSSA attaches as LoRA here: the params already hold the residual, no SVD may rewrite them
             _add_adapter(layer, _config_of(adapter), jax.random.key(0), rngs)
+            if method == "pissa":
+                setattr(layer, SPEC_ATTR, getattr(layer, SPEC_ATTR).replace(method="pissa"))
         spec = getattr(layer, SPEC_ATTR)
         if spec.merged:
             raise ValueError(f"{path_str(path)} is merged; unmerge the model before loading adapters into it")
@@ -183,7 +193,8 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
             values = (adapter.a.reshape(*stack, *spec.in_shape, adapter.r),
                       adapter.b.reshape(*stack, adapter.r, *spec.out_shape))
         else:
-            new_spec = spec.replace(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, dropout=adapter.dropout)
+            new_spec = spec.replace(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, dropout=adapter.dropout,
+                                    niter=getattr(adapter, "niter", None))
             values = (adapter.a.reshape(*stack, *spec.in_shape, adapter.r),
                       adapter.b.reshape(*stack, adapter.r, *spec.out_shape))
             if method == "dora":

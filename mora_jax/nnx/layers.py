@@ -54,7 +54,8 @@ class AdapterSpec:
 
     Attributes:
       method: ``"mora"``, ``"lora"``, ``"hira"`` (HiRA: LoRA's ``a``, ``b`` applied as ``K ⊙ (a·b)``,
-        :mod:`mora_jax.hira`) or ``"dora"`` (LoRA's ``a``, ``b`` and a magnitude, :mod:`mora_jax.dora`).
+        :mod:`mora_jax.hira`), ``"dora"`` (LoRA's ``a``, ``b`` and a magnitude, :mod:`mora_jax.dora`) or
+        ``"pissa"`` (LoRA at run time; started from the kernel's SVD, :mod:`mora_jax.pissa`).
       kernel: name of the adapted kernel attribute (``"kernel"``; ``"w"`` for Tunix's Einsum).
       in_shape / out_shape: the kernel's contracted and output axes (``k = prod(in_shape)``).
       perm: kernel axes in ``(*in axes, *out axes)`` order (the identity for Linear/LinearGeneral).
@@ -62,6 +63,7 @@ class AdapterSpec:
       mora_type: MoRA operator type (1, 2, 3, 4, 6); None for LoRA.
       alpha / rslora: LoRA scale ``α/r`` (``α/√r``).
       dropout: dropout rate on the adapter input.
+      niter: PiSSA's SVD (None exact, an int the randomized one), run again at ReMoRA restarts.
       merged: ``ΔK`` is folded into the kernel and the adapter is skipped (:func:`mora_jax.nnx.merge_adapters`).
       stack_shape: leading axes of a kernel stacked over layers (``nnx.vmap``-made layers run under
         ``nnx.scan``, as MaxText and Tunix scan their models): the adapter's variables are stacked the
@@ -80,6 +82,7 @@ class AdapterSpec:
     dropout: float = 0.0
     merged: bool = False
     stack_shape: tuple[int, ...] = ()
+    niter: int | None = None
 
     @property
     def in_features(self) -> int:

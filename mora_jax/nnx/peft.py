@@ -17,7 +17,7 @@ from mora_jax.adapters import flatten
 from mora_jax.hf import peft
 from mora_jax.hf.files import hf_name_to_path, layer_index
 from mora_jax.hf.peft_files import adapter_directory, group_tensors, read_adapter_tensors
-from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, MoRAConfig
+from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, MoRAConfig, PiSSAConfig
 from mora_jax.nnx.attach import adapted_layers, path_str
 from mora_jax.nnx.convert import PathMap, linen_kernel_shapes, load_linen_adapters, to_linen_adapters
 from mora_jax.nnx.layers import SPEC_ATTR
@@ -44,6 +44,9 @@ def adapter_config(model) -> MoRAConfig | LoRAConfig | HiRAConfig | DoRAConfig:
         return HiRAConfig(r=spec.r, targets=targets, dropout=spec.dropout)
     if spec.method == "dora":
         return DoRAConfig(r=spec.r, alpha=spec.alpha, rslora=spec.rslora, targets=targets, dropout=spec.dropout)
+    if spec.method == "pissa":  # a PEFT file of it is a LoRA for the residual base (pissa.to_lora: for the original)
+        return PiSSAConfig(r=spec.r, alpha=spec.alpha, rslora=spec.rslora, targets=targets, dropout=spec.dropout,
+                           niter=spec.niter)
     return LoRAConfig(r=spec.r, alpha=spec.alpha, rslora=spec.rslora, targets=targets, dropout=spec.dropout)
 
 
