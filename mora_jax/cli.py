@@ -168,7 +168,8 @@ def merge_command(args) -> int:
     log(f"loading base model {base} ({load_dtype})")
     model, params = load_llama(base, param_dtype=load_dtype, allow_pickle=args.allow_pickle)
     config, adapters = load_adapter(adapter_dir, params)
-    method = f"MoRA type {config.mora_type}" if config.method == "mora" else "LoRA"
+    method = (f"MoRA type {config.mora_type}" if config.method == "mora"
+              else {"dora": "DoRA", "hira": "HiRA"}.get(config.method, "LoRA"))
     n_kernels = len(flatten(adapters))
     flat_params = checked_weights(base, adapter_dir, params, adapters, merged=True,
                                   out_dtype=out_dtype if out_dtype != load_dtype else None)
