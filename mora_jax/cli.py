@@ -48,7 +48,8 @@ def merge_command(args) -> int:
                                allow_pickle=args.allow_pickle,
                                log=lambda message: print(message, file=sys.stderr, flush=True))
     config = merged.adapter_config
-    method = f"MoRA type {config.mora_type}" if config.method == "mora" else "LoRA"
+    method = (f"MoRA type {config.mora_type}" if config.method == "mora"
+              else {"dora": "DoRA", "hira": "HiRA"}.get(config.method, "LoRA"))
     print(
         f"merged {merged.n_kernels} kernels ({method}, r={config.r}) from {pathlib.Path(args.adapter)} into "
         f"{pathlib.Path(args.base)}; wrote {merged.out_dir} ({merged.dtype}"

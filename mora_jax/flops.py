@@ -13,6 +13,8 @@ from __future__ import annotations
 from mora_jax import ops
 from mora_jax.models.config import LlamaConfig
 
+ADAPTER_METHODS = ("lora", "pissa", "dora", "hira", "mora")
+
 
 def llama_kernel_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
     """``{projection: (in_features k, out_features d)}`` of one LLaMA block."""
@@ -41,26 +43,42 @@ def adapter_flops_per_token(k: int, d: int, method: str, r: int, mora_type: int 
     MoRA types 1–4: compression/decompression are sums/copies (no matmul), ``z@m`` = ``2·r̂²``;
     backward ``∇m = zᵀ·du`` and ``dz = du·mᵀ``, one forward's worth each. Type 6: the same per chunk
     that reaches the output (:func:`mora_chunks_used`), ``2·n·r̂²``.
+    HiRA: zero: its layer runs one matmul with the effective kernel ``K ⊙ (1 + A·B)`` instead of the
+    frozen ``x·K`` (forward and input gradient as the frozen model's); what it adds per token is the
+    gradient of that kernel, :func:`adapter_weight_grad_flops_per_token`.
     """
     if method in ("lora", "pissa", "dora"):  # PiSSA is LoRA at run time; DoRA's per-token extra (the magnitude scaling) is elementwise
         return 2.0 * r * (k + d), 2.0 * k * r
+    if method == "hira":  # one matmul with K ⊙ (1 + A·B) replaces the frozen one: nothing more per token
+        return 0.0, 0.0
     if method == "mora":
         r_hat = ops.rank_hat(k, d, r, mora_type)
         n = mora_chunks_used(k, d, r_hat) if mora_type == 6 else 1
         fwd = 2.0 * n * r_hat * r_hat
         return fwd, fwd
-    raise ValueError(f"adapter method must be 'lora', 'dora' or 'mora', got {method!r}")
+    raise ValueError(f"adapter method must be 'lora', 'pissa', 'dora', 'hira' or 'mora', got {method!r}")
 
 
 def adapter_flops_per_step(k: int, d: int, method: str, r: int) -> float:
     """Matmul FLOPs an adapter on a ``k × d`` kernel needs once per step, independent of the tokens.
 
     DoRA: the detached column norm ``‖K + s·A·B‖_c`` (``mora_jax.dora.weight_norm``): ``Aᵀ·K``
-    (``2·k·d·r``), ``AᵀA`` (``2·k·r²``) and ``(AᵀA)·B`` (``2·r²·d``). Zero for the other methods.
+    (``2·k·d·r``), ``AᵀA`` (``2·k·r²``) and ``(AᵀA)·B`` (``2·r²·d``). HiRA: ``A·B`` for the effective
+    kernel and, backward, ``∇A = G·Bᵀ`` and ``∇B = Aᵀ·G`` from ``G = ∂L/∂K' ⊙ K``: ``3 × 2·k·r·d``.
+    Zero for the other methods.
     """
     if method == "dora":
         return 2.0 * k * d * r + 2.0 * k * r * r + 2.0 * r * r * d
+    if method == "hira":
+        return 3 * 2.0 * k * r * d
     return 0.0
+
+
+def adapter_weight_grad_flops_per_token(k: int, d: int, method: str) -> float:
+    """Matmul FLOPs per token an adapter on a ``k × d`` kernel spends on a dense weight gradient:
+    HiRA's ``∂L/∂K' = xᵀ·dy`` (``2·k·d``, as full fine-tuning's), which its ``A``, ``B`` gradients need
+    (``mora_jax.hira``); zero for the other methods, whose gradients stay low-rank."""
+    return 2.0 * k * d if method == "hira" else 0.0
 
 
 def attention_pairs(config: LlamaConfig, seq_len: int, *, skip_masked: bool = False) -> float:
@@ -79,9 +97,9 @@ def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r
                    mora_type: int | None = None, *, skip_dead_input_grads: bool = True,
                    trained_lm_head: bool = False, skip_masked_attention: bool = False) -> dict[str, float]:
     """Matmul FLOPs of one training step of a LLaMA model, by part (see :func:`model_flops_per_step`)."""
-    if method not in ("full", "lora", "pissa", "dora", "mora", "frozen"):
-        raise ValueError(f"method must be 'full', 'lora', 'pissa', 'dora', 'mora' or 'frozen', got {method!r}")
-    if method in ("lora", "pissa", "dora", "mora") and not r:
+    if method not in ("full", "lora", "pissa", "dora", "hira", "mora", "frozen"):
+        raise ValueError(f"method must be 'full', 'lora', 'pissa', 'dora', 'hira', 'mora' or 'frozen', got {method!r}")
+    if method in ADAPTER_METHODS and not r:
         raise ValueError(f"{method} needs a rank r")
     if method == "mora" and mora_type is None:
         raise ValueError("mora needs a mora_type")
@@ -104,11 +122,11 @@ def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r
                        + (2.0 * D * V * tokens if trained_lm_head else 0.0),
         "adapter": 0.0,
     }
-    if method in ("lora", "pissa", "dora", "mora"):
+    if method in ADAPTER_METHODS:
         per_token = per_step = 0.0
         for proj, (k, d) in shapes.items():
             fwd, in_grad = adapter_flops_per_token(k, d, method, r, mora_type)
-            per_token += L * 3.0 * fwd
+            per_token += L * (3.0 * fwd + adapter_weight_grad_flops_per_token(k, d, method))
             per_step += L * adapter_flops_per_step(k, d, method, r)
             if skip_dead_input_grads and proj in ("q_proj", "k_proj", "v_proj"):
                 per_token -= in_grad
@@ -138,7 +156,10 @@ def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: 
     * adapters (``"lora"``/``"dora"``/``"mora"``): their own matmuls, three times the forward
       (:func:`adapter_flops_per_token`): LoRA and DoRA ``2·tokens·r·(k+d)·3`` (DoRA adds its
       per-step column norm, :func:`adapter_flops_per_step`); MoRA ``2·tokens·r̂²·3`` (types
-      1–4) or ``2·tokens·n·r̂²·3`` (type 6, ``n`` chunks reaching the output);
+      1–4) or ``2·tokens·n·r̂²·3`` (type 6, ``n`` chunks reaching the output); HiRA (``"hira"``)
+      the dense gradient of its effective kernel, ``2·tokens·k·d`` (full fine-tuning's weight
+      gradient: HiRA's floor is ``full``'s FLOPs plus ``6·k·r·d`` per kernel and step,
+      :func:`adapter_weight_grad_flops_per_token`, :func:`adapter_flops_per_step`);
     * ``"frozen"``: the base model alone with every kernel frozen (what any adapter method pays
       before its adapter matmuls), so ``full − frozen`` is exactly the weight-gradient term.
 
@@ -152,5 +173,5 @@ def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: 
                                     skip_masked_attention=skip_masked_attention).values()))
 
 
-__all__ = ["adapter_flops_per_step", "adapter_flops_per_token", "attention_pairs", "flop_breakdown",
-           "llama_kernel_shapes", "model_flops_per_step", "mora_chunks_used"]
+__all__ = ["ADAPTER_METHODS", "adapter_flops_per_step", "adapter_flops_per_token", "adapter_weight_grad_flops_per_token",
+           "attention_pairs", "flop_breakdown", "llama_kernel_shapes", "model_flops_per_step", "mora_chunks_used"]

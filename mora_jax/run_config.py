@@ -358,6 +358,9 @@ class RunConfig:
     def __post_init__(self):
         if self.method == "full" and self.remora.every:
             object.__setattr__(self, "remora", dataclasses.replace(self.remora, every=0))
+        if isinstance(self.adapter, MoRAConfig) and self.adapter.magnitude and self.export.adapter:
+            raise ConfigError("adapter.magnitude=True (MoRA with a magnitude) has no PEFT adapter file format: set "
+                              "export.adapter=False (export.merged=True writes the trained model)")
         if self.optim.warmup_steps > self.train.steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} is longer than the run "
                               f"(train.steps={self.train.steps})")
