@@ -73,7 +73,8 @@ def describe_adapter(path) -> str:
     raw = read_adapter_config(path)
     check_supported(raw, str(path))
     tensors = read_adapter_tensors(path)
-    use_mora = bool(raw.get("use_mora"))
+    use_hira = raw.get("peft_type") == "HIRA"
+    use_mora = bool(raw.get("use_mora")) and not use_hira
     r = raw["r"]
     kinds: dict[str, dict[tuple, int]] = {}  # module kind (layer index removed) -> {shape: count}
     n_modules = n_trainable = 0
@@ -82,6 +83,7 @@ def describe_adapter(path) -> str:
         if parsed is None:
             continue
         module, part = parsed
+        part = {"hira_A": "lora_A", "hira_B": "lora_B"}.get(part, part)  # same layout as LoRA's
         if part == "lora_B" and use_mora:
             continue  # MoRA's lora_B is the same matrix as lora_A
         kind = re.sub(r"(^|\.)layers\.\d+\.", r"\1layers.*.", module)
@@ -92,7 +94,9 @@ def describe_adapter(path) -> str:
         n_modules += part == "lora_A"
 
     lines = [f"adapter: {path}"]
-    if use_mora:
+    if use_hira:
+        lines.append(f"method: HiRA, r={r} (ΔW = W ⊙ (B·A), no scale)")
+    elif use_mora:
         mora_type = raw.get("mora_type", 1)
         flavour = {1: "sharing", 6: "RoPE-based"}.get(mora_type, "ReMoRA cycle type")
         lines.append(f"method: MoRA, type {mora_type} ({flavour}), r={r}")
@@ -101,7 +105,10 @@ def describe_adapter(path) -> str:
         scale = lora_scale(r, alpha, rslora)
         lines.append(f"method: LoRA, r={r}, alpha={alpha}, scale={scale:g}" + (" (rsLoRA)" if rslora else ""))
     lines.append(f"target_modules: {raw.get('target_modules')}")
-    lines.append(f"lora_dropout: {raw.get('lora_dropout', 0.0)}")
+    if use_hira:
+        lines.append(f"hira_dropout: {raw.get('hira_dropout', 0.0)}")
+    else:
+        lines.append(f"lora_dropout: {raw.get('lora_dropout', 0.0)}")
     if raw.get("base_model_name_or_path"):
         lines.append(f"base_model_name_or_path: {raw['base_model_name_or_path']}")
     lines.append(f"adapted modules: {n_modules}")
