@@ -1,5 +1,5 @@
 """Hugging Face PEFT's method-comparison protocol: fine-tune Llama-3.2-3B on MetaMathQA, score GSM8K
-exact-match accuracy (docs/finetuning.md, "The PEFT MetaMathQA protocol").
+exact-match accuracy (docs/finetuning.md, "Hugging Face PEFT's MetaMathQA protocol").
 
     python -m train.prepare_metamathqa --metamathqa MetaMathQA-395K.json \\
         --gsm8k-train gsm8k/main/train-00000-of-00001.parquet --gsm8k-test gsm8k/main/test-00000-of-00001.parquet \\
@@ -7,7 +7,8 @@ exact-match accuracy (docs/finetuning.md, "The PEFT MetaMathQA protocol").
     python -m train.finetune --config=configs/peft_metamathqa.py --config.model.hf_path=/path/to/Llama-3.2-3B
     python -m train.finetune --config=configs/peft_metamathqa.py:dora --config.model.hf_path=...   # another method
     python -m train.finetune --config=configs/peft_metamathqa.py:tiny     # seconds, generated data, tiny model
-    python -m train.plan --config=configs/peft_metamathqa.py:tpu --topology=v5e:2x2 --compare=all   # plan a slice
+    python -m train.plan --config=configs/peft_metamathqa.py:tpu --topology=v5e:2x2 --compare=mora,dora,pissa --steps=train
+    python -m train.plan --config=configs/peft_metamathqa.py:tpu,full --topology=v5e:2x2 --steps=train   # own targets, remat
 
 The variant is ``[SIZE][,METHOD]``: SIZE is '' (the protocol on the real checkpoint), 'tiny' (runs on a
 CPU: generated records, a tiny model) or 'tpu' (the '' run with the public preset's shapes, scanned
