@@ -92,6 +92,7 @@ def base_config():
     c.data.text_field = "text"  # field holding the text in JSON/Parquet records
     c.data.overlong = "truncate"  # what to do with too long documents/examples: "truncate" or "drop"
     c.data.format = "alpaca"  # fine-tuning records: "alpaca" (instruction/input/output) or "metamathqa" (query/response)
+    c.data.prompt_template = ""  # fine-tuning: prompt template over the record's fields ("" = the format's own)
     c.data.packing = False  # fine-tuning: pack several examples per row (attention stays within each)
     c.data.num_epochs = ml_collections.FieldReference(None, field_type=int)  # passes over the data (None = forever)
     c.data.eval_split = "train"  # the split of a Hub data set used for evaluation

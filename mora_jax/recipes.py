@@ -67,9 +67,15 @@ def build_data(config: RunConfig, task: str, tokenizer):
         factory = {"alpaca": data_lib.FinetuneDataConfig.alpaca, "metamathqa": data_lib.FinetuneDataConfig.metamathqa}
         if d.format not in factory:
             raise ConfigError(f"unknown data.format {d.format!r}: choose one of {sorted(factory)}")
-        data_config = factory[d.format](t.seq_len, batch_size, packing=d.packing, num_epochs=d.num_epochs,
-                                        seed=config.seed, overlong=d.overlong, on_bad_record=d.on_bad_record,
-                                        add_bos=tokenizer.adds_bos, chat_template=d.chat_template)
+        template = {"prompt_template": d.prompt_template, "prompt_template_no_input": None} if d.prompt_template else {}
+        try:
+            data_config = factory[d.format](t.seq_len, batch_size, packing=d.packing, num_epochs=d.num_epochs,
+                                            seed=config.seed, overlong=d.overlong, on_bad_record=d.on_bad_record,
+                                            add_bos=tokenizer.adds_bos, chat_template=d.chat_template, **template)
+        except ValueError as e:
+            if not d.prompt_template:
+                raise
+            raise ConfigError(f"data.prompt_template: {e}") from None
         eval_config = dataclasses.replace(data_config, num_epochs=1, shuffle=False)
         make = functools.partial(data_lib.finetune_batches, tokenizer=tokenizer, **shard)
     train_batches = make(d.source, config=data_config)
