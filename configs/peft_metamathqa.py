@@ -22,6 +22,8 @@ Sources, Hugging Face PEFT (github.com/huggingface/peft), folder method_comparis
   [L] experiments/lora/llama-3.2-3B-rank32/adapter_config.json @ d998b352d9ace44116752998bbf71a1a1206b777
   [O] experiments/lora/llama-3.2-3B-rank32-dora/adapter_config.json @ f8bbafe062f9abd1cf9d91559c07bdb454ab6e40
   [F] experiments/full-finetuning/llama-3.2-3B-lr_0.00001/training_params.json @ 30072d5bed218e394edd2bc2a93643feffe89788
+  [H] experiments/hira/llama-3.2-3B-rank32-lr4.5e-3/training_params.json @ 7d775f64b8d3a4479caa7d33f04c650562e84614
+      (lr 4.5e-3, weight decay 0) and its adapter_config.json @ 5fbf730d (r=32, q_proj and v_proj, dropout 0)
   [U] utils.py @ 013424400cdc3ac2bf6cdf5555d83d8808ffe153 (AdamW from torch.optim, WARMUP_STEP_RATIO,
       get_cosine_schedule_with_warmup, parse_answer / get_accuracy)
   [R] run.py @ 026d1e0164165fcb4a2a98cd9b37af619745d8b3 (training loop, validation every eval_steps, test at the end)
@@ -36,7 +38,8 @@ from mora_jax.methods import METHODS
 
 PEFT_TEMPLATE = "Question: {query} Think step by step.\nAnswer:"  # [D] query_template; [A] appends the response
 PEFT_TARGETS = r".*/(q|v)_proj/kernel"  # [L] target_modules null -> [P] q_proj, v_proj
-PEFT_LR = {"full": 1e-5}  # [F]; every other method: [D] optimizer_kwargs.lr = 1e-4
+PEFT_LR = {"full": 1e-5, "hira": 4.5e-3}  # [F], [H]; every other method: [D] optimizer_kwargs.lr = 1e-4
+PEFT_WEIGHT_DECAY = {"hira": 0.0}  # [H]; every other method: [D] optimizer_kwargs.weight_decay = 0.1
 SIZES = ("", "tiny", "tpu")
 METHOD_VARIANTS = (*METHODS, "mora1", "mora6")
 
@@ -127,5 +130,6 @@ def get_config(variant: str = ""):
             if size == "tpu":
                 c.model.remat_policy = "full"  # train.plan: 17.0 GiB per chip without remat, over a v5e chip's 16
         if size != "tiny":
-            c.optim.lr = PEFT_LR.get(c.method, c.optim.lr)  # [F] 1e-5 for full fine-tuning
+            c.optim.lr = PEFT_LR.get(c.method, c.optim.lr)  # [F] 1e-5 for full fine-tuning, [H] 4.5e-3 for HiRA
+        c.optim.weight_decay = PEFT_WEIGHT_DECAY.get(c.method, c.optim.weight_decay)  # [H] none for HiRA
     return c

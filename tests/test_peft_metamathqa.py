@@ -36,7 +36,9 @@ def test_recipe_has_peft_settings():
 def test_every_method_is_a_variant(method):
     run = RunConfig.from_dict(peft_metamathqa.get_config(f"tpu,{method}"))
     assert run.method == method.rstrip("16")
-    assert run.optim.lr == (1e-5 if method == "full" else 1e-4)  # PEFT's full fine-tuning rate
+    # PEFT's rates: 1e-5 for full fine-tuning, 4.5e-3 (and no weight decay) for HiRA, 1e-4 otherwise
+    assert run.optim.lr == {"full": 1e-5, "hira": 4.5e-3}.get(method, 1e-4)
+    assert run.optim.weight_decay == (0.0 if method == "hira" else 0.1)
     if method.startswith("mora") and method != "mora":
         assert run.adapter.mora_type == int(method[-1])
     assert RunConfig.from_dict(peft_metamathqa.get_config(method)).method == run.method
