@@ -110,11 +110,11 @@ def test_names():
 def test_the_hf_package_presents_each_name_from_its_one_home():
     """``mora_jax.hf`` presents the package's public names; each is the defining module's object and
     no module of the package re-exports another's."""
-    from mora_jax.hf import checkpoints, peft_files
+    from mora_jax.hf import checkpoints, merge, peft_files
 
     homes = {"load_llama": checkpoints, "save_llama": checkpoints, "read_config": checkpoints,
              "params_to_hf_tensors": checkpoints, "load_adapter": peft, "save_adapter": peft,
-             "AdapterFormatError": peft_files}
+             "AdapterFormatError": peft_files, "merge_adapter_dir": merge, "save_merged": merge}
     for name, module in homes.items():
         assert getattr(hf, name) is getattr(module, name), name
         assert name in module.__all__, name
