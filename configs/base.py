@@ -14,7 +14,7 @@ def base_config():
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds model init (presets), adapters, dropout and data shuffling
     c.workdir = "runs/default"  # metrics.jsonl, tensorboard/, loss_curve.png, run_config.json, checkpoints/, export/
-    c.method = "mora"  # "mora", "lora" or "full" (full fine-tuning of adapter.targets + adapter.unfreeze)
+    c.method = "mora"  # "mora", "lora", "dora", "pissa" or "full" (full fine-tuning of adapter.targets + adapter.unfreeze)
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # a mora_jax.models.llama.LLAMA_CONFIGS name, used when hf_path is empty
@@ -38,6 +38,8 @@ def base_config():
     c.adapter.dropout = 0.0  # dropout on the adapter input
     c.adapter.targets = LLAMA_TARGETS  # comma-separated regexes of kernels to adapt (all seven projections)
     c.adapter.unfreeze = ""  # comma-separated regexes of base params trained in full
+    # PiSSA only: None = exact SVD of each kernel; n = randomized SVD with n subspace iterations
+    c.adapter.niter = ml_collections.FieldReference(None, field_type=int)
 
     c.remora = ml_collections.ConfigDict()
     c.remora.every = 0  # ReMoRA/ReLoRA: merge into the weights every T steps (0 = never)
@@ -59,6 +61,7 @@ def base_config():
     c.optim.b2 = 0.999  # AdamW beta2
     c.optim.eps = 1e-8  # AdamW epsilon
     c.optim.clip_norm = 1.0  # global gradient-norm clipping (0 = off)
+    c.optim.lr_in_state = False  # peak lr as an array in the optimizer state: runs differing in lr share one program
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps
@@ -70,6 +73,12 @@ def base_config():
     c.train.eval_batches = 20  # batches per evaluation (0 = the whole eval split)
     c.train.progress = True  # progress bar
     c.train.z_loss = 0.0  # z-loss coefficient on the log-partition (0 = off)
+    # A run can collapse and stay finite (mora_jax.health): these say what counts as unhealthy. While
+    # it is, the last checkpoint from before is kept out of checkpoint.keep's rotation and named.
+    c.train.collapse_steps = 5  # steps in a row with a zero gradient norm or a loss pinned at ln(vocab) (0 = off)
+    c.train.on_collapse = "stop"  # a collapse "stop"s the run (naming the checkpoint to resume from) or "warn"s
+    c.train.spike_window = 100  # a loss spike is judged against this many recent healthy losses (0 = off)
+    c.train.spike_zscore = 6.0  # robust z-score (median, MAD; spread >= 0.1 nat) that 3 losses in a row must pass
 
     c.data = ml_collections.ConfigDict()
     c.data.source = ""  # "c4", or local .txt/.jsonl/.parquet files (a path or glob)

@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from mora_jax import dora, ops
 from mora_jax.dora import DoRAAdapter
+from mora_jax.errors import ConfigError
 from mora_jax.intercept import record_dense_calls
 from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, LoRAConfig, MoRAConfig, PiSSAConfig
 
@@ -162,10 +163,11 @@ def _select(paths, patterns: tuple[str, ...], what: str, *, allow_empty: bool = 
         hits = [p for name, p in names.items() if re.fullmatch(pattern, name)]
         if not hits and not allow_empty:
             shown = sorted(names)
-            listing = "\n  ".join(shown[:40]) + (f"\n  ... and {len(shown) - 40} more" if len(shown) > 40 else "")
-            raise ValueError(
-                f"{what} pattern {pattern!r} matches no parameter (patterns use re.fullmatch over "
-                f"'/'-joined paths). The parameters are:\n  {listing}"
+            listing = ", ".join(shown[:12]) + (f", ... ({len(shown)} in all)" if len(shown) > 12 else "")
+            raise ConfigError(
+                f"{what} pattern {pattern!r} matches no parameter of the model: patterns are regular expressions "
+                f"matched whole (re.fullmatch) against '/'-joined parameter paths; fix the pattern (the "
+                f"parameters are: {listing})"
             )
         selected += hits
     return sorted(set(selected), key=path_str)

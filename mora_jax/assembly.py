@@ -28,10 +28,11 @@ from mora_jax import adapters as adapters_lib
 from mora_jax import mesh as mesh_lib
 from mora_jax import pissa, sharding, training
 from mora_jax import steps as steps_lib
+from mora_jax.errors import ConfigError
 from mora_jax.hf.checkpoints import load_llama, read_config
-from mora_jax.models.config import LLAMA_CONFIGS, LlamaConfig
-from mora_jax.models.llama import LlamaForCausalLM, abstract_params, init_params
 from mora_jax.methods import PiSSAConfig
+from mora_jax.models.config import LlamaConfig
+from mora_jax.models.llama import LlamaForCausalLM, abstract_params, init_params
 from mora_jax.run_config import RunConfig
 
 
@@ -41,26 +42,22 @@ def _options(config: RunConfig) -> dict:
                 attention=m.attention, **dict(m.overrides))
 
 
-def model_config(config: RunConfig, vocab_size: int | None = None) -> LlamaConfig:
-    """The ``LlamaConfig`` of ``config.model`` (no weights are read). ``vocab_size``: the
-    tokenizer's, which a preset's vocabulary must cover."""
+def model_config(config: RunConfig) -> LlamaConfig:
+    """The ``LlamaConfig`` of ``config.model`` (no weights are read), checked against
+    ``train.seq_len``."""
     m = config.model
-    if m.hf_path:
-        llama_config = read_config(m.hf_path, **_options(config))
-    else:
-        if m.preset not in LLAMA_CONFIGS:
-            raise ValueError(f"unknown model preset {m.preset!r}: choose one of {sorted(LLAMA_CONFIGS)} "
-                             "or set model.hf_path")
-        llama_config = LLAMA_CONFIGS[m.preset].replace(**_options(config))
-        if vocab_size is not None and llama_config.vocab_size < vocab_size:
-            raise ValueError(f"the tokenizer has {vocab_size} tokens but model preset {m.preset!r} only "
-                             f"{llama_config.vocab_size}; use a matching tokenizer or "
-                             "--config.model.overrides.vocab_size")
-    if config.train.seq_len > llama_config.max_position_embeddings:
-        raise ValueError(f"train.seq_len={config.train.seq_len} exceeds the model's max_position_embeddings="
-                         f"{llama_config.max_position_embeddings}; shorten it or set "
-                         "--config.model.overrides.max_position_embeddings")
+    llama_config = read_config(m.hf_path, **_options(config)) if m.hf_path else m.preset_config()
+    m.check_seq_len(config.train.seq_len, llama_config.max_position_embeddings)
     return llama_config
+
+
+def check_vocab(config: RunConfig, llama_config: LlamaConfig, vocab_size: int) -> None:
+    """A preset's vocabulary must cover the tokenizer's ``vocab_size`` tokens (a checkpoint's own
+    tokenizer is checked against its ``config.json`` by the tokenizer)."""
+    if not config.model.hf_path and llama_config.vocab_size < vocab_size:
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens but model preset {config.model.preset!r} only "
+                          f"{llama_config.vocab_size}: use a matching tokenizer, or "
+                          f"--config.model.overrides.vocab_size={vocab_size} (or more)")
 
 
 def load_params(config: RunConfig, llama_config: LlamaConfig, *, shardings=None):
@@ -142,15 +139,16 @@ class Assembly:
         return load_params(self.config, self.model_config, shardings=shardings)
 
 
-def assemble(config: RunConfig, *, devices: Sequence | None = None, rules=None, vocab_size: int | None = None,
-             **step_options) -> Assembly:
-    """The model config, model, mesh, layout and compiled steps of ``config``'s run."""
+def assemble(config: RunConfig, *, devices: Sequence | None = None, rules=None, **step_options) -> Assembly:
+    """The model config, model, mesh, layout and compiled steps of ``config``'s run; settings that
+    do not fit the model or the devices are a :class:`~mora_jax.errors.ConfigError` before anything
+    is read or compiled."""
+    llama_config = model_config(config)
     mesh = make_mesh(config, devices)
-    llama_config = model_config(config, vocab_size)
     model = LlamaForCausalLM(llama_config)
     return Assembly(config, llama_config, model, mesh, scan_layout(model),
                     build_steps(config, model, mesh, rules, **step_options))
 
 
-__all__ = ["Assembly", "assemble", "build_steps", "initial_state", "load_params", "make_mesh", "model_config",
+__all__ = ["Assembly", "assemble", "build_steps", "check_vocab", "initial_state", "load_params", "make_mesh", "model_config",
            "scan_layout", "uses_dropout"]

@@ -86,6 +86,44 @@ def _first_non_finite(flat_params, paths=None):
     return None
 
 
+def checked_weights(base: pathlib.Path, adapter_dir, params, adapters, *, merged: bool, out_dtype=None) -> dict:
+    """The checks every command that runs a base model (with an adapter) makes on its weights, so that
+    ``merge`` and ``generate`` refuse the same inputs: NaN or infinite values in the base, and an adapter
+    whose merge ``K + ΔK`` is not finite (in the kernel's dtype, or ``out_dtype``). The adapter's config
+    and tensors were checked when it was read (``mora_jax.hf.peft_files.check_supported``,
+    ``read_adapter_tensors``). Returns the flat parameters, with the adapters folded in when ``merged``.
+    Kernels are merged one at a time (float32 accumulate, cast back to the kernel's dtype)."""
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from mora_jax.adapters import flatten, merge, path_str, unflatten
+    from mora_jax.hf.checkpoints import SAFE_WEIGHTS, param_to_hf_tensor
+
+    flat_params = flatten(params)
+    bad = _first_non_finite(flat_params)
+    if bad is not None:
+        where = base / SAFE_WEIGHTS if (base / SAFE_WEIGHTS).is_file() else base
+        raise UserError(f"{where}: base tensor {param_to_hf_tensor(bad)[0]} holds NaN or infinite values; the "
+                        "checkpoint is damaged or was saved from a diverged run (re-download it)")
+    flat_adapters = flatten(adapters) if adapters else {}
+    out = dict(flat_params)
+    for path, adapter in tqdm(
+        sorted(flat_adapters.items(), key=lambda kv: path_str(kv[0])),
+        desc="merging" if merged else "checking the adapter", unit="kernel", disable=None, file=sys.stderr,
+    ):  # one kernel at a time: K <- K + ΔK in float32, cast back to K's dtype
+        kernel = flatten(merge(unflatten({path: flat_params[path]}), unflatten({path: adapter})))[path]
+        if out_dtype is not None:
+            kernel = jnp.asarray(kernel, out_dtype)
+        if not bool(jnp.isfinite(kernel).all()):
+            dtype = jnp.dtype(kernel.dtype).name
+            raise UserError(f"merging {adapter_dir} into {base} gives NaN or infinite values in "
+                            f"{param_to_hf_tensor(path)[0]} ({dtype}); the adapter's values are too large for "
+                            "this base" + (" (nothing was written)" if merged else ""))
+        if merged:
+            out[path] = kernel
+    return out
+
+
 def _check_merge_paths(base: pathlib.Path, adapter: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
     """Fail fast, before loading anything, on paths that cannot work."""
     for what, directory in (("base model", base), ("adapter", adapter)):
@@ -107,10 +145,9 @@ def _check_merge_paths(base: pathlib.Path, adapter: pathlib.Path, out: pathlib.P
 def merge_command(args) -> int:
     import jax
     import jax.numpy as jnp
-    from tqdm import tqdm
 
-    from mora_jax.adapters import flatten, merge, path_str, unflatten
-    from mora_jax.hf.checkpoints import SAFE_WEIGHTS, load_llama, param_to_hf_tensor, read_config, save_llama
+    from mora_jax.adapters import flatten, unflatten
+    from mora_jax.hf.checkpoints import load_llama, read_config, save_llama
     from mora_jax.hf.files import copy_file_atomic
     from mora_jax.hf.peft import load_adapter
     from mora_jax.models.llama import abstract_params
@@ -132,26 +169,11 @@ def merge_command(args) -> int:
     model, params = load_llama(base, param_dtype=load_dtype, allow_pickle=args.allow_pickle)
     config, adapters = load_adapter(adapter_dir, params)
     method = f"MoRA type {config.mora_type}" if config.method == "mora" else "LoRA"
-
-    flat_params, flat_adapters = flatten(params), flatten(adapters)
-    bad = _first_non_finite(flat_params)
-    if bad is not None:
-        where = base / SAFE_WEIGHTS if (base / SAFE_WEIGHTS).is_file() else base
-        raise UserError(f"{where}: base tensor {param_to_hf_tensor(bad)[0]} holds NaN or infinite values; the "
-                        "checkpoint is damaged or was saved from a diverged run (re-download it)")
-    for path, adapter in tqdm(
-        sorted(flat_adapters.items(), key=lambda kv: path_str(kv[0])),
-        desc="merging", unit="kernel", disable=None, file=sys.stderr,
-    ):  # one kernel at a time: K <- K + ΔK in float32, cast back to K's dtype
-        merged = merge(unflatten({path: flat_params[path]}), unflatten({path: adapter}))
-        flat_params[path] = flatten(merged)[path]
+    n_kernels = len(flatten(adapters))
+    flat_params = checked_weights(base, adapter_dir, params, adapters, merged=True,
+                                  out_dtype=out_dtype if out_dtype != load_dtype else None)
     if out_dtype != load_dtype:
         flat_params = {p: jnp.asarray(x, out_dtype) for p, x in flat_params.items()}
-    bad = _first_non_finite(flat_params, flat_adapters)
-    if bad is not None:
-        raise UserError(f"merging {adapter_dir} into {base} gives NaN or infinite values in "
-                        f"{param_to_hf_tensor(bad)[0]} ({out_dtype}); the adapter's values are too large for "
-                        "this base (nothing was written)")
     params = jax.block_until_ready(unflatten(flat_params))
 
     log(f"writing {out} ({out_dtype})")
@@ -165,7 +187,7 @@ def merge_command(args) -> int:
     except PermissionError as e:
         raise UserError(f"cannot write {e.filename or out}: {e.strerror}; choose a directory you can write to") from None
     print(
-        f"merged {len(flat_adapters)} kernels ({method}, r={config.r}) from {adapter_dir} into {base}; "
+        f"merged {n_kernels} kernels ({method}, r={config.r}) from {adapter_dir} into {base}; "
         f"wrote {out} ({out_dtype}" + (f"; copied {', '.join(copied)})" if copied else ")")
     )
     return 0
@@ -271,6 +293,7 @@ def generate_command(args) -> int:
 
     model, params = load_llama(base)
     adapters = load_adapter(args.adapter, params)[1] if args.adapter else None
+    checked_weights(base, args.adapter, params, adapters, merged=False)  # what merge refuses, generate refuses
     eos = set(config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id >= 0 else set())
     out = generate(model, params, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, adapters=adapters,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=sorted(eos),

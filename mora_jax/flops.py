@@ -66,9 +66,21 @@ def adapter_flops_per_step(k: int, d: int, method: str, r: int) -> float:
     return 0.0
 
 
+def attention_pairs(config: LlamaConfig, seq_len: int, *, skip_masked: bool = False) -> float:
+    """Query-key pairs per head and sequence whose products attention computes: all ``T²`` (an
+    implementation that masks the scores), or with ``skip_masked`` only those the causal (and sliding
+    window) mask keeps, ``Σ_q min(q + 1, W)`` (what causal attention needs at all)."""
+    T = seq_len
+    if not skip_masked:
+        return float(T * T)
+    W = config.sliding_window if config.sliding_window is not None else T
+    W = min(W, T)
+    return float(W * (W + 1) // 2 + (T - W) * W)
+
+
 def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r: int | None = None,
                    mora_type: int | None = None, *, skip_dead_input_grads: bool = True,
-                   trained_lm_head: bool = False) -> dict[str, float]:
+                   trained_lm_head: bool = False, skip_masked_attention: bool = False) -> dict[str, float]:
     """Matmul FLOPs of one training step of a LLaMA model, by part (see :func:`model_flops_per_step`)."""
     if method not in ("full", "lora", "pissa", "dora", "mora", "frozen"):
         raise ValueError(f"method must be 'full', 'lora', 'pissa', 'dora', 'mora' or 'frozen', got {method!r}")
@@ -84,7 +96,8 @@ def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r
     matmul_params = L * block_params + D * V  # LM head (or tied embedding.attend) included
     # Layer 0's q/k/v input gradient would flow only into the frozen embeddings: nothing needs it.
     dead = sum(k * d for p, (k, d) in shapes.items() if p in ("q_proj", "k_proj", "v_proj"))
-    attention_forward = L * 4.0 * batch * seq_len * seq_len * N * H  # QKᵀ and PV, no causal skipping
+    # QKᵀ and PV over the pairs computed (all T², or the causal ones when the implementation skips the rest)
+    attention_forward = L * 4.0 * batch * attention_pairs(config, seq_len, skip_masked=skip_masked_attention) * N * H
     out = {
         "forward": 2.0 * matmul_params * tokens,
         "attention_forward": attention_forward,
@@ -108,14 +121,18 @@ def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r
 
 def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: str, r: int | None = None,
                          mora_type: int | None = None, *, skip_dead_input_grads: bool = True,
-                         trained_lm_head: bool = False) -> float:
+                         trained_lm_head: bool = False, skip_masked_attention: bool = False) -> float:
     """The matmul FLOPs one training step of ``method`` really needs (a multiply-add = 2 FLOPs).
 
     For a LLaMA model with all seven projections of every block adapted (or, for ``"full"``,
     trained), ``tokens = batch·seq_len``, ``P`` = the projections' and LM head's parameters:
 
     * forward: ``2·P·tokens`` plus attention ``QKᵀ`` and ``PV``: ``4·B·T²·N·H`` per layer (the full
-      ``T × T`` product: the implementation masks, it does not skip);
+      ``T × T`` product: the einsum implementation masks, it does not skip). With
+      ``skip_masked_attention`` (an implementation that skips masked products, like the Pallas kernel
+      on TPU) only the pairs the causal / sliding-window mask keeps count (:func:`attention_pairs`,
+      ``T(T+1)/2`` for causal attention): counting the skipped half would credit a step with work no
+      chip did, and an estimate of it could exceed 100% MFU;
     * backward, every kernel: the input gradient, another ``2·P·tokens``; attention backward is
       twice its forward;
     * backward, trained kernels (``"full"`` only): the weight gradient, another ``2·P_blocks·tokens``;
@@ -134,8 +151,9 @@ def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: 
     autodiff never computes them. ``False`` gives the plain textbook formula.
     """
     return float(sum(flop_breakdown(config, batch, seq_len, method, r, mora_type,
-                                    skip_dead_input_grads=skip_dead_input_grads,
-                                    trained_lm_head=trained_lm_head).values()))
+                                    skip_dead_input_grads=skip_dead_input_grads, trained_lm_head=trained_lm_head,
+                                    skip_masked_attention=skip_masked_attention).values()))
 
 
-__all__ = ["adapter_flops_per_step", "adapter_flops_per_token", "flop_breakdown", "llama_kernel_shapes", "model_flops_per_step", "mora_columns_used"]
+__all__ = ["adapter_flops_per_step", "adapter_flops_per_token", "attention_pairs", "flop_breakdown",
+           "llama_kernel_shapes", "model_flops_per_step", "mora_columns_used"]

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mora_jax.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_AXIS_NAMES = ("data", "fsdp", "tensor")
@@ -38,16 +40,16 @@ class MeshConfig:
         object.__setattr__(self, "axis_names", names)
         object.__setattr__(self, "axis_sizes", sizes)
         if not names:
-            raise ValueError("MeshConfig needs at least one axis")
+            raise ConfigError("MeshConfig needs at least one axis")
         if len(names) != len(sizes):
-            raise ValueError(f"MeshConfig has {len(names)} axis names {names} but {len(sizes)} sizes {sizes}")
+            raise ConfigError(f"MeshConfig has {len(names)} axis names {names} but {len(sizes)} sizes {sizes}")
         if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"MeshConfig axis names must be distinct non-empty strings, got {names}")
+            raise ConfigError(f"MeshConfig axis names must be distinct non-empty strings, got {names}")
         for name, size in zip(names, sizes):
             if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
-                raise ValueError(f"mesh axis {name!r} has size {size!r}: sizes are positive ints, or -1 for the rest")
+                raise ConfigError(f"mesh axis {name!r} has size {size!r}: sizes are positive ints, or -1 for the rest")
         if sum(1 for s in sizes if s == -1) > 1:
-            raise ValueError(f"at most one mesh axis may have size -1 (the remaining devices), got {dict(zip(names, sizes))}")
+            raise ConfigError(f"at most one mesh axis may have size -1 (the remaining devices), got {dict(zip(names, sizes))}")
 
     def resolve(self, num_devices: int) -> tuple[int, ...]:
         """The concrete axis sizes for ``num_devices`` devices (``-1`` filled in)."""
@@ -55,13 +57,13 @@ class MeshConfig:
         described = " × ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.axis_sizes))
         if -1 in self.axis_sizes:
             if num_devices % fixed:
-                raise ValueError(
+                raise ConfigError(
                     f"mesh {described}: the fixed axes need a multiple of {fixed} devices, but there are "
                     f"{num_devices}; choose sizes whose product divides {num_devices}"
                 )
             return tuple(num_devices // fixed if s == -1 else s for s in self.axis_sizes)
         if fixed != num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh {described} has {fixed} devices but there are {num_devices}; make the sizes multiply "
                 f"to {num_devices}, or set one of them to -1 (the remaining devices)"
             )

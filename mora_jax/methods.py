@@ -12,6 +12,7 @@ import dataclasses
 import re
 from typing import Union
 
+from mora_jax.errors import ConfigError
 from mora_jax.ops import _check_type
 
 # The seven projections of a LLaMA block, as named by Hugging Face and by mora_jax.models.llama.
@@ -167,7 +168,7 @@ METHODS: dict[str, type] = {c.method: c for c in (MoRAConfig, LoRAConfig, DoRACo
 def config_class(method: str) -> type:
     """The config class of ``method``; an unknown name is an error listing the known ones."""
     if method not in METHODS:
-        raise ValueError(f"unknown method: method={method!r}; choose one of {sorted(METHODS)}")
+        raise ConfigError(f"unknown method: method={method!r}; choose one of {sorted(METHODS)}")
     return METHODS[method]
 
 

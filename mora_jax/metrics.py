@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -38,8 +39,15 @@ class MetricsWriter:
     Train steps hand their on-device metrics to :meth:`add` without waiting for them; :meth:`flush`
     fetches them in one transfer, checks that they are finite (:data:`FINITE_KEYS`; raises
     :class:`NonFiniteMetrics` naming the first bad step), and writes one line with their means and
-    the tokens per second since the last flush. :meth:`write` writes other values (evaluations,
-    merges) for a step. Only process 0 writes (``enabled=False`` elsewhere, which still checks).
+    the throughput since the last flush: ``tokens_per_s``, the tokens in the loss per second (a
+    fine-tuning batch has loss on the responses only), and ``positions_per_s``, every position the
+    steps computed (padding and prompts included) per second. Time spent in :meth:`untimed` blocks
+    (a step that compiles, callbacks) and the steps added with ``timed=False`` are left out of both.
+    :meth:`write` writes other values (evaluations, merges) for a step. Only process 0 writes
+    (``enabled=False`` elsewhere, which still checks).
+
+    ``on_step(step, metrics)``, if given, sees each step's fetched metrics (plain numbers) in order,
+    once they are known to be finite (``mora_jax.health.HealthMonitor.observe``).
 
     Opening a workdir that already has ``metrics.jsonl`` keeps its rows up to ``resume_step`` (the
     restored checkpoint's step; 0 for a fresh start) and drops the rest, including a partial last
@@ -47,13 +55,16 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int = 0,
-                 tensorboard: bool = True, progress_total: int | None = None):
+                 tensorboard: bool = True, progress_total: int | None = None,
+                 on_step: Callable[[int, Mapping[str, float]], None] | None = None):
         self.workdir = pathlib.Path(workdir)
         self.enabled = enabled
+        self.on_step = on_step
         self.path = self.workdir / "metrics.jsonl"
         self._tb = None
         self._progress = None
-        self._pending: list[tuple[int, dict]] = []
+        self._pending: list[tuple[int, dict, int, bool]] = []
+        self._untimed_from = None
         self.reset_clock()
         if not enabled:
             return
@@ -74,11 +85,30 @@ class MetricsWriter:
 
     def reset_clock(self) -> None:
         """Start measuring tokens/s afresh (after an evaluation or a merge: they are not training)."""
-        self._tokens, self._since = 0.0, time.perf_counter()
+        self._tokens, self._positions, self._untimed, self._since = 0.0, 0, 0.0, time.perf_counter()
 
-    def add(self, step: int, device_metrics: Mapping[str, Any]) -> None:
-        """Queue one train step's metrics (device arrays, not fetched yet)."""
-        self._pending.append((int(step), device_metrics))
+    @contextlib.contextmanager
+    def untimed(self):
+        """Leave the time spent inside out of the throughput (compiling, callbacks), also when a
+        line is written from inside."""
+        self._untimed_from = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._untimed += time.perf_counter() - max(self._untimed_from, self._since)
+            self._untimed_from = None
+
+    def _elapsed(self) -> float:
+        """Seconds since the clock was reset, less the untimed ones."""
+        now = time.perf_counter()
+        untimed = self._untimed + (now - max(self._untimed_from, self._since) if self._untimed_from is not None else 0.0)
+        return now - self._since - untimed
+
+    def add(self, step: int, device_metrics: Mapping[str, Any], *, positions: int = 0, timed: bool = True) -> None:
+        """Queue one train step's metrics (device arrays, not fetched yet); ``positions``: the
+        batch's size in tokens; ``timed=False``: a step left out of the throughput (its time was
+        spent in :meth:`untimed`)."""
+        self._pending.append((int(step), device_metrics, int(positions), bool(timed)))
         if self._progress is not None:
             self._progress.update(1)
 
@@ -87,20 +117,27 @@ class MetricsWriter:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        fetched = jax.device_get([m for _, m in pending])
-        for (s, _), m in zip(pending, fetched):
+        fetched = jax.device_get([m for _, m, _, _ in pending])
+        for (s, *_), m in zip(pending, fetched):
             for key in FINITE_KEYS:
                 if key in m and not np.isfinite(m[key]):
                     raise NonFiniteMetrics(s, key, float(m[key]))
-        self._tokens += sum(float(m["tokens"]) for m in fetched)
-        elapsed = time.perf_counter() - self._since
+            if self.on_step is not None:
+                self.on_step(s, {k: float(v) for k, v in m.items()})
+        timed = [(m, positions) for (_, _, positions, on), m in zip(pending, fetched) if on]
+        self._tokens += sum(float(m["tokens"]) for m, _ in timed)
+        self._positions += sum(positions for _, positions in timed)
+        elapsed = self._elapsed()
         row = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm") if k in fetched[0]}
         row["learning_rate"] = float(fetched[-1]["learning_rate"])
-        row["tokens_per_s"] = self._tokens / max(elapsed, 1e-9)
+        if timed:  # none when every step since the last line compiled
+            row["tokens_per_s"] = self._tokens / max(elapsed, 1e-9)
+            if self._positions:
+                row["positions_per_s"] = self._positions / max(elapsed, 1e-9)
         self.write(step, row)
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", lr=f"{row['learning_rate']:.2e}",
-                                       tok_s=f"{row['tokens_per_s']:.0f}")
+                                       tok_s=f"{row.get('tokens_per_s', float('nan')):.0f}")
         self.reset_clock()
 
     def write(self, step: int, metrics: Mapping[str, float], *, prefix: str = "") -> None:

@@ -16,11 +16,14 @@ Two equivalent ways, both with no optimizer state for frozen parameters:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from mora_jax.adapters import combine, flatten, split, trainable_patterns, unflatten
+from mora_jax.errors import ConfigError
 from mora_jax.methods import AdapterConfig
 
 TRAINABLE, FROZEN = "trainable", "frozen"
@@ -86,19 +89,46 @@ def adamw(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-
     return optax.inject_hyperparams(make)(learning_rate=learning_rate)
 
 
-def from_name(name: str, learning_rate, **kwargs) -> optax.GradientTransformation:
+def is_optimizer_name(name: str) -> bool:
+    """Whether :func:`from_name` knows ``name`` (``"adamw"`` or an optax optimizer function)."""
+    return name == "adamw" or (isinstance(name, str) and callable(getattr(optax, name, None)))
+
+
+def from_name(name: str, learning_rate, *, peak_lr: float | None = None, **kwargs) -> optax.GradientTransformation:
     """Any optax optimizer by name (``"adamw"``, ``"lion"``, ``"sgd"``, ...), with its learning rate
     injected as a hyperparameter (the loop sets it every step). ``"adamw"`` uses :func:`adamw`
-    without clipping (the train step clips globally)."""
-    if name == "adamw":
+    without clipping (the train step clips globally).
+
+    ``peak_lr``: the updates are also scaled by ``peak_lr``, a second injected hyperparameter (an
+    array in the optimizer state, not a constant of the compiled step), so the schedule gives the
+    shape (peak 1) and runs that differ only in their peak learning rate run one compiled program
+    (a learning-rate sweep). Equivalent for optimizers whose update is proportional to the learning
+    rate (AdamW with its decoupled weight decay, SGD, Lion, ...)."""
+    if name == "adamw" and peak_lr is None:
         return adamw(learning_rate, clip_norm=None, **kwargs)
-    factory = getattr(optax, name, None)
-    if factory is None or not callable(factory):
-        raise ValueError(f"unknown optimizer {name!r}: use the name of an optax optimizer, e.g. adamw, lion, sgd")
+    if name == "adamw":
+        factory = functools.partial(optax.adamw, mu_dtype=jnp.float32)
+    else:
+        if not is_optimizer_name(name):
+            raise ConfigError(f"unknown optimizer {name!r}: use the name of an optax optimizer, e.g. adamw, lion, sgd")
+        factory = getattr(optax, name)
     try:
-        return optax.inject_hyperparams(factory)(learning_rate=learning_rate, **kwargs)
+        if peak_lr is None:
+            return optax.inject_hyperparams(factory)(learning_rate=learning_rate, **kwargs)
+        factory(learning_rate=1.0, **kwargs)  # a wrong argument fails here, not inside the first step
     except TypeError as e:
-        raise ValueError(f"optimizer {name!r} does not accept {sorted(kwargs)}: {e}") from None
+        raise ConfigError(f"optimizer {name!r} does not accept {sorted(kwargs)}: {e}") from None
+
+    def scaled(learning_rate, peak_lr):
+        return optax.chain(factory(learning_rate=learning_rate, **kwargs), optax.scale(peak_lr))
+
+    return optax.inject_hyperparams(scaled)(learning_rate=learning_rate, peak_lr=peak_lr)
+
+
+def peak_learning_rate(opt_state):
+    """The ``peak_lr`` hyperparameter of a :func:`from_name` state made with one (an array), else 1."""
+    hyperparams = getattr(opt_state, "hyperparams", None) or {}
+    return hyperparams.get("peak_lr", 1.0)
 
 
 def state_bytes(opt_state) -> int:
@@ -106,4 +136,5 @@ def state_bytes(opt_state) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(opt_state) if hasattr(x, "dtype")))
 
 
-__all__ = ["adamw", "from_name", "masked", "param_labels", "partition", "state_bytes", "unpartition"]
+__all__ = ["adamw", "from_name", "masked", "param_labels", "partition", "peak_learning_rate", "state_bytes",
+           "unpartition"]

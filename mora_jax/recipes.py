@@ -20,6 +20,7 @@ from mora_jax import accuracy, assembly, distributed, loop, metrics
 from mora_jax import adapters as adapters_lib
 from mora_jax import data as data_lib
 from mora_jax.checkpoint import workdir_lock
+from mora_jax.errors import ConfigError
 from mora_jax.hf.checkpoints import read_config, save_llama
 from mora_jax.hf.peft import save_adapter
 from mora_jax.run_config import RunConfig
@@ -31,9 +32,9 @@ def _tokenizer(config: RunConfig):
     """``data.tokenizer``, else the checkpoint's own (``model.hf_path``); checked against the checkpoint."""
     path = config.data.tokenizer or config.model.hf_path
     if not path:
-        raise ValueError("config.data.tokenizer is empty and there is no model.hf_path to take the tokenizer from: give "
-                         "a SentencePiece .model, a tokenizer.json or a checkpoint directory (train a SentencePiece "
-                         "model with: python -m train.train_tokenizer --input corpus.txt --vocab-size 8000 --out tok)")
+        raise ConfigError("config.data.tokenizer is empty and there is no model.hf_path to take the tokenizer from: give "
+                          "a SentencePiece .model, a tokenizer.json or a checkpoint directory (train a SentencePiece "
+                          "model with: python -m train.train_tokenizer --input corpus.txt --vocab-size 8000 --out tok)")
     tokenizer = data_lib.Tokenizer(path)
     if config.model.hf_path:  # before any weight is read: a tokenizer from another model is an error
         c = read_config(config.model.hf_path)
@@ -64,7 +65,7 @@ def build_data(config: RunConfig, task: str, tokenizer):
     else:
         factory = {"alpaca": data_lib.FinetuneDataConfig.alpaca, "metamathqa": data_lib.FinetuneDataConfig.metamathqa}
         if d.format not in factory:
-            raise ValueError(f"unknown data.format {d.format!r}: choose one of {sorted(factory)}")
+            raise ConfigError(f"unknown data.format {d.format!r}: choose one of {sorted(factory)}")
         data_config = factory[d.format](t.seq_len, batch_size, packing=d.packing, num_epochs=d.num_epochs,
                                         seed=config.seed, overlong=d.overlong, on_bad_record=d.on_bad_record,
                                         add_bos=tokenizer.adds_bos, chat_template=d.chat_template)
@@ -109,8 +110,9 @@ def run(config, task: str) -> loop.RunResult:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {TASKS}")
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+    assembled = assembly.assemble(config)  # settings that do not fit the model or devices: before anything loads
     tokenizer = _tokenizer(config)
-    assembled = assembly.assemble(config, vocab_size=tokenizer.vocab_size)
+    assembly.check_vocab(config, assembled.model_config, tokenizer.vocab_size)
     params = assembled.load_params()
     train_batches, eval_batches = build_data(config, task, tokenizer)
     # one lock from the first step to the last exported file: no other run writes this workdir between
@@ -136,7 +138,7 @@ def accuracy_callbacks(config: RunConfig, model, tokenizer, train_batches, mesh)
     if not d.accuracy_source:
         return []
     if not hasattr(train_batches, "config") or not hasattr(train_batches.config, "response_field"):
-        raise ValueError("data.accuracy_source scores fine-tuning answers: use it with train/finetune.py")
+        raise ConfigError("data.accuracy_source scores fine-tuning answers: use it with train/finetune.py")
     records = accuracy.read_records(d.accuracy_source, split=d.eval_split, limit=d.accuracy_examples)
     evaluator = accuracy.AccuracyEvaluator(model, tokenizer, records, train_batches.config,
                                            max_new_tokens=d.accuracy_max_new_tokens, mesh=mesh)

@@ -31,23 +31,37 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+import jax.numpy as jnp
+
+from mora_jax import health, schedules, training
 from mora_jax import optim as optim_lib
-from mora_jax import schedules, training
+from mora_jax.errors import ConfigError
 from mora_jax.mesh import MeshConfig
 from mora_jax.methods import METHODS, AdapterConfig, MoRAConfig, config_class
 from mora_jax.models.attention import check_implementation as check_attention
+from mora_jax.models.config import LLAMA_CONFIGS, REMAT_POLICIES, SUPPORTED_DTYPES, LlamaConfig
 from mora_jax.remora import RemoraConfig
+
+HEALTH_DEFAULTS = health.HealthConfig()
+
 
 def _positive_int(section: str, **values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{section}.{name} must be a positive integer, got {value!r}")
 
 
 def _non_negative_int(section: str, **values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{section}.{name} must be an integer >= 0, got {value!r}")
+            raise ConfigError(f"{section}.{name} must be an integer >= 0, got {value!r}")
+
+
+def _dtype_name(value) -> str | None:
+    try:
+        return jnp.dtype(value).name
+    except TypeError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +91,39 @@ class ModelConfig:
     def __post_init__(self):
         check_attention(self.attention, "model.attention")
         object.__setattr__(self, "overrides", {k: v for k, v in dict(self.overrides or {}).items() if v is not None})
+        for name in ("dtype", "param_dtype"):
+            if _dtype_name(getattr(self, name)) not in SUPPORTED_DTYPES:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: choose one of {SUPPORTED_DTYPES}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
+        fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+        unknown = sorted(set(self.overrides) - fields)
+        if unknown:
+            raise ConfigError(f"model.overrides has no field(s) {unknown}: they are LlamaConfig fields "
+                              f"(mora_jax.models.config), e.g. {sorted(fields)[:12]}")
+        if not self.hf_path:
+            if self.preset not in LLAMA_CONFIGS:
+                raise ConfigError(f"model.preset={self.preset!r}: choose one of {sorted(LLAMA_CONFIGS)}, "
+                                  "or give a Hugging Face directory as model.hf_path")
+            try:
+                self.preset_config()
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"model.overrides of preset {self.preset!r}: {e}") from None
+
+    def preset_config(self) -> LlamaConfig:
+        """The architecture of ``preset`` with this section's dtypes, options and overrides."""
+        return LLAMA_CONFIGS[self.preset].replace(dtype=self.dtype, param_dtype=self.param_dtype,
+                                                  remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                                                  attention=self.attention, **dict(self.overrides))
+
+    def check_seq_len(self, seq_len: int, max_position_embeddings: int) -> None:
+        """``train.seq_len`` must fit the model's context (``max_position_embeddings``)."""
+        if seq_len > max_position_embeddings:
+            model = f"model.hf_path {self.hf_path}" if self.hf_path else f"model preset {self.preset!r}"
+            raise ConfigError(
+                f"train.seq_len={seq_len} is longer than the context of {model} (max_position_embeddings="
+                f"{max_position_embeddings}): use --config.train.seq_len={max_position_embeddings} or less, or "
+                "raise --config.model.overrides.max_position_embeddings if the model can take longer sequences")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +139,10 @@ class OptimConfig:
         (:mod:`mora_jax.schedules`).
       weight_decay, b1, b2, eps: AdamW's.
       clip_norm: global gradient-norm clipping (0 = off).
+      lr_in_state: the peak learning rate is an array in the optimizer state instead of a constant
+        of the compiled step (the schedule runs at peak 1 and the updates are scaled by it): runs
+        that differ only in ``lr`` share one compiled program, e.g. a learning-rate sweep
+        (``mora_jax.optim.from_name``'s ``peak_lr``).
     """
 
     name: str = "adamw"
@@ -107,24 +158,29 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float = 1.0
+    lr_in_state: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr!r} "
-                             "(a negative learning rate trains uphill)")
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr!r} "
+                              "(a negative learning rate trains uphill)")
         if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm >= 0):
-            raise ValueError(f"optim.clip_norm must be >= 0 (0 = no clipping), got {self.clip_norm!r}")
+            raise ConfigError(f"optim.clip_norm must be >= 0 (0 = no clipping), got {self.clip_norm!r}")
         _non_negative_int("optim", warmup_steps=self.warmup_steps, restart_warmup=self.restart_warmup)
         if self.decay not in schedules.DECAYS:
-            raise ValueError(f"optim.decay={self.decay!r}: choose one of {schedules.DECAYS}")
+            raise ConfigError(f"optim.decay={self.decay!r}: choose one of {schedules.DECAYS}")
         if self.restart_flavour not in schedules.FLAVOURS:
-            raise ValueError(f"optim.restart_flavour={self.restart_flavour!r}: choose one of {schedules.FLAVOURS}")
+            raise ConfigError(f"optim.restart_flavour={self.restart_flavour!r}: choose one of {schedules.FLAVOURS}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
-            raise ValueError(f"optim.b1 and optim.b2 must be in [0, 1), got {self.b1!r}, {self.b2!r}")
+            raise ConfigError(f"optim.b1 and optim.b2 must be in [0, 1), got {self.b1!r}, {self.b2!r}")
         if not self.eps > 0 or self.weight_decay < 0:
-            raise ValueError(f"optim.eps must be > 0 and optim.weight_decay >= 0, got {self.eps!r}, {self.weight_decay!r}")
+            raise ConfigError(f"optim.eps must be > 0 and optim.weight_decay >= 0, got {self.eps!r}, {self.weight_decay!r}")
+        if not optim_lib.is_optimizer_name(self.name):
+            raise ConfigError(f"optim.name={self.name!r} is not an optax optimizer: use e.g. 'adamw', 'lion', 'sgd', "
+                              "'adafactor' (any optax function that takes a learning_rate)")
+        self.optimizer()  # optim.kwargs it does not take are an error now, not at the first step
 
     def optimizer(self):
         """The optax optimizer (learning rate injected; the loop sets it every step)."""
@@ -132,7 +188,14 @@ class OptimConfig:
             kwargs = dict(b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay)
         else:
             kwargs = dict(self.kwargs)
+        if self.lr_in_state:
+            return optim_lib.from_name(self.name, 1.0, peak_lr=self.lr, **kwargs)
         return optim_lib.from_name(self.name, self.lr, **kwargs)
+
+    def schedule_shape(self) -> "OptimConfig":
+        """The settings the schedule is made from: with ``lr_in_state`` its peak is 1 (the optimizer
+        scales by ``lr``)."""
+        return dataclasses.replace(self, lr=1.0) if self.lr_in_state else self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +209,9 @@ class TrainConfig:
       eval_batches: batches per evaluation (0 = the whole eval split).
       progress: show a progress bar.
       z_loss: z-loss coefficient on the log-partition (0 = off).
+      collapse_steps / on_collapse / spike_window / spike_zscore: what counts as an unhealthy run
+        (zero gradients or a loss pinned at ln(vocab) for that many steps; a loss spike against the
+        recent ones) and what a collapse does: :class:`mora_jax.health.HealthConfig`.
     """
 
     steps: int = 1000
@@ -157,24 +223,34 @@ class TrainConfig:
     eval_batches: int = 20
     progress: bool = True
     z_loss: float = 0.0
+    collapse_steps: int = HEALTH_DEFAULTS.collapse_steps
+    on_collapse: str = HEALTH_DEFAULTS.on_collapse
+    spike_window: int = HEALTH_DEFAULTS.spike_window
+    spike_zscore: float = HEALTH_DEFAULTS.spike_zscore
 
     def __post_init__(self):
+        self.health()  # checks its fields
         _positive_int("train", steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
                       seq_len=self.seq_len, log_every=self.log_every)
         _non_negative_int("train", eval_every=self.eval_every, eval_batches=self.eval_batches)
         if self.batch_size % self.grad_accum:
             valid = [b for b in range(self.grad_accum, 4 * self.grad_accum + 1, self.grad_accum)]
-            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum="
-                             f"{self.grad_accum}: use a batch size that is a multiple of it (e.g. {valid})")
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum="
+                              f"{self.grad_accum}: use a batch size that is a multiple of it (e.g. {valid})")
         if self.z_loss < 0:
-            raise ValueError(f"train.z_loss must be >= 0, got {self.z_loss!r}")
+            raise ConfigError(f"train.z_loss must be >= 0, got {self.z_loss!r}")
+
+    def health(self) -> health.HealthConfig:
+        """What the loop's :class:`mora_jax.health.HealthMonitor` watches for."""
+        return health.HealthConfig(collapse_steps=self.collapse_steps, on_collapse=self.on_collapse,
+                                   spike_window=self.spike_window, spike_zscore=self.spike_zscore)
 
     def check_data_parallel(self, shards: int, processes: int = 1) -> None:
         """Raise unless every micro-batch splits evenly over ``shards`` data-parallel shards held
         by ``processes`` processes."""
         unit = self.grad_accum * shards
         if self.batch_size % unit or self.batch_size % processes:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={self.batch_size} does not split over {self.grad_accum} micro-batches × "
                 f"{shards} data-parallel shards ({processes} processes): use a multiple of {unit} "
                 f"(e.g. {unit}, {2 * unit}, {4 * unit}), or change train.grad_accum or the mesh")
@@ -221,8 +297,8 @@ class DataConfig:
         _non_negative_int("data", accuracy_examples=self.accuracy_examples)
         _positive_int("data", accuracy_max_new_tokens=self.accuracy_max_new_tokens)
         if self.on_bad_record not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_record={self.on_bad_record!r}: choose 'error' (stop at a bad record, "
-                             "naming its file and line) or 'skip' (count and skip it)")
+            raise ConfigError(f"data.on_bad_record={self.on_bad_record!r}: choose 'error' (stop at a bad record, "
+                              "naming its file and line) or 'skip' (count and skip it)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +318,7 @@ class CheckpointConfig:
         _non_negative_int("checkpoint", every=self.every)
         _positive_int("checkpoint", keep=self.keep)
         if self.mode not in ("resume", "new", "overwrite"):
-            raise ValueError(f"checkpoint.mode={self.mode!r}: choose 'resume', 'new' or 'overwrite'")
+            raise ConfigError(f"checkpoint.mode={self.mode!r}: choose 'resume', 'new' or 'overwrite'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,20 +359,29 @@ class RunConfig:
         if self.method == "full" and self.remora.every:
             object.__setattr__(self, "remora", dataclasses.replace(self.remora, every=0))
         if self.optim.warmup_steps > self.train.steps:
-            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} is longer than the run "
-                             f"(train.steps={self.train.steps})")
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} is longer than the run "
+                              f"(train.steps={self.train.steps})")
 
     @classmethod
     def from_dict(cls, config) -> "RunConfig":
         """A ``RunConfig`` from an ``ml_collections.ConfigDict`` (or a plain dict) whose sections
         have the dataclasses' field names; an unknown field is an error naming the valid ones."""
+        try:
+            return cls._from_dict(config)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:  # raised by a section's own checks: still the config's fault
+            raise ConfigError(str(e)) from None
+
+    @classmethod
+    def _from_dict(cls, config) -> "RunConfig":
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         sections = {"model": ModelConfig, "remora": RemoraConfig, "optim": OptimConfig, "train": TrainConfig,
                     "data": DataConfig, "checkpoint": CheckpointConfig, "export": ExportConfig}
         top = {f.name for f in dataclasses.fields(cls)} | {"method"}
         unknown = set(config) - top
         if unknown:
-            raise ValueError(f"config has no field(s) {sorted(unknown)}; valid: {sorted(top)}")
+            raise ConfigError(f"config has no field(s) {sorted(unknown)}; valid: {sorted(top)}")
         kwargs: dict[str, Any] = {k: config[k] for k in ("seed", "workdir") if k in config}
         for name, section_cls in sections.items():
             if name in config:
@@ -309,7 +394,8 @@ class RunConfig:
 
     def schedule(self):
         """The learning-rate schedule: ``train.steps`` long, restarting every ``remora.every`` steps."""
-        return schedules.make_schedule(self.optim, total_steps=self.train.steps, restart_every=self.remora.every)
+        return schedules.make_schedule(self.optim.schedule_shape(), total_steps=self.train.steps,
+                                       restart_every=self.remora.every)
 
     def step_config(self) -> training.StepConfig:
         """The train step's static settings."""
@@ -333,7 +419,7 @@ def _section(section_cls, name: str, values):
     fields = {f.name for f in dataclasses.fields(section_cls)}
     unknown = set(values) - fields
     if unknown:
-        raise ValueError(f"config.{name} has no field(s) {sorted(unknown)}; valid: {sorted(fields)}")
+        raise ConfigError(f"config.{name} has no field(s) {sorted(unknown)}; valid: {sorted(fields)}")
     if "type_cycle" in values:
         values["type_cycle"] = tuple(values["type_cycle"])
     return section_cls(**values)
@@ -353,7 +439,7 @@ def adapter_config(method: str, section: Mapping[str, Any]) -> AdapterConfig:
     known = set().union(*({f.name for f in dataclasses.fields(c)} for c in METHODS.values()))
     unknown = set(section) - known
     if unknown:
-        raise ValueError(f"config.adapter has no field(s) {sorted(unknown)}; valid: {sorted(known)}")
+        raise ConfigError(f"config.adapter has no field(s) {sorted(unknown)}; valid: {sorted(known)}")
     own = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in section.items() if k in own}
     for key in ("targets", "unfreeze"):

@@ -26,7 +26,7 @@ import optax
 from mora_jax import adapters as adapters_lib
 from mora_jax.intercept import apply_model
 from mora_jax.methods import AdapterConfig
-from mora_jax.optim import partition, unpartition
+from mora_jax.optim import partition, peak_learning_rate, unpartition
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("attention_mask", "segment_ids", "positions")
@@ -153,6 +153,7 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
         updates, new_opt_state[name] = tx.update(grads[name], opt_state, tree)
         new_trainables[name] = optax.apply_updates(tree, updates)
     new_state = state.replace(step=state.step + 1, trainables=new_trainables, opt_state=new_opt_state, rng=rng)
+    lr = lr * peak_learning_rate(next(iter(state.opt_state.values())))  # with OptimConfig.lr_in_state
     return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "tokens": count,
                        "trainables_norm": optax.tree.norm(new_trainables)}
 

@@ -15,9 +15,10 @@ import ml_collections
 import pytest
 
 from configs import bench_tiny
-from mora_jax import flops, xla_tuning
+from mora_jax import assembly, flops, xla_tuning
 from mora_jax import steps as steps_lib
 from mora_jax.bench import harness, methods, peer, report, runners
+from mora_jax.bench.config import BenchConfig
 from mora_jax.models.config import LLAMA_CONFIGS
 
 TINY = LLAMA_CONFIGS["tiny"]  # D=64, F=172, L=2, N=4 heads, K=2 kv heads, H=16, V=256
@@ -105,19 +106,17 @@ def test_flops_errors():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    import jax
-
-    from mora_jax.models.llama import LlamaForCausalLM, init_params
-
-    return LlamaForCausalLM(TINY), init_params(TINY, jax.random.key(0))
+    base = runners.assemble(BenchConfig.from_config(bench_tiny.get_config()).run)
+    assert base.model_config == TINY
+    return base, base.load_params()
 
 
 @pytest.mark.parametrize("tuned", [True, False])
 def test_step_runner_runs_the_builders_train_step(tiny_model, tuned):
     import jax
 
-    model, params = tiny_model
-    runner = runners.StepRunner(methods.MethodSpec("mora", 8, 6), model, params, methods.make_batch(TINY, 2, 16),
+    base, params = tiny_model
+    runner = runners.StepRunner(methods.MethodSpec("mora", 8, 6), base, params, methods.make_batch(TINY, 2, 16),
                                 tuned=tuned)
     assert isinstance(runner.steps, steps_lib.Steps)
     want = xla_tuning.train_step_compiler_options(jax.default_backend()) if tuned else None
@@ -133,8 +132,8 @@ def test_step_runner_runs_the_builders_train_step(tiny_model, tuned):
 def test_merge_runner_donates_a_private_copy_of_the_frozen_weights(tiny_model):
     import jax
 
-    model, params = tiny_model
-    runner = runners.MergeRunner(methods.MethodSpec("mora", 8, 1), model, params)
+    base, params = tiny_model
+    runner = runners.MergeRunner(methods.MethodSpec("mora", 8, 1), base, params)
     assert runner.steps.owns_frozen(runner.state)
     before = jax.tree_util.tree_leaves(runner.state.frozen)
     for _ in range(2):
@@ -162,7 +161,7 @@ def test_the_core_package_never_imports_the_benchmarks():
 def test_bench_modules_stay_small():
     bench = pathlib.Path(__file__).resolve().parents[1] / "mora_jax" / "bench"
     sizes = {p.name: len(p.read_text().splitlines()) for p in bench.glob("*.py")}
-    assert {"harness.py", "methods.py", "peer.py", "profile.py", "report.py", "runners.py"} <= set(sizes)
+    assert {"config.py", "harness.py", "methods.py", "peer.py", "profile.py", "report.py", "runners.py"} <= set(sizes)
     assert max(sizes.values()) <= 450, sizes
 
 
@@ -173,11 +172,12 @@ def test_bench_modules_stay_small():
 
 def _quick_config():
     c = bench_tiny.get_config()
-    c.batch, c.seq_len = 2, 16
-    c.r_large = 16
-    c.steps, c.warmup = 2, 1
-    c.matmul_size, c.matmul_chain, c.matmul_repeats = 256, 2, 2
-    c.delta_weight.in_features, c.delta_weight.out_features, c.delta_weight.repeats = 256, 512, 2
+    c.train.batch_size, c.train.seq_len = 2, 16
+    b = c.benchmark
+    b.r_large = 16
+    b.steps, b.warmup = 2, 1
+    b.matmul_size, b.matmul_chain, b.matmul_repeats = 256, 2, 2
+    b.delta_weight.in_features, b.delta_weight.out_features, b.delta_weight.repeats = 256, 512, 2
     return c
 
 
@@ -247,11 +247,12 @@ def test_validate_schema_rejects_extra_row_keys(result):
 
 def test_scaling_runs_and_writes_markdown_and_plot(tmp_path):
     c = _quick_config()
-    c.mora_types = (6,)
+    b = c.benchmark
+    b.mora_types = (6,)
     # 9 compiled steps: 3 methods at one sequence length, one batch, and full + LoRA/MoRA at one rank
-    c.scaling.seq_lens, c.scaling.batches, c.scaling.ranks = (8,), (1,), (4,)
-    c.scaling.kernel_sizes = ((64, 128), (128, 256))
-    c.scaling.steps, c.scaling.warmup, c.scaling.repeats = 1, 0, 1
+    b.scaling.seq_lens, b.scaling.batches, b.scaling.ranks = (8,), (1,), (4,)
+    b.scaling.kernel_sizes = ((64, 128), (128, 256))
+    b.scaling.steps, b.scaling.warmup, b.scaling.repeats = 1, 0, 1
     logged = []
     scaling = harness.run_scaling(c, log=logged.append)
     assert len(scaling["vs_seq_len"]) == 3 and len(scaling["vs_batch"]) == 3
@@ -284,13 +285,16 @@ def test_cli_peer_without_torch_names_the_pip_command(tmp_path):
 def test_configs_have_the_documented_fields():
     import importlib
 
-    for name, r_large in (("bench_tiny", 32), ("bench_250m", 128), ("bench_1b", 256)):
+    for name, r_large in (("bench_tiny", 32), ("bench_250m", 128), ("bench_1b", 256), ("bench_smollm2", 8)):
         c = importlib.import_module(f"configs.{name}").get_config()
         assert isinstance(c, ml_collections.ConfigDict)
-        assert c.r_small == 8 and c.r_large == r_large
-        for field in ("model", "batch", "seq_len", "dtype", "steps", "warmup"):
-            assert field in c
-        assert c.model in LLAMA_CONFIGS
+        assert c.benchmark.r_small == 8 and c.benchmark.r_large == r_large
+        for section, field in (("model", "preset"), ("train", "batch_size"), ("train", "seq_len"), ("model", "dtype"),
+                               ("benchmark", "steps"), ("benchmark", "warmup")):
+            assert field in c[section]
+        assert c.model.preset in LLAMA_CONFIGS
+        bench = BenchConfig.from_config(c)  # a run config (RunConfig.from_dict, strict) plus the benchmark section
+        assert (bench.r_small, bench.r_large) == (8, r_large) and bench.run.model.preset == c.model.preset
 
 
 @pytest.mark.torch
@@ -298,9 +302,10 @@ def test_peer_rows_with_hf_peft():
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     c = _quick_config()
-    c.peer.steps, c.warmup = 1, 1
-    _, llama_config = methods.llama_config_from(c)
-    rows = peer.run_peer(c, llama_config, 1e11, log=lambda _: None)
+    c.benchmark.steps, c.benchmark.warmup = 1, 1
+    bench = BenchConfig.from_config(c)
+    llama_config = assembly.model_config(bench.run)
+    rows = peer.run_peer(bench, llama_config, methods.make_batch(llama_config, 2, 16), 1e11, log=lambda _: None)
     assert [(row["method"], row["r"], row["mora_type"]) for row in rows] == [
         ("full", None, None), ("lora", 8, None), ("mora", 8, 1), ("mora", 8, 6),
         ("lora", 16, None), ("mora", 16, 1), ("mora", 16, 6)]
@@ -340,7 +345,7 @@ def test_torch_mora_layer_is_the_same_method(mora_type, k, d, r):
 def test_add_torch_mora_trains_only_m():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    _, llama_config = methods.llama_config_from(_quick_config())
+    llama_config = assembly.model_config(BenchConfig.from_config(_quick_config()).run)
     hf = llama_config.to_hf_dict()
     hf.pop("architectures", None)
     hf.pop("model_type", None)
@@ -384,13 +389,12 @@ def test_accelerator_config_runs_in_bfloat16_on_a_shrunk_model():
     from configs import bench_1b
 
     c = bench_1b.get_config()
-    c.model_overrides = ml_collections.ConfigDict({"hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4,
-                                                   "vocab_size": 256})
-    c.num_layers = 2
-    c.batch, c.seq_len, c.steps, c.warmup = 2, 32, 1, 1
-    c.matmul_size, c.matmul_chain, c.matmul_repeats = 256, 2, 1
-    c.xla_tuning_ablation = False
-    c.delta_weight.enabled = False
+    c.model.overrides.update({"hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4, "vocab_size": 256})
+    c.model.overrides.num_hidden_layers = 2
+    c.train.batch_size, c.train.seq_len, c.benchmark.steps, c.benchmark.warmup = 2, 32, 1, 1
+    c.benchmark.matmul_size, c.benchmark.matmul_chain, c.benchmark.matmul_repeats = 256, 2, 1
+    c.benchmark.xla_tuning_ablation = False
+    c.benchmark.delta_weight.enabled = False
     result = harness.run_benchmark(c, log=lambda _: None)
     report.validate_schema(json.loads(json.dumps(result)))
     assert result["dtype"] == "bfloat16"
@@ -398,3 +402,134 @@ def test_accelerator_config_runs_in_bfloat16_on_a_shrunk_model():
     assert {r["r"] for r in result["results"] if r["r"]} == {8, 256}
     assert all(math.isfinite(d["loss"]) for d in result["details"])
     assert result["merge"]["merge_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A benchmark config is a run config plus one benchmark section.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bench_config_is_a_run_config_plus_a_strict_benchmark_section():
+    from configs import base, bench_smollm2
+
+    c = bench_smollm2.get_config()
+    bench = BenchConfig.from_config(c)
+    assert bench.run.model.preset == "smollm2-135m" and bench.run.model.dtype == "float32"
+    assert (bench.run.train.batch_size, bench.run.train.seq_len) == (8, 64)
+    assert bench.ranks == (8,) and bench.delta_weight.in_features == 576 and bench.peer.attention == "sdpa"
+    assert assembly.model_config(bench.run) == LLAMA_CONFIGS["smollm2-135m"]  # the one model-building path
+    assert [s.label for s in peer.peer_specs(bench)] == ["lora r=8", "mora1 r=8", "mora6 r=8"]  # benchmark.full=False
+    c.benchmark.full, c.benchmark.mora_types = True, ()
+    assert [s.label for s in peer.peer_specs(BenchConfig.from_config(c))] == ["full", "lora r=8"]
+    c.benchmark.stepz = 3
+    with pytest.raises(ValueError, match=r"config.benchmark has no field\(s\) \['stepz'\]"):
+        BenchConfig.from_config(c)
+    c = bench_tiny.get_config()
+    c.benchmark.peer.threadz = 1
+    with pytest.raises(ValueError, match=r"config.benchmark.peer has no field\(s\) \['threadz'\]"):
+        BenchConfig.from_config(c)
+    c = bench_tiny.get_config()
+    c.batch = 8  # the old second schema's field: RunConfig.from_dict stays strict
+    with pytest.raises(ValueError, match=r"config has no field\(s\) \['batch'\]"):
+        BenchConfig.from_config(c)
+    # Any run config is benchmarked with the section's defaults.
+    plain = BenchConfig.from_config(base.base_config())
+    assert plain.steps == BenchConfig().steps and plain.run.model.preset == "tiny"
+
+
+def test_each_method_is_the_run_with_its_adapter():
+    run = BenchConfig.from_config(bench_tiny.get_config()).run
+    for spec in methods.method_specs([8, 32], [1, 6]):
+        method = spec.run_config(run)
+        assert method.method == spec.method and method.adapter == spec.adapter_config()
+        assert method.remora.every == 0 and method.model == run.model and method.train == run.train
+    assert methods.model_name(run) == "tiny"
+
+
+def test_smollm2_preset_is_the_public_checkpoints_shape():
+    from mora_jax.models.config import LlamaConfig
+
+    # SmolLM2-135M-Instruct's config.json (LlamaForCausalLM), the fields that shape the model
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+          "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+          "tie_word_embeddings": True, "rope_theta": 100000.0, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "hidden_act": "silu", "rope_scaling": None}
+    assert LlamaConfig.from_hf_dict(hf) == LLAMA_CONFIGS["smollm2-135m"].replace(head_dim=None)
+    assert LLAMA_CONFIGS["smollm2-135m"].resolved_head_dim == 64
+
+
+def test_benchmark_takes_a_checkpoint_directory(fixtures_dir):
+    """--config.model.hf_path=DIR: the shape from its config.json, its weights loaded, the run's
+    methods timed on it (the same path as a preset)."""
+    c = _quick_config()
+    c.model.hf_path = str(fixtures_dir / "e2e_public" / "base")
+    b = c.benchmark
+    b.r_large, b.mora_types, b.steps, b.warmup = 8, (6,), 1, 0
+    b.xla_tuning_ablation, b.delta_weight.enabled, b.merge_type = False, False, 6
+    result = harness.run_benchmark(c, log=lambda _: None)
+    report.validate_schema(json.loads(json.dumps(result)))
+    assert result["model"]["name"] == c.model.hf_path and result["model"]["params"] == 123_712
+    assert [(r["method"], r["r"], r["mora_type"]) for r in result["results"]] == [
+        ("full", None, None), ("lora", 8, None), ("mora", 8, 6)]
+    assert all(math.isfinite(d["loss"]) for d in result["details"])
+
+
+@pytest.mark.torch
+def test_peer_in_the_same_rotation_and_its_generation():
+    """--peer: the PyTorch methods are timed in mora-jax's rotation (the same number of steps), both
+    frameworks' matmul peaks sit beside the ratios, and generation is timed in both."""
+    pytest.importorskip("peft")
+    c = _quick_config()
+    b = c.benchmark
+    b.r_large, b.mora_types, b.steps, b.warmup = 8, (1,), 2, 0
+    b.xla_tuning_ablation, b.delta_weight.enabled = False, False
+    b.generation.batches, b.generation.prompt_len, b.generation.new_tokens, b.generation.repeats = (2,), 8, 4, 1
+    result = harness.run_benchmark(c, with_peer=True, log=lambda _: None)
+    assert [(p["method"], p["r"], p["mora_type"]) for p in result["peer"]] == [
+        ("full", None, None), ("lora", 8, None), ("mora", 8, 1)]
+    assert all(len(p["step_s_all"]) == 2 and "sdpa" in p["framework"] for p in result["peer"])
+    comparison = {(c_["method"], c_["mora_type"]): c_ for c_ in result["peer_comparison"]}
+    ours = {(r["method"], r["mora_type"]): r for r in result["results"]}
+    lora = next(p for p in result["peer"] if p["method"] == "lora")
+    assert comparison["mora", 1]["step_over_peft_lora"] == pytest.approx(ours["mora", 1]["step_s"] / lora["step_s"])
+    assert comparison["full", None]["peak_ratio"] == pytest.approx(
+        result["peak_matmul_flops"] / result["peer"][0]["torch_peak_matmul_flops"])
+    assert result["targets"]["g: mora1_r8 step / PyTorch PEFT lora_r8 step"]["met"] in (True, False)
+    gen = result["peer_generation"]
+    assert [(row["framework"][:5], row["batch"]) for row in gen["rows"]] == [("mora-", 2), ("torch", 2)]
+    for row in gen["rows"]:
+        assert row["generate_new_tokens_per_s"] == pytest.approx(2 * 4 / row["generate_s"])
+    assert gen["ratios"][0]["generate_speedup"] == pytest.approx(
+        gen["rows"][0]["generate_new_tokens_per_s"] / gen["rows"][1]["generate_new_tokens_per_s"])
+    text = report.report(result)
+    assert "PyTorch" in text and "GFLOP/s" in text and "generate new tok/s" in text
+
+
+def test_step_variants_time_the_runs_own_step_beside_its_variants():
+    from mora_jax.bench import variants
+
+    c = bench_tiny.get_config()
+    c.train.batch_size, c.train.seq_len, c.train.grad_accum = 4, 16, 2
+    c.adapter.dropout = 0.1
+    chosen = [variants.Variant("run"), variants.Variant.parse("one batch: train.grad_accum=1 adapter.dropout=0.0"),
+              variants.Variant.parse("small vocab: model.overrides.vocab_size=64")]
+    runs = variants.variant_runs(c, chosen)
+    assert [r.train.grad_accum for _, r in runs] == [2, 1, 2] and runs[2][1].model.overrides == {"vocab_size": 64}
+    result = variants.run_variants(runs, steps=1, warmup=0, log=lambda _: None)
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == ["run", "one batch", "small vocab"] and rows[0]["over_first"] == 1.0
+    assert rows[0]["positions"] == rows[0]["loss_tokens"] == 64 and result["pipeline"] is None
+    assert all(r["step_s"] > 0 and math.isfinite(r["loss"]) for r in rows)
+    assert "(the run as given)" in variants.variants_markdown(result)
+    with pytest.raises(ValueError, match="NAME: field=value"):
+        variants.Variant.parse("model.dtype=float32")
+    with pytest.raises(ValueError, match=r"config.train has no field\(s\) \['stepz'\]"):
+        variants.variant_runs(c, [variants.Variant.parse("bad: train.stepz=3")])
+
+
+def test_targets_without_full_fine_tuning(result):
+    fake = json.loads(json.dumps(result))
+    fake["results"] = [r for r in fake["results"] if r["method"] != "full"]
+    targets = harness.check_targets(fake)
+    assert targets and not any(name.startswith(("b:", "d:")) for name in targets)
+    assert "a: mora1_r8 step / lora step" in targets

@@ -128,7 +128,7 @@ def test_a_config_that_does_not_fit_is_an_error_not_damage(tmp_path):
     _save_steps(tmp_path, [1, 2])
     other = jax.eval_shape(lambda: _state(0.0).replace(opt_state={"mu": jnp.zeros((4, 4))}))
     with Checkpointer(tmp_path, mode="resume") as ckpt:
-        with pytest.raises(ValueError, match=r"(?s)cannot restore step 2.*only expected: \[\(\(4, 4\).*abstract_state must be built"):
+        with pytest.raises(ValueError, match=r"cannot restore step 2.*only expected: \[\(\(4, 4\).*Resume with the settings it was saved with"):
             ckpt.restore_latest_good(abstract_state=other, initial_frozen=INITIAL_FROZEN)
         assert ckpt.all_steps() == [1, 2]
     assert not (tmp_path / integrity.DAMAGED_DIR).exists()

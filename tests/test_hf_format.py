@@ -100,7 +100,11 @@ def test_names():
     name = tensor_name(path, "lora_A")
     assert name == "base_model.model.model.layers.12.self_attn.q_proj.lora_A.weight"
     assert parse_tensor_name(name) == ("model.layers.12.self_attn.q_proj", "lora_A")
-    assert parse_tensor_name("base_model.model.model.layers.0.q_proj.lora_magnitude_vector") is None
+    # DoRA's magnitude: PEFT saves it without ".weight"; older PEFT versions wrote ".weight".
+    for suffix in ("", ".weight"):
+        assert (parse_tensor_name("base_model.model.model.layers.0.q_proj.lora_magnitude_vector" + suffix)
+                == ("model.layers.0.q_proj", "lora_magnitude_vector"))
+    assert parse_tensor_name("base_model.model.model.layers.0.q_proj.lora_embedding_A") is None
 
 
 def test_the_hf_package_presents_each_name_from_its_one_home():

@@ -50,3 +50,33 @@ def test_flush_refuses_non_finite_metrics(tmp_path):
         writer.flush(2)
     writer.close()
     assert not (tmp_path / "metrics.jsonl").exists() or _steps(tmp_path / "metrics.jsonl") == []
+
+
+def test_throughput_leaves_out_compiling_steps_and_untimed_work(tmp_path, monkeypatch):
+    """tokens_per_s counts the loss tokens, positions_per_s every position of the batches; a step
+    added with timed=False (it compiled) and the time spent in untimed() (callbacks such as the
+    accuracy evaluation, even when they write a line from inside) are left out of both."""
+    clock = [100.0]
+    monkeypatch.setattr("mora_jax.metrics.time.perf_counter", lambda: clock[0])
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    metrics = {"loss": np.float32(2.0), "grad_norm": np.float32(1.0), "tokens": np.float32(16),
+               "learning_rate": np.float32(1e-3)}
+    with writer.untimed():
+        clock[0] += 30.0  # the first step compiles
+    writer.add(1, metrics, positions=512, timed=False)
+    writer.flush(1)  # only a compiling step since the clock started: no throughput to report
+    for step in (2, 3):
+        clock[0] += 2.0
+        writer.add(step, metrics, positions=512)
+    with writer.untimed():
+        clock[0] += 50.0  # a callback generating answers...
+        writer.flush(3)  # ...that writes its line from inside
+        clock[0] += 7.0
+    clock[0] += 2.0
+    writer.add(4, metrics, positions=512)
+    writer.flush(4)
+    writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "tokens_per_s" not in rows[0] and "positions_per_s" not in rows[0]
+    assert rows[1]["tokens_per_s"] == pytest.approx(32 / 4.0) and rows[1]["positions_per_s"] == pytest.approx(1024 / 4.0)
+    assert rows[2]["tokens_per_s"] == pytest.approx(16 / 2.0) and rows[2]["positions_per_s"] == pytest.approx(512 / 2.0)

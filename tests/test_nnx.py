@@ -266,7 +266,7 @@ def test_adapted_linear_general_and_einsum_fold_consistently():
         adapted = call(net, x)
         assert adapted.shape == base.shape == (2, 7, 3)
         assert np.abs(np.asarray(adapted - base)).max() > 1e-2
-        mnx.merge(net)
+        mnx.merge_adapters(net)
         assert net.heads.mora_spec.merged
         np.testing.assert_allclose(call(net, x), adapted, rtol=1e-5, atol=1e-5)
         mnx.unmerge(net)
@@ -286,7 +286,7 @@ def test_merge_unmerge_round_trip(params, config):
     adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
     adapted = _logits(model, IDS)
-    mnx.merge(model)
+    mnx.merge_adapters(model)
     assert mnx.is_merged(model)
     # the merged kernels are the linen merge's, and the merged model computes the adapted function
     merged_params = mj.merge(params, adapters)
@@ -294,7 +294,7 @@ def test_merge_unmerge_round_trip(params, config):
                     jax.tree_util.tree_leaves(merged_params)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     np.testing.assert_allclose(_logits(model, IDS), adapted, rtol=0, atol=1e-5)
-    mnx.merge(model)  # idempotent
+    mnx.merge_adapters(model)  # idempotent
     mnx.unmerge(model)
     assert not mnx.is_merged(model)
     for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
@@ -473,7 +473,7 @@ def test_sharded_adapters_follow_their_kernel_under_jit():
     _, expected = _sharded_run(None)
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
     # merging keeps the kernel's sharding
-    mnx.merge(net)
+    mnx.merge_adapters(net)
     assert placed(net.down.kernel[...], "tensor", "fsdp")
 
 
@@ -550,7 +550,7 @@ def test_tunix_style_model_and_peft_trainer_loop():
     flat = mj.adapters.flatten(mnx.to_linen_adapters(model))
     assert ("layers_1", "o_proj", "kernel") in flat and flat[("layers_1", "o_proj", "kernel")].in_features == 16
     adapted = model(tokens)
-    mnx.merge(model)
+    mnx.merge_adapters(model)
     np.testing.assert_allclose(model(tokens), adapted, rtol=1e-5, atol=1e-5)
 
 
@@ -651,3 +651,181 @@ def test_adapter_dropout_is_on_in_training_and_off_in_eval():
 def test_core_package_does_not_import_nnx():
     code = "import sys, mora_jax, mora_jax.hf, mora_jax.hf.peft, mora_jax.remora; assert 'mora_jax.nnx' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+
+
+def test_merge_is_a_deprecated_alias_of_merge_adapters_that_warns_once(params, monkeypatch):
+    """``mnx.merge(model)`` read like ``nnx.merge(graphdef, state)``; ``merge_adapters`` is its name now."""
+    import importlib
+    import warnings
+
+    merge_lib = importlib.import_module("mora_jax.nnx.merge")  # the module (the package's `merge` is the function)
+    monkeypatch.setattr(merge_lib, "_merge_warned", False)
+    adapters = _random_like(mj.init_adapters(params, mj.MoRAConfig(r=2, mora_type=6), jax.random.key(1)))
+    model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
+    other = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
+    with pytest.warns(DeprecationWarning, match="merge_adapters"):
+        assert mnx.merge(model) is model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call does not warn again
+        mnx.merge(model)
+    assert mnx.is_merged(model)
+    mnx.merge_adapters(other)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx.state(model)), jax.tree_util.tree_leaves(nnx.state(other))):
+        np.testing.assert_array_equal(a, b)
+
+
+class _NetWithABatchEinsum(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(16, 24, use_bias=False, rngs=rngs)
+        self.heads = nnx.Einsum("bnd,ndf->bnf", (3, 24, 16), rngs=rngs)  # n is a batch axis: no adapter fits it
+
+    def __call__(self, x_BxD):
+        h_BxF = jnp.tanh(self.up(x_BxD))
+        return self.heads(jnp.broadcast_to(h_BxF[:, None], (x_BxD.shape[0], 3, 24)))
+
+
+def test_load_adapter_inspects_only_the_layers_the_file_adapts(tmp_path):
+    x = jax.random.normal(jax.random.key(0), (2, 16))
+    model = mnx.attach(_NetWithABatchEinsum(nnx.Rngs(0)), mj.MoRAConfig(r=2, mora_type=6, targets=(r"up/kernel",)))
+    model.up.kernel_mora_m[...] = 0.3 * jax.random.normal(jax.random.key(1), model.up.kernel_mora_m.shape)
+    mnx.save_adapter(tmp_path / "adapter", model)
+    fresh = _NetWithABatchEinsum(nnx.Rngs(0))
+    config = mnx.load_adapter(tmp_path / "adapter", fresh)
+    assert config.targets == (r"up/kernel",) and list(mnx.adapted_layers(fresh)) == [("up",)]
+    np.testing.assert_allclose(fresh(x), model(x), rtol=1e-6, atol=1e-6)
+    # targeting the batch einsum itself still says why it cannot carry an adapter
+    with pytest.raises(NotImplementedError, match="batch axes"):
+        mnx.attach(_NetWithABatchEinsum(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"heads/kernel",)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers stacked with nnx.vmap and run with nnx.scan (how MaxText and Tunix scan their models).
+# ---------------------------------------------------------------------------------------------
+
+N_STACKED = 3
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(16, 24, use_bias=False, rngs=rngs)
+        self.down = nnx.Linear(24, 16, use_bias=False, rngs=rngs)
+        self.heads = nnx.Einsum("btd,dnh->btnh", (16, 2, 8), rngs=rngs)  # output axes after the input's
+
+    def __call__(self, x_BxTxD):
+        h_BxTxD = x_BxTxD + self.down(jax.nn.silu(self.up(x_BxTxD)))
+        return h_BxTxD + jnp.tanh(self.heads(h_BxTxD)).reshape(h_BxTxD.shape)
+
+
+class _ScannedModel(nnx.Module):
+    """The blocks' parameters stacked on a leading axis by nnx.vmap; nnx.scan runs them in turn."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=N_STACKED)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _Block(rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, layer):
+            return layer(x)
+
+        return body(x, self.layers)
+
+
+class _UnrolledModel(nnx.Module):
+    def __init__(self, scanned: _ScannedModel):
+        self.layers = nnx.List([_Block(nnx.Rngs(0)) for _ in range(N_STACKED)])
+        for i, block in enumerate(self.layers):
+            for name in ("up", "down", "heads"):
+                getattr(block, name).kernel[...] = getattr(scanned.layers, name).kernel[...][i]
+
+    def __call__(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+STACKED_CONFIGS = [mj.MoRAConfig(r=2, mora_type=6, targets=(r".*/(up|down|heads)/kernel",)),
+                   mj.MoRAConfig(r=3, mora_type=1, targets=(r".*/(up|down|heads)/kernel",)),
+                   mj.LoRAConfig(r=2, alpha=4.0, targets=(r".*/(up|down|heads)/kernel",))]
+
+
+@pytest.mark.parametrize("config", STACKED_CONFIGS, ids=IDS_OF)
+def test_layers_stacked_with_vmap_and_run_with_scan_match_the_unrolled_model(config, tmp_path):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    scanned = _ScannedModel(nnx.Rngs(0))
+    unrolled = _UnrolledModel(scanned)
+    base = scanned(x)
+    np.testing.assert_allclose(unrolled(x), base, rtol=1e-5, atol=1e-5)
+    mnx.attach(scanned, config)
+    mnx.attach(unrolled, config)
+    up = scanned.layers.up
+    assert up.mora_spec.stack_shape == (N_STACKED,) and up.mora_spec.in_shape == (16,)
+    assert scanned.layers.heads.mora_spec.out_shape == (2, 8) and unrolled.layers[0].heads.mora_spec.stack_shape == ()
+    # the adapters are stacked like their kernels: layer i of the stack is layer i of the unrolled model
+    seeds = iter(range(100))
+    for name in ("up", "down", "heads"):
+        for var_name in getattr(scanned.layers, name).mora_spec.names:
+            stacked = getattr(getattr(scanned.layers, name), var_name)
+            assert stacked.shape[0] == N_STACKED
+            stacked[...] = 0.05 * jax.random.normal(jax.random.key(next(seeds)), stacked.shape)
+            for i, block in enumerate(unrolled.layers):
+                getattr(getattr(block, name), var_name)[...] = stacked[...][i]
+    adapted = nnx.jit(lambda m, x: m(x))(scanned, x)
+    assert np.abs(np.asarray(adapted - base)).max() > 1e-2
+    np.testing.assert_allclose(adapted, unrolled(x), rtol=1e-5, atol=1e-5)
+
+    # backward: the stacked adapters' gradients are the unrolled layers' gradients, the kernels get none
+    def loss(model):
+        return jnp.mean(model(x) ** 2)
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(scanned)
+    unrolled_grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(unrolled)
+    for name in ("up", "down", "heads"):
+        for var_name in getattr(scanned.layers, name).mora_spec.names:
+            g = grads["layers"][name][var_name][...]
+            for i in range(N_STACKED):
+                np.testing.assert_allclose(g[i], unrolled_grads["layers"][i][name][var_name][...], rtol=1e-4,
+                                           atol=1e-5 * float(np.abs(g).max()))
+    optimizer = nnx.Optimizer(scanned, optax.sgd(1e-2), wrt=nnx.LoRAParam)
+    kernel_before = scanned.layers.up.kernel[...]
+    optimizer.update(scanned, grads)
+    np.testing.assert_array_equal(scanned.layers.up.kernel[...], kernel_before)
+    trained = scanned(x)
+
+    # merge folds each layer's adapter into its slice of the stacked kernel
+    mnx.merge_adapters(scanned)
+    np.testing.assert_allclose(scanned(x), trained, rtol=1e-5, atol=1e-5)
+    mnx.unmerge(scanned)
+    np.testing.assert_allclose(scanned.layers.up.kernel[...], kernel_before, atol=2e-5)
+
+    # PEFT files: one tensor per layer (model.layers.i...), read back into a fresh stacked model
+    flat = mj.adapters.flatten(mnx.to_linen_adapters(scanned))
+    first = flat[("layers", "up", "kernel")]
+    assert jax.tree_util.tree_leaves(first)[0].shape[0] == N_STACKED
+    mnx.save_adapter(tmp_path / "adapter", scanned)
+    names = peft.read_adapter_tensors(tmp_path / "adapter")
+    assert any(".layers.2.up.lora_A" in n for n in names)
+    fresh = _ScannedModel(nnx.Rngs(0))
+    mnx.load_adapter(tmp_path / "adapter", fresh)
+    np.testing.assert_allclose(fresh(x), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stacked_layer_called_whole_or_stacked_on_another_axis_is_a_clear_error():
+    scanned = mnx.attach(_ScannedModel(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"layers/up/kernel",)))
+    with pytest.raises(ValueError, match=r"stacked over \(3,\).*inside the nnx.scan"):
+        scanned.layers.up(jnp.ones((2, 16)))
+    with pytest.raises(ValueError, match="would need random streams split per layer"):
+        mnx.attach(_ScannedModel(nnx.Rngs(0)), mj.LoRAConfig(r=2, targets=(r"layers/up/kernel",), dropout=0.1),
+                   rngs=nnx.Rngs(dropout=0))
+
+    @nnx.split_rngs(splits=N_STACKED)
+    @nnx.vmap(in_axes=(0,), out_axes=1)  # stacked on axis 1: (16, 3, 24)
+    def make(rngs):
+        return nnx.Linear(16, 24, rngs=rngs)
+
+    with pytest.raises(ValueError, match=r"does not end in the layer's own kernel shape \(16, 24\)"):
+        mnx.attach(make(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"kernel",)))

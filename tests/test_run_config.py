@@ -90,7 +90,7 @@ def test_full_fine_tuning_has_no_merges_and_mora_starts_at_the_cycle():
     ("train.steps", 0, r"train.steps must be a positive integer"),
     ("checkpoint.mode", "append", r"checkpoint.mode='append'"),
     ("checkpoint.keep", 0, r"checkpoint.keep must be a positive integer"),
-    ("method", "dora", r"method='dora'"),
+    ("method", "vera", r"method='vera'"),
     ("optim.warmup_steps", 50, r"optim.warmup_steps=50 is longer than the run"),
 ])
 def test_bad_values_are_refused_with_the_field_named(path, value, message):

@@ -1,27 +1,25 @@
 """mora_jax.bench.profile on the tiny model: the trace joins the HLO and the dots add up."""
 
-import jax
 import pytest
 
 from configs import bench_tiny
 from mora_jax import flops
 from mora_jax.bench import methods, profile, runners
-from mora_jax.models.llama import LlamaForCausalLM, init_params
+from mora_jax.bench.config import BenchConfig
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    c = bench_tiny.get_config()
-    _, llama_config = methods.llama_config_from(c)
-    params = init_params(llama_config, jax.random.key(0))
-    return llama_config, LlamaForCausalLM(llama_config), params, methods.make_batch(llama_config, 2, 32)
+    base = runners.assemble(BenchConfig.from_config(bench_tiny.get_config()).run)
+    llama_config = base.model_config
+    return llama_config, base, base.load_params(), methods.make_batch(llama_config, 2, 32)
 
 
 @pytest.mark.parametrize("spec", [methods.MethodSpec("full"), methods.MethodSpec("lora", 8), methods.MethodSpec("mora", 8, 6)],
                          ids=lambda s: s.label)
 def test_profiled_dot_flops_are_the_steps_matmul_flops(tiny, spec):
-    llama_config, model, params, batch = tiny
-    runner = runners.StepRunner(spec, model, params, batch)
+    llama_config, base, params, batch = tiny
+    runner = runners.StepRunner(spec, base, params, batch)
     runner.step(record=False)
     result = profile.profile_step(runner, steps=2)
     assert result["rows"] and result["step_s"] > 0
@@ -34,13 +32,9 @@ def test_profiled_dot_flops_are_the_steps_matmul_flops(tiny, spec):
     assert text.count("\n|") == 2 + 5
 
 
-def test_method_labels_parse():
-    from train.profile_step import parse_method
-
-    assert parse_method("mora6 r=128") == methods.MethodSpec("mora", 128, 6)
-    assert parse_method("lora r=8") == methods.MethodSpec("lora", 8)
-    assert parse_method("full") == methods.MethodSpec("full")
-    from absl import app
-
-    with pytest.raises(app.UsageError, match="mora<type> r=<r>"):
-        parse_method("mora r=8")
+def test_method_labels_parse_back_to_their_spec():
+    for spec in methods.method_specs([8, 128], [1, 6]):
+        assert methods.MethodSpec.from_label(spec.label) == spec
+    assert methods.MethodSpec.from_label(" mora6 r=128 ") == methods.MethodSpec("mora", 128, 6)
+    with pytest.raises(ValueError, match="mora<type> r=<r>"):
+        methods.MethodSpec.from_label("mora r=8")

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from mora_jax import workdir_lock
+from mora_jax.checkpoint import workdir_lock
 from mora_jax.checkpoint.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLocked
 
 _HOLD = textwrap.dedent("""
@@ -94,3 +94,32 @@ def test_the_lock_is_released_when_the_run_raises(tmp_path):
                 pass
         assert (tmp_path / LOCK_FILE).exists()  # the refused second run did not remove the first one's lock
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_left_alone(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("not a lock")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).symlink_to(target)
+    with pytest.raises(WorkdirLocked) as err:
+        WorkdirLock(tmp_path / "run").acquire()
+    message = str(err.value)
+    assert "is a symbolic link" in message and f"rm {tmp_path / 'run' / LOCK_FILE}" in message
+    assert "\n" not in message
+    assert target.read_text() == "not a lock"  # not truncated, not written through
+    (tmp_path / "run" / LOCK_FILE).unlink()
+    (tmp_path / "run" / LOCK_FILE).symlink_to(tmp_path / "missing")  # a dangling link: nothing created there
+    with pytest.raises(WorkdirLocked, match="is a symbolic link"):
+        WorkdirLock(tmp_path / "run").acquire()
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("content", ["garbage \x00\x01", "[1, 2]", '{"note": "no pid or host"}'])
+def test_a_garbage_lock_file_is_reported_as_unreadable_with_the_fix(tmp_path, content):
+    (tmp_path / LOCK_FILE).write_text(content)
+    with pytest.raises(WorkdirLocked) as err:
+        WorkdirLock(tmp_path).acquire()
+    message = str(err.value)
+    assert "is unreadable: it holds no lock record" in message and f"rm {tmp_path / LOCK_FILE}" in message
+    assert "locked by a run on another host" not in message and "pid ?" not in message
+    assert (tmp_path / LOCK_FILE).read_text() == content  # left as it was

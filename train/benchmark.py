@@ -4,9 +4,16 @@
     python -m train.benchmark --config configs/bench_250m.py --out benchmarks/cpu_250m.json
     python -m train.benchmark --config configs/bench_tiny.py --scaling --out scaling.json   # + .md, .png
     python -m train.benchmark --config configs/bench_tiny.py --peer --out peer.json         # + PyTorch rows (HF PEFT LoRA, MoRA)
-    python -m train.benchmark --config configs/bench_tiny.py --config.steps=20 --config.batch=8 ...
+    python -m train.benchmark --config configs/bench_tiny.py --config.benchmark.steps=20 --config.train.batch_size=8 ...
     python -m train.benchmark --config configs/bench_250m.py --topology=v5e:2x2   # + TPU plan estimates (tpu extra)
     python -m train.benchmark --config configs/bench_250m.py --generation --out benchmarks/cpu_250m_generation.json
+    python -m train.benchmark --config configs/bench_smollm2.py --peer --out benchmarks/cpu_smollm2.json
+    python -m train.benchmark --config configs/bench_smollm2.py --config.model.hf_path=DIR ...  # a checkpoint's shape and weights
+    python -m train.benchmark --config configs/math_finetune.py:chat --config.model.hf_path=DIR  # any run config
+
+The config is a run config plus a ``benchmark`` section (``mora_jax.bench.config``; a run config
+without one is benchmarked with the section's defaults): the model (``model.preset`` or
+``model.hf_path``), dtypes, batch and sequence length are the run's.
 
 Writes ``--out`` (JSON) and a markdown report beside it (same name, ``.md``), and prints a table.
 JSON schema (extra keys such as "ratios", "details", "delta_weight", "targets", "peer", "peer_comparison", "xla_tuning" may follow):
@@ -33,7 +40,7 @@ from ml_collections import config_flags
 
 from mora_jax import logs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py)")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py), or any run config")
 _OUT = flags.DEFINE_string("out", "results.json", "JSON file to write (a .md report is written beside it)")
 _SCALING = flags.DEFINE_bool("scaling", False, "run the scaling study instead (JSON + .md table + .png plot)")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "also plan every method for this TPU slice (e.g. v5e:2x2) with the TPU "
@@ -41,11 +48,16 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "also plan every method for th
 _GENERATION = flags.DEFINE_bool("generation", False, "run the generation benchmark instead: prefill and decode "
                                  "tokens/s of mora_jax.generate, compiled FLOPs of a decode step for a short and a "
                                  "long prefix (JSON + .md)")
-_GEN_BATCHES = flags.DEFINE_list("generation_batches", None, "--generation: prompts per call (default 1,8)")
-_GEN_PROMPT_LEN = flags.DEFINE_integer("generation_prompt_len", None, "--generation: prompt tokens (default 128)")
-_GEN_NEW_TOKENS = flags.DEFINE_integer("generation_new_tokens", None, "--generation: new tokens (default 32)")
-_GEN_REPEATS = flags.DEFINE_integer("generation_repeats", None, "--generation: timed calls per program (default 3)")
-_PEER = flags.DEFINE_bool("peer", False, "also time the same model in PyTorch: full, HF PEFT LoRA, the reference MoRA (needs torch, transformers, peft)")
+_GEN_BATCHES = flags.DEFINE_list("generation_batches", None, "--generation: prompts per call "
+                                  "(default: benchmark.generation.batches)")
+_GEN_PROMPT_LEN = flags.DEFINE_integer("generation_prompt_len", None, "--generation: prompt tokens "
+                                       "(default: benchmark.generation.prompt_len)")
+_GEN_NEW_TOKENS = flags.DEFINE_integer("generation_new_tokens", None, "--generation: new tokens "
+                                       "(default: benchmark.generation.new_tokens)")
+_GEN_REPEATS = flags.DEFINE_integer("generation_repeats", None, "--generation: timed calls per program "
+                                    "(default: benchmark.generation.repeats)")
+_PEER = flags.DEFINE_bool("peer", False, "also time the same model in PyTorch, in the same rotation: full, HF PEFT "
+                          "LoRA, the reference MoRA, and generation (needs torch, transformers, peft)")
 
 
 def main(argv):
@@ -53,11 +65,15 @@ def main(argv):
     logs.apply_verbosity_flag()  # other libraries' INFO lines only with --verbosity
     from mora_jax import distributed
     distributed.initialize()  # multi-host: join the cluster before any device use; one process: a no-op
-    from mora_jax.bench import harness, methods, peer, report
+    from mora_jax.bench import harness, peer, report
+    from mora_jax.bench.config import BenchConfig
 
-    config = _CONFIG.value
-    if config is None:
+    if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config configs/bench_tiny.py")
+    try:
+        config = BenchConfig.from_config(_CONFIG.value)  # every field checked before anything compiles
+    except ValueError as e:
+        sys.exit(f"error: config: {e}")
     out = pathlib.Path(_OUT.value)
     modes = [name for name, on in (("--generation", _GENERATION.value), ("--scaling", _SCALING.value)) if on]
     extras = [name for name, on in (("--peer", _PEER.value), ("--topology", _TOPOLOGY.value)) if on]
@@ -88,17 +104,12 @@ def main(argv):
         print(text)
         print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
         return
-    result = harness.run_benchmark(config)
-    if _PEER.value:
-        _, llama_config = methods.llama_config_from(config)
-        result["peer"] = peer.run_peer(config, llama_config, result["peak_matmul_flops"])
-        result["peer_comparison"] = peer.peer_comparison(result)
-        result["targets"] = harness.check_targets(result)
+    result = harness.run_benchmark(config, with_peer=_PEER.value)
     tpu_table = ""
     if _TOPOLOGY.value:
         from mora_jax.bench import tpu
 
-        result["tpu_plan"] = tpu.plan_methods(config, _TOPOLOGY.value, result["results"])
+        result["tpu_plan"] = tpu.plan_methods(config.run, _TOPOLOGY.value, result["results"])
         tpu_table = "\n\n" + tpu.side_by_side(result)
     report.validate_schema(result)
     report.write_json(_recorded(result), out)
@@ -115,15 +126,17 @@ def _recorded(result: dict) -> dict:
 
 
 def _run_generation(config, out: pathlib.Path) -> None:
+    import dataclasses
+
     from mora_jax.bench import generation, report
 
     given = {"batches": tuple(int(b) for b in _GEN_BATCHES.value) if _GEN_BATCHES.value else None,
              "prompt_len": _GEN_PROMPT_LEN.value, "new_tokens": _GEN_NEW_TOKENS.value, "repeats": _GEN_REPEATS.value}
-    try:
-        settings = generation.GenerationSettings(**{k: v for k, v in given.items() if v is not None})
+    try:  # the config's benchmark.generation, with the flags given
+        settings = dataclasses.replace(config.generation, **{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         sys.exit(f"error: {e}")
-    result = generation.run_generation(config, settings)
+    result = generation.run_generation(config.run, settings)
     generation.validate_generation(result)
     report.write_json(_recorded(result), out)
     out.with_suffix(".md").write_text(generation.generation_report(result, markdown=True) + "\n")

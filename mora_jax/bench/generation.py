@@ -35,12 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mora_jax.bench.methods import llama_config_from
+from mora_jax.bench.methods import model_name
 from mora_jax.bench.report import _table
-from mora_jax.bench.runners import device_description, run_interleaved, xla_flops
+from mora_jax.bench.runners import assemble, device_description, run_interleaved, xla_flops
 from mora_jax.generate import generate, lower_decode_step, lower_prefill
-from mora_jax.models.llama import LlamaForCausalLM, init_params
 from mora_jax.models.params import count_params
+from mora_jax.run_config import RunConfig
 
 # Keys of each "generation" row of the JSON and of its "flops" comparison.
 GENERATION_ROW = ("batch", "prompt_len", "new_tokens", "decode_steps", "cache_len", "prefill_s", "generate_s",
@@ -143,13 +143,14 @@ def flops_comparison(model, params, short: int, long: int) -> dict:
                     "tokens is what re-encoding an L-token prefix for each new token would cost."}
 
 
-def run_generation(config, settings: GenerationSettings = GenerationSettings(), *,
+def run_generation(run: RunConfig, settings: GenerationSettings = GenerationSettings(), *,
                    log: Callable[[str], None] = print) -> dict:
-    """Time prefill and decode of ``mora_jax.generate`` on the model of a benchmark config (its preset,
-    dtype and overrides; random weights, random prompt tokens); returns the JSON result."""
-    name, llama_config = llama_config_from(config)
-    model = LlamaForCausalLM(llama_config)
-    params = init_params(llama_config, jax.random.key(int(config.seed)))
+    """Time prefill and decode of ``mora_jax.generate`` on the model of a run config, assembled as
+    a run assembles it (a preset's random weights or the checkpoint's; random prompt tokens);
+    returns the JSON result."""
+    base = assemble(run)
+    model, llama_config, name = base.model, base.model_config, model_name(run)
+    params = base.load_params()
     P, N = settings.prompt_len, settings.new_tokens
     long = settings.flops_long or llama_config.max_position_embeddings
     if P + N > llama_config.max_position_embeddings or not P <= long <= llama_config.max_position_embeddings:
@@ -158,7 +159,7 @@ def run_generation(config, settings: GenerationSettings = GenerationSettings(), 
     dtype = str(jnp.dtype(llama_config.dtype).name)
     log(f"generation: device {device_description()}; model {name}, {dtype}, batches {list(settings.batches)}, "
         f"prompt {P} + {N} new tokens")
-    rng = np.random.default_rng(int(config.seed))
+    rng = np.random.default_rng(run.seed)
     pairs = []
     for batch in settings.batches:
         ids = rng.integers(0, llama_config.vocab_size, (batch, P)).astype(np.int32)
@@ -193,8 +194,8 @@ def run_generation(config, settings: GenerationSettings = GenerationSettings(), 
         "model": {"name": name, "params": int(count_params(params)), "layers": llama_config.num_hidden_layers,
                   "max_position_embeddings": llama_config.max_position_embeddings},
         "generation": {
-            "what": "mora_jax.generate, greedy, base model (random weights, no adapter), never stopping at an EOS; "
-                    "prefill = the compiled prefill alone (mora_jax.generate.lower_prefill); decode per step = "
+            "what": "mora_jax.generate, greedy, base model (a preset's random weights or the checkpoint's, no "
+                    "adapter), never stopping at an EOS; prefill = the compiled prefill alone (mora_jax.generate.lower_prefill); decode per step = "
                     "(generate - prefill) / (new_tokens - 1); compile excluded; median of the timed calls, the "
                     "programs interleaved round-robin",
             "settings": dataclasses.asdict(settings) | {"flops_long": long},

@@ -20,6 +20,11 @@ matmuls, best of several runs), the analytic model FLOPs of each method
 the time to write an output of the same size. :func:`run_scaling` sweeps tokens, rank and kernel
 size. :mod:`mora_jax.bench.report` renders the results.
 
+The benchmark's run (model, mesh, layout, base weights) is assembled from the config's run part by
+:func:`mora_jax.assembly.assemble`, and every method's steps and state are built from that run with
+the method's adapter (:class:`mora_jax.bench.runners.StepRunner`): a ``configs/bench_*.py`` file is a
+run config plus a ``benchmark`` section (:mod:`mora_jax.bench.config`).
+
 Entry point: ``python -m train.benchmark --config configs/bench_tiny.py --out results.json``.
 """
 
@@ -35,11 +40,14 @@ import jax.numpy as jnp
 
 from mora_jax import adapters as adapters_lib
 from mora_jax import ops
-from mora_jax.bench.methods import MethodSpec, llama_config_from, make_batch, method_specs
+from mora_jax.bench import peer as peer_lib
+from mora_jax.bench.config import BenchConfig
+from mora_jax.bench.methods import MethodSpec, make_batch, method_specs, model_name
 from mora_jax.bench.runners import (
     MatmulRunner,
     MergeRunner,
     StepRunner,
+    assemble,
     device_description,
     measure_peak_matmul,
     memory_stats,
@@ -49,7 +57,6 @@ from mora_jax.bench.runners import (
     xla_flops,
 )
 from mora_jax.flops import flop_breakdown, model_flops_per_step
-from mora_jax.models.llama import LlamaForCausalLM, init_params
 from mora_jax.models.params import count_params
 
 
@@ -96,50 +103,57 @@ def _median(times: Sequence[float]) -> float:
     return float(statistics.median(times))
 
 
-def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
-    """Run the whole benchmark described by ``config`` (see ``configs/bench_*.py``); returns the
-    result dict (the JSON schema in the module docstring of ``train/benchmark.py``)."""
-    name, llama_config = llama_config_from(config)
-    model = LlamaForCausalLM(llama_config)
-    batch_size, seq_len = int(config.batch), int(config.seq_len)
+def run_benchmark(config, *, with_peer: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run the whole benchmark described by ``config`` (a ``configs/bench_*.py`` ConfigDict or a
+    :class:`~mora_jax.bench.config.BenchConfig`); returns the result dict (the JSON schema in the
+    module docstring of ``train/benchmark.py``).
+
+    ``with_peer``: also time the same methods in PyTorch (:mod:`mora_jax.bench.peer`), in the same
+    rotation as mora-jax's steps (so background load hits both frameworks alike), with PyTorch's own
+    matmul peak; and, with ``benchmark.peer.generation``, generation in both frameworks."""
+    bench = BenchConfig.from_config(config)
+    run = bench.run
+    base = assemble(run)
+    llama_config, name = base.model_config, model_name(run)
+    batch_size, seq_len, seed, dtype = run.train.batch_size, run.train.seq_len, run.seed, run.model.dtype
     tokens = batch_size * seq_len
-    r_values = tuple(dict.fromkeys((int(config.r_small), int(config.r_large))))
-    mora_types = tuple(int(t) for t in config.mora_types)
-    log(f"device: {device_description()}; model {name}, batch {batch_size} x seq {seq_len}, {config.dtype}")
+    log(f"device: {device_description()}; model {name}, batch {batch_size} x seq {seq_len}, {dtype}")
 
-    peak = measure_peak_matmul(config.dtype, size=int(config.matmul_size), chain=int(config.matmul_chain),
-                               repeats=int(config.matmul_repeats))
-    log(f"peak matmul ({config.matmul_size}^3 x{config.matmul_chain}, {config.dtype}): {peak['flops'] / 1e9:.1f} GFLOP/s")
+    peak = measure_peak_matmul(dtype, size=bench.matmul_size, chain=bench.matmul_chain, repeats=bench.matmul_repeats)
+    log(f"peak matmul ({bench.matmul_size}^3 x{bench.matmul_chain}, {dtype}): {peak['flops'] / 1e9:.1f} GFLOP/s")
 
-    params = init_params(llama_config, jax.random.key(int(config.seed)))
-    layout = None
-    if llama_config.scan_layers:
-        layout = adapters_lib.dense_layout(model, jnp.zeros((1, 8), jnp.int32))
+    params = base.load_params()
     n_params = count_params(params)
-    batch = make_batch(llama_config, batch_size, seq_len, int(config.seed))
+    batch = make_batch(llama_config, batch_size, seq_len, seed)
 
-    specs = method_specs(r_values, mora_types)
+    specs = method_specs(bench.ranks, bench.mora_types, include_full=bench.full)
     runners = []
     for spec in specs:
-        runner = StepRunner(spec, model, params, batch, seed=int(config.seed), lr=float(config.lr), layout=layout)
+        runner = StepRunner(spec, base, params, batch)
         log(f"compiled {spec.label:<14} in {runner.compile_s:6.1f} s")
         runners.append(runner)
     # Ablation: the small-rank adapter steps compiled without mora_jax.xla_tuning's options.
     untuned = []
     tuned_options = runners[0].compiler_options  # what "auto" chose for this platform (None: nothing to ablate)
-    if config.get("xla_tuning_ablation", False) and tuned_options is not None:
+    if bench.xla_tuning_ablation and tuned_options is not None:
         for spec in specs:
-            if spec.method != "full" and spec.r == int(config.r_small):
-                untuned.append(StepRunner(spec, model, params, batch, seed=int(config.seed), lr=float(config.lr),
-                                          layout=layout, tuned=False))
+            if spec.method != "full" and spec.r == bench.r_small:
+                untuned.append(StepRunner(spec, base, params, batch, tuned=False))
                 log(f"compiled {spec.label:<14} without XLA tuning in {untuned[-1].compile_s:6.1f} s")
-    merge_spec = MethodSpec("mora", int(config.merge_r or config.r_large), int(config.merge_type))
-    merger = MergeRunner(merge_spec, model, params, seed=int(config.seed), layout=layout)
+    merge_spec = MethodSpec("mora", bench.merge_r or bench.r_large, bench.merge_type)
+    merger = MergeRunner(merge_spec, base, params)
     log(f"compiled merge ({merge_spec.label}) in {merger.compile_s:6.1f} s")
+    torch_models = torch_matmul = None
+    torch_steps = []
+    if with_peer:
+        torch_models = peer_lib.TorchModels(llama_config, dtype=dtype, attention=bench.peer.attention,
+                                            threads=bench.peer.threads, seed=seed)
+        torch_matmul, torch_steps = peer_lib.peer_runners(bench, torch_models, batch, log=log)
 
     # The matmul chain also runs once per round, so the peak is measured under the same load as the steps.
-    matmul = MatmulRunner(config.dtype, size=int(config.matmul_size), chain=int(config.matmul_chain))
-    run_interleaved([*runners, *untuned, merger, matmul], int(config.steps), int(config.warmup), bool(config.get("interleave", True)))
+    matmul = MatmulRunner(dtype, size=bench.matmul_size, chain=bench.matmul_chain)
+    peer_rotation = [torch_matmul, *torch_steps] if with_peer else []
+    run_interleaved([*runners, *untuned, merger, matmul, *peer_rotation], bench.steps, bench.warmup, bench.interleave)
     peak["flops_interleaved"] = matmul.flops
     peak["flops_before"] = peak["flops"]
     peak["flops"] = max(peak["flops"], matmul.flops)
@@ -162,8 +176,9 @@ def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
             "flops": flop_breakdown(llama_config, batch_size, seq_len, spec.method, spec.r, spec.mora_type),
             "loss": float(runner.last_loss),
         })
-    step_for_merge = next(row["step_s"] for row in results
-                          if row["method"] == "mora" and row["r"] == merge_spec.r and row["mora_type"] == merge_spec.mora_type)
+    # the merge against its own MoRA step (or LoRA's at that rank when that MoRA is not timed)
+    step_for_merge = next(row["step_s"] for row in sorted(results, key=lambda row: row["method"] != "mora")
+                          if row["r"] == merge_spec.r and row["mora_type"] in (merge_spec.mora_type, None))
     merge_s = _median(merger.times)
     merge = {"step_s": step_for_merge, "merge_s": merge_s}
     merge_details = {"method": "mora", "r": merge_spec.r, "mora_type": merge_spec.mora_type,
@@ -177,12 +192,13 @@ def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
          "step_s_tuned": tuned_step[r.spec], "step_s_untuned": _median(r.times),
          "tuned_over_untuned": tuned_step[r.spec] / _median(r.times), "step_s_untuned_all": r.times}
         for r in untuned]}
-    for runner in [*runners, *untuned, merger, matmul]:
+    peer_rows = peer_lib.peer_rows(bench, llama_config, torch_matmul, torch_steps, peak["flops"]) if with_peer else []
+    for runner in [*runners, *untuned, merger, matmul, *peer_rotation]:
         runner.release()
 
     out = {
         "device": device_description(),
-        "dtype": str(jnp.dtype(config.dtype).name),
+        "dtype": str(jnp.dtype(dtype).name),
         "peak_matmul_flops": float(peak["flops"]),
         "model": {"name": name, "params": int(n_params), "batch": batch_size, "seq_len": seq_len},
         "results": results,
@@ -192,16 +208,21 @@ def run_benchmark(config, *, log: Callable[[str], None] = print) -> dict:
         "merge_details": merge_details,
         "peak_matmul": peak,
         "xla_tuning": tuning,
-        "settings": {"steps": int(config.steps), "warmup": int(config.warmup),
-                     "interleave": bool(config.get("interleave", True)), "jax": jax.__version__,
+        "settings": {"steps": bench.steps, "warmup": bench.warmup, "interleave": bench.interleave, "jax": jax.__version__,
+                     "run": run.to_dict(),
                      "peak_mem_bytes": "argument + output - alias + temp of compiled.memory_analysis()",
                      "xla_flops": "compiled.cost_analysis()['flops'] (matmuls and elementwise); with scan_layers "
                                   "XLA counts the scanned layer body once"},
     }
-    dw = config.get("delta_weight")
-    if dw is not None and dw.get("enabled", True):
-        out["delta_weight"] = delta_weight_benchmark(int(dw.in_features), int(dw.out_features), int(dw.r),
-                                                     tuple(dw.mora_types), repeats=int(dw.repeats))
+    if with_peer:
+        out["peer"] = peer_rows
+        out["peer_comparison"] = peer_lib.peer_comparison(out)
+        if bench.peer.generation:
+            out["peer_generation"] = peer_lib.generation_comparison(bench, base.model, params, torch_models, log=log)
+    dw = bench.delta_weight
+    if dw.enabled:
+        out["delta_weight"] = delta_weight_benchmark(dw.in_features, dw.out_features, dw.r, dw.mora_types,
+                                                     repeats=dw.repeats)
         log("delta_weight " + ", ".join(
             f"type {row['mora_type']}: {row['delta_weight_s'] * 1e3:.1f} ms ({row['ratio_to_fill']:.2f}x fill)"
             for row in out["delta_weight"]["types"]) + f"; fill {out['delta_weight']['fill_s'] * 1e3:.1f} ms")
@@ -235,7 +256,7 @@ def ratios(results: Sequence[Mapping]) -> dict:
 def check_targets(result: Mapping) -> dict:
     """The performance targets of the benchmark issue, each ``{"value", "limit", "met"}``."""
     rows = result["results"]
-    full = next(row for row in rows if row["method"] == "full")
+    full = next((row for row in rows if row["method"] == "full"), None)
     lora = {row["r"]: row for row in rows if row["method"] == "lora"}
     targets: dict[str, dict] = {}
 
@@ -250,11 +271,13 @@ def check_targets(result: Mapping) -> dict:
             continue
         tag = f"mora{row['mora_type']}_r{row['r']}"
         put(f"a: {tag} step / lora step", row["step_s"] / lora[row["r"]]["step_s"], 1.05)
-        put(f"b: {tag} step / full step", row["step_s"] / full["step_s"], 0.70)
+        if full is not None:
+            put(f"b: {tag} step / full step", row["step_s"] / full["step_s"], 0.70)
         put(f"c: {tag} mfu", row["mfu"], 0.70, le=False)
-        mem = (row["peak_mem_bytes"] / full["peak_mem_bytes"]
-               if row["peak_mem_bytes"] and full["peak_mem_bytes"] else None)
-        put(f"d: {tag} memory / full memory", mem, 0.45)
+        if full is not None:
+            mem = (row["peak_mem_bytes"] / full["peak_mem_bytes"]
+                   if row["peak_mem_bytes"] and full["peak_mem_bytes"] else None)
+            put(f"d: {tag} memory / full memory", mem, 0.45)
     put("e: merge / step", result["merge"]["merge_s"] / result["merge"]["step_s"], 0.5)
     if "delta_weight" in result:
         for row in result["delta_weight"]["types"]:
@@ -263,6 +286,8 @@ def check_targets(result: Mapping) -> dict:
         tag = "full" if row["method"] == "full" else (
             f"lora_r{row['r']}" if row["method"] == "lora" else f"mora{row['mora_type']}_r{row['r']}")
         put(f"f: {tag} tokens/s / PyTorch's", row["speedup"], 1.2, le=False)
+        if row["method"] != "full" and row.get("step_over_peft_lora") is not None:
+            put(f"g: {tag} step / PyTorch PEFT lora_r{row['r']} step", row["step_over_peft_lora"], 1.0)
     return targets
 
 def _row(point: Mapping, llama_config, batch_size: int, seq_len: int, peak_flops: float) -> dict:
@@ -283,17 +308,16 @@ def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
     measured under the same load; a point shared by several sweeps (the base batch x seq_len at
     r_small) is timed again in each.
     """
-    sc = config.scaling
-    name, llama_config = llama_config_from(config)
-    model = LlamaForCausalLM(llama_config)
-    seed, lr = int(config.seed), float(config.lr)
-    steps, warmup = int(sc.steps), int(sc.warmup)
-    params = init_params(llama_config, jax.random.key(seed))
-    layout = adapters_lib.dense_layout(model, jnp.zeros((1, 8), jnp.int32)) if llama_config.scan_layers else None
-    matmul = MatmulRunner(config.dtype, size=int(config.matmul_size), chain=int(config.matmul_chain))
-    token_specs = [MethodSpec("full"), MethodSpec("lora", int(config.r_small)),
-                   *(MethodSpec("mora", int(config.r_small), int(t)) for t in config.mora_types)]
-    base_b, base_t = int(config.batch), int(config.seq_len)
+    bench = BenchConfig.from_config(config)
+    run, sc = bench.run, bench.scaling
+    base = assemble(run)
+    llama_config, name, seed = base.model_config, model_name(run), run.seed
+    steps, warmup = sc.steps, sc.warmup
+    params = base.load_params()
+    matmul = MatmulRunner(run.model.dtype, size=bench.matmul_size, chain=bench.matmul_chain)
+    token_specs = [MethodSpec("full"), MethodSpec("lora", bench.r_small),
+                   *(MethodSpec("mora", bench.r_small, t) for t in bench.mora_types)]
+    base_b, base_t = run.train.batch_size, run.train.seq_len
     def sweep(title, points):
         log(title)
         done: dict = {}  # (spec, batch, seq_len) -> {"spec", "times", "peak_mem_bytes"}
@@ -301,7 +325,7 @@ def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
         for spec, b, t in points:
             if (spec, b, t) in done:
                 continue
-            runner = StepRunner(spec, model, params, make_batch(llama_config, b, t, seed), seed=seed, lr=lr, layout=layout)
+            runner = StepRunner(spec, base, params, make_batch(llama_config, b, t, seed))
             runner.point = (b, t)
             runners.append(runner)
         run_interleaved([*runners, matmul], steps, warmup)
@@ -317,8 +341,8 @@ def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
     raw_batch = sweep("step time vs batch", [(s, int(b), base_t) for b in sc.batches for s in token_specs])
     rank_points = [(MethodSpec("full"), base_b, base_t)]
     for r in sc.ranks:
-        rank_points.append((MethodSpec("lora", int(r)), base_b, base_t))
-        rank_points += [(MethodSpec("mora", int(r), int(t)), base_b, base_t) for t in config.mora_types]
+        rank_points.append((MethodSpec("lora", r), base_b, base_t))
+        rank_points += [(MethodSpec("mora", r, t), base_b, base_t) for t in bench.mora_types]
     raw_rank = sweep("step time vs rank", rank_points)
     peak_flops = matmul.flops
     log(f"matmul peak (best, interleaved): {peak_flops / 1e9:.1f} GFLOP/s")
@@ -327,11 +351,11 @@ def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
     log("delta_weight vs kernel size")
     vs_kernel = []
     for k, d in sc.kernel_sizes:
-        row = delta_weight_benchmark(int(k), int(d), int(sc.merge_r), tuple(config.mora_types), repeats=int(sc.repeats))
+        row = delta_weight_benchmark(k, d, sc.merge_r, bench.mora_types, repeats=sc.repeats)
         vs_kernel.append(row)
         log(f"  {k}x{d}: fill {row['fill_s'] * 1e3:.2f} ms; " + ", ".join(
             f"type {x['mora_type']} {x['delta_weight_s'] * 1e3:.2f} ms ({x['ratio_to_fill']:.2f}x)" for x in row["types"]))
-    return {"device": device_description(), "dtype": jnp.dtype(config.dtype).name,
+    return {"device": device_description(), "dtype": jnp.dtype(run.model.dtype).name,
             "peak_matmul_flops": peak_flops,
             "model": {"name": name, "params": count_params(params), "batch": base_b, "seq_len": base_t},
             "settings": {"steps": steps, "warmup": warmup, "jax": jax.__version__, "interleaved": True},

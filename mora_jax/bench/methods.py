@@ -1,21 +1,24 @@
-"""What the benchmark compares: the methods, the model built from a benchmark config, the batch.
+"""What the benchmark compares: the methods, the model's name, the batch.
 
 A :class:`MethodSpec` names one method (full fine-tuning of the seven projections of every block,
-LoRA at a rank, MoRA of a type at a rank) and gives its adapter config; :func:`method_specs` lists
-the methods of a run in the order of its results table. :func:`llama_config_from` reads the model
-part of a ``configs/bench_*.py`` config, :func:`make_batch` makes the random token batch every
-method is timed on.
+LoRA at a rank, MoRA of a type at a rank) and gives its adapter config and the run config of that
+method on the benchmark's run (:meth:`MethodSpec.run_config`); :func:`method_specs` lists the
+methods of a run in the order of its results table. :func:`model_name` names the run's model,
+:func:`make_batch` makes the random token batch every method is timed on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import numpy as np
 
 from mora_jax.methods import LLAMA_TARGETS, FullConfig, LoRAConfig, MoRAConfig
-from mora_jax.models.config import LLAMA_CONFIGS, LlamaConfig
+from mora_jax.models.config import LlamaConfig
+from mora_jax.remora import RemoraConfig
+from mora_jax.run_config import RunConfig
 
 LORA_ALPHA = 16.0  # LoRA's alpha in every benchmark (mora-jax and the PyTorch peer): scale alpha / r
 
@@ -34,12 +37,28 @@ class MethodSpec:
             return f"lora r={self.r}"
         return f"mora{self.mora_type} r={self.r}"
 
+    @classmethod
+    def from_label(cls, label: str) -> "MethodSpec":
+        """The inverse of :attr:`label`: "full", "lora r=<r>" or "mora<type> r=<r>"."""
+        m = re.fullmatch(r"\s*(full|lora r=(\d+)|mora([12346]) r=(\d+))\s*", label)
+        if not m:
+            raise ValueError(f'method {label!r}: use "full", "lora r=<r>" or "mora<type> r=<r>" (e.g. "mora6 r=8")')
+        if m.group(1) == "full":
+            return cls("full")
+        if m.group(2):
+            return cls("lora", int(m.group(2)))
+        return cls("mora", int(m.group(4)), int(m.group(3)))
+
     def adapter_config(self, alpha: float = LORA_ALPHA):
         if self.method == "full":
             return FullConfig(targets=(LLAMA_TARGETS,))
         if self.method == "lora":
             return LoRAConfig(r=self.r, alpha=alpha, targets=(LLAMA_TARGETS,))
         return MoRAConfig(r=self.r, mora_type=self.mora_type, targets=(LLAMA_TARGETS,))
+
+    def run_config(self, run: RunConfig) -> RunConfig:
+        """``run`` training this method (no ReMoRA merges: every step is a plain train step)."""
+        return dataclasses.replace(run, adapter=self.adapter_config(), remora=RemoraConfig(every=0))
 
 
 def method_specs(r_values: Sequence[int], mora_types: Sequence[int], include_full: bool = True) -> list[MethodSpec]:
@@ -51,22 +70,13 @@ def method_specs(r_values: Sequence[int], mora_types: Sequence[int], include_ful
     return specs
 
 
-def llama_config_from(config) -> tuple[str, LlamaConfig]:
-    """``(name, LlamaConfig)`` from a benchmark config: the preset with dtype and overrides applied."""
-    name = config.model
-    if name not in LLAMA_CONFIGS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(LLAMA_CONFIGS)}")
-    overrides = config.get("model_overrides", None) or {}
-    overrides = dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
-    if int(config.get("num_layers", 0) or 0):
-        overrides["num_hidden_layers"] = int(config.num_layers)
-    param_dtype = config.get("param_dtype", "") or config.dtype
-    cfg = LLAMA_CONFIGS[name].replace(dtype=config.dtype, param_dtype=param_dtype,
-                                      scan_layers=bool(config.get("scan_layers", False)),
-                                      remat_policy=config.get("remat_policy", "none"), **overrides)
-    if overrides:
-        name += "(" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
-    return name, cfg
+def model_name(run: RunConfig) -> str:
+    """The run's model: its preset or checkpoint directory, with the preset's overrides."""
+    m = run.model
+    name = m.hf_path or m.preset
+    if m.overrides:
+        name += "(" + ",".join(f"{k}={v}" for k, v in sorted(m.overrides.items())) + ")"
+    return name
 
 
 def make_batch(llama_config: LlamaConfig, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -75,4 +85,4 @@ def make_batch(llama_config: LlamaConfig, batch: int, seq_len: int, seed: int = 
     return {"input_ids": ids, "loss_mask": np.ones_like(ids)}
 
 
-__all__ = ["LORA_ALPHA", "MethodSpec", "llama_config_from", "make_batch", "method_specs"]
+__all__ = ["LORA_ALPHA", "MethodSpec", "make_batch", "method_specs", "model_name"]

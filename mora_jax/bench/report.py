@@ -98,11 +98,28 @@ def report(result: Mapping, markdown: bool = False) -> str:
                  for p in result["peer"]]
         parts.append(_table(header, lines, markdown))
     if result.get("peer_comparison"):
-        parts += ["", "mora-jax vs PyTorch, same method (tokens/s):", ""]
-        header = ["method", "r", "type", "mora-jax", "PyTorch", "speed-up"]
+        comparison = result["peer_comparison"]
+        peaks = (f"measured matmul peaks: mora-jax (XLA) {comparison[0]['peak_matmul_flops'] / 1e9:.1f} GFLOP/s, "
+                 f"PyTorch {(comparison[0]['peer_peak_matmul_flops'] or 0) / 1e9:.1f} GFLOP/s"
+                 if comparison[0].get("peer_peak_matmul_flops") else "")
+        parts += ["", f"mora-jax vs PyTorch, same method, same rotation ({peaks}):", ""]
+        header = ["method", "r", "type", "mora-jax tok/s", "PyTorch tok/s", "speed-up", "peak ratio",
+                  "step / PEFT LoRA step"]
         lines = [[c["method"], "-" if c["r"] is None else str(c["r"]), "-" if c["mora_type"] is None else str(c["mora_type"]),
-                  f"{c['tokens_per_s']:,.0f}", f"{c['peer_tokens_per_s']:,.0f}", f"{c['speedup']:.2f}x"]
-                 for c in result["peer_comparison"]]
+                  f"{c['tokens_per_s']:,.0f}", f"{c['peer_tokens_per_s']:,.0f}", f"{c['speedup']:.2f}x",
+                  "-" if c.get("peak_ratio") is None else f"{c['peak_ratio']:.2f}x",
+                  "-" if c.get("step_over_peft_lora") is None else f"{c['step_over_peft_lora']:.2f}x"]
+                 for c in comparison]
+        parts.append(_table(header, lines, markdown))
+    if result.get("peer_generation"):
+        gen = result["peer_generation"]
+        g = gen["settings"]
+        parts += ["", f"Generation, greedy, base model, prompt {g['prompt_len']} + {g['new_tokens']} new tokens "
+                  f"(median of {g['repeats']} interleaved calls):", ""]
+        header = ["framework", "batch", "prefill tok/s", "decode tok/s", "generate new tok/s"]
+        lines = [[row["framework"], str(row["batch"]), f"{row['prefill_tokens_per_s']:,.0f}",
+                  "n/a" if row["decode_tokens_per_s"] is None else f"{row['decode_tokens_per_s']:,.1f}",
+                  f"{row['generate_new_tokens_per_s']:,.1f}"] for row in gen["rows"]]
         parts.append(_table(header, lines, markdown))
     return "\n".join(parts)
 

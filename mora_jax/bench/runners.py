@@ -20,11 +20,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from mora_jax import adapters as adapters_lib
-from mora_jax import optim, sharding, training
-from mora_jax import steps as steps_lib
+from mora_jax import assembly, sharding
 from mora_jax.bench.methods import MethodSpec
 
 
@@ -150,32 +148,34 @@ def device_description() -> str:
     return text
 
 
+def assemble(run) -> assembly.Assembly:
+    """``run`` assembled by :func:`mora_jax.assembly.assemble` on one device (the benchmark times one
+    device: its model FLOPs utilisation is against that device's matmul peak)."""
+    return assembly.assemble(run, devices=jax.local_devices()[:1])
+
+
 class StepRunner:
-    """One method's training step, built by :func:`mora_jax.steps.build_steps` exactly as the training
-    loop builds it, and its state placed on the steps' mesh. ``step()`` is one
-    ``steps.train(state, batch)``: the frozen weights pass through untouched, the trainables and the
-    optimizer state are donated and updated in place.
+    """One method's training step on the benchmark's assembled run, built by
+    :func:`mora_jax.assembly.build_steps` and started by :func:`mora_jax.assembly.initial_state` exactly
+    as a run of that method builds and starts it (``spec.run_config(base.config)``), its state
+    placed on the run's mesh. ``step()`` is one ``steps.train(state, batch)``: the frozen weights
+    pass through untouched, the trainables and the optimizer state are donated and updated in place.
 
     ``compiled`` is the same program compiled ahead of time (``steps.lower_train``), for its memory,
     cost analysis and HLO; JAX caches it, so the first ``step()`` does not compile again.
     """
 
-    def __init__(self, spec: MethodSpec, model, params, batch, *, seed: int = 0, lr: float = 1e-4,
-                 layout=None, step_config: training.StepConfig = training.StepConfig(), tuned: bool = True,
-                 mesh=None):
-        """``batch``: this process's rows (numpy or arrays), sharded with ``steps.shard_batch``.
-        ``tuned``: ``compiler_options="auto"`` (the loop's default:
-        :func:`mora_jax.xla_tuning.train_step_compiler_options` for the mesh's platform), else None.
-        ``mesh``: None = :func:`mora_jax.steps.default_mesh`, one device."""
+    def __init__(self, spec: MethodSpec | None, base: assembly.Assembly, params, batch, *, tuned: bool = True):
+        """``spec``: the method timed (None: the run's own method, adapter, dropout and all).
+        ``base``: the benchmark's run, assembled (model, mesh, layout). ``params``: its base weights.
+        ``batch``: this process's rows (numpy or arrays), sharded with ``steps.shard_batch``.
+        ``tuned``: ``compiler_options="auto"`` (a run's default:
+        :func:`mora_jax.xla_tuning.train_step_compiler_options` for the mesh's platform), else None."""
         self.spec = spec
-        adapter_config = spec.adapter_config()
-        rng = jax.random.key(seed)
-        adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
-        tx = optim.adamw(lr, clip_norm=None)  # clipping is global over both groups, in the step
-        state = training.create_train_state(params, adapters, adapter_config, tx, jax.random.fold_in(rng, 2))
+        config = spec.run_config(base.config) if spec is not None else base.config
+        state = assembly.initial_state(params, config, base.layout)
         self.trainable_params = adapters_lib.count_params(state.trainables)
-        self.steps = steps_lib.build_steps(model, tx, optax.constant_schedule(lr), step_config, mesh=mesh,
-                                           compiler_options="auto" if tuned else None)
+        self.steps = assembly.build_steps(config, base.model, base.mesh, compiler_options="auto" if tuned else None)
         self.compiler_options = self.steps.compiler_options
         self.state = self.steps.place(state)
         self.batch = self.steps.shard_batch(batch)
@@ -208,16 +208,14 @@ class MergeRunner:
     donating merge compiled ahead of time (``steps.lower_merge``).
     """
 
-    def __init__(self, spec: MethodSpec, model, params, *, seed: int = 0, layout=None, mesh=None):
+    def __init__(self, spec: MethodSpec, base: assembly.Assembly, params):
         self.spec = spec
-        adapter_config = spec.adapter_config()
-        rng = jax.random.key(seed)
-        adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
+        config = spec.run_config(base.config)
+        state = assembly.initial_state(params, config, base.layout)
         # A non-zero m, as after training (the cost does not depend on the values).
-        adapters = jax.tree_util.tree_map(lambda x: x + 1e-3, adapters)
-        tx = optim.adamw(1e-4, clip_norm=None)
-        state = training.create_train_state(params, adapters, adapter_config, tx, jax.random.fold_in(rng, 2))
-        self.steps = steps_lib.build_steps(model, tx, optax.constant_schedule(1e-4), mesh=mesh)
+        state = state.replace(trainables={**state.trainables,
+                                          "adapters": jax.tree_util.tree_map(lambda x: x + 1e-3, state.adapters)})
+        self.steps = assembly.build_steps(config, base.model, base.mesh)
         placed = self.steps.place(state)  # its frozen weights are the caller's: borrowed, never donated
         # Steps tells borrowed weights from owned ones by id(): keep the borrowed arrays alive so that
         # no later array can take one of their ids.
@@ -260,5 +258,5 @@ def run_interleaved(runners: Sequence, steps: int, warmup: int, interleave: bool
                 runner.step()
 
 
-__all__ = ["MatmulRunner", "MergeRunner", "StepRunner", "device_description", "measure_peak_matmul", "memory_stats",
+__all__ = ["MatmulRunner", "assemble", "MergeRunner", "StepRunner", "device_description", "measure_peak_matmul", "memory_stats",
            "peak_memory_bytes", "run_interleaved", "time_calls", "xla_flops"]

@@ -11,52 +11,47 @@ roofline estimates, never measurements.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Mapping
 
 from mora_jax.bench import methods as methods_lib
 from mora_jax.mesh import MeshConfig
 from mora_jax.plan import chips as chips_lib
 from mora_jax.plan import planner
-from mora_jax.remora import RemoraConfig
-from mora_jax.run_config import ModelConfig, OptimConfig, RunConfig, TrainConfig
+from mora_jax.run_config import RunConfig
 
 ESTIMATE_LABEL = "TPU estimate (compiled for the slice, roofline time; not measured)"
 
 
-def run_config(config, spec: methods_lib.MethodSpec, chips: int) -> RunConfig:
-    """The run config of ``spec`` on the benchmark's model, as planned for ``chips`` chips."""
-    _, llama = methods_lib.llama_config_from(config)
-    overrides = config.get("model_overrides", None) or {}
-    overrides = dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
-    if int(config.get("num_layers", 0) or 0):
-        overrides["num_hidden_layers"] = int(config.num_layers)
-    adapter = spec.adapter_config()
-    return RunConfig(
-        model=ModelConfig(preset=config.model, dtype="bfloat16", param_dtype="bfloat16",
-                          remat_policy=llama.remat_policy, scan_layers=llama.scan_layers, overrides=overrides),
-        adapter=adapter, remora=RemoraConfig(every=0),
-        optim=OptimConfig(lr=float(config.lr), warmup_steps=0, decay="constant"),
-        train=TrainConfig(steps=10, batch_size=int(config.batch) * chips, seq_len=int(config.seq_len)),
+def run_config(run: RunConfig, spec: methods_lib.MethodSpec, chips: int) -> RunConfig:
+    """``spec``'s run on the benchmark's run (``run``), as planned for ``chips`` chips: bfloat16,
+    ``run``'s batch on each chip, the weights sharded over every chip."""
+    method = spec.run_config(run)
+    return dataclasses.replace(
+        method, model=dataclasses.replace(run.model, dtype="bfloat16", param_dtype="bfloat16"),
+        optim=dataclasses.replace(run.optim, warmup_steps=0, decay="constant"),
+        train=dataclasses.replace(run.train, batch_size=run.train.batch_size * chips),
         mesh=MeshConfig(axis_sizes=(1, -1, 1)))
 
 
-def plan_methods(config, topology: str, rows, *, log: Callable[[str], None] = print) -> dict:
-    """The TPU plan of every method in ``rows`` (the CPU results' ``method``/``r``/``mora_type``)."""
+def plan_methods(run: RunConfig, topology: str, rows, *, log: Callable[[str], None] = print) -> dict:
+    """The TPU plan of every method in ``rows`` (the CPU results' ``method``/``r``/``mora_type``) on the
+    benchmark's run ``run``."""
     slice_ = chips_lib.parse_topology(topology)
     devices = chips_lib.topology_devices(slice_)
     out = []
     for row in rows:
         spec = methods_lib.MethodSpec(row["method"], row.get("r"), row.get("mora_type"))
         log(f"TPU plan {topology}: {spec.label} ...")
-        plan = planner.plan(run_config(config, spec, slice_.chips), slice_, steps=("train",), devices=devices)
+        plan = planner.plan(run_config(run, spec, slice_.chips), slice_, steps=("train",), devices=devices)
         train = plan["steps"]["train"]
         out.append({"method": spec.method, "r": spec.r, "mora_type": spec.mora_type, "label": spec.label,
                     "fits": train["fits"], "bytes_per_chip": train["bytes_per_chip"]["total"],
                     "estimated_step_s": train["estimated_step_s"], "estimated_tokens_per_s": train.get("estimated_tokens_per_s"),
                     "estimated_mfu": train.get("estimated_mfu"), "bound": train["bound"], "compile_s": train["compile_s"]})
     return {"label": ESTIMATE_LABEL, "topology": slice_.name, "chips": slice_.chips, "device_kind": slice_.chip.device_kind,
-            "hbm_bytes_per_chip": slice_.chip.hbm_bytes, "dtype": "bfloat16", "batch": int(config.batch) * slice_.chips,
-            "seq_len": int(config.seq_len), "mesh": {"data": 1, "fsdp": slice_.chips, "tensor": 1}, "results": out}
+            "hbm_bytes_per_chip": slice_.chip.hbm_bytes, "dtype": "bfloat16", "batch": run.train.batch_size * slice_.chips,
+            "seq_len": run.train.seq_len, "mesh": {"data": 1, "fsdp": slice_.chips, "tensor": 1}, "results": out}
 
 
 def side_by_side(result: Mapping) -> str:

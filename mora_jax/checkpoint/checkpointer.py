@@ -26,7 +26,12 @@ Safety:
   directory) is reported in one line, moved to ``<directory>/damaged/<step>-<time>`` (never deleted)
   and the previous step is tried;
 * ``max_to_keep`` deletes a step only once that many newer steps are sealed, so the last good
-  checkpoint is never pushed out by newer ones that were not completely written;
+  checkpoint is never pushed out by newer ones that were not completely written; :meth:`hold_before`
+  keeps one more out of rotation (the last one known healthy, :mod:`mora_jax.health`);
+* a save the file system refuses (a full disk, in the foreground or the background) is one
+  :class:`CheckpointWriteError` naming the step, the free space and the last good checkpoint (orbax's
+  own tracebacks of it are not logged); a checkpoint whose arrays do not fit the run is a
+  :class:`CheckpointMismatch` before orbax is asked to read it;
 * ``mode='new'`` (the default) refuses a directory that already holds checkpoints; ``'resume'``
   continues them and ``'overwrite'`` deletes them explicitly. A step is never overwritten;
 * when the frozen weights are not saved, a small sample of their values is recorded, and restoring
@@ -69,9 +74,11 @@ from mora_jax.checkpoint import resume as checkpoint_resume
 from mora_jax.checkpoint.integrity import (
     FROZEN_ITEM,
     META_ITEM,
-    METADATA_FORMAT,
     STATE_ITEM,
     CheckpointDamaged,
+    CheckpointMismatch,
+    CheckpointsExist,
+    CheckpointWriteError,
     StepCheck,
 )
 from mora_jax.checkpoint.metadata import (
@@ -91,6 +98,20 @@ logger = logging.getLogger(__name__)
 MODES = ("new", "resume", "overwrite")
 Mode = Literal["new", "resume", "overwrite"]
 
+
+class _QuietWriteFailures(logging.Filter):
+    """Drops orbax's log records of a save the file system refused (a full disk): orbax logs one with a
+    traceback from each of its threads, and the Checkpointer reports it once (CheckpointWriteError)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        refused = integrity.write_failure(error) if error is not None else "os_error_code=" in record.getMessage()
+        return not refused
+
+
+_QUIET_WRITE_FAILURES = _QuietWriteFailures()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,12 +166,18 @@ class Checkpointer:
             ]),
         )
         self._async = enable_async_checkpointing
-        self._manager = ocp.CheckpointManager(directory, options=options,
-                                              item_names=(STATE_ITEM, FROZEN_ITEM, META_ITEM))
+        logging.getLogger("absl").addFilter(_QUIET_WRITE_FAILURES)  # orbax logs through absl
+        # Handlers registered up front (not on first use), so that a checkpoint's stored structure can be
+        # read before restoring it: one that does not fit is an error before orbax tries it array by array.
+        self._manager = ocp.CheckpointManager(directory, options=options, item_handlers={
+            STATE_ITEM: ocp.StandardCheckpointHandler(), FROZEN_ITEM: ocp.StandardCheckpointHandler(),
+            META_ITEM: ocp.JsonCheckpointHandler()})
         self._base_fingerprint: dict | None = None  # of the unchanged frozen weights, once known
         self._pending: int | None = None  # a started save not sealed yet
         self._sealer: threading.Thread | None = None  # seals an asynchronous save as soon as it is committed
         self._sealer_error: BaseException | None = None
+        self._hold_before: int | None = None  # keep the newest step before it (hold_before)
+        self._failed = False  # a save failed and was reported (close() then stays quiet)
         self._sealed = {s for s in self.all_steps() if self._has_manifest(s)}
         self._check_mode()
 
@@ -161,11 +188,11 @@ class Checkpointer:
             return
         if self.mode == "new":
             self._manager.close()
-            raise FileExistsError(
+            raise CheckpointsExist(
                 f"checkpoint directory {self.directory} already holds checkpoints (steps {steps[:10]}"
                 f"{' ...' if len(steps) > 10 else ''}) of an earlier run; refusing to start a new run there. "
-                "Pass mode='resume' to continue that run, mode='overwrite' to delete its checkpoints, "
-                "or choose another directory."
+                "Pass mode='resume' (--config.checkpoint.mode=resume) to continue that run, mode='overwrite' "
+                "to delete its checkpoints, or choose another directory."
             )
         if self.mode == "overwrite":
             logger.warning("mode='overwrite': deleting checkpoints %s in %s", steps, self.directory)
@@ -282,7 +309,13 @@ class Checkpointer:
         if frozen_changed:
             items[FROZEN_ITEM] = ocp.args.StandardSave(state.frozen)
         self.wait_until_finished()  # orbax waits for the previous save anyway; seal it
-        saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+        try:
+            saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+        except Exception as e:  # noqa: BLE001 -- a full disk is an OSError or a TensorStore ValueError
+            error = self._write_error(step, e)
+            if error is e:
+                raise
+            raise error from e
         if saved:
             self._pending = step
             if self._async:
@@ -312,9 +345,49 @@ class Checkpointer:
         if self._local and jax.process_index() == 0 and not self._has_manifest(step):
             integrity.write_manifest(self.step_dir(step))
         self._sealed.add(step)
-        for old in integrity.steps_to_delete(self.all_steps(), self._sealed, self.max_to_keep):
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        for old in integrity.steps_to_delete(self.all_steps(), self._sealed, self.max_to_keep,
+                                             hold_before=self._hold_before):
             self._manager.delete(old)
             self._sealed.discard(old)
+
+    def hold_before(self, step: int | None) -> None:
+        """Keep the newest checkpoint older than ``step`` out of ``max_to_keep``'s rotation (the last
+        good one of a run that has become unhealthy, :mod:`mora_jax.health`); None lets it rotate.
+        A hold released or moved applies ``max_to_keep`` at once (unless a save is still being written)."""
+        if step != self._hold_before:
+            self._hold_before = step
+            if self._pending is None and self.max_to_keep is not None:
+                self._apply_retention()
+
+    def _write_error(self, step: int | None, error: BaseException) -> BaseException:
+        """``error`` as a :class:`CheckpointWriteError` saying what failed, how much space was free and
+        which checkpoint is the last good one, when the file system refused a write; else ``error``."""
+        reason = integrity.write_failure(error)
+        if reason is None:
+            return error
+        self._failed = True
+        try:
+            kept = [s for s in self.all_steps() if s != step]
+        except Exception:  # noqa: BLE001 -- listing the directory may fail as well
+            kept = []
+        space = integrity.describe_space(self.directory, self.step_dir(kept[-1]) if kept and self._local else None)
+        last = (f"the last good checkpoint is step {kept[-1]} (kept)" if kept else "no checkpoint was saved before it")
+        return CheckpointWriteError(
+            f"saving checkpoint step {step} to {self.directory} failed: {reason}" + (f" ({space})" if space else "")
+            + f"; stopping: {last}. Free some space (or lower checkpoint.keep), then run the same command to resume")
+
+    def raise_if_failed(self) -> None:
+        """Raise the error of an asynchronous save that has already failed (without waiting for one
+        still being written), so that a run stops at once instead of at its next save."""
+        if self._sealer is not None and not self._sealer.is_alive() and self._sealer_error is not None:
+            self.wait_until_finished()
+
+    def pending_step(self) -> int | None:
+        """The step of a save started and not finished yet (None if there is none)."""
+        return self._pending
 
     def sealed_steps(self) -> list[int]:
         """Steps whose save finished and whose manifest was written (ascending)."""
@@ -361,18 +434,21 @@ class Checkpointer:
             where = f"checkpoint {step} in {self.directory}"
             check_initial_frozen(where, info, abstract_state.frozen, initial_frozen)
             self._base_fingerprint = info.frozen_fingerprint or self._base_fingerprint
+        targets = {name: arg.item for name, arg in items.items()}
+
+        def check_structure():
+            mismatch = checkpoint_resume.structure_mismatch(self._manager, step, targets)
+            if mismatch is not None:
+                raise CheckpointMismatch(checkpoint_resume.mismatch_message(
+                    self.directory, step, mismatch, info.run_config, self.run_config))
+
+        check_structure()  # before orbax tries (and logs a traceback per array), where it can tell already
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many kinds
-            stored = {name: arg.item for name, arg in items.items()}
-            mismatch = checkpoint_resume.structure_mismatch(self._manager, step, stored)
-            if mismatch is None:  # the run's structure, yet unreadable: the files are damaged
-                raise CheckpointDamaged(step, f"restoring it failed: {checkpoint_resume.first_line(e)}") from e
-            raise ValueError(
-                f"cannot restore step {step} of {self.directory} into abstract_state: {mismatch}\n"
-                f"abstract_state must be built for the run's config (checkpoint: mora_type={info.mora_type}, "
-                f"run_config={info.run_config})."
-            ) from e
+            check_structure()
+            # the run's structure, yet unreadable: the files are damaged
+            raise CheckpointDamaged(step, f"restoring it failed: {checkpoint_resume.first_line(e)}") from e
         arrays = restored[STATE_ITEM]
         rng = arrays["rng"]
         if info.rng_impl is not None:
@@ -407,22 +483,40 @@ class Checkpointer:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def wait_until_finished(self) -> None:
-        """Block until pending asynchronous saves are written and committed, then seal them."""
-        if self._sealer is not None:
-            self._sealer.join()
-            self._sealer = None
-        self._manager.wait_until_finished()
-        if self._sealer_error is not None:
-            error, self._sealer_error = self._sealer_error, None
-            raise error
-        self._seal_pending()
+        """Block until pending asynchronous saves are written and committed, then seal them. A save
+        the file system refused is a :class:`CheckpointWriteError`."""
+        step = self._pending
+        try:
+            if self._sealer is not None:
+                self._sealer.join()
+                self._sealer = None
+            self._manager.wait_until_finished()
+            if self._sealer_error is not None:
+                error, self._sealer_error = self._sealer_error, None
+                raise error
+            self._seal_pending()
+        except Exception as e:  # noqa: BLE001 -- see _write_error
+            error = self._write_error(step, e)
+            if error is e:
+                raise
+            self._pending = None  # that save is not there to seal
+            raise error from e
 
     def close(self) -> None:
-        """Wait for pending saves, seal them and release orbax's resources."""
+        """Wait for pending saves, seal them and release orbax's resources. After a failed save was
+        reported, what orbax still raises about it is not raised again."""
+        reported = self._failed
         try:
             self.wait_until_finished()
+        except Exception:  # noqa: BLE001
+            if not reported:
+                raise
         finally:
-            self._manager.close()
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001
+                if not self._failed:
+                    raise
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -431,4 +525,4 @@ class Checkpointer:
         self.close()
 
 
-__all__ = ["Checkpointer"]
+__all__ = ["MODES", "Checkpointer"]

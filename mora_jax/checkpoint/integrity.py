@@ -27,8 +27,12 @@ import datetime
 import json
 import os
 import pathlib
+import re
+import shutil
 import zlib
 from typing import Iterable, Literal, Mapping
+
+from mora_jax.errors import UserError
 
 STATE_ITEM, FROZEN_ITEM, META_ITEM = "state", "frozen", "meta"
 METADATA_FORMAT = "mora_jax.checkpoint/1"  # of the meta item (mora_jax.checkpoint.CheckpointMetadata)
@@ -43,12 +47,63 @@ _CHUNK = 8 << 20
 Status = Literal["verified", "unverified", "damaged"]
 
 
-class CheckpointDamaged(ValueError):
+class CheckpointDamaged(UserError, ValueError):
     """A checkpoint step whose files cannot be read back although they have the run's structure."""
 
     def __init__(self, step: int, reason: str):
         super().__init__(f"checkpoint step {step} is damaged: {reason}")
         self.step, self.reason = step, reason
+
+
+class CheckpointsExist(UserError, FileExistsError):
+    """``mode='new'`` on a directory that already holds checkpoints of an earlier run."""
+
+
+class CheckpointMismatch(UserError, ValueError):
+    """A checkpoint that does not fit this run: its arrays have other shapes (another config), or the
+    base weights given are not those it was trained from."""
+
+
+class CheckpointWriteError(UserError, OSError):
+    """Saving a checkpoint failed for a reason of the file system (a full disk, a quota, no
+    permission): the message says which step and directory, why, how much space was free, and which
+    checkpoint is the last good one."""
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why writing failed (``'No space left on device'``) when ``error`` or one it was raised from is
+    an ``OSError`` or a TensorStore error carrying an OS error code; None for anything else (a bug)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return error.strerror or os.strerror(error.errno)
+        code = re.search(r"\[os_error_code='?(\d+)'?\]", str(error))
+        if code and int(code.group(1)):
+            return os.strerror(int(code.group(1)))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def describe_space(directory: str | os.PathLike, step_dir: str | os.PathLike | None = None) -> str:
+    """``'12.0 MiB free on the file system of DIR; a checkpoint takes about 3.1 MiB'`` (what can be known)."""
+    parts = []
+    try:
+        parts.append(f"{_size(shutil.disk_usage(directory).free)} free on the file system of {directory}")
+    except OSError:
+        pass
+    if step_dir is not None and pathlib.Path(step_dir).is_dir():
+        total = sum(p.stat().st_size for p in _step_files(pathlib.Path(step_dir)))
+        parts.append(f"a checkpoint takes about {_size(total)}")
+    return "; ".join(parts)
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 class ManifestError(ValueError):
@@ -220,21 +275,28 @@ def set_aside(step_dir: str | os.PathLike, reason: str) -> pathlib.Path:
     return target
 
 
-def steps_to_delete(steps: Iterable[int], sealed: Iterable[int], keep: int | None) -> list[int]:
+def steps_to_delete(steps: Iterable[int], sealed: Iterable[int], keep: int | None, *,
+                    hold_before: int | None = None) -> list[int]:
     """Old steps to delete so that ``keep`` sealed steps remain: those older than the ``keep``-th
     newest sealed step. Nothing is deleted until ``keep`` steps are sealed, and a step newer than
-    that one (sealed or not) is never deleted."""
+    that one (sealed or not) is never deleted. With ``hold_before``, the newest step older than it
+    is kept too (the last good checkpoint of a run that has become unhealthy: ``mora_jax.health``)."""
     if keep is None:
         return []
-    sealed = sorted(set(sealed) & set(steps))
+    steps = set(steps)
+    sealed = sorted(set(sealed) & steps)
     if len(sealed) <= keep:
         return []
     oldest_kept = sealed[-keep]
-    return sorted(s for s in steps if s < oldest_kept)
+    held = max((s for s in steps if s < hold_before), default=None) if hold_before is not None else None
+    return sorted(s for s in steps if s < oldest_kept and s != held)
 
 
 __all__ = [
     "CheckpointDamaged",
+    "CheckpointMismatch",
+    "CheckpointWriteError",
+    "CheckpointsExist",
     "DAMAGED_DIR",
     "FROZEN_ITEM",
     "MANIFEST_FILE",
@@ -245,8 +307,10 @@ __all__ = [
     "StepCheck",
     "build_manifest",
     "check_step",
+    "describe_space",
     "read_manifest",
     "set_aside",
     "steps_to_delete",
+    "write_failure",
     "write_manifest",
 ]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mora_jax.adapters import MoRAAdapter
-from mora_jax.checkpoint.integrity import METADATA_FORMAT
+from mora_jax.checkpoint.integrity import METADATA_FORMAT, CheckpointMismatch
 
 _SAMPLES_PER_AXIS = 4  # frozen-weight fingerprint: a 4 x 4 (x ...) grid of values per leaf
 
@@ -149,8 +149,10 @@ def check_initial_frozen(where: str, info: CheckpointMetadata, abstract_frozen, 
     if info.frozen_fingerprint is not None:
         mismatch = fingerprint_mismatch(info.frozen_fingerprint, frozen_fingerprint(initial_frozen))
         if mismatch:
-            raise ValueError(f"initial_frozen are not the base weights {where} was trained from ({mismatch}); "
-                             "reload the run's original source weights.")
+            raise CheckpointMismatch(
+                f"the base weights given (initial_frozen) are not the base weights {where} was trained from "
+                f"({mismatch}): resume with the model the run started from (the same model.hf_path, or model.preset "
+                "and seed)")
 
 
 def json_copy(value, what: str):

@@ -10,13 +10,17 @@ multi-process run, which alone writes the workdir's files):
 * a lock file left by a process that is gone (this host, pid not running or reused) is taken over,
   with one line saying so. One left by another host cannot be checked from here: it is reported
   with the command that removes it once you know that run has ended;
-* the lock is released when the run ends, also on an exception, and the file removed.
+* the lock is released when the run ends, also on an exception, and the file removed;
+* the lock file is never followed as a symbolic link (a link there is refused, so no file elsewhere
+  is written through it), and a lock file that holds no lock record (garbage) is reported as such,
+  with the command that removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -25,10 +29,12 @@ import socket
 import sys
 from typing import Callable, Iterator
 
+from mora_jax.errors import UserError
+
 LOCK_FILE = "run.lock"
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirLocked(UserError, RuntimeError):
     """Another run holds the workdir's lock."""
 
 
@@ -67,15 +73,30 @@ class WorkdirLock:
         self._fd: int | None = None
 
     def _read_holder(self, fd: int) -> dict | None:
+        """The lock record in the file; None for an empty file; ``{"garbage": text}`` for anything
+        else than a record (``pid``, ``host``) a run wrote."""
         os.lseek(fd, 0, os.SEEK_SET)
         raw = os.read(fd, 1 << 16)
         if not raw.strip():
             return None
         try:
             holder = json.loads(raw)
-        except ValueError:
-            return {"pid": "?", "host": "?", "started": "?", "unreadable": raw[:200].decode(errors="replace")}
-        return holder if isinstance(holder, dict) else None
+        except (ValueError, RecursionError):
+            holder = None
+        if not (isinstance(holder, dict) and "pid" in holder and "host" in holder):
+            return {"garbage": raw[:60].decode(errors="replace")}
+        return holder
+
+    def _open(self) -> int:
+        """The lock file's descriptor, never through a symbolic link (:class:`WorkdirLocked` if it is one)."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP and not self.path.is_symlink():
+                raise
+            raise WorkdirLocked(
+                f"{self.path} is a symbolic link (to {os.readlink(self.path)}), not a lock file; refusing to write "
+                f"through it. Remove the link (rm {self.path}; its target is left alone) and run again") from None
 
     def acquire(self) -> "WorkdirLock":
         """Take the lock or raise :class:`WorkdirLocked` naming the run that holds it."""
@@ -83,19 +104,19 @@ class WorkdirLock:
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = self._read_holder(fd)
                 os.close(fd)
-                who = _describe(holder) if holder else "another process"
+                who = _describe(holder) if holder and "garbage" not in holder else "another process"
                 raise WorkdirLocked(
                     f"workdir {self.workdir} is in use by another run ({who}): two runs must not write one "
                     "workdir. Wait for it to finish or stop it, or choose another --config.workdir"
                 ) from None
             try:
-                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same_file = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same_file = False
             if same_file:
@@ -119,6 +140,11 @@ class WorkdirLock:
         """The lock is ours; a holder still named in the file left without releasing it."""
         if holder is None:
             return
+        if "garbage" in holder:  # we hold the flock, yet cannot tell who wrote this (or whether it is a lock)
+            raise WorkdirLocked(
+                f"the lock file {self.path} is unreadable: it holds no lock record but {holder['garbage']!r}. No run "
+                f"on this host holds it now; if no run on another host uses this workdir, remove it (rm {self.path}) "
+                "and run again")
         if holder.get("host") != socket.gethostname():
             raise WorkdirLocked(
                 f"workdir {self.workdir} is locked by a run on another host ({_describe(holder)}); this host "
@@ -139,7 +165,7 @@ class WorkdirLock:
             return
         fd, self._fd = self._fd, None
         try:
-            if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+            if os.fstat(fd).st_ino == os.lstat(self.path).st_ino:
                 os.unlink(self.path)
         except OSError:
             pass

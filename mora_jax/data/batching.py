@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from mora_jax.errors import UserError
+
 STATS_KEYS = ("documents", "tokens", "batches", "skipped_empty", "skipped_missing_fields", "skipped_unreadable",
               "truncated", "dropped")
 ON_BAD_RECORD = ("error", "skip")  # what a record without its fields, or an unreadable line, does
@@ -47,7 +49,12 @@ def format_report(kind: str, stats: Mapping[str, int]) -> str:
     )
 
 
-class BadRecordError(ValueError):
+class DataError(UserError, ValueError):
+    """The data cannot feed the run (no usable record, a file that cannot be read); the message
+    names the source or file and what to do."""
+
+
+class BadRecordError(DataError):
     """A record lacks a field the pipeline needs, or a line of a local file is unreadable (invalid
     UTF-8 or JSON); the message names the file and line (or the record's index)."""
 

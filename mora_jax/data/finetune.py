@@ -11,6 +11,7 @@ import numpy as np
 
 from mora_jax.data.batching import (
     BadRecordError,
+    DataError,
     bad_record_error,
     check_common_config,
     check_process,
@@ -213,9 +214,9 @@ class FinetuneBatchIterator:
                 continue
             examples.append((prompt, response))
         if not examples:
-            raise ValueError(
-                f"none of the {records_read} records is usable"
-                + (f"; the first problem: {first_problem}" if first_problem else "")
+            raise DataError(
+                f"none of the {records_read} records is usable ({shard.describe()})"
+                + (f"; the first problem: {first_problem}" if first_problem else "; check the source and data.format")
             )
         return examples
 

@@ -25,14 +25,18 @@ import gzip
 import json
 import lzma
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+from mora_jax.data.batching import DataError
 
 LINES_STATE_FORMAT = "mora_jax.data.lines/1"
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_COMPRESSION_NAMES = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -112,6 +116,21 @@ class LineFiles:
                 index += 1
 
     def _file_records(self, path: str, offset: int, line: int):
+        """The records of one file from a byte offset; a file that cannot be read or decompressed is
+        a :class:`~mora_jax.data.batching.DataError` naming it."""
+        _, compression = _split_compression(path)
+        try:
+            yield from self._read_file(path, offset, line)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            error = f"{type(e).__name__}: {e}"
+            what = (f"it is damaged or not {_COMPRESSION_NAMES[compression]}-compressed (decompressing it failed: "
+                    f"{error})" if compression else f"reading it failed ({error})")
+            raise DataError(f"data file {path}: {what}; replace it with a good copy or remove it from the "
+                            "source") from None
+
+    def _read_file(self, path: str, offset: int, line: int):
         with _open(path) as f:
             head = f.read(len(_BOM) + 64) if offset == 0 else b""
             is_array = self.kind == "json" and head.removeprefix(_BOM).lstrip().startswith(b"[")

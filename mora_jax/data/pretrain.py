@@ -10,6 +10,7 @@ import numpy as np
 
 from mora_jax.data.batching import (
     BadRecordError,
+    DataError,
     bad_record_error,
     check_common_config,
     check_state,
@@ -141,8 +142,8 @@ class PretrainBatchIterator:
                 record, position = next(self._records)
             except StopIteration:
                 if self._documents_this_epoch == 0 and self._epoch_read_from_start:
-                    raise ValueError(
-                        f"no usable documents for process {self._shard.process_index}: "
+                    raise DataError(
+                        f"no usable documents in {self._shard.describe()} for process {self._shard.process_index}: "
                         f"{self.report()}; check the source, text_field and max_document_tokens"
                     ) from None
                 self._epoch += 1

@@ -140,6 +140,14 @@ class ProcessShard:
         self._one_shot = not (self.is_iterable_dataset or callable(source)) and iter(source) is source
         self._opened = False
 
+    def describe(self) -> str:
+        """The source in a few words, for messages: its files, or what it is."""
+        if self.lines is not None:
+            files = self.lines.files
+            return ("data file " + files[0]) if len(files) == 1 else (
+                f"{len(files)} data files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})")
+        return f"data source {self.source!r}"[:200]
+
     def where(self, position, fallback: str) -> str:
         """The file and line of the record at ``position`` (local files), else ``fallback``."""
         state = position[1]

@@ -49,6 +49,7 @@ class Tokenizer:
 
     directory: Path | None = None  # where tokenizer_config.json / the chat template are looked up
     _template: str | None = None
+    _template_path = None  # the file the chat template came from
     _special: dict[str, str | None] = {}
 
     def __new__(cls, path=None, *args, **kwargs):
@@ -97,13 +98,18 @@ class Tokenizer:
                     data = json.loads(path.read_text())
                 except ValueError as e:
                     raise ValueError(f"{path} is not valid JSON ({e}); re-download it") from None
+                except RecursionError:
+                    raise ValueError(f"{path} is nested too deeply to read as JSON; re-download it") from None
+                if not isinstance(data, Mapping):
+                    raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}; re-download it")
                 if fname == "tokenizer_config.json":
                     self._config = data
                 for name in _SPECIAL_NAMES:
                     if name in data:
                         value = data[name]
                         self._special[name] = value.get("content") if isinstance(value, Mapping) else value
-        self._template = chat_lib.read_chat_template(directory)
+        found = chat_lib.locate_chat_template(directory)
+        self._template, self._template_path = found if found is not None else (None, None)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
                             **variables) -> str:
@@ -116,7 +122,7 @@ class Tokenizer:
                 "instruct checkpoint's tokenizer files, or plain prompts (data.chat_template=False)"
             )
         return chat_lib.render(self._template, messages, add_generation_prompt=add_generation_prompt,
-                               special_tokens=self._special, **variables)
+                               special_tokens=self._special, source=self._template_path, **variables)
 
     def check_fits(self, vocab_size: int, *, bos_token_id: int | None = None,
                    eos_token_id: int | Sequence[int] | None = None, model: str = "the model") -> None:

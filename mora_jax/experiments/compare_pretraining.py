@@ -26,6 +26,7 @@ import numpy as np
 from mora_jax import adapters as adapters_lib
 from mora_jax import recipes
 from mora_jax.experiments.provenance import provenance, provenance_markdown
+from mora_jax.experiments.runs import cached_run, mean_std
 from mora_jax.methods import LLAMA_FULLY_TRAINED, LLAMA_TARGETS
 from mora_jax.run_config import RunConfig
 
@@ -60,27 +61,26 @@ def _eval_curve(history: list[dict], tokens_per_step: int) -> list[tuple[int, fl
 
 def run_one(config, method: str, seed: int, workdir: pathlib.Path) -> dict:
     """Train one (method, seed), or read its record if it finished before."""
-    done = workdir / "done.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    run_config = method_config(config, method, seed, workdir)
-    t0 = time.perf_counter()
-    result = recipes.run(run_config, "pretrain")
-    if result.preempted:
-        raise SystemExit(f"{method} seed {seed} was preempted; run the same command again to resume")
-    t = run_config.train
-    tokens_per_step = t.batch_size * t.seq_len
-    record = {
-        "method": method, "seed": seed,
-        "trainable_params": adapters_lib.count_params(result.state.trainables),
-        "adapter_params": adapters_lib.count_params(result.state.trainables["adapters"]),
-        "wall_s": time.perf_counter() - t0, "tokens_per_step": tokens_per_step,
-        "eval": _eval_curve(result.history, tokens_per_step),
-        "train_loss": [(r["step"], r["loss"]) for r in result.history if "loss" in r],
-        "merges": [r for r in result.history if r.get("remora_merge")],
-    }
-    done.write_text(json.dumps(record) + "\n")
-    return json.loads(done.read_text())  # the same values a resumed comparison reads
+
+    def train() -> dict:
+        run_config = method_config(config, method, seed, workdir)
+        t0 = time.perf_counter()
+        result = recipes.run(run_config, "pretrain")
+        if result.preempted:
+            raise SystemExit(f"{method} seed {seed} was preempted; run the same command again to resume")
+        t = run_config.train
+        tokens_per_step = t.batch_size * t.seq_len
+        return {
+            "method": method, "seed": seed,
+            "trainable_params": adapters_lib.count_params(result.state.trainables),
+            "adapter_params": adapters_lib.count_params(result.state.trainables["adapters"]),
+            "wall_s": time.perf_counter() - t0, "tokens_per_step": tokens_per_step,
+            "eval": _eval_curve(result.history, tokens_per_step),
+            "train_loss": [(r["step"], r["loss"]) for r in result.history if "loss" in r],
+            "merges": [r for r in result.history if r.get("remora_merge")],
+        }
+
+    return cached_run(workdir, train)
 
 
 def compare(config, methods=METHODS, seeds=(0,)) -> dict:
@@ -105,11 +105,6 @@ def _by_method(results):
     return out
 
 
-def _fmt(values) -> str:
-    values = np.asarray(values, float)
-    return f"{values.mean():.2f}" if len(values) == 1 else f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
-
-
 def results_markdown(results) -> str:
     """Eval perplexity at each evaluated token count (mean ± sample std over seeds), final eval loss,
     trainable parameters and wall time per method."""
@@ -120,9 +115,9 @@ def results_markdown(results) -> str:
     lines = [head + " | final eval loss | wall time (s) |", "|---|---:|" + "---:|" * len(tokens) + "---:|---:|"]
     for method in results["methods"]:
         runs = by_method[method]
-        ppl = [_fmt([r["eval"][i][2] for r in runs]) for i in range(len(tokens))]
+        ppl = [mean_std([r["eval"][i][2] for r in runs]) for i in range(len(tokens))]
         lines.append(f"| {LABELS[method]} | {runs[0]['trainable_params']:,} | " + " | ".join(ppl)
-                     + f" | {_fmt([r['eval'][-1][1] for r in runs])} | {_fmt([r['wall_s'] for r in runs])} |")
+                     + f" | {mean_std([r['eval'][-1][1] for r in runs])} | {mean_std([r['wall_s'] for r in runs])} |")
     return ("\n".join(lines) + "\n\n" + provenance_markdown(results["provenance"]) + "\n")
 
 

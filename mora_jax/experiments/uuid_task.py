@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mora_jax.experiments.task_data import ShuffledBatches
 from mora_jax.generate import generate
 from mora_jax.models.llama import LlamaForCausalLM
 
@@ -60,35 +61,13 @@ def encode_pairs(pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
     return {"input_ids": input_ids, "loss_mask": loss_mask}
 
 
-class PairBatches:
+class PairBatches(ShuffledBatches):
     """Endless shuffled mini-batches over a fixed set of pairs, with a checkpointable position."""
 
     def __init__(self, pairs, batch_size: int, seed: int):
         if batch_size > len(pairs):
             raise ValueError(f"batch_size {batch_size} exceeds the number of pairs {len(pairs)}; lower it")
-        self._data = encode_pairs(pairs)
-        self._batch_size = batch_size
-        self._seed = seed
-        self._batches_served = 0
-
-    def __iter__(self):
-        return self
-
-    def _order(self, epoch: int):
-        return np.random.default_rng([self._seed, epoch]).permutation(len(self._data["input_ids"]))
-
-    def __next__(self):
-        per_epoch = len(self._data["input_ids"]) // self._batch_size
-        epoch, index = divmod(self._batches_served, per_epoch)
-        rows = self._order(epoch)[index * self._batch_size : (index + 1) * self._batch_size]
-        self._batches_served += 1
-        return {k: v[rows] for k, v in self._data.items()}
-
-    def get_state(self) -> dict:
-        return {"batches_served": self._batches_served, "seed": self._seed}
-
-    def set_state(self, state) -> None:
-        self._batches_served = int(state["batches_served"])
+        super().__init__(encode_pairs(pairs), batch_size, seed)
 
 
 class RandomPairBatches:
@@ -146,3 +125,10 @@ def char_accuracy(generated_NxL, pairs) -> float:
     """Percentage of generated characters equal to the true values."""
     target = np.array([encode(v) for _, v in pairs], np.int32)
     return float(100.0 * np.mean(np.asarray(generated_NxL) == target))
+
+
+def text_char_accuracy(texts, values) -> float:
+    """Percentage of the values' characters that the generated texts hold at the same position (a
+    text shorter than its value misses the rest): character accuracy with any tokenizer."""
+    hits = sum(sum(a == b for a, b in zip(text, value)) for text, value in zip(texts, values))
+    return float(100.0 * hits / max(sum(len(v) for v in values), 1))

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -93,10 +94,22 @@ class _TorchFile:
             ) from e
         self.path = path
         self._torch = torch
-        try:  # zip-format checkpoints can be memory-mapped; legacy ones cannot
-            self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            self.tensors = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            try:  # zip-format checkpoints can be memory-mapped; legacy ones cannot
+                self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                self.tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+            # weights_only=True refuses a pickle that would build anything but tensors (e.g. call a
+            # function): the file is not a plain state dict, or is damaged
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ValueError(
+                f"{path} could not be read as a PyTorch state dict with torch.load(weights_only=True) ({reason[:200]}); "
+                "it holds more than tensors or is damaged: convert a checkpoint you trust to safetensors, or "
+                "re-download it"
+            ) from None
+        if not isinstance(self.tensors, Mapping):
+            raise ValueError(f"{path} holds a {type(self.tensors).__name__}, not a state dict of tensors; re-download it")
         self.entries = {k: None for k, v in self.tensors.items() if isinstance(v, torch.Tensor)}
 
     def shape(self, name: str) -> tuple[int, ...]:

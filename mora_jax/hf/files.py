@@ -109,6 +109,9 @@ def read_json_object(path: str | os.PathLike, *, remedy: str) -> dict:
         value = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
         raise JSONFileError(f"{path} is not valid JSON ({e}); {remedy}") from None
+    except RecursionError:
+        raise JSONFileError(f"{path} is not a usable JSON file (its values are nested too deeply to read); "
+                            f"{remedy}") from None
     if not isinstance(value, dict):
         kind = _JSON_TYPES.get(type(value), "null" if value is None else type(value).__name__)
         raise JSONFileError(f"{path} must hold a JSON object, got a JSON {kind}; {remedy}")
@@ -157,6 +160,15 @@ def is_temporary_file(name: str) -> bool:
 
 
 # ---- Safetensors -------------------------------------------------------------------------------
+def _is_count(value) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float such as ``1e400``)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 class SafetensorsError(ValueError):
     """A file that is not a readable safetensors file, or holds a tensor of a dtype not accepted."""
 
@@ -191,6 +203,8 @@ class SafetensorsFile:
             header = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise unreadable("its header is not valid JSON") from None
+        except RecursionError:
+            raise unreadable("its header's JSON is nested too deeply to read") from None
         if not isinstance(header, dict):
             kind = _JSON_TYPES.get(type(header), type(header).__name__)
             raise unreadable(f"its header is a JSON {kind}, not an object")
@@ -200,17 +214,20 @@ class SafetensorsFile:
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info] if isinstance(info, dict) else []
-            try:
-                if missing:
-                    raise KeyError(missing)
-                dtype_name, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-                start, end = int(start), int(end)
-            except (KeyError, TypeError, ValueError):
+            if missing or not isinstance(info, dict):
                 what = f"lacks {', '.join(missing)}" if missing else "is malformed"
-                raise SafetensorsError(f"{path} is corrupt: the header entry of {name} {what}; {remedy}") from None
-            if dtype_name not in allowed or dtype_name not in SAFETENSORS_DTYPES:
+                raise SafetensorsError(f"{path} is corrupt: the header entry of {name} {what}; {remedy}")
+            dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+                raise SafetensorsError(f"{path} is corrupt: tensor {name} has shape {_short(shape)}; a shape is a list "
+                                       f"of non-negative integers; {remedy}")
+            if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+                raise SafetensorsError(f"{path} is corrupt: tensor {name} has data_offsets {_short(offsets)}; they are "
+                                       f"two non-negative integers [start, end]; {remedy}")
+            shape, (start, end) = tuple(shape), offsets
+            if not isinstance(dtype_name, str) or dtype_name not in allowed or dtype_name not in SAFETENSORS_DTYPES:
                 raise SafetensorsError(
-                    f"{path}: tensor {name} has dtype {dtype_name}; only {', '.join(allowed)} can be read here"
+                    f"{path}: tensor {name} has dtype {dtype_name if isinstance(dtype_name, str) else _short(dtype_name)}; only {', '.join(allowed)} can be read here"
                 )
             dtype = SAFETENSORS_DTYPES[dtype_name]
             if not 0 <= start <= end <= size or end - start != math.prod(shape) * dtype.itemsize:

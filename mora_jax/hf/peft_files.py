@@ -33,6 +33,7 @@ adapter name ``default`` when saving) in PyTorch layout:
 
 from __future__ import annotations
 
+import math
 import pathlib
 import re
 from typing import Any, Mapping, Sequence
@@ -192,18 +193,69 @@ _UNSUPPORTED = {
 }
 
 
+# adapter_config.json fields this project reads, by the JSON type PEFT writes them as (null = unset).
+_BOOLEAN_FIELDS = ("use_mora", "use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "lora_bias",
+                   "use_qalora")
+_INTEGER_FIELDS = ("r", "mora_type")
+_NUMBER_FIELDS = ("lora_alpha", "lora_dropout")
+_STRING_FIELDS = ("peft_type", "bias", "base_model_name_or_path", "task_type")
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}" if math.isfinite(value) else f"the non-finite number {value!r}"
+    kinds = {str: "string", list: "array", dict: "object"}
+    text = repr(value) if isinstance(value, str) and len(value) <= 40 else ""
+    return f"the {kinds.get(type(value), type(value).__name__)} {text}".rstrip()
+
+
+def _check_types(raw: Mapping[str, Any], where) -> None:
+    """Each field this project reads has the JSON type PEFT writes: a config typed by hand (``"use_mora":
+    "no"``, ``"r": "8"``, ``"lora_alpha": Infinity``) is refused instead of read by Python's truthiness."""
+    def wrong(key, expected):
+        raise AdapterFormatError(
+            f"{where}: {key} must be {expected}, got {_json_kind(raw[key])}; fix adapter_config.json (PEFT's "
+            "save_pretrained writes it so)")
+
+    for key in _BOOLEAN_FIELDS:
+        if raw.get(key) is not None and not isinstance(raw[key], bool):
+            wrong(key, "true or false (a JSON boolean)")
+    for key in _INTEGER_FIELDS:
+        if raw.get(key) is not None and (isinstance(raw[key], bool) or not isinstance(raw[key], int)):
+            wrong(key, "a whole number")
+    for key in _NUMBER_FIELDS:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            wrong(key, "a finite number")
+    for key in _STRING_FIELDS:
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            wrong(key, "a string")
+    targets = raw.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        wrong("target_modules", "a list of module names or a regex string")
+
+
 def check_supported(raw: Mapping[str, Any], where) -> None:
     """Raise :class:`AdapterFormatError` for a raw ``adapter_config.json`` that this project cannot
-    load faithfully: a PEFT type other than LoRA, any option that changes the adapted model's function
+    load faithfully: a field of another JSON type than PEFT writes (``"use_mora": "no"``, a non-finite
+    ``lora_alpha``), a PEFT type other than LoRA, any option that changes the adapted model's function
     and is not modelled here (DoRA, ``modules_to_save``, per-module ranks, trained biases, ...), or an
     invalid ``r``, ``mora_type``, ``lora_alpha`` or ``lora_dropout``. ``where`` names the adapter in
-    the message."""
+    the message. This is the one check of an adapter's config: ``load_adapter`` (merge, generate) and
+    ``mora-jax info`` all go through it."""
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise AdapterFormatError(
             f"{where}: peft_type {peft_type!r} is not supported; only LoRA adapters (\"peft_type\": \"LORA\") "
             "and the MoRA reference's adapters (\"LORA\" with \"use_mora\": true) can be loaded"
         )
+    _check_types(raw, where)
     for key, what in _UNSUPPORTED.items():
         if _is_set(raw.get(key)):
             raise AdapterFormatError(

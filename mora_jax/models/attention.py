@@ -296,6 +296,25 @@ def _block(length: int, block_size: int | None) -> int:
     return next(b for b in (512, 256, 128) if length % b == 0)
 
 
+def flash_pairs(length: int, *, causal: bool = True, sliding_window: int | None = None,
+                block_size: int | None = None) -> int:
+    """Query-key pairs, per head and sequence, whose products the Pallas kernel computes for a sequence of
+    ``length``: the kernel pads it to a multiple of 128, tiles the ``(T, T)`` scores in blocks (as
+    :func:`dot_product_attention` chooses them) and skips the blocks its mask leaves empty, so a causal
+    mask costs ``n(n+1)/2`` of ``n²`` blocks, not half of the products (``3/4`` at ``T = 2·block``)."""
+    padded = length + (-length % _KERNEL_LANES)
+    block = _block(padded, block_size)
+    n = padded // block
+    computed = 0
+    for distance in range(-(n - 1), n):  # query block - key block; n - |distance| blocks lie at each distance
+        lowest, highest = distance * block - (block - 1), distance * block + (block - 1)  # of q - k in the block
+        keep = highest >= 0 if causal else True
+        if sliding_window is not None:
+            keep = keep and lowest <= sliding_window - 1 and (causal or highest >= -(sliding_window - 1))
+        computed += (n - abs(distance)) * keep
+    return computed * block * block
+
+
 def _splash_kernel(heads: int, length: int, *, causal: bool, sliding_window: int | None, block: int,
                    interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
@@ -403,4 +422,4 @@ def _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, segment_ids, bias, *, causal, 
 
 
 __all__ = ["AUTO_BY_PLATFORM", "IMPLEMENTATIONS", "SegmentMask", "check_implementation", "current_platform",
-           "dense_mask", "dot_product_attention", "interpret_kernels", "resolve", "takes_segment_mask"]
+           "dense_mask", "dot_product_attention", "flash_pairs", "interpret_kernels", "resolve", "takes_segment_mask"]

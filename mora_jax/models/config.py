@@ -18,6 +18,7 @@ Anything a checkpoint's ``config.json`` asks for that the model does not impleme
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
@@ -25,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mora_jax.models.attention import check_implementation as check_attention
-from mora_jax.models.rope import ROPE_TYPES, RopeScaling
+from mora_jax.models.rope import RopeScaling
 
-_SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 # model_type -> the HF causal-LM class of that family.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 MODEL_TYPES = tuple(ARCHITECTURES)
@@ -52,9 +53,9 @@ def _as_dtype(value, field: str) -> np.dtype:
     try:
         dtype = jnp.dtype(value)
     except TypeError as e:
-        raise ValueError(f"LlamaConfig.{field}={value!r} is not a dtype; use one of {_SUPPORTED_DTYPES}") from e
-    if dtype.name not in _SUPPORTED_DTYPES:
-        raise ValueError(f"LlamaConfig.{field}={dtype.name} is not supported; use one of {_SUPPORTED_DTYPES}")
+        raise ValueError(f"LlamaConfig.{field}={value!r} is not a dtype; use one of {SUPPORTED_DTYPES}") from e
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"LlamaConfig.{field}={dtype.name} is not supported; use one of {SUPPORTED_DTYPES}")
     return dtype
 
 
@@ -257,6 +258,37 @@ class LlamaConfig:
         return out
 
 
+_HF_BOOLEANS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+_HF_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+_HF_NUMBERS = ("initializer_range", "attention_dropout")
+_HF_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "max_sequence_length",
+                     "sliding_window")
+_HF_COUNTS = ("max_window_layers",)
+
+
+def _check_hf_types(hf: Mapping[str, Any]) -> None:
+    """The fields read from ``config.json`` have the JSON types ``transformers`` writes (null = unset):
+    ``"tie_word_embeddings": "no"`` or ``"rms_norm_eps": Infinity`` is refused, not read as true or inf."""
+    def wrong(key, expected):
+        raise ValueError(f"config.json: {key} must be {expected}, got {hf[key]!r}; fix config.json "
+                         "(save_pretrained writes it so)")
+
+    for key in _HF_BOOLEANS:
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            wrong(key, "true or false (a JSON boolean)")
+    for key in _HF_POSITIVE_NUMBERS + _HF_NUMBERS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or (key in _HF_POSITIVE_NUMBERS and value <= 0)):
+            wrong(key, "a finite positive number" if key in _HF_POSITIVE_NUMBERS else "a finite number")
+    for key in _HF_POSITIVE_INTS + _HF_COUNTS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < (0 if key in _HF_COUNTS else 1)):
+            wrong(key, "a whole number >= 0" if key in _HF_COUNTS else "a positive whole number")
+
+
 def _check_hf_config(hf: Mapping[str, Any]) -> None:
     """Reject HF configs this implementation would silently get wrong."""
     model_type = hf.get("model_type")
@@ -265,6 +297,7 @@ def _check_hf_config(hf: Mapping[str, Any]) -> None:
             f"config.json has model_type={model_type!r}, which is not supported; supported model types: "
             f"{', '.join(f'{t!r} ({a})' for t, a in ARCHITECTURES.items())}"
         )
+    _check_hf_types(hf)
     expected = ARCHITECTURES[model_type]
     archs = hf.get("architectures") or [expected]
     if not any(str(a).lower() == expected.lower() for a in archs):
@@ -333,6 +366,12 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
         model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=32768,
         sliding_window=4096, bos_token_id=1, eos_token_id=2,
+    ),
+    # SmolLM2-135M(-Instruct): the Instruct checkpoint's special tokens (<|im_start|> 1, <|im_end|> 2).
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     ),
     "qwen2.5-0.5b": LlamaConfig(
         model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -15,7 +15,8 @@ The pieces, one concern per module:
   modules) and the adapted forward, through :mod:`mora_jax.ops`;
 * ``attach``: :func:`attach` / :func:`detach` by regex over ``'/'``-joined kernel paths, the same configs
   (``MoRAConfig`` / ``LoRAConfig`` / ``FullConfig``) as the linen path;
-* ``merge``: :func:`merge`, :func:`unmerge`, :func:`merge_and_unload`;
+* ``merge``: :func:`merge_adapters`, :func:`unmerge`, :func:`merge_and_unload` (``merge`` is its deprecated
+  old name);
 * ``remora``: ReMoRA's :func:`merge_and_reset` / :func:`remora_step` (fresh optimizer state for the adapters);
 * ``convert``: :func:`to_linen_adapters` / :func:`load_linen_adapters`, the linen adapter tree both ways;
 * ``peft``: :func:`save_adapter` / :func:`load_adapter` in PEFT format (the MoRA reference's, or LoRA);
@@ -41,7 +42,7 @@ from mora_jax.nnx.layers import (
     AdapterSpec,
     register_einsum_layer,
 )
-from mora_jax.nnx.merge import is_merged, merge, merge_and_unload, unmerge
+from mora_jax.nnx.merge import is_merged, merge, merge_adapters, merge_and_unload, unmerge
 from mora_jax.nnx.peft import adapter_config, load_adapter, save_adapter
 from mora_jax.nnx.remora import merge_and_reset, remora_step, reset_adapter_state
 from mora_jax.nnx.variables import ADAPTERS, FROZEN, TRAINABLE, MoRAParam, TrainedParam
@@ -67,6 +68,7 @@ __all__ = [
     "load_adapter",
     "load_linen_adapters",
     "merge",
+    "merge_adapters",
     "merge_and_reset",
     "merge_and_unload",
     "register_einsum_layer",

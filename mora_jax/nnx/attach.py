@@ -182,28 +182,36 @@ def _plan_adapter(layer, config, rng, rngs):
         )
     kernel = getattr(layer, kind.kernel)
     shape = tuple(kernel.shape)
-    in_axes, out_axes = kind.axes(layer)
+    stack, in_axes, out_axes = layers_lib.kernel_layout(layer)
+    n = len(stack)  # leading axes of layers stacked with nnx.vmap: the adapter is stacked the same way
     in_shape = tuple(shape[i] for i in in_axes)
     out_shape = tuple(shape[i] for i in out_axes)
     k, d = math.prod(in_shape), math.prod(out_shape)
-    common = dict(kernel=kind.kernel, in_shape=in_shape, out_shape=out_shape, perm=in_axes + out_axes, r=config.r,
-                  dropout=float(config.dropout))
+    common = dict(kernel=kind.kernel, in_shape=in_shape, out_shape=out_shape,
+                  perm=tuple(a - n for a in in_axes + out_axes), r=config.r, dropout=float(config.dropout),
+                  stack_shape=stack)
     if config.dropout > 0.0 and rngs is None:
         raise ValueError(
             f"{config.method} dropout={config.dropout} needs random streams: pass rngs=nnx.Rngs(dropout=...) to "
             "attach (model.eval() / nnx.view(model, deterministic=True) turns it off)"
         )
+    if config.dropout > 0.0 and n:
+        raise ValueError(
+            f"{type(layer).__name__} is stacked over {stack} (made by nnx.vmap): adapter dropout there would need "
+            "random streams split per layer, which attach does not make; use dropout=0.0 for stacked layers"
+        )
+    stacked = tuple(range(n))
     if isinstance(config, MoRAConfig):
         spec = AdapterSpec(method="mora", mora_type=config.mora_type, **common)
         r_hat = ops.rank_hat(k, d, config.r, config.mora_type)
-        variables = [_new_variable(MoRAParam, jnp.zeros((r_hat, r_hat), jnp.float32), kernel, (None, None), len(shape))]
+        variables = [_new_variable(MoRAParam, jnp.zeros((*stack, r_hat, r_hat), jnp.float32), kernel,
+                                   (*stacked, None, None), len(shape))]
     else:
         spec = AdapterSpec(method="lora", alpha=float(config.alpha), rslora=bool(config.rslora), **common)
-        a_KxR = lora_a_init(rng, k, config.r)
         variables = [
-            _new_variable(nnx.LoRAParam, a_KxR.reshape(*in_shape, config.r), kernel, (*in_axes, None), len(shape)),
-            _new_variable(nnx.LoRAParam, jnp.zeros((config.r, *out_shape), jnp.float32), kernel, (None, *out_axes),
-                          len(shape)),
+            _new_variable(nnx.LoRAParam, initial_lora_a(rng, spec), kernel, (*stacked, *in_axes, None), len(shape)),
+            _new_variable(nnx.LoRAParam, jnp.zeros((*stack, config.r, *out_shape), jnp.float32), kernel,
+                          (*stacked, None, *out_axes), len(shape)),
         ]
     dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0.0 else None
     return spec, variables, dropout
@@ -229,6 +237,16 @@ def lora_a_init(rng, k: int, r: int):
     """LoRA's ``a`` as the linen path initialises it: PyTorch's kaiming-uniform, ``U(-1/√k, 1/√k)``, ``(k, r)``."""
     bound = 1.0 / math.sqrt(k)
     return jax.random.uniform(rng, (k, r), jnp.float32, -bound, bound)
+
+
+def initial_lora_a(rng, spec: AdapterSpec):
+    """:func:`lora_a_init` in the layer's layout ``(*stack, *in_shape, r)``; stacked layers get one key each
+    (``fold_in(rng, i)`` for layer ``i`` of the flattened stack)."""
+    if not spec.stack_shape:
+        return lora_a_init(rng, spec.in_features, spec.r).reshape(*spec.in_shape, spec.r)
+    keys = [jax.random.fold_in(rng, i) for i in range(math.prod(spec.stack_shape))]
+    a = jnp.stack([lora_a_init(key, spec.in_features, spec.r) for key in keys])
+    return a.reshape(*spec.stack_shape, *spec.in_shape, spec.r)
 
 
 def attach(model, config: AdapterConfig, *, rng: jax.Array | int = 0, rngs: nnx.Rngs | None = None):
@@ -301,4 +319,4 @@ def summary(model) -> str:
     )
 
 
-__all__ = ["adaptable_layers", "adapted_layers", "attach", "detach", "path_str", "summary"]
+__all__ = ["adaptable_layers", "adapted_layers", "attach", "detach", "initial_lora_a", "path_str", "summary"]

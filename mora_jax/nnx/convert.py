@@ -11,10 +11,15 @@ linen's ``setup`` lists name them ``layers_0``; :func:`linen_path` maps the firs
 adapter is always keyed by its layer's path plus ``kernel`` (a Tunix ``Einsum``'s ``w`` too, as a
 PEFT file names the module, not the parameter). A model with other names passes ``path_map``, any
 function from an nnx module path (a tuple) to the linen module path.
+
+Layers stacked with ``nnx.vmap`` (run with ``nnx.scan``) convert to the linen tree of an ``nn.scan``
+model: one adapter per stacked layer path (``layers/mlp/up_proj/kernel``) with a leading layer axis,
+which ``mora_jax.hf.peft.save_adapter`` writes as one tensor per layer (``model.layers.i...``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -58,6 +63,10 @@ def to_linen_adapters(model, *, path_map: PathMap | None = None) -> dict:
         if key in out:
             raise ValueError(f"path_map sends two layers to {'/'.join(key)}")
         arrays = [jnp.array(x, dtype=jnp.float32) for x in layers_lib.adapter_arrays(layer, spec)]
+        if len(spec.stack_shape) > 1:
+            raise ValueError(
+                f"{path_str(path)} is stacked over {spec.stack_shape}; the linen adapter tree stacks layers on one "
+                "axis (nn.scan), so only layers stacked on one axis convert")
         if spec.method == "mora":
             out[key] = MoRAAdapter(m=arrays[0], in_features=spec.in_features, out_features=spec.out_features,
                                    mora_type=spec.mora_type, r=spec.r, dropout=spec.dropout)
@@ -68,21 +77,23 @@ def to_linen_adapters(model, *, path_map: PathMap | None = None) -> dict:
     return unflatten(out)
 
 
-def linen_kernel_shapes(model, *, path_map: PathMap | None = None, dtype=jnp.float32) -> dict:
+def linen_kernel_shapes(model, *, path_map: PathMap | None = None, dtype=jnp.float32, modules=None) -> dict:
     """A linen-style parameter tree of ``jax.ShapeDtypeStruct`` ``(k, d)`` for every adaptable kernel of
-    ``model`` (what ``mora_jax.hf.peft.load_adapter`` needs to check a PEFT file against the model)."""
+    ``model`` (what ``mora_jax.hf.peft.load_adapter`` needs to check a PEFT file against the model).
+
+    ``modules``: linen module paths (tuples); only those layers are inspected, so a layer no adapter
+    targets is never asked how it would be adapted (an ``nnx.Einsum`` with a batch axis cannot be)."""
     shapes = {}
+    wanted = None if modules is None else {tuple(m) for m in modules}
     for path, layer in adaptable_layers(model).items():
+        if wanted is not None and _adapter_key(path, path_map)[:-1] not in wanted:
+            continue
         kind = layers_lib.kind_of(layer)
-        in_axes, out_axes = kind.axes(layer)
+        stack, in_axes, out_axes = layers_lib.kernel_layout(layer)
         shape = getattr(layer, kind.kernel).shape
-        k = 1
-        for a in in_axes:
-            k *= shape[a]
-        d = 1
-        for a in out_axes:
-            d *= shape[a]
-        shapes[_adapter_key(path, path_map)] = jax.ShapeDtypeStruct((k, d), dtype)
+        k = math.prod(shape[a] for a in in_axes)
+        d = math.prod(shape[a] for a in out_axes)
+        shapes[_adapter_key(path, path_map)] = jax.ShapeDtypeStruct((*stack, k, d), dtype)  # (layers, k, d) stacked
     return unflatten(shapes)
 
 
@@ -97,7 +108,8 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
 
     A layer that already carries an adapter takes the tree's values and metadata (type, ``r``, alpha;
     the shapes must agree); a layer without one gets one attached. Every adapter in the tree must map to
-    an adaptable layer of the model; unstacked trees only (unstack ``nn.scan`` trees first with
+    an adaptable layer of the model, stacked as the layer is (an ``nn.scan`` tree's ``(layers, ...)``
+    arrays fit layers stacked with ``nnx.vmap``; for unstacked layers unstack it first with
     ``mora_jax.models.unstack_layers``). ``rngs`` is needed only for adapters with dropout.
     """
     layers = {_adapter_key(path, path_map): (path, layer) for path, layer in adaptable_layers(model).items()}
@@ -112,10 +124,12 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
             )
         path, layer = layers[key]
         arrays = (adapter.m,) if isinstance(adapter, MoRAAdapter) else (adapter.a, adapter.b)
-        if any(x.ndim != 2 for x in arrays):
+        stack = layers_lib.kernel_layout(layer)[0]
+        if any(x.shape[: x.ndim - 2] != stack for x in arrays):
             raise ValueError(
-                f"adapter {'/'.join(key)} has a stack axis (shape {arrays[0].shape}); nnx models hold one adapter per "
-                "layer: unstack the tree first (mora_jax.models.unstack_layers)"
+                f"adapter {'/'.join(key)} has shape {arrays[0].shape}, but the layer is "
+                + (f"stacked over {stack}" if stack else "one layer (not stacked)") + ": stack axes must match "
+                "the layer's (unstack an nn.scan tree for unstacked layers with mora_jax.models.unstack_layers)"
             )
         if not layers_lib.is_adapted(layer):
             _add_adapter(layer, _config_of(adapter), jax.random.key(0), rngs)
@@ -138,7 +152,8 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
             values = (adapter.m,)
         else:
             new_spec = spec.replace(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, dropout=adapter.dropout)
-            values = (adapter.a.reshape(*spec.in_shape, adapter.r), adapter.b.reshape(adapter.r, *spec.out_shape))
+            values = (adapter.a.reshape(*stack, *spec.in_shape, adapter.r),
+                      adapter.b.reshape(*stack, adapter.r, *spec.out_shape))
         for name, value in zip(spec.names, values):
             variable = getattr(layer, name)
             if variable.shape != value.shape:

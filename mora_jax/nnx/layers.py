@@ -16,6 +16,11 @@ axes and producing the other kernel axes (``out``); the adapter sees ``x`` as ro
 ``k = prod(in)`` features and returns rows of ``d = prod(out)``, exactly like a 2-D linen Dense
 kernel (``(k, d)`` in the kernel's axis order), so adapter trees convert between the two sides.
 
+Layers stacked with ``nnx.vmap`` (a kernel with leading stack axes, the layers run one at a time by
+``nnx.scan``, as MaxText and Tunix scan their models) get adapters stacked the same way
+(:func:`kernel_layout`, ``AdapterSpec.stack_shape``): inside the scan each layer sees its own slice
+of the kernel and of the adapter; merging folds each layer's adapter into its slice.
+
 Supported out of the box: ``nnx.Linear``, ``nnx.LinearGeneral`` (without ``batch_axis``) and
 ``nnx.Einsum`` (any equation whose kernel axes are each either contracted with the input or kept in
 the output), and their subclasses. :func:`register_einsum_layer` adds a model's own einsum module
@@ -55,7 +60,10 @@ class AdapterSpec:
       mora_type: MoRA operator type (1, 2, 3, 4, 6); None for LoRA.
       alpha / rslora: LoRA scale ``α/r`` (``α/√r``).
       dropout: dropout rate on the adapter input.
-      merged: ``ΔK`` is folded into the kernel and the adapter is skipped (:func:`mora_jax.nnx.merge`).
+      merged: ``ΔK`` is folded into the kernel and the adapter is skipped (:func:`mora_jax.nnx.merge_adapters`).
+      stack_shape: leading axes of a kernel stacked over layers (``nnx.vmap``-made layers run under
+        ``nnx.scan``, as MaxText and Tunix scan their models): the adapter's variables are stacked the
+        same way, and everything above describes one layer. ``()`` for a layer of its own.
     """
 
     method: str
@@ -69,6 +77,7 @@ class AdapterSpec:
     rslora: bool = False
     dropout: float = 0.0
     merged: bool = False
+    stack_shape: tuple[int, ...] = ()
 
     @property
     def in_features(self) -> int:
@@ -145,13 +154,22 @@ def _parse_einsum(equation: str, kernel_ndim: int, where: str) -> _Einsum:
 
 
 class LayerKind:
-    """How one layer class contracts its kernel. Subclasses implement the three methods."""
+    """How one layer class contracts its kernel. Subclasses implement ``layer_ndim``, ``axes``,
+    ``to_rows`` and ``from_rows`` (and ``declared_shape`` when the layer records its kernel's shape)."""
 
     kernel: str = "kernel"
     input_arg: str = "inputs"
 
+    def layer_ndim(self, layer) -> int:
+        """The rank of one layer's kernel (a kernel stacked over layers has more axes, in front)."""
+        raise NotImplementedError
+
+    def declared_shape(self, layer) -> tuple[int, ...] | None:
+        """One layer's kernel shape as the layer's configuration gives it, or None when it does not."""
+        return None
+
     def axes(self, layer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """``(in axes, out axes)`` of the kernel (static, from the layer's configuration)."""
+        """``(in axes, out axes)`` of one layer's kernel (static, from the layer's configuration)."""
         raise NotImplementedError
 
     def to_rows(self, layer, x, args, kwargs):
@@ -164,6 +182,12 @@ class LayerKind:
 
 
 class LinearKind(LayerKind):
+    def layer_ndim(self, layer):
+        return 2
+
+    def declared_shape(self, layer):
+        return (layer.in_features, layer.out_features)
+
     def axes(self, layer):
         return (0,), (1,)
 
@@ -175,6 +199,12 @@ class LinearKind(LayerKind):
 
 
 class LinearGeneralKind(LayerKind):
+    def layer_ndim(self, layer):
+        return len(layer.in_features) + len(layer.out_features)
+
+    def declared_shape(self, layer):
+        return tuple(layer.in_features) + tuple(layer.out_features)
+
     def axes(self, layer):
         if layer.batch_axis:
             raise NotImplementedError("adapters on nnx.LinearGeneral with batch_axis are not supported")
@@ -210,8 +240,18 @@ class EinsumKind(LayerKind):
         kernel_ndim = len(getattr(layer, self.kernel).shape)
         return _parse_einsum(equation, kernel_ndim, type(layer).__name__)
 
+    def layer_ndim(self, layer):
+        equation = str(getattr(layer, self.einsum_attr)).replace(" ", "")
+        operands = equation.split("->")[0].split(",")
+        return len(operands[1]) if len(operands) == 2 else len(getattr(layer, self.kernel).shape)
+
+    def declared_shape(self, layer):
+        shape = getattr(layer, "kernel_shape", None) if self.call_arg is not None else None  # nnx.Einsum's
+        return tuple(shape) if shape is not None else None
+
     def axes(self, layer):
-        e = self._parsed(layer)
+        equation = getattr(layer, self.einsum_attr)
+        e = _parse_einsum(equation, self.layer_ndim(layer), type(layer).__name__)
         return tuple(e.rhs.index(c) for c in e.contracted), tuple(e.rhs.index(c) for c in e.kept)
 
     def to_rows(self, layer, x, args, kwargs):
@@ -264,6 +304,26 @@ def kind_of(layer_or_cls) -> LayerKind | None:
     return None
 
 
+def kernel_layout(layer) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(stack shape, in axes, out axes)`` of a supported layer's kernel, the axes counted in the whole
+    kernel: a kernel with more axes than one layer's (made by ``nnx.vmap``, run by ``nnx.scan``) is
+    stacked on its leading axes, which must be followed by the layer's own kernel shape."""
+    kind = kind_of(layer)
+    shape = tuple(getattr(layer, kind.kernel).shape)
+    n = len(shape) - kind.layer_ndim(layer)
+    name = type(layer).__name__
+    if n < 0:
+        raise ValueError(f"{name}: the kernel has shape {shape}, fewer axes than the layer's {kind.layer_ndim(layer)}")
+    declared = kind.declared_shape(layer)
+    if declared is not None and shape[n:] != tuple(declared):
+        raise ValueError(
+            f"{name}: the kernel has shape {shape}, which does not end in the layer's own kernel shape "
+            f"{tuple(declared)}; layers stacked with nnx.vmap can carry adapters when the stack axes lead "
+            "(in_axes=0 / out_axes=0)")
+    in_axes, out_axes = kind.axes(layer)
+    return shape[:n], tuple(a + n for a in in_axes), tuple(a + n for a in out_axes)
+
+
 def supported_layer_names() -> list[str]:
     return sorted(f"{c.__module__}.{c.__qualname__}" for c in _KINDS)
 
@@ -276,8 +336,13 @@ class _AdaptedMixin(nnx.Module):
     """``y = base_call(x) + Δy(x)`` unless the adapter is merged. Mixed in before the layer's class."""
 
     def __call__(self, *args, **kwargs):
-        y = super().__call__(*args, **kwargs)
         spec: AdapterSpec = getattr(self, SPEC_ATTR)
+        if spec.stack_shape and len(getattr(self, spec.kernel).shape) > len(spec.perm):
+            raise ValueError(
+                f"{type(self).__name__}: the layer is stacked over {spec.stack_shape} (kernel "
+                f"{tuple(getattr(self, spec.kernel).shape)}); call it one layer at a time, inside the nnx.scan (or "
+                "nnx.vmap) over its leading axis")
+        y = super().__call__(*args, **kwargs)
         if spec.merged:
             return y
         kind = kind_of(type(self))
@@ -335,12 +400,14 @@ def base_class(cls: type) -> type:
 
 
 def adapter_arrays(layer, spec: AdapterSpec) -> tuple[jax.Array, ...]:
-    """The adapter's arrays in 2-D ``(k, ·)`` / ``(·, d)`` layout: ``(m,)`` or ``(a_KxR, b_RxD)``."""
+    """The adapter's arrays in ``(k, ·)`` / ``(·, d)`` layout: ``(m,)`` or ``(a_KxR, b_RxD)``, after any
+    stack axes (those of a stacked layer seen whole, outside ``nnx.scan``)."""
     if spec.method == "mora":
         return (getattr(layer, spec.names[0])[...],)
     a = getattr(layer, spec.names[0])[...]
     b = getattr(layer, spec.names[1])[...]
-    return a.reshape(spec.in_features, spec.r), b.reshape(spec.r, spec.out_features)
+    lead = a.shape[: a.ndim - len(spec.in_shape) - 1]
+    return a.reshape(*lead, spec.in_features, spec.r), b.reshape(*lead, spec.r, spec.out_features)
 
 
 def adapter_delta(layer, spec: AdapterSpec, x_BxK):
@@ -367,7 +434,13 @@ def matrix_as_kernel(matrix_KxD, spec: AdapterSpec):
 
 
 def folded_kernel(kernel, arrays, spec: AdapterSpec, sign: float):
-    """``K + sign·ΔK`` in the kernel's layout (float32 accumulate, the kernel's dtype out)."""
+    """``K + sign·ΔK`` in the kernel's layout (float32 accumulate, the kernel's dtype out); a stacked
+    kernel layer by layer."""
+    n = kernel.ndim - len(spec.perm)
+    if n:
+        per_layer = jax.vmap(lambda k, *xs: folded_kernel(k, xs, spec, sign))
+        flat = per_layer(kernel.reshape(-1, *kernel.shape[n:]), *(x.reshape(-1, *x.shape[n:]) for x in arrays))
+        return flat.reshape(kernel.shape)
     matrix = kernel_as_matrix(kernel, spec)
     if spec.method == "mora":
         matrix = ops.merge_into(matrix, arrays[0], in_features=spec.in_features, out_features=spec.out_features,

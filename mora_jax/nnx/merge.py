@@ -1,7 +1,7 @@
-"""Folding adapters into an nnx model's kernels, PEFT-style: ``merge``, ``unmerge``, ``merge_and_unload``.
+"""Folding adapters into an nnx model's kernels, PEFT-style: ``merge_adapters``, ``unmerge``, ``merge_and_unload``.
 
 The adapters live inside the model, so merging is a state of each adapted layer, as in PEFT's
-``merge_adapter`` / ``unmerge_adapter``: :func:`merge` sets ``K ← K + ΔK`` (float32 accumulate, cast
+``merge_adapter`` / ``unmerge_adapter``: :func:`merge_adapters` sets ``K ← K + ΔK`` (float32 accumulate, cast
 back to ``K``'s dtype, through :func:`mora_jax.ops.merge_into` / ``lora_delta_weight``) and marks the
 layer merged, so its forward skips ``Δy`` and the model computes the same function from the merged
 kernel alone (e.g. for generation or export); :func:`unmerge` subtracts ``ΔK`` again. While merged,
@@ -9,10 +9,15 @@ the adapters get no gradient: unmerge before training on. :func:`merge_and_unloa
 adapters in for good and returns a plain model (the original layer classes, no adapter variables,
 every parameter an ``nnx.Param``).
 
+``merge`` is the old name of :func:`merge_adapters`, kept as a deprecated alias: it read like
+``flax.nnx.merge(graphdef, state)``, which builds a module and has nothing to do with adapters.
+
 Kernels keep their sharding (the new value is placed like the old one).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 
@@ -48,7 +53,7 @@ def _set_merged(layer, merged: bool) -> None:
     setattr(layer, SPEC_ATTR, getattr(layer, SPEC_ATTR).replace(merged=merged))
 
 
-def merge(model):
+def merge_adapters(model):
     """Fold every unmerged adapter into its kernel (``K ← K + ΔK``) and skip it in the forward. Returns the model."""
     for _, layer in adapted_layers(model).items():
         if not getattr(layer, SPEC_ATTR).merged:
@@ -57,8 +62,22 @@ def merge(model):
     return model
 
 
+_merge_warned = False
+
+
+def merge(model):
+    """Deprecated alias of :func:`merge_adapters` (warns once per process): the name read like
+    ``flax.nnx.merge(graphdef, state)``, which does something else."""
+    global _merge_warned
+    if not _merge_warned:
+        _merge_warned = True
+        warnings.warn("mora_jax.nnx.merge(model) is deprecated (it reads like flax.nnx.merge(graphdef, state), which "
+                      "builds a module): call mora_jax.nnx.merge_adapters(model)", DeprecationWarning, stacklevel=2)
+    return merge_adapters(model)
+
+
 def unmerge(model):
-    """Undo :func:`merge` (``K ← K − ΔK``) and apply the adapters in the forward again. Returns the model."""
+    """Undo :func:`merge_adapters` (``K ← K − ΔK``) and apply the adapters in the forward again. Returns the model."""
     for _, layer in adapted_layers(model).items():
         if getattr(layer, SPEC_ATTR).merged:
             fold(layer, -1.0)
@@ -69,7 +88,7 @@ def unmerge(model):
 def merge_and_unload(model):
     """Fold the adapters into the kernels and remove them: a plain nnx model (original layer classes,
     no adapter variables, fully trained parameters back to ``nnx.Param``). Returns the model."""
-    merge(model)
+    merge_adapters(model)
     return detach(model)
 
 
@@ -82,4 +101,4 @@ def is_merged(model) -> bool:
     return bool(specs) and all(s.merged for s in specs)
 
 
-__all__ = ["is_merged", "merge", "merge_and_unload", "unmerge"]
+__all__ = ["is_merged", "merge", "merge_adapters", "merge_and_unload", "unmerge"]

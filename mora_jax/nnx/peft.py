@@ -15,6 +15,8 @@ import re
 
 from mora_jax.adapters import flatten
 from mora_jax.hf import peft
+from mora_jax.hf.files import hf_name_to_path, layer_index
+from mora_jax.hf.peft_files import adapter_directory, group_tensors, read_adapter_tensors
 from mora_jax.methods import LoRAConfig, MoRAConfig
 from mora_jax.nnx.attach import adapted_layers, path_str
 from mora_jax.nnx.convert import PathMap, linen_kernel_shapes, load_linen_adapters, to_linen_adapters
@@ -26,7 +28,8 @@ def adapter_config(model) -> MoRAConfig | LoRAConfig:
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("the model carries no adapters (attach them with mora_jax.nnx.attach)")
-    specs = {getattr(layer, SPEC_ATTR).replace(in_shape=(), out_shape=(), perm=(), kernel="", merged=False)
+    specs = {getattr(layer, SPEC_ATTR).replace(in_shape=(), out_shape=(), perm=(), kernel="", merged=False,
+                                               stack_shape=())
              for layer in layers.values()}
     if len(specs) > 1:
         raise ValueError(
@@ -51,7 +54,12 @@ def save_adapter(path, model, *, path_map: PathMap | None = None, base_model_nam
 def load_adapter(path, model, *, path_map: PathMap | None = None, rngs=None) -> MoRAConfig | LoRAConfig:
     """Read a PEFT adapter directory into ``model`` (attaching adapters where it has none); returns its config
     with ``targets`` naming the adapted kernels' nnx paths."""
-    _, adapters = peft.load_adapter(path, linen_kernel_shapes(model, path_map=path_map))
+    # Only the layers the file adapts are inspected: the model may hold layers no adapter could attach to.
+    directory = adapter_directory(path)
+    targeted = [hf_name_to_path(m) for m in group_tensors(read_adapter_tensors(directory), str(directory))]
+    stacked = [tuple("layers" if layer_index(p) is not None else p for p in m) for m in targeted]  # scanned trees
+    shapes = linen_kernel_shapes(model, path_map=path_map, modules=targeted + stacked)
+    _, adapters = peft.load_adapter(path, shapes)
     if not flatten(adapters):
         raise ValueError(f"{path} holds no adapters")
     load_linen_adapters(model, adapters, path_map=path_map, rngs=rngs)

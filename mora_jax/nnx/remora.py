@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mora_jax.nnx.attach import adapted_layers, lora_a_init, path_str
+from mora_jax.nnx.attach import adapted_layers, initial_lora_a, path_str
 from mora_jax.nnx.layers import SPEC_ATTR
-from mora_jax.nnx.merge import placed_like, fold
+from mora_jax.nnx.merge import fold, placed_like
 from mora_jax.nnx.variables import TrainedParam
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def merge_and_reset(model, optimizer: nnx.Optimizer | None = None, *, next_type:
     layers = adapted_layers(model)
     for path, layer in layers.items():
         if getattr(layer, SPEC_ATTR).merged:
-            raise ValueError(f"{path_str(path)} is merged (mora_jax.nnx.merge); unmerge before a ReMoRA step")
+            raise ValueError(f"{path_str(path)} is merged (mora_jax.nnx.merge_adapters); unmerge before a ReMoRA step")
     for i, (path, layer) in enumerate(layers.items()):
         spec = getattr(layer, SPEC_ATTR)
         fold(layer, +1.0)
@@ -70,7 +70,7 @@ def merge_and_reset(model, optimizer: nnx.Optimizer | None = None, *, next_type:
             first[...] = jnp.zeros_like(first[...])
             setattr(layer, SPEC_ATTR, spec.replace(mora_type=new_type))
         else:
-            a = lora_a_init(jax.random.fold_in(rng, i), spec.in_features, spec.r).reshape(first.shape)
+            a = initial_lora_a(jax.random.fold_in(rng, i), spec)
             first[...] = placed_like(a, first[...])
             second = getattr(layer, spec.names[1])
             second[...] = jnp.zeros_like(second[...])

@@ -33,6 +33,7 @@ from mora_jax import adapters as adapters_lib
 from mora_jax import assembly, sharding
 from mora_jax import flops as flops_lib
 from mora_jax.methods import MoRAConfig
+from mora_jax.models.attention import flash_pairs
 from mora_jax.plan import chips as chips_lib
 from mora_jax.plan import hlo as hlo_lib
 from mora_jax.plan import roofline
@@ -88,20 +89,32 @@ def _out_of_memory(message: str) -> dict | None:
     return {"required_bytes": required, "available_bytes": available, "message": line[:400]}
 
 
+def runs_attention_kernel(kernels: dict) -> bool:
+    """Whether a compiled step's custom kernels (by name) include the Pallas attention kernels."""
+    return any(_is_attention_kernel(name) for name in kernels)
+
+
+def _is_attention_kernel(name: str) -> bool:
+    return any(tag in name for tag in ("mha", "flash", "attention"))
+
+
 def attention_kernel_flops(config: RunConfig, llama_config, chips: int):
     """FLOPs per chip of the Pallas attention kernels a compiled step runs (their matmuls are inside
-    the kernel, out of the HLO's sight), from the kernels' call counts: per call on one chip, one
-    ``QKᵀ``-sized product is ``2·b·T²·N·H`` over the chip's share of rows and heads, halved by the
-    causal block skipping; the forward kernel does 2 such products, the ``dq`` kernel 3 and the
-    ``dkv`` kernel 4 (both recompute ``QKᵀ``)."""
-    L, T = llama_config.num_hidden_layers, config.train.seq_len
-    unit = 2.0 * config.train.batch_size * T * T * llama_config.num_attention_heads * llama_config.resolved_head_dim
-    unit *= 0.5 / (chips * config.train.grad_accum * L)
+    the kernel, out of the HLO's sight), from the kernels' call counts. A call is one layer's attention
+    on one micro-batch (the HLO's counts already multiply layers, micro-batches and recomputation); per
+    call on one chip, one ``QKᵀ``-sized product is ``2·pairs·N·H`` for each of the chip's share of the
+    micro-batch's sequences and heads, where ``pairs`` are the query-key pairs of the blocks the
+    kernel's causal mask does not skip (:func:`mora_jax.models.attention.flash_pairs`: ``3/4`` of
+    ``T²`` at ``T = 2·block``, not ``1/2``). The forward kernel does 2 such products, the ``dq``
+    kernel 3 and the ``dkv`` kernel 4 (both recompute ``QKᵀ``)."""
+    pairs = flash_pairs(config.train.seq_len, causal=True, sliding_window=llama_config.sliding_window)
+    unit = 2.0 * config.train.batch_size * pairs * llama_config.num_attention_heads * llama_config.resolved_head_dim
+    unit /= chips * config.train.grad_accum
 
     def count(kernels: dict) -> float:
         total = 0.0
         for name, calls in kernels.items():
-            if not any(tag in name for tag in ("mha", "flash", "attention")):
+            if not _is_attention_kernel(name):
                 continue
             products = 3 if "dq" in name.replace("dkv", "") else 4 if "dkv" in name else 2
             total += calls * products * unit
@@ -187,13 +200,15 @@ def _merges(config: RunConfig, state) -> bool:
     return bool(config.remora.every) and bool(adapters_lib.flatten(state.trainables["adapters"]))
 
 
-def model_flops(config: RunConfig, llama_config) -> float:
-    """The project's FLOP model (:mod:`mora_jax.flops`) for one optimizer step of ``config``."""
+def model_flops(config: RunConfig, llama_config, *, skip_masked_attention: bool = False) -> float:
+    """The project's FLOP model (:mod:`mora_jax.flops`) for one optimizer step of ``config``;
+    ``skip_masked_attention`` when the step's attention kernel skips the masked products."""
     adapter = config.initial_adapter_config()
     trained_lm_head = any(re.fullmatch(p, "lm_head/kernel") for p in adapter.unfreeze)
     return flops_lib.model_flops_per_step(
         llama_config, config.train.batch_size, config.train.seq_len, config.method, getattr(adapter, "r", None),
-        adapter.mora_type if isinstance(adapter, MoRAConfig) else None, trained_lm_head=trained_lm_head)
+        adapter.mora_type if isinstance(adapter, MoRAConfig) else None, trained_lm_head=trained_lm_head,
+        skip_masked_attention=skip_masked_attention)
 
 
 def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequence[str] = STEP_NAMES,
@@ -225,7 +240,10 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
         say(f"compiling the train step for {topology.name} ...")
         train = compile_step(prepared.steps.lower_train(state, batch), chip, name="train",
                              kernel_flops=kernel_flops)
-        train["model_flops_per_step"] = model_flops(config, prepared.llama_config)
+        # The Pallas kernel skips masked blocks: the model FLOPs count the causal pairs only (an MFU
+        # estimate must not credit the step with products no chip computes)
+        train["model_flops_per_step"] = model_flops(
+            config, prepared.llama_config, skip_masked_attention=runs_attention_kernel(train.get("kernels") or {}))
         train["estimated_mfu"] = roofline.mfu(train, chip, topology.chips)
         if train.get("estimated_step_s"):
             train["estimated_tokens_per_s"] = config.train.batch_size * config.train.seq_len / train["estimated_step_s"]
@@ -304,4 +322,4 @@ def _json_default(value):
 
 
 __all__ = ["BATCH_KEYS", "STEP_NAMES", "Prepared", "compile_step", "model_config", "model_flops",
-           "plan", "prepare", "to_json"]
+           "plan", "prepare", "runs_attention_kernel", "to_json"]

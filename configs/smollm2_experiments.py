@@ -1,0 +1,129 @@
+"""The paper's fine-tuning experiments on SmolLM2-135M-Instruct, each method at its own tuned
+learning rate (docs/finetuning.md):
+
+    python -m train.get_model smollm2-135m-instruct       # once: the model, as a Hugging Face directory
+    python -m train.compare_finetuning --config=configs/smollm2_experiments.py:memorization_quick
+    python -m train.compare_finetuning --config=configs/smollm2_experiments.py:continual_results --seeds=3
+
+Presets, ``<experiment>_quick`` (minutes on two CPU cores: one seed, a few steps; a check that the
+pipeline works, not a result) and ``<experiment>_results`` (hours; the run the docs' tables come
+from; resume it by running the same command again):
+
+* ``memorization``: the paper's UUID key -> value pairs (needs nothing installed);
+* ``continual``: continual pretraining on Indonesian technical prose (the Debian Reference's translation,
+  ``debian-reference-id``), forgetting measured on its English original (``debian-reference-en``);
+* ``word_relations``: antonym / hypernym questions from WordNet (``wordnet-base``), exact match on
+  held-out words.
+
+``apt-get install -y debian-reference-id debian-reference-en wordnet-base`` gives every source.
+Methods: ``experiment.methods`` (name -> method, adapter fields over ``adapter``, learning rates to
+sweep); ``--methods`` picks some (default ``experiment.run``). LoRA and MoRA at the same ``r``
+train the same number of parameters (MoRA's r̂ = round(sqrt((k+d)·r)) per kernel).
+"""
+
+import os
+
+import ml_collections
+
+from configs.base import base_config
+
+
+def smollm2_dir() -> str:
+    """Where ``python -m train.get_model smollm2-135m-instruct`` writes the model:
+    ``$MORA_JAX_CACHE/models/...``, default ``~/.cache/mora_jax/models/...``."""
+    root = os.environ.get("MORA_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mora_jax")
+    return os.path.join(root, "models", "smollm2-135m-instruct")
+
+
+FULL_LRS = (1e-5, 3e-5, 1e-4, 3e-4)  # half-decade grids, four rates each
+ADAPTER_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+
+
+def _method(method: str, lrs, label: str = "", **adapter):
+    m = ml_collections.ConfigDict()
+    m.method = method  # a mora_jax.methods.METHODS name: "full", "lora", "mora" (or any method added there)
+    m.adapter = ml_collections.ConfigDict(adapter)  # fields over config.adapter (r, mora_type, alpha, targets...)
+    m.lrs = tuple(lrs)  # peak learning rates the sweep tries (>= 4, log-spaced)
+    m.label = label  # name in the tables ("" = from the method and its fields)
+    return m
+
+
+def _methods(ranks, adapter_lrs, full_lrs):
+    methods = {"full": _method("full", full_lrs, targets=".*")}  # every parameter, as the paper's full fine-tuning
+    for r in ranks:
+        suffix = f"_r{r}" if len(ranks) > 1 else ""
+        methods[f"lora{suffix}"] = _method("lora", adapter_lrs, r=r, alpha=2.0 * r)  # scale alpha/r = 2
+        methods[f"mora1{suffix}"] = _method("mora", adapter_lrs, r=r, mora_type=1)  # the paper's type for large r
+        methods[f"mora6{suffix}"] = _method("mora", adapter_lrs, r=r, mora_type=6)  # the paper's type for small r
+    return ml_collections.ConfigDict(methods)
+
+
+def get_config(preset: str = "memorization_quick"):
+    experiment, _, size = preset.rpartition("_")
+    if experiment not in ("memorization", "continual", "word_relations") or size not in ("quick", "results"):
+        raise ValueError(f"unknown preset {preset!r}: use memorization_quick, memorization_results, continual_quick, "
+                         "continual_results, word_relations_quick or word_relations_results")
+    quick = size == "quick"
+    c = base_config()
+    c.workdir = f"runs/compare_finetuning/{preset}"  # results.md/json/png, sweep.png, data/, one folder per run
+    c.model.hf_path = smollm2_dir()  # the pretrained model (a Hugging Face LLaMA directory)
+    c.model.dtype = "float32"  # CPUs have no fast bfloat16 matmul
+    c.model.param_dtype = "float32"
+    c.model.scan_layers = True  # 30 layers as one scanned layer: compiles several times faster
+    c.optim.decay = "cosine"  # warm-up, then cosine decay to 0 at the end of each run (sweep runs too)
+    c.optim.weight_decay = 0.0
+    c.train.log_every = 5
+    c.train.progress = True  # a progress bar per run, beside the [k/n] run lines
+    c.checkpoint.every = 0 if quick else 50  # a long run resumes from its last checkpoint
+    c.checkpoint.keep = 1
+    c.export.adapter = False
+
+    e = c.experiment = ml_collections.ConfigDict()
+    e.task = experiment  # memorization | continual | word_relations (mora_jax.experiments.finetune_tasks)
+    e.label = (f"{preset}: a check that the pipeline works on the real model (a handful of steps, one seed); not a "
+               "measurement" if quick else f"{preset}")  # the first line of results.md
+    e.data_seed = 0  # which pairs / which questions (the runs' seeds change order and adapter init)
+    if experiment == "memorization":
+        # LoRA against MoRA at a low and a high rank (equal trainable parameters at each), and full fine-tuning
+        e.methods = _methods((8, 64), adapter_lrs=(3e-4, 1e-3, 3e-3, 1e-2), full_lrs=(3e-5, 1e-4, 3e-4, 1e-3))
+        e.run = "full,lora_r8,mora6_r8,lora_r64,mora1_r64"  # the paper's pairing: type 6 at low r, type 1 at high r
+        e.num_pairs = 4 if quick else 64  # UUID pairs to memorise
+        c.train.batch_size = 4 if quick else 16
+        c.train.seq_len = 80  # key (36 tokens) + " ->" + value (37) + EOS, with SmolLM2's tokenizer
+        c.optim.decay = "constant"  # the four step counts are points along one run, as in the paper
+        c.optim.warmup_steps = 2 if quick else 10
+        e.sweep_steps = 5 if quick else 100
+        c.train.steps = 20 if quick else 400
+        e.eval_steps = (5, 10, 15, 20) if quick else (100, 200, 300, 400)  # character accuracy measured here
+    elif experiment == "continual":
+        e.methods = _methods((8,), adapter_lrs=ADAPTER_LRS, full_lrs=FULL_LRS)
+        e.run = "full,lora,mora1,mora6"
+        # the Debian Reference in Indonesian (new to SmolLM2: 3.1x the perplexity of the English original) and in
+        # English, its original (forgetting); apt-get install debian-reference-id debian-reference-en
+        e.domain_source = "/usr/share/debian-reference/debian-reference.id.txt.gz"
+        e.general_source = "/usr/share/debian-reference/debian-reference.en.txt.gz"
+        e.eval_fraction = 0.1  # paragraphs held out of each corpus (by hash)
+        e.train_rows = ml_collections.FieldReference(None, field_type=int)  # cap on the domain's training rows
+        c.train.batch_size = 4 if quick else 8
+        c.train.seq_len = 128 if quick else 256
+        e.eval_batches = 2 if quick else 8  # batches per split: valid and test (domain), test (general)
+        c.optim.warmup_steps = 2 if quick else 20
+        e.sweep_steps = 4 if quick else 60
+        c.train.steps = 12 if quick else 240
+        e.eval_steps = (4, 8, 12) if quick else (60, 120, 180, 240)
+    else:
+        e.methods = _methods((8,), adapter_lrs=ADAPTER_LRS, full_lrs=FULL_LRS)
+        e.run = "full,lora,mora1,mora6"
+        e.wordnet_dir = "/usr/share/wordnet"  # apt-get install wordnet-base
+        e.relations_file = ""  # or a JSONL file of questions (python -m train.make_word_relations)
+        e.train_examples = 2000 if quick else 100000  # questions trained on (at most)
+        e.eval_examples = 32 if quick else 500  # held-out questions per split (valid, test)
+        e.max_new_tokens = 6  # generation budget per answer
+        c.train.batch_size = 16 if quick else 32
+        c.train.seq_len = 24  # prompt + answer + EOS
+        c.optim.warmup_steps = 2 if quick else 20
+        e.sweep_steps = 6 if quick else 100
+        c.train.steps = 18 if quick else 600
+        e.eval_steps = (6, 12, 18) if quick else (150, 300, 450, 600)
+    return c
