@@ -129,6 +129,19 @@ def test_sliced_chunk_sum_and_tile_equal_the_cpu_forms(k, r_hat):
         np.testing.assert_array_equal(np.asarray(ops._repeat_to(u, d)), np.asarray(ops._wrap_pad(u, d)))
 
 
+@pytest.mark.parametrize("d", [5, 12, 13, 29, 36, 61])
+def test_tile_by_sum_equals_the_wrap_padded_tile_exactly(d):
+    # TPU type-6 programs tile the chunk products as a sum of zero-padded copies: the same values as the
+    # broadcast tile, bit for bit, and the same gradient (the sum of the tile's slices, in another order).
+    from mora_jax import ops
+
+    u, probe = _random((2, 3, 12), 21), _random((2, 3, d), 22)
+    tiled = [ops._tile_by_sum, ops._wrap_pad]
+    outs = [jax.vjp(lambda u, f=f: f(u, d), u) for f in tiled]
+    np.testing.assert_array_equal(np.asarray(outs[0][0]), np.asarray(outs[1][0]))
+    np.testing.assert_allclose(np.asarray(outs[0][1](probe)[0]), np.asarray(outs[1][1](probe)[0]), rtol=1e-6, atol=1e-6)
+
+
 def test_a_tpu_program_takes_the_sliced_chunk_sum():
     # The form is picked when the program is lowered for a platform, not by the default backend.
     f = lambda x: apply_mora(x, jnp.eye(443), in_features=768, out_features=768, mora_type=1)
