@@ -14,7 +14,7 @@ def base_config():
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds model init (presets), adapters, dropout and data shuffling
     c.workdir = "runs/default"  # metrics.jsonl, tensorboard/, loss_curve.png, run_config.json, checkpoints/, export/
-    c.method = "mora"  # "mora", "lora", "dora", "pissa" or "full" (full fine-tuning of adapter.targets + adapter.unfreeze)
+    c.method = "mora"  # "mora", "lora", "dora", "pissa", "hira" or "full" (full fine-tuning of adapter.targets + adapter.unfreeze)
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # a mora_jax.models.llama.LLAMA_CONFIGS name, used when hf_path is empty
@@ -36,6 +36,7 @@ def base_config():
     c.adapter.alpha = 16.0  # LoRA only: scale alpha/r
     c.adapter.rslora = False  # LoRA only: scale alpha/sqrt(r)
     c.adapter.dropout = 0.0  # dropout on the adapter input
+    c.adapter.magnitude = False  # MoRA only: a DoRA-style trainable magnitude per output feature (needs export.adapter=False)
     c.adapter.targets = LLAMA_TARGETS  # comma-separated regexes of kernels to adapt (all seven projections)
     c.adapter.unfreeze = ""  # comma-separated regexes of base params trained in full
     # PiSSA only: None = exact SVD of each kernel; n = randomized SVD with n subspace iterations
@@ -91,6 +92,7 @@ def base_config():
     c.data.text_field = "text"  # field holding the text in JSON/Parquet records
     c.data.overlong = "truncate"  # what to do with too long documents/examples: "truncate" or "drop"
     c.data.format = "alpaca"  # fine-tuning records: "alpaca" (instruction/input/output) or "metamathqa" (query/response)
+    c.data.prompt_template = ""  # fine-tuning: prompt template over the record's fields ("" = the format's own)
     c.data.packing = False  # fine-tuning: pack several examples per row (attention stays within each)
     c.data.num_epochs = ml_collections.FieldReference(None, field_type=int)  # passes over the data (None = forever)
     c.data.eval_split = "train"  # the split of a Hub data set used for evaluation

@@ -21,19 +21,11 @@ sweep); ``--methods`` picks some (default ``experiment.run``). LoRA and MoRA at 
 train the same number of parameters (MoRA's r̂ = round(sqrt((k+d)·r)) per kernel).
 """
 
-import os
-
 import ml_collections
 
 from configs.base import base_config
-
-
-def smollm2_dir() -> str:
-    """Where ``python -m train.get_model smollm2-135m-instruct`` writes the model:
-    ``$MORA_JAX_CACHE/models/...``, default ``~/.cache/mora_jax/models/...``."""
-    root = os.environ.get("MORA_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mora_jax")
-    return os.path.join(root, "models", "smollm2-135m-instruct")
+from configs.smollm2 import MODEL
+from mora_jax.pretrained import model_dir
 
 
 FULL_LRS = (1e-5, 3e-5, 1e-4, 3e-4)  # half-decade grids, four rates each
@@ -67,7 +59,7 @@ def get_config(preset: str = "memorization_quick"):
     quick = size == "quick"
     c = base_config()
     c.workdir = f"runs/compare_finetuning/{preset}"  # results.md/json/png, sweep.png, data/, one folder per run
-    c.model.hf_path = smollm2_dir()  # the pretrained model (a Hugging Face LLaMA directory)
+    c.model.hf_path = str(model_dir(MODEL))  # the pretrained model, where python -m train.get_model writes it
     c.model.dtype = "float32"  # CPUs have no fast bfloat16 matmul
     c.model.param_dtype = "float32"
     c.model.scan_layers = True  # 30 layers as one scanned layer: compiles several times faster

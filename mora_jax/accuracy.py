@@ -29,6 +29,7 @@ from mora_jax.generate import generate
 
 _MARKER = re.compile(r"####|[Tt]he (?:final )?answer is:?")
 _NUMBER = re.compile(r"[-+]?\d*\.?\d+")
+_FRACTION = re.compile(r"([-+]?\d*\.?\d+)/([-+]?\d*\.?\d+)")
 
 
 def extract_answer(text: str) -> str | None:
@@ -43,13 +44,22 @@ def extract_answer(text: str) -> str | None:
 
 def normalize_answer(answer: str) -> str:
     """Canonical form for exact match: a number as a plain decimal (``$1,000.50`` -> ``1000.5``,
-    ``18.0`` -> ``18``), anything else stripped of surrounding space, ``$`` and a final period."""
-    answer = answer.strip().rstrip(".").strip()
+    ``18.0`` -> ``18``, ``50%`` -> ``50`` as GSM8K writes percentages, ``10/4`` -> ``2.5`` as Hugging
+    Face PEFT's MetaMathQA benchmark compares fractions), anything else stripped of surrounding space,
+    ``$`` and final ``.``, ``!``, ``?``."""
+    answer = answer.strip().rstrip(".!?%").strip()
     digits = re.sub(r"[\s,$]", "", answer)
     if _NUMBER.fullmatch(digits):
-        text = format(Decimal(digits).normalize(), "f")
-        return "0" if text in ("-0", "+0") else text.lstrip("+")
+        return _plain(Decimal(digits))
+    fraction = _FRACTION.fullmatch(digits)
+    if fraction and Decimal(fraction[2]) != 0:
+        return _plain(Decimal(fraction[1]) / Decimal(fraction[2]))
     return answer.strip("$ ")
+
+
+def _plain(number: Decimal) -> str:
+    text = format(number.normalize(), "f")
+    return "0" if text in ("-0", "+0") else text.lstrip("+")
 
 
 def answers_match(predicted: str | None, reference: str | None) -> bool:

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mora_jax import dora, ops
+from mora_jax import dora, hira, ops
 from mora_jax.dora import DoRAAdapter
 from mora_jax.errors import ConfigError
+from mora_jax.hira import HiRAAdapter
 from mora_jax.intercept import record_dense_calls
-from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, LoRAConfig, MoRAConfig, PiSSAConfig
+from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, HiRAConfig, LoRAConfig, MoRAConfig, PiSSAConfig
 
 Path = tuple[str, ...]
 
@@ -38,7 +39,11 @@ Path = tuple[str, ...]
 
 @flax.struct.dataclass
 class MoRAAdapter:
-    """MoRA on one kernel: ``m`` is ``(*stack, r̂, r̂)`` in kernel layout (``z @ m``), float32."""
+    """MoRA on one kernel: ``m`` is ``(*stack, r̂, r̂)`` in kernel layout (``z @ m``), float32.
+
+    ``magnitude`` (``(*stack, d)`` float32, or None): a DoRA-style magnitude on top of MoRA
+    (``MoRAConfig(magnitude=True)``): the adapted kernel is ``(mag/n) ⊙ (K + ΔK)`` column-wise with
+    ``n = ‖K + ΔK‖_c`` detached in the backward pass, as DoRA's (``docs/methods.md``)."""
 
     m: jax.Array
     in_features: int = flax.struct.field(pytree_node=False)
@@ -46,10 +51,53 @@ class MoRAAdapter:
     mora_type: int = flax.struct.field(pytree_node=False)
     r: int = flax.struct.field(pytree_node=False)
     dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+    magnitude: jax.Array | None = None
 
     @property
     def r_hat(self) -> int:
         return int(self.m.shape[-1])
+
+    @property
+    def uses_kernel(self) -> bool:
+        """With a magnitude the interceptor hands the layer's kernel to :meth:`dense_output`."""
+        return self.magnitude is not None
+
+    @property
+    def merge_needs_norms(self) -> bool:
+        """With a magnitude, undoing a merge needs the column norm at merge time (:func:`merge_with_norms`)."""
+        return self.magnitude is not None
+
+    def weight_norm(self, kernel_KxD):
+        """``‖K + ΔK‖_c`` (float32, ``(d,)``, single layer), without gradient (detached as in DoRA);
+        ``ΔK`` is built once (``O(k·d)``, no matmul: MoRA's operators are copies and sums)."""
+        w = ops.merge_into(kernel_KxD.astype(jnp.float32), self.m, in_features=self.in_features,
+                           out_features=self.out_features, mora_type=self.mora_type)
+        return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=0)))
+
+    def dense_output(self, x_BxK, kernel_KxD, *, base_fn, bias_D, dropout_fn, dtype, precision=None):
+        """The layer's output with the magnitude (single layer): ``x·K + (mag/n − 1) ⊙ (x·K) + (mag/n) ⊙ Δy``."""
+        return dora.rescaled_output(
+            x_BxK, kernel_KxD, norm_D=self.weight_norm(kernel_KxD), magnitude_D=self.magnitude, delta_fn=self.delta,
+            base_fn=base_fn, bias_D=bias_D, dropout_fn=dropout_fn, dtype=dtype, precision=precision)
+
+    def merged_kernel(self, kernel_KxD):
+        """``(mag/n)·(K + ΔK)`` and ``n`` (float32), for kernels ``(*stack, k, d)`` (magnitude set)."""
+        def one(k, m, mag):
+            w = ops.merge_into(k.astype(jnp.float32), m, in_features=self.in_features,
+                               out_features=self.out_features, mora_type=self.mora_type)
+            n = jnp.sqrt(jnp.sum(w * w, axis=0))
+            return w * (mag / n)[None, :], n
+
+        return _stacked(one, self.m.ndim - 2)(kernel_KxD, self.m, self.magnitude.astype(jnp.float32))
+
+    def unmerge_kernel(self, merged_KxD, norms):
+        """``K = K'·(n/mag) − ΔK`` for the norms ``n`` that :meth:`merged_kernel` returned."""
+        def one(k, m, mag, n):
+            return ops.merge_into(k.astype(jnp.float32) * (n / mag)[None, :], m, in_features=self.in_features,
+                                  out_features=self.out_features, mora_type=self.mora_type, sign=-1.0)
+
+        out = _stacked(one, self.m.ndim - 2)(merged_KxD, self.m, self.magnitude.astype(jnp.float32), norms)
+        return out.astype(merged_KxD.dtype)
 
     def delta(self, x_BxK):
         """``Δy`` for inputs ``(..., in_features)`` (single layer: no stack axis)."""
@@ -68,7 +116,14 @@ class MoRAAdapter:
 
     def add_to(self, kernel, sign: float = 1.0):
         """``kernel + sign·ΔK`` for a kernel ``(*stack, in_features, out_features)`` (type 6 rewrites
-        only the blocks its ``ΔK`` touches, see :func:`mora_jax.ops.merge_into`)."""
+        only the blocks its ``ΔK`` touches, see :func:`mora_jax.ops.merge_into`). With a magnitude the
+        merged kernel ``(mag/n)·(K + ΔK)``; its unmerge needs :func:`unmerge_with_norms`."""
+        if self.magnitude is not None:
+            if sign != 1.0:
+                raise ValueError("a MoRA merge with a magnitude cannot be undone from the merged kernel and the adapter "
+                                 "alone (the column norm at merge time is lost): use mora_jax.adapters.merge_with_norms "
+                                 "and unmerge_with_norms")
+            return self.merged_kernel(kernel)[0].astype(kernel.dtype)
         fn = lambda k, m: ops.merge_into(
             k, m, in_features=self.in_features, out_features=self.out_features, mora_type=self.mora_type, sign=sign
         )
@@ -108,8 +163,14 @@ class LoRAAdapter:
         return (kernel.astype(jnp.float32) + sign * self.delta_weight()).astype(kernel.dtype)
 
 
-Adapter = MoRAAdapter | LoRAAdapter | DoRAAdapter
-ADAPTER_TYPES = (MoRAAdapter, LoRAAdapter, DoRAAdapter)
+def _stacked(fn, n_stack: int):
+    for _ in range(n_stack):
+        fn = jax.vmap(fn)
+    return fn
+
+
+Adapter = MoRAAdapter | LoRAAdapter | DoRAAdapter | HiRAAdapter
+ADAPTER_TYPES = (MoRAAdapter, LoRAAdapter, DoRAAdapter, HiRAAdapter)
 
 
 def is_adapter(x) -> bool:
@@ -222,8 +283,8 @@ def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None)
 
     MoRA ``m`` starts at zero; LoRA ``a`` is kaiming-uniform (PyTorch's ``a=√5`` on the ``(r, k)``
     matrix, i.e. ``U(-1/√k, 1/√k)``) and ``b`` zero; DoRA as LoRA plus ``magnitude = ‖K‖_c``
-    (:mod:`mora_jax.dora`); all float32. ``FullConfig`` has no adapters and
-    returns ``{}``. ``layout`` (from :func:`dense_layout`) is needed only for stacked or
+    (:mod:`mora_jax.dora`); HiRA as LoRA without a scale (:mod:`mora_jax.hira`); all float32.
+    ``FullConfig`` has no adapters and returns ``{}``. ``layout`` (from :func:`dense_layout`) is needed only for stacked or
     multi-input-axis kernels.
     """
     if isinstance(config, PiSSAConfig):
@@ -238,9 +299,11 @@ def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None)
         stack, k, d = _split_shape(path, flat[path].shape, layout)
         if isinstance(config, MoRAConfig):
             r_hat = ops.rank_hat(k, d, config.r, config.mora_type)
+            magnitude = dora.column_norms(flat[path].reshape(*stack, k, d)) if config.magnitude else None
             out[path] = MoRAAdapter(
                 m=jnp.zeros((*stack, r_hat, r_hat), jnp.float32),
                 in_features=k, out_features=d, mora_type=config.mora_type, r=config.r, dropout=config.dropout,
+                magnitude=magnitude,
             )
         elif isinstance(config, LoRAConfig):
             bound = 1.0 / math.sqrt(k)
@@ -251,6 +314,8 @@ def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None)
             )
         elif isinstance(config, DoRAConfig):
             out[path] = dora.init_adapter(flat[path], stack, k, d, config, jax.random.fold_in(rng, i))
+        elif isinstance(config, HiRAConfig):
+            out[path] = hira.init_adapter(stack, k, d, config, jax.random.fold_in(rng, i))
         else:
             raise TypeError(f"config must be one of the mora_jax.methods configs, got {type(config).__name__}")
     return unflatten(out)
@@ -298,14 +363,18 @@ def _merge(params, adapters, sign: float):
     return unflatten(flat_params)
 
 
+def _needs_norms(adapter) -> bool:
+    return bool(getattr(adapter, "merge_needs_norms", False))
+
+
 def merge_with_norms(params, adapters):
     """:func:`merge` plus what :func:`unmerge_with_norms` needs to undo it exactly: for each DoRA
-    adapter the column norm ``‖K + s·A·B‖_c`` at merge time (a tree like ``adapters``; None for the
-    other methods, whose merge :func:`unmerge` undoes alone)."""
+    adapter (and MoRA adapter with a magnitude) the column norm ``‖K + ΔK‖_c`` at merge time (a tree
+    like ``adapters``; None for the other adapters, whose merge :func:`unmerge` undoes alone)."""
     flat_params, flat_adapters = flatten(params), flatten(adapters)
     norms = {}
     for path, adapter in flat_adapters.items():
-        if isinstance(adapter, DoRAAdapter):
+        if _needs_norms(adapter):
             kernel = flat_params[path]
             stack = _check_fits(path, kernel, adapter)
             merged, norms[path] = adapter.merged_kernel(kernel.reshape(*stack, adapter.in_features,
@@ -313,7 +382,7 @@ def merge_with_norms(params, adapters):
             flat_params[path] = merged.astype(kernel.dtype).reshape(kernel.shape)
         else:
             norms[path] = None
-    others = {p: a for p, a in flat_adapters.items() if not isinstance(a, DoRAAdapter)}
+    others = {p: a for p, a in flat_adapters.items() if not _needs_norms(a)}
     return merge(unflatten(flat_params), unflatten(others)), unflatten(norms)
 
 
@@ -321,12 +390,12 @@ def unmerge_with_norms(params, adapters, norms):
     """The inverse of :func:`merge_with_norms` (``norms`` is its second output)."""
     flat_params, flat_adapters, flat_norms = flatten(params), flatten(adapters), flatten(norms)
     for path, adapter in flat_adapters.items():
-        if isinstance(adapter, DoRAAdapter):
+        if _needs_norms(adapter):
             kernel = flat_params[path]
             stack = _check_fits(path, kernel, adapter)
             kernel_KxD = kernel.reshape(*stack, adapter.in_features, adapter.out_features)
             flat_params[path] = adapter.unmerge_kernel(kernel_KxD, flat_norms[path]).reshape(kernel.shape)
-    others = {p: a for p, a in flat_adapters.items() if not isinstance(a, DoRAAdapter)}
+    others = {p: a for p, a in flat_adapters.items() if not _needs_norms(a)}
     return unmerge(unflatten(flat_params), unflatten(others))
 
 
@@ -339,7 +408,8 @@ def merge(params, adapters):
 
 
 def unmerge(params, adapters):
-    """The inverse of :func:`merge`: ``K ← K − ΔK`` (DoRA: use :func:`unmerge_with_norms`)."""
+    """The inverse of :func:`merge`: ``K ← K − ΔK`` (HiRA: ``K ← K / (1 + A·B)``; DoRA: use
+    :func:`unmerge_with_norms`)."""
     return _merge(params, adapters, -1.0)
 
 

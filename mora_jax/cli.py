@@ -6,7 +6,8 @@
       and write the merged model (plus the base's generation config and tokenizer files) to OUT_DIR.
       Every file is written under a temporary name and renamed into place (no half-written file after
       a crash; a symlink in OUT_DIR is replaced, never followed), with the usual umask permissions.
-      NaN or infinite values in the adapter, the base or the merged weights are refused.
+      NaN or infinite values in the adapter, the base or the merged weights are refused
+      (mora_jax.hf.merge.merge_adapter_dir does the work).
   mora-jax info ADAPTER_DIR
       Describe an adapter: method, type, r, r̂ per module, trainable parameter count.
   mora-jax generate --base HF_DIR [--adapter ADAPTER_DIR] --prompt TEXT [--prompt TEXT ...]
@@ -30,23 +31,11 @@ import os
 import pathlib
 import sys
 
-# Files copied unchanged from the base model directory into a merged checkpoint.
-BASE_FILES_TO_COPY = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-OUT_DTYPES = ("float32", "bfloat16")
-_LOADABLE_DTYPES = ("float32", "bfloat16", "float16")
+from mora_jax.errors import UserError
+from mora_jax.hf.merge import OUT_DTYPES, checked_weights, merge_adapter_dir
 
-
-class UserError(Exception):
-    """A problem with the command's inputs: reported as one line, no traceback."""
+# The dtypes convert-gguf may write.
+GGUF_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,141 +43,17 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def _stored_dtype(base_dir: pathlib.Path) -> str:
-    """The base checkpoint's parameter dtype from ``config.json`` (``float32`` if unknown)."""
-    from mora_jax.hf.files import read_json_object
-
-    if not (base_dir / "config.json").is_file():
-        return "float32"  # load_llama reports a missing config.json itself
-    hf_config = read_json_object(base_dir / "config.json", remedy="a Hugging Face config.json holds one JSON object")
-    stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
-    return stored if stored in _LOADABLE_DTYPES else "float32"
-
-
-def _check_writable(out: pathlib.Path) -> None:
-    """``out`` (or, if it does not exist yet, its nearest existing parent) must be a writable directory."""
-    target = out
-    while not target.exists() and target != target.parent:
-        target = target.parent
-    if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):
-        where = f"--out {out}" if target == out else f"--out {out}: its parent directory {target}"
-        raise UserError(f"{where} is not writable; choose a directory you can write to")
-
-
-def _first_non_finite(flat_params, paths=None):
-    """The first (sorted) floating-point leaf among ``paths`` holding NaN or infinite values, or None."""
-    import jax.numpy as jnp
-
-    for path in sorted(paths if paths is not None else flat_params):
-        x = flat_params[path]
-        if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all()):
-            return path
-    return None
-
-
-def checked_weights(base: pathlib.Path, adapter_dir, params, adapters, *, merged: bool, out_dtype=None) -> dict:
-    """The checks every command that runs a base model (with an adapter) makes on its weights, so that
-    ``merge`` and ``generate`` refuse the same inputs: NaN or infinite values in the base, and an adapter
-    whose merge ``K + ΔK`` is not finite (in the kernel's dtype, or ``out_dtype``). The adapter's config
-    and tensors were checked when it was read (``mora_jax.hf.peft_files.check_supported``,
-    ``read_adapter_tensors``). Returns the flat parameters, with the adapters folded in when ``merged``.
-    Kernels are merged one at a time (float32 accumulate, cast back to the kernel's dtype)."""
-    import jax.numpy as jnp
-    from tqdm import tqdm
-
-    from mora_jax.adapters import flatten, merge, path_str, unflatten
-    from mora_jax.hf.checkpoints import SAFE_WEIGHTS, param_to_hf_tensor
-
-    flat_params = flatten(params)
-    bad = _first_non_finite(flat_params)
-    if bad is not None:
-        where = base / SAFE_WEIGHTS if (base / SAFE_WEIGHTS).is_file() else base
-        raise UserError(f"{where}: base tensor {param_to_hf_tensor(bad)[0]} holds NaN or infinite values; the "
-                        "checkpoint is damaged or was saved from a diverged run (re-download it)")
-    flat_adapters = flatten(adapters) if adapters else {}
-    out = dict(flat_params)
-    for path, adapter in tqdm(
-        sorted(flat_adapters.items(), key=lambda kv: path_str(kv[0])),
-        desc="merging" if merged else "checking the adapter", unit="kernel", disable=None, file=sys.stderr,
-    ):  # one kernel at a time: K <- K + ΔK in float32, cast back to K's dtype
-        kernel = flatten(merge(unflatten({path: flat_params[path]}), unflatten({path: adapter})))[path]
-        if out_dtype is not None:
-            kernel = jnp.asarray(kernel, out_dtype)
-        if not bool(jnp.isfinite(kernel).all()):
-            dtype = jnp.dtype(kernel.dtype).name
-            raise UserError(f"merging {adapter_dir} into {base} gives NaN or infinite values in "
-                            f"{param_to_hf_tensor(path)[0]} ({dtype}); the adapter's values are too large for "
-                            "this base" + (" (nothing was written)" if merged else ""))
-        if merged:
-            out[path] = kernel
-    return out
-
-
-def _check_merge_paths(base: pathlib.Path, adapter: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
-    """Fail fast, before loading anything, on paths that cannot work."""
-    for what, directory in (("base model", base), ("adapter", adapter)):
-        if not directory.is_dir():
-            raise UserError(f"{what} directory {directory} does not exist or is not a directory")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    resolved_out = out.resolve()
-    if resolved_out in (base.resolve(), adapter.resolve()):
-        raise UserError(f"--out {out} is the base model or adapter directory; write the merged model elsewhere")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(
-            f"output directory {out} is not empty; choose a new directory or pass --overwrite to replace "
-            "the model files in it"
-        )
-    _check_writable(out)
-
-
 def merge_command(args) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    from mora_jax.adapters import flatten, unflatten
-    from mora_jax.hf.checkpoints import load_llama, read_config, save_llama
-    from mora_jax.hf.files import copy_file_atomic
-    from mora_jax.hf.peft import load_adapter
-    from mora_jax.models.llama import abstract_params
-
-    base, adapter_dir, out = pathlib.Path(args.base), pathlib.Path(args.adapter), pathlib.Path(args.out)
-    _check_merge_paths(base, adapter_dir, out, args.overwrite)
-    # Check the adapter against the base's shapes before spending time loading the weights.
-    load_adapter(adapter_dir, abstract_params(read_config(base)))
-
-    stored = _stored_dtype(base)
-    out_dtype = args.dtype or stored
-    # Merge at the checkpoint's precision when it is kept; otherwise in float32, then cast once.
-    load_dtype = stored if out_dtype == stored else "float32"
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    if args.allow_pickle:
-        log("mora-jax: warning: --allow-pickle: pickle checkpoints (*.bin) in the base are read with "
-            "torch.load(weights_only=True); unpickling files you do not trust can still be unsafe")
-    log(f"loading base model {base} ({load_dtype})")
-    model, params = load_llama(base, param_dtype=load_dtype, allow_pickle=args.allow_pickle)
-    config, adapters = load_adapter(adapter_dir, params)
-    method = f"MoRA type {config.mora_type}" if config.method == "mora" else "LoRA"
-    n_kernels = len(flatten(adapters))
-    flat_params = checked_weights(base, adapter_dir, params, adapters, merged=True,
-                                  out_dtype=out_dtype if out_dtype != load_dtype else None)
-    if out_dtype != load_dtype:
-        flat_params = {p: jnp.asarray(x, out_dtype) for p, x in flat_params.items()}
-    params = jax.block_until_ready(unflatten(flat_params))
-
-    log(f"writing {out} ({out_dtype})")
-    copied = []
-    try:
-        save_llama(out, model.config.replace(param_dtype=out_dtype), params, overwrite=args.overwrite)
-        for name in BASE_FILES_TO_COPY:
-            if (base / name).is_file():
-                copy_file_atomic(base / name, out / name)  # replaces a symlink at out/name, never writes through it
-                copied.append(name)
-    except PermissionError as e:
-        raise UserError(f"cannot write {e.filename or out}: {e.strerror}; choose a directory you can write to") from None
+    merged = merge_adapter_dir(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                               allow_pickle=args.allow_pickle,
+                               log=lambda message: print(message, file=sys.stderr, flush=True))
+    config = merged.adapter_config
+    method = (f"MoRA type {config.mora_type}" if config.method == "mora"
+              else {"dora": "DoRA", "hira": "HiRA"}.get(config.method, "LoRA"))
     print(
-        f"merged {n_kernels} kernels ({method}, r={config.r}) from {adapter_dir} into {base}; "
-        f"wrote {out} ({out_dtype}" + (f"; copied {', '.join(copied)})" if copied else ")")
+        f"merged {merged.n_kernels} kernels ({method}, r={config.r}) from {pathlib.Path(args.adapter)} into "
+        f"{pathlib.Path(args.base)}; wrote {merged.out_dir} ({merged.dtype}"
+        + (f"; copied {', '.join(merged.copied)})" if merged.copied else ")")
     )
     return 0
 
@@ -208,7 +73,8 @@ def describe_adapter(path) -> str:
     raw = read_adapter_config(path)
     check_supported(raw, str(path))
     tensors = read_adapter_tensors(path)
-    use_mora = bool(raw.get("use_mora"))
+    use_hira = raw.get("peft_type") == "HIRA"
+    use_mora = bool(raw.get("use_mora")) and not use_hira
     r = raw["r"]
     kinds: dict[str, dict[tuple, int]] = {}  # module kind (layer index removed) -> {shape: count}
     n_modules = n_trainable = 0
@@ -217,6 +83,7 @@ def describe_adapter(path) -> str:
         if parsed is None:
             continue
         module, part = parsed
+        part = {"hira_A": "lora_A", "hira_B": "lora_B"}.get(part, part)  # same layout as LoRA's
         if part == "lora_B" and use_mora:
             continue  # MoRA's lora_B is the same matrix as lora_A
         kind = re.sub(r"(^|\.)layers\.\d+\.", r"\1layers.*.", module)
@@ -227,7 +94,9 @@ def describe_adapter(path) -> str:
         n_modules += part == "lora_A"
 
     lines = [f"adapter: {path}"]
-    if use_mora:
+    if use_hira:
+        lines.append(f"method: HiRA, r={r} (ΔW = W ⊙ (B·A), no scale)")
+    elif use_mora:
         mora_type = raw.get("mora_type", 1)
         flavour = {1: "sharing", 6: "RoPE-based"}.get(mora_type, "ReMoRA cycle type")
         lines.append(f"method: MoRA, type {mora_type} ({flavour}), r={r}")
@@ -236,7 +105,10 @@ def describe_adapter(path) -> str:
         scale = lora_scale(r, alpha, rslora)
         lines.append(f"method: LoRA, r={r}, alpha={alpha}, scale={scale:g}" + (" (rsLoRA)" if rslora else ""))
     lines.append(f"target_modules: {raw.get('target_modules')}")
-    lines.append(f"lora_dropout: {raw.get('lora_dropout', 0.0)}")
+    if use_hira:
+        lines.append(f"hira_dropout: {raw.get('hira_dropout', 0.0)}")
+    else:
+        lines.append(f"lora_dropout: {raw.get('lora_dropout', 0.0)}")
     if raw.get("base_model_name_or_path"):
         lines.append(f"base_model_name_or_path: {raw['base_model_name_or_path']}")
     lines.append(f"adapted modules: {n_modules}")
@@ -377,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gguf_parser.add_argument("file", metavar="FILE", help="the .gguf file")
     gguf_parser.add_argument("out_dir", metavar="OUT_DIR", help="directory for the Hugging Face model")
-    gguf_parser.add_argument("--dtype", choices=_LOADABLE_DTYPES, default="float32",
+    gguf_parser.add_argument("--dtype", choices=GGUF_DTYPES, default="float32",
                              help="dtype of the written weights (default float32)")
     gguf_parser.add_argument("--overwrite", action="store_true", help="replace the model files in a non-empty OUT_DIR")
     gguf_parser.set_defaults(run=convert_gguf_command)

@@ -46,6 +46,23 @@ def weight_norm(kernel_KxD, a_KxR, b_RxD, scale: float):
     return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(sq, 0.0)))
 
 
+def rescaled_output(x_BxK, kernel_KxD, *, norm_D, magnitude_D, delta_fn, base_fn, bias_D, dropout_fn, dtype,
+                    precision=None):
+    """``y = x·K + (mag/n − 1) ⊙ (x·K) + (mag/n) ⊙ Δy`` for a weight-decomposed adapter (DoRA, MoRA with
+    ``magnitude``): ``norm_D`` the detached ``n``, ``delta_fn(x)`` the adapter's ``Δy``, ``base_fn()`` the
+    frozen layer's output (bias included). With dropout the base term is recomputed on the dropped input,
+    as PEFT does in training."""
+    y = base_fn()
+    if dropout_fn is not None:
+        x_BxK = dropout_fn(x_BxK)
+        base = jnp.matmul(x_BxK.astype(dtype), kernel_KxD.astype(dtype), precision=precision)
+    else:
+        base = y if bias_D is None else y - bias_D.astype(y.dtype)
+    ratio_D = (magnitude_D.astype(jnp.float32) / norm_D).astype(dtype)
+    delta = delta_fn(x_BxK.astype(dtype))
+    return y + ((ratio_D - 1) * base + ratio_D * delta).astype(y.dtype)
+
+
 def _stacked(fn, n_stack: int):
     for _ in range(n_stack):
         fn = jax.vmap(fn)
@@ -67,6 +84,8 @@ class DoRAAdapter:
 
     # The interceptor gives this adapter the layer's kernel and output (``dense_output``).
     uses_kernel = True
+    # Undoing a merge needs the column norm at merge time (``adapters.merge_with_norms``).
+    merge_needs_norms = True
 
     @property
     def r(self) -> int:
@@ -80,16 +99,10 @@ class DoRAAdapter:
         """The adapted layer's output ``(..., d)`` (single layer): ``base_fn()`` is the frozen layer's
         output (bias included); with adapter dropout the base term is recomputed on the dropped
         input, as PEFT does in training."""
-        y = base_fn()
-        if dropout_fn is not None:
-            x_BxK = dropout_fn(x_BxK)
-            base = jnp.matmul(x_BxK.astype(dtype), kernel_KxD.astype(dtype), precision=precision)
-        else:
-            base = y if bias_D is None else y - bias_D.astype(y.dtype)
-        n_D = weight_norm(kernel_KxD, self.a, self.b, self.scale)
-        ratio_D = (self.magnitude.astype(jnp.float32) / n_D).astype(dtype)
-        lora = ops.apply_lora(x_BxK.astype(dtype), self.a, self.b, scale=self.scale)
-        return y + ((ratio_D - 1) * base + ratio_D * lora).astype(y.dtype)
+        return rescaled_output(
+            x_BxK, kernel_KxD, norm_D=weight_norm(kernel_KxD, self.a, self.b, self.scale), magnitude_D=self.magnitude,
+            delta_fn=lambda x: ops.apply_lora(x, self.a, self.b, scale=self.scale), base_fn=base_fn, bias_D=bias_D,
+            dropout_fn=dropout_fn, dtype=dtype, precision=precision)
 
     def merged_kernel(self, kernel_KxD):
         """``(mag/n)·(K + s·A·B)`` and ``n`` (float32), for kernels ``(*stack, k, d)``."""
@@ -142,4 +155,4 @@ def fresh(adapter: DoRAAdapter, merged_kernel, key) -> DoRAAdapter:
     return adapter.replace(a=a, b=jnp.zeros_like(adapter.b), magnitude=magnitude.astype(adapter.magnitude.dtype))
 
 
-__all__ = ["DoRAAdapter", "column_norms", "fresh", "init_adapter", "weight_norm"]
+__all__ = ["DoRAAdapter", "column_norms", "fresh", "init_adapter", "rescaled_output", "weight_norm"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 from mora_jax import ops
 from mora_jax.models.config import LlamaConfig
 
+ADAPTER_METHODS = ("lora", "pissa", "dora", "hira", "mora")
+
 
 def llama_kernel_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
     """``{projection: (in_features k, out_features d)}`` of one LLaMA block."""
@@ -44,26 +46,42 @@ def adapter_flops_per_token(k: int, d: int, method: str, r: int, mora_type: int 
     backward ``∇m = zᵀ·du`` and ``dz = du·mᵀ``, one forward's worth each. Type 6: ``2·r̂·W`` for the
     ``W`` columns that reach the output (:func:`mora_columns_used`; ``2·n·r̂²`` when they are ``n``
     whole chunks), the same again for each of ``∇m`` and the input gradient.
+    HiRA: zero: its layer runs one matmul with the effective kernel ``K ⊙ (1 + A·B)`` instead of the
+    frozen ``x·K`` (forward and input gradient as the frozen model's); what it adds per token is the
+    gradient of that kernel, :func:`adapter_weight_grad_flops_per_token`.
     """
     if method in ("lora", "pissa", "dora"):  # PiSSA is LoRA at run time; DoRA's per-token extra (the magnitude scaling) is elementwise
         return 2.0 * r * (k + d), 2.0 * k * r
+    if method == "hira":  # one matmul with K ⊙ (1 + A·B) replaces the frozen one: nothing more per token
+        return 0.0, 0.0
     if method == "mora":
         r_hat = ops.rank_hat(k, d, r, mora_type)
         width = mora_columns_used(k, d, r_hat) if mora_type == 6 else r_hat
         fwd = 2.0 * r_hat * width
         return fwd, fwd
-    raise ValueError(f"adapter method must be 'lora', 'dora' or 'mora', got {method!r}")
+    raise ValueError(f"adapter method must be 'lora', 'pissa', 'dora', 'hira' or 'mora', got {method!r}")
 
 
 def adapter_flops_per_step(k: int, d: int, method: str, r: int) -> float:
     """Matmul FLOPs an adapter on a ``k × d`` kernel needs once per step, independent of the tokens.
 
     DoRA: the detached column norm ``‖K + s·A·B‖_c`` (``mora_jax.dora.weight_norm``): ``Aᵀ·K``
-    (``2·k·d·r``), ``AᵀA`` (``2·k·r²``) and ``(AᵀA)·B`` (``2·r²·d``). Zero for the other methods.
+    (``2·k·d·r``), ``AᵀA`` (``2·k·r²``) and ``(AᵀA)·B`` (``2·r²·d``). HiRA: ``A·B`` for the effective
+    kernel and, backward, ``∇A = G·Bᵀ`` and ``∇B = Aᵀ·G`` from ``G = ∂L/∂K' ⊙ K``: ``3 × 2·k·r·d``.
+    Zero for the other methods.
     """
     if method == "dora":
         return 2.0 * k * d * r + 2.0 * k * r * r + 2.0 * r * r * d
+    if method == "hira":
+        return 3 * 2.0 * k * r * d
     return 0.0
+
+
+def adapter_weight_grad_flops_per_token(k: int, d: int, method: str) -> float:
+    """Matmul FLOPs per token an adapter on a ``k × d`` kernel spends on a dense weight gradient:
+    HiRA's ``∂L/∂K' = xᵀ·dy`` (``2·k·d``, as full fine-tuning's), which its ``A``, ``B`` gradients need
+    (``mora_jax.hira``); zero for the other methods, whose gradients stay low-rank."""
+    return 2.0 * k * d if method == "hira" else 0.0
 
 
 def attention_pairs(config: LlamaConfig, seq_len: int, *, skip_masked: bool = False) -> float:
@@ -82,9 +100,9 @@ def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r
                    mora_type: int | None = None, *, skip_dead_input_grads: bool = True,
                    trained_lm_head: bool = False, skip_masked_attention: bool = False) -> dict[str, float]:
     """Matmul FLOPs of one training step of a LLaMA model, by part (see :func:`model_flops_per_step`)."""
-    if method not in ("full", "lora", "pissa", "dora", "mora", "frozen"):
-        raise ValueError(f"method must be 'full', 'lora', 'pissa', 'dora', 'mora' or 'frozen', got {method!r}")
-    if method in ("lora", "pissa", "dora", "mora") and not r:
+    if method not in ("full", "lora", "pissa", "dora", "hira", "mora", "frozen"):
+        raise ValueError(f"method must be 'full', 'lora', 'pissa', 'dora', 'hira', 'mora' or 'frozen', got {method!r}")
+    if method in ADAPTER_METHODS and not r:
         raise ValueError(f"{method} needs a rank r")
     if method == "mora" and mora_type is None:
         raise ValueError("mora needs a mora_type")
@@ -107,11 +125,11 @@ def flop_breakdown(config: LlamaConfig, batch: int, seq_len: int, method: str, r
                        + (2.0 * D * V * tokens if trained_lm_head else 0.0),
         "adapter": 0.0,
     }
-    if method in ("lora", "pissa", "dora", "mora"):
+    if method in ADAPTER_METHODS:
         per_token = per_step = 0.0
         for proj, (k, d) in shapes.items():
             fwd, in_grad = adapter_flops_per_token(k, d, method, r, mora_type)
-            per_token += L * 3.0 * fwd
+            per_token += L * (3.0 * fwd + adapter_weight_grad_flops_per_token(k, d, method))
             per_step += L * adapter_flops_per_step(k, d, method, r)
             if skip_dead_input_grads and proj in ("q_proj", "k_proj", "v_proj"):
                 per_token -= in_grad
@@ -142,6 +160,9 @@ def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: 
       (:func:`adapter_flops_per_token`): LoRA and DoRA ``2·tokens·r·(k+d)·3`` (DoRA adds its
       per-step column norm, :func:`adapter_flops_per_step`); MoRA ``2·tokens·r̂²·3`` (types
       1–4) or ``2·tokens·r̂·W·3`` (type 6, ``W`` of its ``n·r̂`` product columns reaching the output);
+      HiRA (``"hira"``) the dense gradient of its effective kernel, ``2·tokens·k·d`` (full
+      fine-tuning's weight gradient: HiRA's floor is ``full``'s FLOPs plus ``6·k·r·d`` per kernel and
+      step, :func:`adapter_weight_grad_flops_per_token`, :func:`adapter_flops_per_step`);
     * ``"frozen"``: the base model alone with every kernel frozen (what any adapter method pays
       before its adapter matmuls), so ``full − frozen`` is exactly the weight-gradient term.
 
@@ -155,5 +176,5 @@ def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: 
                                     skip_masked_attention=skip_masked_attention).values()))
 
 
-__all__ = ["adapter_flops_per_step", "adapter_flops_per_token", "attention_pairs", "flop_breakdown",
-           "llama_kernel_shapes", "model_flops_per_step", "mora_columns_used"]
+__all__ = ["ADAPTER_METHODS", "adapter_flops_per_step", "adapter_flops_per_token", "adapter_weight_grad_flops_per_token",
+           "attention_pairs", "flop_breakdown", "llama_kernel_shapes", "model_flops_per_step", "mora_columns_used"]

@@ -55,6 +55,8 @@ class MoRAConfig:
       targets: regexes over ``/``-joined parameter paths selecting the kernels to adapt.
       dropout: dropout rate on the adapter input (active only when a ``'dropout'`` rng is passed).
       unfreeze: regexes of base parameters trained in full alongside the adapters.
+      magnitude: a DoRA-style trainable magnitude per output feature on top of MoRA: the adapted
+        kernel is ``(mag/‖K + ΔK‖_c)·(K + ΔK)`` column-wise, the norm detached in the backward pass.
     """
 
     r: int = 8
@@ -62,10 +64,13 @@ class MoRAConfig:
     targets: tuple[str, ...] = (LLAMA_TARGETS,)
     dropout: float = 0.0
     unfreeze: tuple[str, ...] = ()
+    magnitude: bool = False
     method = "mora"
 
     def __post_init__(self):
         _check_rank("MoRAConfig", self.r)
+        if not isinstance(self.magnitude, bool):
+            raise ValueError(f"MoRAConfig.magnitude must be True or False, got {self.magnitude!r}")
         _check_type(self.mora_type)
         _check_dropout(self.dropout)
         _check_selection(self)
@@ -153,7 +158,25 @@ class PiSSAConfig:
             raise ValueError(f"PiSSAConfig.niter must be None (exact SVD) or an int >= 0, got {self.niter!r}")
 
 
-AdapterConfig = Union[MoRAConfig, LoRAConfig, DoRAConfig, PiSSAConfig, FullConfig]
+@dataclasses.dataclass(frozen=True)
+class HiRAConfig:
+    """HiRA (Hadamard high-rank adaptation): ``K' = K ⊙ (1 + A·B)``, ``A (k, r)``, ``B (r, d)`` trained,
+    no scale (as Hugging Face PEFT's ``HiraConfig``); the update ``K ⊙ A·B`` has rank up to ``r·rank(K)``
+    with LoRA's parameter count (:mod:`mora_jax.hira`)."""
+
+    r: int = 8
+    targets: tuple[str, ...] = (LLAMA_TARGETS,)
+    dropout: float = 0.0
+    unfreeze: tuple[str, ...] = ()
+    method = "hira"
+
+    def __post_init__(self):
+        _check_rank("HiRAConfig", self.r)
+        _check_dropout(self.dropout)
+        _check_selection(self)
+
+
+AdapterConfig = Union[MoRAConfig, LoRAConfig, DoRAConfig, PiSSAConfig, HiRAConfig, FullConfig]
 
 
 def _check_dropout(rate) -> None:
@@ -162,7 +185,8 @@ def _check_dropout(rate) -> None:
 
 
 # The one registry of methods: name -> config class (each class's ``method`` is its name).
-METHODS: dict[str, type] = {c.method: c for c in (MoRAConfig, LoRAConfig, DoRAConfig, PiSSAConfig, FullConfig)}
+METHODS: dict[str, type] = {c.method: c for c in (MoRAConfig, LoRAConfig, DoRAConfig, PiSSAConfig, HiRAConfig,
+                                                    FullConfig)}
 
 
 def config_class(method: str) -> type:
@@ -182,5 +206,5 @@ def make_config(method: str, **kwargs) -> AdapterConfig:
     return cls(**kwargs)
 
 
-__all__ = ["METHODS", "AdapterConfig", "DoRAConfig", "FullConfig", "PiSSAConfig", "LLAMA_FULLY_TRAINED", "LLAMA_TARGETS", "LoRAConfig", "MoRAConfig",
+__all__ = ["METHODS", "AdapterConfig", "DoRAConfig", "FullConfig", "HiRAConfig", "PiSSAConfig", "LLAMA_FULLY_TRAINED", "LLAMA_TARGETS", "LoRAConfig", "MoRAConfig",
            "config_class", "make_config"]

@@ -21,7 +21,8 @@ from mora_jax import adapters as adapters_lib
 from mora_jax import data as data_lib
 from mora_jax.checkpoint import workdir_lock
 from mora_jax.errors import ConfigError
-from mora_jax.hf.checkpoints import read_config, save_llama
+from mora_jax.hf.checkpoints import read_config
+from mora_jax.hf.merge import save_merged
 from mora_jax.hf.peft import save_adapter
 from mora_jax.run_config import RunConfig
 
@@ -66,9 +67,15 @@ def build_data(config: RunConfig, task: str, tokenizer):
         factory = {"alpaca": data_lib.FinetuneDataConfig.alpaca, "metamathqa": data_lib.FinetuneDataConfig.metamathqa}
         if d.format not in factory:
             raise ConfigError(f"unknown data.format {d.format!r}: choose one of {sorted(factory)}")
-        data_config = factory[d.format](t.seq_len, batch_size, packing=d.packing, num_epochs=d.num_epochs,
-                                        seed=config.seed, overlong=d.overlong, on_bad_record=d.on_bad_record,
-                                        add_bos=tokenizer.adds_bos, chat_template=d.chat_template)
+        template = {"prompt_template": d.prompt_template, "prompt_template_no_input": None} if d.prompt_template else {}
+        try:
+            data_config = factory[d.format](t.seq_len, batch_size, packing=d.packing, num_epochs=d.num_epochs,
+                                            seed=config.seed, overlong=d.overlong, on_bad_record=d.on_bad_record,
+                                            add_bos=tokenizer.adds_bos, chat_template=d.chat_template, **template)
+        except ValueError as e:
+            if not d.prompt_template:
+                raise
+            raise ConfigError(f"data.prompt_template: {e}") from None
         eval_config = dataclasses.replace(data_config, num_epochs=1, shuffle=False)
         make = functools.partial(data_lib.finetune_batches, tokenizer=tokenizer, **shard)
     train_batches = make(d.source, config=data_config)
@@ -80,7 +87,7 @@ def build_data(config: RunConfig, task: str, tokenizer):
 
 def export(config: RunConfig, model, result: loop.RunResult) -> None:
     """``export/adapter`` (PEFT format, with the MoRA type in use at the end) and ``export/merged``
-    (Hugging Face format) in the workdir, as ``config.export`` asks. Every process calls it (arrays
+    (Hugging Face format, with the base checkpoint's tokenizer and generation files) in the workdir, as ``config.export`` asks. Every process calls it (arrays
     sharded across processes are gathered); process 0 writes."""
     if result.preempted:
         return
@@ -92,7 +99,8 @@ def export(config: RunConfig, model, result: loop.RunResult) -> None:
             save_adapter(workdir / "export" / "adapter", adapter_config_for_export(config.adapter, adapters),
                             host_adapters, base_model_name_or_path=config.model.hf_path, overwrite=True)
     if config.export.merged:
-        save_llama(workdir / "export" / "merged", model, adapters_lib.merge(params, adapters), overwrite=True)
+        save_merged(workdir / "export" / "merged", model, params, adapters, overwrite=True,
+                    base_dir=config.model.hf_path or None)  # with the base's tokenizer: ready to load and chat
     distributed.barrier("export")
 
 

@@ -4,7 +4,7 @@ After the update of step ``s`` with ``s % T == 0`` (``s > 0``): every adapted ke
 ``K + ΔK`` (float32 accumulate, cast back, inside ``jax.jit`` on the sharded, donated weights),
 MoRA's ``m`` restarts at zero with the next operator type of the cycle (reference: 1→2→3→4→1),
 LoRA's ``a`` is re-initialised and ``b`` zeroed (DoRA's magnitude restarts at the merged kernel's column
-norms; PiSSA runs its SVD again on the merged kernel and freezes the new residual), and the adapters get a fresh optimizer state
+norms; HiRA's next update multiplies the merged kernel; PiSSA runs its SVD again on the merged kernel and freezes the new residual), and the adapters get a fresh optimizer state
 (moments and step count) while fully trained parameters keep theirs. The learning-rate restart is
 part of the schedule (``mora_jax.schedules``).
 """
@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mora_jax import dora, ops, pissa
+from mora_jax import dora, hira, ops, pissa
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, merge, unflatten
 from mora_jax.dora import DoRAAdapter
+from mora_jax.hira import HiRAAdapter
 from mora_jax.pissa import PiSSAAdapter
 from mora_jax.training import TrainState
 
@@ -70,7 +71,7 @@ class RemoraConfig:
 def fresh_adapters(adapters, rng, mora_type: int | None = None, merged_params=None):
     """New adapters of the same shapes: MoRA ``m = 0`` (optionally another type), LoRA ``a`` re-initialised
     (kaiming-uniform) and ``b = 0``; DoRA as LoRA with ``magnitude`` the column norms of the merged
-    kernels in ``merged_params`` (needed for DoRA), so the model is unchanged by the restart."""
+    kernels in ``merged_params`` (needed for DoRA and MoRA with a magnitude), so the model is unchanged by the restart."""
     flat = flatten(adapters)
     flat_params = flatten(merged_params) if merged_params is not None else {}
     out = {}
@@ -80,6 +81,12 @@ def fresh_adapters(adapters, rng, mora_type: int | None = None, merged_params=No
             if new_type != adapter.mora_type and (new_type == 6) != (adapter.mora_type == 6):
                 raise ValueError(f"cannot switch {'/'.join(path)} between type 6 and types 1-4 at a merge")
             out[path] = adapter.replace(m=jnp.zeros_like(adapter.m), mora_type=new_type)
+            if adapter.magnitude is not None:  # restarts at the merged kernel's column norms, as DoRA's
+                if path not in flat_params:
+                    raise ValueError(f"restarting the MoRA adapter with a magnitude at {'/'.join(path)} needs its "
+                                     "merged kernel: pass merged_params to fresh_adapters")
+                merged = flat_params[path].reshape(*adapter.m.shape[:-2], adapter.in_features, adapter.out_features)
+                out[path] = out[path].replace(magnitude=dora.column_norms(merged).astype(adapter.magnitude.dtype))
         elif isinstance(adapter, PiSSAAdapter):
             raise ValueError(f"the PiSSA adapter at {'/'.join(path)} restarts with its base kernel (a new SVD): use "
                              "merge_and_reset, or mora_jax.pissa.restart")
@@ -92,6 +99,8 @@ def fresh_adapters(adapters, rng, mora_type: int | None = None, merged_params=No
                 raise ValueError(f"restarting the DoRA adapter at {'/'.join(path)} needs its merged kernel: "
                                  "pass merged_params to fresh_adapters")
             out[path] = dora.fresh(adapter, flat_params[path], jax.random.fold_in(rng, i))
+        elif isinstance(adapter, HiRAAdapter):
+            out[path] = hira.fresh(adapter, jax.random.fold_in(rng, i))
         else:
             raise TypeError(f"not an adapter at {'/'.join(path)}: {type(adapter).__name__}")
     return unflatten(out)

@@ -271,6 +271,8 @@ class DataConfig:
       text_field: the field holding the text in JSON/Parquet records (pretraining).
       overlong: "truncate" or "drop" too long documents/examples.
       format: fine-tuning records, "alpaca" (instruction/input/output) or "metamathqa" (query/response).
+      prompt_template: fine-tuning: a str.format template of the prompt over the record's fields
+        (e.g. "Question: {query}\nAnswer:"), the response following it directly; empty = the format's own.
       packing: pack several fine-tuning examples per row (attention stays within each).
       num_epochs: passes over the data (None = repeat forever).
       eval_split: the split of a Hub data set used for evaluation.
@@ -288,6 +290,7 @@ class DataConfig:
     text_field: str = "text"
     overlong: str = "truncate"
     format: str = "alpaca"
+    prompt_template: str = ""
     packing: bool = False
     num_epochs: int | None = None
     eval_split: str = "train"
@@ -358,6 +361,9 @@ class RunConfig:
     def __post_init__(self):
         if self.method == "full" and self.remora.every:
             object.__setattr__(self, "remora", dataclasses.replace(self.remora, every=0))
+        if isinstance(self.adapter, MoRAConfig) and self.adapter.magnitude and self.export.adapter:
+            raise ConfigError("adapter.magnitude=True (MoRA with a magnitude) has no PEFT adapter file format: set "
+                              "export.adapter=False (export.merged=True writes the trained model)")
         if self.optim.warmup_steps > self.train.steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} is longer than the run "
                               f"(train.steps={self.train.steps})")

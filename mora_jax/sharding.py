@@ -19,8 +19,8 @@ Three layers of naming, as in MaxText / big_vision:
    that no rule matches are replicated.
 
 Adapters: MoRA's ``m`` (``r̂ × r̂``, or ``(L, r̂, r̂)`` when scanned) is small and replicated unless
-a rule matches its path (``…/q_proj/kernel/m``); LoRA's (and DoRA's) ``a (k, r)`` / ``b (r, d)`` shard
-``k`` / ``d`` like the adapted kernel's input / output dimension, DoRA's ``magnitude (d,)`` like ``d``. Optimizer-state leaves follow the trainable
+a rule matches its path (``…/q_proj/kernel/m``); LoRA's (and DoRA's, HiRA's) ``a (k, r)`` / ``b (r, d)`` shard
+``k`` / ``d`` like the adapted kernel's input / output dimension, DoRA's (and MoRA's optional) ``magnitude (d,)`` like ``d``. Optimizer-state leaves follow the trainable
 leaf they belong to (matched by key-path suffix and shape); scalars (step counts, injected
 hyperparameters) are replicated.
 
@@ -50,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mora_jax import adapters as adapters_lib
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, is_adapter
 from mora_jax.dora import DoRAAdapter
+from mora_jax.hira import HiRAAdapter
 from mora_jax.mesh import mesh_context, put, replicated
 
 logger = logging.getLogger(__name__)
@@ -220,8 +221,15 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: ShardingRules
 def _adapter_specs(path: str, adapter, mesh: Mesh, rules: ShardingRules):
     """The adapter node with each array field replaced by its PartitionSpec."""
     if isinstance(adapter, MoRAAdapter):
-        return adapter.replace(m=param_spec(f"{path}/m", adapter.m.shape, mesh, rules))
-    if isinstance(adapter, (LoRAAdapter, DoRAAdapter)):
+        specs = {"m": param_spec(f"{path}/m", adapter.m.shape, mesh, rules)}
+        if adapter.magnitude is not None:  # like the kernel's output dimension, as DoRA's
+            kernel_axes = rules.param_logical_axes(path) or ()
+            own = rules.param_logical_axes(f"{path}/magnitude")
+            specs["magnitude"] = spec_from_logical(adapter.magnitude.shape, own if own is not None else
+                                                   (kernel_axes[-1] if kernel_axes else None,), mesh, rules,
+                                                   what=f"{path}/magnitude")
+        return adapter.replace(**specs)
+    if isinstance(adapter, (LoRAAdapter, DoRAAdapter, HiRAAdapter)):
         specs = {}
         kernel_axes = rules.param_logical_axes(path) or ()
         k_axis, d_axis = kernel_axes[-2:] if len(kernel_axes) >= 2 else (None, None)

@@ -3,6 +3,7 @@ artifacts with provenance and resumes; the prose corpus builder keeps prose and 
 
 import json
 
+import numpy as np
 import pytest
 
 from configs import c4_pretrain
@@ -96,5 +97,22 @@ def test_merging_methods_need_a_merge_period(corpus, tmp_path):
     config.remora.every = 0
     with pytest.raises(ValueError, match="remora.every is 0"):
         compare_pretraining.method_config(config, "remora", 0, tmp_path)
-    with pytest.raises(ValueError, match="unknown method 'dora'"):
-        compare_pretraining.method_config(config, "dora", 0, tmp_path)
+    with pytest.raises(ValueError, match="unknown method 'vera'"):
+        compare_pretraining.method_config(config, "vera", 0, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_peft_family_joins_the_comparison_at_the_same_rank(corpus, tmp_path):
+    config = _config(corpus, tmp_path / "cmp")
+    results = compare_pretraining.compare(config, ("lora", "dora", "pissa", "hira"), seeds=(0,))
+    runs = {r["method"]: r for r in results["runs"]}
+    lora = runs["lora"]["trainable_params"]
+    # PiSSA and HiRA train LoRA's two factors; DoRA adds one magnitude per output feature of each kernel
+    assert runs["pissa"]["trainable_params"] == runs["hira"]["trainable_params"] == lora
+    assert lora < runs["dora"]["trainable_params"] < 1.1 * lora
+    for method in ("dora", "pissa", "hira"):
+        run = runs[method]
+        assert [e[0] for e in run["eval"]] == [e[0] for e in runs["lora"]["eval"]] and not run["merges"]
+        assert np.isfinite(run["eval"][-1][1]), method
+    text = (tmp_path / "cmp" / "results.md").read_text()
+    assert all(label in text for label in ("DoRA", "PiSSA", "HiRA"))

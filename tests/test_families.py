@@ -83,6 +83,7 @@ def test_bias_leaves_and_param_counts():
     assert "lm_head" not in params
     # the public checkpoints' sizes
     assert count_params(abstract_params(LLAMA_CONFIGS["llama3.2-1b"])) == 1_235_814_400
+    assert count_params(abstract_params(LLAMA_CONFIGS["llama3.2-3b"])) == 3_212_749_824
     assert count_params(abstract_params(LLAMA_CONFIGS["qwen2.5-0.5b"])) == 494_032_768
     assert count_params(abstract_params(LLAMA_CONFIGS["mistral-7b"])) == 7_241_732_096
 

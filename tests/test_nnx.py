@@ -17,7 +17,9 @@ from jax.sharding import PartitionSpec as P
 
 import mora_jax as mj
 import mora_jax.nnx as mnx
+from mora_jax import pissa
 from mora_jax.hf import peft
+from mora_jax.methods import DoRAConfig, HiRAConfig, PiSSAConfig
 from mora_jax.models import RopeScaling
 from mora_jax.models.config import LLAMA_CONFIGS
 from mora_jax.models.llama import LlamaForCausalLM, init_params
@@ -52,7 +54,7 @@ def _logits(model, ids):
     return model(ids)
 
 
-CONFIGS = [mj.MoRAConfig(r=2, mora_type=t) for t in (1, 2, 3, 4, 6)] + [mj.LoRAConfig(r=3, alpha=6.0)]
+CONFIGS = [mj.MoRAConfig(r=2, mora_type=t) for t in (1, 2, 3, 4, 6)] + [mj.LoRAConfig(r=3, alpha=6.0), HiRAConfig(r=3)]
 IDS_OF = lambda c: f"{c.method}{getattr(c, 'mora_type', '')}"  # noqa: E731
 
 
@@ -111,7 +113,8 @@ def test_model_families_match_linen_with_mora(name):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS_OF)
 def test_same_adapters_same_logits_as_linen(params, config):
-    adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
+    # HiRA's update is K ⊙ (a·b): a product of two small random matrices times a small kernel needs larger values
+    adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)), scale=0.4 if config.method == "hira" else 0.1)
     expected = mj.apply_model(LINEN, params, IDS, adapters=adapters)
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
     got = _logits(model, IDS)
@@ -156,7 +159,7 @@ def _nnx_step(model, optimizer, ids):
 
 
 @pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.MoRAConfig(r=2, mora_type=1),
-                                    mj.LoRAConfig(r=3, alpha=6.0)], ids=IDS_OF)
+                                    mj.LoRAConfig(r=3, alpha=6.0), HiRAConfig(r=2)], ids=IDS_OF)
 def test_training_matches_linen(params, config):
     tx = optax.adamw(1e-2)
     adapters = mj.init_adapters(params, config, jax.random.key(1))  # M = 0 (LoRA: random a, b = 0)
@@ -281,7 +284,7 @@ def test_adapted_linear_general_and_einsum_fold_consistently():
 
 
 @pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.MoRAConfig(r=2, mora_type=1),
-                                    mj.LoRAConfig(r=3, alpha=6.0)], ids=IDS_OF)
+                                    mj.LoRAConfig(r=3, alpha=6.0), HiRAConfig(r=3)], ids=IDS_OF)
 def test_merge_unmerge_round_trip(params, config):
     adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
@@ -364,6 +367,16 @@ def test_remora_merge_equals_linen_merge_and_keeps_the_function(params):
     mnx.merge_and_reset(model, rng=7)
     assert not np.any(model.model.layers[0].mlp.up_proj.kernel_lora_b[...])
     assert not np.allclose(model.model.layers[0].mlp.up_proj.kernel_lora_a[...], a_before)
+    # HiRA: the merge is the linen one (K ⊙ (1 + a·b)), then a re-initialised, b zero, the function kept
+    model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), _random_like(
+        mj.init_adapters(params, HiRAConfig(r=2), jax.random.key(1)), scale=0.4))
+    adapters, before = mnx.to_linen_adapters(model), _logits(model, IDS)
+    mnx.merge_and_reset(model, rng=7)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(mj.merge(params, adapters))):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert not np.any(model.model.layers[0].mlp.up_proj.kernel_hira_b[...])
+    np.testing.assert_allclose(_logits(model, IDS), before, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,8 +384,8 @@ def test_remora_merge_equals_linen_merge_and_keeps_the_function(params):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.LoRAConfig(r=3, alpha=6.0, rslora=True)],
-                         ids=IDS_OF)
+@pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.LoRAConfig(r=3, alpha=6.0, rslora=True),
+                                    HiRAConfig(r=2), DoRAConfig(r=2, alpha=4.0)], ids=IDS_OF)
 def test_converter_round_trip(params, config):
     adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
@@ -394,7 +407,8 @@ def test_converter_round_trip(params, config):
             ("model", "layers_0", "mlp", "up_proj", "kernel")]}}})
 
 
-@pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.LoRAConfig(r=3, alpha=6.0)], ids=IDS_OF)
+@pytest.mark.parametrize("config", [mj.MoRAConfig(r=2, mora_type=6), mj.LoRAConfig(r=3, alpha=6.0), HiRAConfig(r=2)],
+                         ids=IDS_OF)
 def test_peft_export_from_nnx_loads_on_the_linen_side(params, config, tmp_path):
     adapters = _random_like(mj.init_adapters(params, config, jax.random.key(1)))
     model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
@@ -829,3 +843,86 @@ def test_a_stacked_layer_called_whole_or_stacked_on_another_axis_is_a_clear_erro
 
     with pytest.raises(ValueError, match=r"does not end in the layer's own kernel shape \(16, 24\)"):
         mnx.attach(make(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"kernel",)))
+
+
+def test_methods_the_nnx_path_lacks_are_refused_not_converted(params):
+    """MoRA with a magnitude exists on the linen path only: attach and load_linen_adapters refuse it
+    (loaded as plain MoRA it would silently drop the magnitude)."""
+    model = nnx_llama.from_linen(CFG, params)
+    with pytest.raises(TypeError, match=r"magnitude=True\) is not implemented on the nnx path"):
+        mnx.attach(model, mj.MoRAConfig(r=2, magnitude=True))
+    with pytest.raises(TypeError, match="the nnx path does not implement"):
+        mnx.load_linen_adapters(model, mj.init_adapters(params, mj.MoRAConfig(r=2, magnitude=True), jax.random.key(0)))
+    assert not mnx.adapted_layers(model)  # nothing attached on the way
+
+
+def test_dora_on_nnx_matches_linen_merges_exactly_and_restarts(params, tmp_path):
+    config = DoRAConfig(r=2, alpha=4.0)
+    attached = mnx.attach(nnx_llama.from_linen(CFG, params), config, rng=1)
+    linen_init = mj.init_adapters(params, config, jax.random.key(1))
+    for a, b in zip(jax.tree_util.tree_leaves(mnx.to_linen_adapters(attached)), jax.tree_util.tree_leaves(linen_init)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # a as linen draws it, b = 0, magnitude = ‖K‖_c
+    adapters = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), linen_init)
+    expected = mj.apply_model(LINEN, params, IDS, adapters=adapters)
+    model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
+    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
+    assert np.abs(np.asarray(expected - LINEN.apply({"params": params}, IDS))).max() > 1e-2
+    # gradients: the same as the linen path's (the norm detached on both sides)
+    linen_grads = jax.grad(lambda a: _next_token_loss(mj.apply_model(LINEN, params, IDS, adapters=a), IDS))(adapters)
+    nnx_grads = nnx.grad(lambda m: _next_token_loss(m(IDS), IDS), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    assert mj.count_params(nnx_grads) == mj.count_params(adapters)
+    node = mj.adapters.flatten(linen_grads)[("model", "layers_1", "mlp", "down_proj", "kernel")]
+    layer = model.model.layers[1].mlp.down_proj
+    grads = nnx_grads["model"]["layers"][1]["mlp"]["down_proj"]
+    np.testing.assert_allclose(grads["kernel_lora_magnitude"][...], node.magnitude, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads["kernel_lora_b"][...], node.b, rtol=1e-4, atol=1e-6)
+    assert layer.kernel_lora_magnitude[...].shape == node.magnitude.shape
+    # merge is exact and undone with the kept norms; merge_and_unload leaves a plain model
+    mnx.merge_adapters(model)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(mj.merge(params, adapters))):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
+    mnx.unmerge(model)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # PEFT files (use_dora) from nnx load on the linen side
+    mnx.save_adapter(tmp_path / "dora", model)
+    _, loaded = peft.load_adapter(tmp_path / "dora", params)
+    np.testing.assert_allclose(mj.apply_model(LINEN, params, IDS, adapters=loaded), expected, rtol=0, atol=1e-5)
+    # ReLoRA-style restart: merged, a new, b = 0, magnitude re-based: the function is kept
+    mnx.merge_and_reset(model, rng=3)
+    assert not np.any(layer.kernel_lora_b[...]) and not hasattr(layer, "mora_dora_norm")
+    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
+    plain = mnx.merge_and_unload(model)
+    np.testing.assert_allclose(_logits(plain, IDS), expected, rtol=0, atol=1e-5)
+
+
+def test_pissa_on_nnx_is_the_linen_start_keeps_the_model_and_restarts_by_svd(params):
+    config = PiSSAConfig(r=2, alpha=4.0)
+    model = mnx.attach(nnx_llama.from_linen(CFG, params), config, rng=1)
+    residual, initial = pissa.init(params, config, jax.random.key(1))
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(residual)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # the kernels became the SVD residual
+    ours = mnx.to_linen_adapters(model)
+    assert isinstance(mj.adapters.flatten(ours)[("model", "layers_0", "mlp", "up_proj", "kernel")], pissa.PiSSAAdapter)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(initial)):  # same principal part
+        np.testing.assert_allclose(np.abs(a), np.abs(b), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_logits(model, IDS), LINEN.apply({"params": params}, IDS), rtol=0, atol=1e-5)
+    assert mnx.adapter_config(model) == PiSSAConfig(r=2, alpha=4.0, targets=mnx.adapter_config(model).targets)
+    # a ReLoRA-style restart merges and runs the SVD again on the merged kernel; the function is kept
+    layer = model.model.layers[1].self_attn.o_proj
+    layer.kernel_lora_b[...] += 0.05
+    before = _logits(model, IDS)
+    mnx.merge_and_reset(model, rng=3)
+    np.testing.assert_allclose(_logits(model, IDS), before, rtol=0, atol=2e-5)
+    merged = np.asarray(layer.kernel[...]) + 2.0 * np.asarray(layer.kernel_lora_a[...] @ layer.kernel_lora_b[...])
+    s_merged = np.linalg.svd(merged, compute_uv=False)
+    np.testing.assert_allclose(np.linalg.svd(np.asarray(layer.kernel[...]), compute_uv=False)[:-2], s_merged[2:],
+                               atol=1e-5)  # the residual lacks exactly the top-2 singular values
+    # the linen tree (PiSSA nodes) loads into a model built from the residual params without a new SVD
+    other = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, residual), initial)
+    assert getattr(other.model.layers[0].mlp.up_proj, "mora_spec").method == "pissa"
+    np.testing.assert_allclose(_logits(other, IDS), LINEN.apply({"params": params}, IDS), rtol=0, atol=1e-5)

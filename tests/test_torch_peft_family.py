@@ -12,7 +12,8 @@ import pytest
 
 import mora_jax as mj
 from mora_jax import hf
-from mora_jax.methods import DoRAConfig
+from mora_jax import pissa
+from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, PiSSAConfig
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]  # ~40 s per test on 2 CPU cores
 TOL = 2e-4
@@ -95,3 +96,84 @@ def test_peft_dora_file_loads_here(tmp_path, tied):
     np.testing.assert_allclose(ours, theirs, atol=TOL)
     merged = mj.merge(params, adapters)  # and merged, exactly
     np.testing.assert_allclose(np.asarray(model.apply({"params": merged}, ids)), theirs, atol=TOL)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hira_saved_here_runs_in_peft(tmp_path, tied):
+    torch, transformers, base_dir = _torch_llama(tmp_path, tied)
+    model, params = hf.load_llama(base_dir)
+    config = HiRAConfig(r=4)
+    adapters = _perturbed(mj.init_adapters(params, config, jax.random.key(0)), scale=0.2)
+    hf.save_adapter(tmp_path / "hira", config, adapters, base_model_name_or_path=str(base_dir))
+    ids = np.random.default_rng(0).integers(0, 96, (2, 10))
+    ours = np.asarray(mj.apply_model(model, params, jnp.asarray(ids), adapters=adapters))
+    theirs = _peft_logits(torch, transformers, base_dir, tmp_path / "hira", ids)
+    np.testing.assert_allclose(ours, theirs, atol=TOL)
+    assert np.abs(ours - np.asarray(model.apply({"params": params}, ids))).max() > 1e-2  # the adapter matters
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_peft_hira_file_loads_here(tmp_path, tied):
+    peft = pytest.importorskip("peft")
+    torch, transformers, base_dir = _torch_llama(tmp_path, tied)
+    ids = np.random.default_rng(1).integers(0, 96, (2, 10))
+    # init_weights=False: A, B random (PEFT's debugging start), since a few steps from B = 0 barely move HiRA
+    peft_config = peft.HiraConfig(r=4, init_weights=False,
+                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+    theirs = _peft_trained(torch, transformers, base_dir, peft_config, tmp_path / "hira", ids)
+    model, params = hf.load_llama(base_dir)
+    config, adapters = hf.load_adapter(tmp_path / "hira", params)
+    assert isinstance(config, HiRAConfig) and config.r == 4
+    ours = np.asarray(mj.apply_model(model, params, jnp.asarray(ids), adapters=adapters))
+    np.testing.assert_allclose(ours, theirs, atol=TOL)
+    assert np.abs(ours - np.asarray(model.apply({"params": params}, ids))).max() > 1e-2  # the adapter matters
+    merged = mj.merge(params, adapters)  # and merged, exactly
+    np.testing.assert_allclose(np.asarray(model.apply({"params": merged}, ids)), theirs, atol=TOL)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pissa_export_runs_in_peft_on_the_original_base(tmp_path, tied):
+    """PiSSA trained here on the residual base, exported as a rank-2r LoRA for the original base
+    (``pissa.to_lora``): PEFT runs it on the original checkpoint with the same logits."""
+    torch, transformers, base_dir = _torch_llama(tmp_path, tied)
+    model, params = hf.load_llama(base_dir)
+    config = PiSSAConfig(r=4, alpha=8.0)
+    residual, initial = pissa.init(params, config, jax.random.key(0))
+    trained = _perturbed(initial, scale=0.05)
+    ids = np.random.default_rng(2).integers(0, 96, (2, 10))
+    ours = np.asarray(mj.apply_model(model, residual, jnp.asarray(ids), adapters=trained))
+    hf.save_adapter(tmp_path / "pissa", *pissa.to_lora(trained, initial, config), base_model_name_or_path=str(base_dir))
+    theirs = _peft_logits(torch, transformers, base_dir, tmp_path / "pissa", ids)
+    np.testing.assert_allclose(ours, theirs, atol=TOL)
+    assert np.abs(ours - np.asarray(model.apply({"params": params}, ids))).max() > 1e-2  # the training matters
+
+
+def test_peft_pissa_conversion_loads_here_on_the_original_base(tmp_path):
+    """PEFT's own PiSSA, trained and saved with path_initial_model_for_weight_conversion, is a plain LoRA
+    for the original base: it loads here on the original weights with PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    torch, transformers, base_dir = _torch_llama(tmp_path, tied=False)
+    ids = np.random.default_rng(3).integers(0, 96, (2, 10))
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
+                                                           target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    peft_model.peft_config["default"].init_lora_weights = True  # as PEFT's docs save the initial adapter
+    peft_model.save_pretrained(tmp_path / "pissa_init")
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    t_ids = torch.as_tensor(ids, dtype=torch.long)
+    for _ in range(3):
+        loss = peft_model(t_ids, labels=t_ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    peft_model.eval()
+    with torch.no_grad():
+        theirs = peft_model(t_ids).logits.numpy()
+    peft_model.save_pretrained(tmp_path / "pissa_lora", path_initial_model_for_weight_conversion=str(tmp_path / "pissa_init"))
+    model, params = hf.load_llama(base_dir)  # the original weights, not PEFT's residual
+    config, adapters = hf.load_adapter(tmp_path / "pissa_lora", params)
+    assert isinstance(config, LoRAConfig) and config.r == 8
+    ours = np.asarray(mj.apply_model(model, params, jnp.asarray(ids), adapters=adapters))
+    np.testing.assert_allclose(ours, theirs, atol=TOL)
+    assert np.abs(ours - np.asarray(model.apply({"params": params}, ids))).max() > 1e-3

@@ -1,5 +1,5 @@
-"""The paper's pretraining comparison: full training, LoRA, ReLoRA, MoRA and ReMoRA from scratch on
-the same tokens, evaluated at the same token counts.
+"""The paper's pretraining comparison: full training, LoRA, ReLoRA, MoRA and ReMoRA (and DoRA, PiSSA,
+HiRA at LoRA's rank) from scratch on the same tokens, evaluated at the same token counts.
 
 Every method trains the same model from the same initialisation (per seed) on the same token
 stream, in the reference's style: embeddings, LM head and norms trained in full (``adapter.unfreeze``),
@@ -30,8 +30,12 @@ from mora_jax.experiments.runs import cached_run, mean_std
 from mora_jax.methods import LLAMA_FULLY_TRAINED, LLAMA_TARGETS
 from mora_jax.run_config import RunConfig
 
-METHODS = ("full", "lora", "relora", "mora", "remora")
-LABELS = {"full": "full training", "lora": "LoRA", "relora": "ReLoRA", "mora": "MoRA", "remora": "ReMoRA"}
+METHODS = ("full", "lora", "relora", "mora", "remora", "dora", "pissa", "hira")
+LABELS = {"full": "full training", "lora": "LoRA", "relora": "ReLoRA", "mora": "MoRA", "remora": "ReMoRA",
+          "dora": "DoRA", "pissa": "PiSSA", "hira": "HiRA"}
+# the mora_jax.methods name each compared method trains with (the "re" ones merge every remora.every steps)
+ADAPTER_METHOD = {"full": "full", "lora": "lora", "relora": "lora", "mora": "mora", "remora": "mora",
+                  "dora": "dora", "pissa": "pissa", "hira": "hira"}
 
 
 def method_config(config, method: str, seed: int, workdir: pathlib.Path) -> RunConfig:
@@ -46,7 +50,7 @@ def method_config(config, method: str, seed: int, workdir: pathlib.Path) -> RunC
     if method in ("relora", "remora") and not merges:
         raise ValueError(f"{method} merges every remora.every steps, but remora.every is 0: set it, "
                          "e.g. --config.remora.every=150")
-    c["method"] = {"full": "full", "lora": "lora", "relora": "lora", "mora": "mora", "remora": "mora"}[method]
+    c["method"] = ADAPTER_METHOD[method]
     c["remora"]["every"] = merges if method in ("relora", "remora") else 0
     if method == "full":
         c["adapter"]["targets"] = LLAMA_TARGETS

@@ -29,6 +29,7 @@ import numpy as np
 from mora_jax import ops
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, is_adapter, path_str, unflatten
 from mora_jax.dora import DoRAAdapter
+from mora_jax.hira import HiRAAdapter
 from mora_jax.hf.files import Path, hf_name_to_path, layer_index, write_safetensors, write_text_atomic
 from mora_jax.hf.peft_files import (
     ADAPTER_CONFIG_FILE,
@@ -40,13 +41,14 @@ from mora_jax.hf.peft_files import (
     check_supported,
     group_tensors,
     parse_tensor_name,
+    part_suffix,
     peft_config_dict,
     read_adapter_config,
     read_adapter_tensors,
     target_modules_for,
     tensor_name,
 )
-from mora_jax.methods import DoRAConfig, LoRAConfig, MoRAConfig
+from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, MoRAConfig
 
 # ---------------------------------------------------------------------------------------------
 # load_adapter
@@ -114,15 +116,18 @@ def _mora_matrix(module: str, parts, k: int, d: int, r: int, mora_type: int, whe
     return np.ascontiguousarray(m_t.astype(np.float32).T)
 
 
-def _lora_matrices(module: str, parts, k: int, d: int, r: int, where) -> tuple[np.ndarray, np.ndarray]:
-    """``(a (k, r), b (r, d))`` float32 from PEFT's ``lora_A.weight (r, k)``, ``lora_B.weight (d, r)``."""
-    for part in ("lora_A", "lora_B"):
+def _lora_matrices(module: str, parts, k: int, d: int, r: int, where,
+                   names=("lora_A", "lora_B")) -> tuple[np.ndarray, np.ndarray]:
+    """``(a (k, r), b (r, d))`` float32 from PEFT's ``lora_A.weight (r, k)``, ``lora_B.weight (d, r)``
+    (HiRA: ``names=("hira_A", "hira_B")``, the same layout)."""
+    a_name, b_name = (part_suffix(n) for n in names)
+    for part, shown in zip(names, (a_name, b_name)):
         if part not in parts:
-            raise AdapterFormatError(f"{where}: {TENSOR_PREFIX}{module}.{part}.weight is missing")
-    a_t, b_t = parts["lora_A"], parts["lora_B"]
+            raise AdapterFormatError(f"{where}: {TENSOR_PREFIX}{module}.{shown} is missing")
+    a_t, b_t = parts[names[0]], parts[names[1]]
     if a_t.shape != (r, k) or b_t.shape != (d, r):
         raise AdapterFormatError(
-            f"{where}: module {module} has lora_A.weight {a_t.shape} and lora_B.weight {b_t.shape}, but the base "
+            f"{where}: module {module} has {a_name} {a_t.shape} and {b_name} {b_t.shape}, but the base "
             f"layer maps {k} -> {d} features and r={r}, so they should be {(r, k)} and {(d, r)}; the adapter was "
             "trained for another base model or adapter_config.json has the wrong r"
         )
@@ -165,13 +170,14 @@ def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig | DoRAConfig, di
     check_supported(raw, where)
     modules = group_tensors(read_adapter_tensors(directory), where)
 
-    use_mora = bool(raw.get("use_mora"))
-    use_dora = bool(raw.get("use_dora"))
+    use_hira = raw.get("peft_type") == "HIRA"
+    use_mora = bool(raw.get("use_mora")) and not use_hira
+    use_dora = bool(raw.get("use_dora")) and not use_hira
     r = int(raw["r"])
     mora_type = int(raw.get("mora_type", 1))
     alpha = float(raw.get("lora_alpha", 8))
     rslora = bool(raw.get("use_rslora", False))
-    dropout = float(raw.get("lora_dropout", 0.0) or 0.0)
+    dropout = float(raw.get("hira_dropout" if use_hira else "lora_dropout", 0.0) or 0.0)
 
     flat_params = flatten(params)
     unmatched = []
@@ -193,7 +199,10 @@ def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig | DoRAConfig, di
             unmatched.append(module)
             continue
         k, d = int(kernel.shape[-2]), int(kernel.shape[-1])
-        if use_mora:
+        _check_parts(module, modules[module], use_hira, where)
+        if use_hira:
+            value = _lora_matrices(module, modules[module], k, d, r, where, names=("hira_A", "hira_B"))
+        elif use_mora:
             value = _mora_matrix(module, modules[module], k, d, r, mora_type, where)
         else:
             value = _lora_matrices(module, modules[module], k, d, r, where)
@@ -233,6 +242,11 @@ def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig | DoRAConfig, di
                 m=_device_array(stack(items)), in_features=k, out_features=d, mora_type=mora_type, r=r,
                 dropout=dropout,
             )
+        elif use_hira:
+            flat_adapters[kernel_path] = HiRAAdapter(
+                a=_device_array(stack([a for a, _ in items])), b=_device_array(stack([b for _, b in items])),
+                in_features=k, out_features=d, dropout=dropout,
+            )
         elif use_dora:
             flat_adapters[kernel_path] = DoRAAdapter(
                 a=_device_array(stack([v[0] for v in items])), b=_device_array(stack([v[1] for v in items])),
@@ -246,13 +260,26 @@ def load_adapter(path, params) -> tuple[MoRAConfig | LoRAConfig | DoRAConfig, di
             )
 
     targets = _config_targets(raw.get("target_modules"), flat_params, set(flat_adapters))
-    if use_mora:
+    if use_hira:
+        config = HiRAConfig(r=r, targets=targets, dropout=dropout)
+    elif use_mora:
         config = MoRAConfig(r=r, mora_type=mora_type, targets=targets, dropout=dropout)
     elif use_dora:
         config = DoRAConfig(r=r, alpha=alpha, rslora=rslora, targets=targets, dropout=dropout)
     else:
         config = LoRAConfig(r=r, alpha=alpha, rslora=rslora, targets=targets, dropout=dropout)
     return config, unflatten(flat_adapters)
+
+
+def _check_parts(module: str, parts, use_hira: bool, where) -> None:
+    """A HiRA file holds only ``hira_A`` / ``hira_B``, a LoRA/MoRA/DoRA file none of them."""
+    hira_parts = {"hira_A", "hira_B"} & set(parts)
+    if use_hira and set(parts) - hira_parts:
+        raise AdapterFormatError(f"{where}: {module} has {sorted(set(parts) - hira_parts)} tensors but the config says "
+                                 "peft_type HIRA (tensors hira_A, hira_B only); fix peft_type in adapter_config.json")
+    if not use_hira and hira_parts:
+        raise AdapterFormatError(f"{where}: {module} has HiRA tensors {sorted(hira_parts)} but peft_type is "
+                                 f"{'LORA'!r}; set \"peft_type\": \"HIRA\" if it is a HiRA adapter")
 
 
 def _device_array(x: np.ndarray) -> jax.Array:
@@ -297,7 +324,18 @@ def _check_adapters_match(config, flat_adapters) -> None:
             raise AdapterFormatError(
                 f"adapter at {path_str(path)} is not on a 'kernel' parameter; PEFT files adapt whole Linear modules"
             )
-        if isinstance(config, MoRAConfig):
+        if isinstance(adapter, MoRAAdapter) and adapter.magnitude is not None:
+            raise AdapterFormatError(
+                f"adapter at {path_str(path)} is MoRA with a magnitude (MoRAConfig(magnitude=True)), which no PEFT "
+                "file format holds; save the merged model instead (mora_jax.merge, then mora_jax.hf.save_llama)"
+            )
+        if isinstance(config, HiRAConfig):
+            if not isinstance(adapter, HiRAAdapter) or adapter.r != config.r:
+                raise AdapterFormatError(
+                    f"adapter at {path_str(path)} does not match the HiRAConfig(r={config.r}) given to save_adapter "
+                    f"({_describe(adapter)}); pass the config the adapters were created with"
+                )
+        elif isinstance(config, MoRAConfig):
             if not isinstance(adapter, MoRAAdapter) or (adapter.r, adapter.mora_type) != (config.r, config.mora_type):
                 raise AdapterFormatError(
                     f"adapter at {path_str(path)} does not match the MoRAConfig(r={config.r}, mora_type="
@@ -320,12 +358,14 @@ def _check_adapters_match(config, flat_adapters) -> None:
 def _describe(adapter) -> str:
     if isinstance(adapter, MoRAAdapter):
         return f"MoRA r={adapter.r}, type {adapter.mora_type}"
+    if isinstance(adapter, HiRAAdapter):
+        return f"HiRA r={adapter.r}"
     if isinstance(adapter, DoRAAdapter):
         return f"DoRA r={adapter.r}, alpha={adapter.alpha}, rslora={adapter.rslora}"
     return f"LoRA r={adapter.r}, alpha={adapter.alpha}, rslora={adapter.rslora}"
 
 
-def adapter_tensors(config: MoRAConfig | LoRAConfig | DoRAConfig, adapters) -> dict[str, np.ndarray]:
+def adapter_tensors(config: MoRAConfig | LoRAConfig | DoRAConfig | HiRAConfig, adapters) -> dict[str, np.ndarray]:
     """The PEFT state dict (name -> numpy array in PyTorch layout) of an adapter tree."""
     flat = flatten(adapters)
     if not flat:
@@ -342,9 +382,10 @@ def adapter_tensors(config: MoRAConfig | LoRAConfig | DoRAConfig, adapters) -> d
         else:
             a = _per_layer(path, np.asarray(jax.device_get(adapter.a)))
             b = _per_layer(path, np.asarray(jax.device_get(adapter.b)))
+            a_part, b_part = ("hira_A", "hira_B") if isinstance(adapter, HiRAAdapter) else ("lora_A", "lora_B")
             for (module, a_2d), (_, b_2d) in zip(a, b):
-                tensors[tensor_name(module, "lora_A")] = np.ascontiguousarray(a_2d.T)  # (r, k)
-                tensors[tensor_name(module, "lora_B")] = np.ascontiguousarray(b_2d.T)  # (d, r)
+                tensors[tensor_name(module, a_part)] = np.ascontiguousarray(a_2d.T)  # (r, k)
+                tensors[tensor_name(module, b_part)] = np.ascontiguousarray(b_2d.T)  # (d, r)
             if isinstance(adapter, DoRAAdapter):
                 for module, mag in _per_layer(path, np.asarray(jax.device_get(adapter.magnitude))[..., None]):
                     tensors[tensor_name(module, "lora_magnitude_vector")] = np.ascontiguousarray(mag[:, 0])
@@ -353,7 +394,7 @@ def adapter_tensors(config: MoRAConfig | LoRAConfig | DoRAConfig, adapters) -> d
 
 def save_adapter(
     path,
-    config: MoRAConfig | LoRAConfig | DoRAConfig,
+    config: MoRAConfig | LoRAConfig | DoRAConfig | HiRAConfig,
     adapters,
     *,
     base_model_name_or_path: str = "",
@@ -368,8 +409,8 @@ def save_adapter(
     unless ``overwrite=True`` (which replaces the two adapter files and keeps other files).
     Returns the written files.
     """
-    if not isinstance(config, (MoRAConfig, LoRAConfig, DoRAConfig)):
-        raise TypeError(f"config must be a MoRAConfig, LoRAConfig or DoRAConfig, got {type(config).__name__}")
+    if not isinstance(config, (MoRAConfig, LoRAConfig, DoRAConfig, HiRAConfig)):
+        raise TypeError(f"config must be a MoRAConfig, LoRAConfig, DoRAConfig or HiRAConfig, got {type(config).__name__}")
     tensors = adapter_tensors(config, adapters)  # validate before touching the disk
     modules = sorted({hf_name_to_path(parse_tensor_name(n)[0]) for n in tensors})
     config_dict = peft_config_dict(config, target_modules_for(modules), base_model_name_or_path)

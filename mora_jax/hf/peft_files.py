@@ -23,6 +23,9 @@ adapter name ``default`` when saving) in PyTorch layout:
   ``Δy = scale·(x·A)·B`` and ``scale = mora_jax.ops.lora_scale(r, lora_alpha, use_rslora)``;
 - DoRA (``"use_dora": true``): LoRA's two tensors plus ``lora_magnitude_vector`` ``(d,)`` per module
   (no ``.weight`` suffix), the magnitude of ``mora_jax.dora``;
+- HiRA (``"peft_type": "HIRA"``, PEFT's ``HiraConfig``): ``hira_A`` ``(r, k)`` and ``hira_B`` ``(d, r)``
+  per module (no ``.weight`` suffix), ``Aᵀ`` and ``Bᵀ`` of ``mora_jax.hira`` (``ΔW = W ⊙ (hira_B·hira_A)``,
+  no scale); ``hira_dropout`` is its dropout;
 - MoRA (the reference's fork of PEFT: ``"peft_type": "LORA"``, ``"use_mora": true``,
   ``"mora_type": t``): ``lora_A.weight`` is ``Mᵀ`` ``(r̂, r̂)`` and ``lora_B.weight`` is an identical
   copy (the reference aliases B to A). ``r̂`` is not stored; it follows from ``r``, the type and each
@@ -52,16 +55,19 @@ from mora_jax.hf.files import (
     read_json_object,
     read_safetensors,
 )
-from mora_jax.methods import DoRAConfig, LoRAConfig, MoRAConfig
+from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, MoRAConfig
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 TENSOR_PREFIX = "base_model.model."
-TENSOR_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")
+TENSOR_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector", "hira_A", "hira_B")
+# Parts PEFT saves without a ``.weight`` suffix (nn.Parameter entries, not nn.Linear modules).
+_BARE_PARTS = ("lora_magnitude_vector", "hira_A", "hira_B")
 # PEFT saves DoRA's magnitude without a ``.weight`` suffix (older versions wrote ``.weight``).
 _TENSOR_NAME = re.compile(
-    r"base_model\.model\.(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|(?P<mag>lora_magnitude_vector)(?:\.weight)?)")
+    r"base_model\.model\.(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|(?P<mag>lora_magnitude_vector)(?:\.weight)?"
+    r"|(?P<hira>hira_A|hira_B))")
 
 
 class AdapterFormatError(ValueError):
@@ -75,18 +81,22 @@ class AdapterFormatError(ValueError):
 def tensor_name(module_path: Path, part: str) -> str:
     """The PEFT tensor name of ``part`` (``'lora_A'`` or ``'lora_B'``) of the module at ``module_path``:
     ``('model', 'layers_0', 'self_attn', 'q_proj')`` -> ``'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'``."""
+    return f"{TENSOR_PREFIX}{path_to_hf_name(module_path)}.{part_suffix(part)}"
+
+
+def part_suffix(part: str) -> str:
+    """How ``part`` ends a PEFT tensor name: ``'lora_A'`` -> ``'lora_A.weight'``, ``'hira_A'`` -> ``'hira_A'``."""
     if part not in TENSOR_PARTS:
         raise ValueError(f"part must be one of {TENSOR_PARTS}, got {part!r}")
-    suffix = "" if part == "lora_magnitude_vector" else ".weight"
-    return f"{TENSOR_PREFIX}{path_to_hf_name(module_path)}.{part}{suffix}"
+    return part if part in _BARE_PARTS else f"{part}.weight"
 
 
 def parse_tensor_name(name: str) -> tuple[str, str] | None:
-    """``(HF module name, part)`` of a PEFT LoRA/MoRA tensor name, or None for any other tensor
-    (DoRA's ``lora_magnitude_vector`` included): ``'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight'``
+    """``(HF module name, part)`` of a PEFT LoRA/MoRA/DoRA/HiRA tensor name (parts: :data:`TENSOR_PARTS`),
+    or None for any other tensor: ``'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight'``
     -> ``('model.layers.0.mlp.up_proj', 'lora_B')``."""
     match = _TENSOR_NAME.fullmatch(name)
-    return (match.group("module"), match.group("part") or match.group("mag")) if match else None
+    return (match.group("module"), match.group("part") or match.group("mag") or match.group("hira")) if match else None
 
 
 # ---- Reading the files -------------------------------------------------------------------------
@@ -197,7 +207,7 @@ _UNSUPPORTED = {
 _BOOLEAN_FIELDS = ("use_mora", "use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "lora_bias",
                    "use_qalora")
 _INTEGER_FIELDS = ("r", "mora_type")
-_NUMBER_FIELDS = ("lora_alpha", "lora_dropout")
+_NUMBER_FIELDS = ("lora_alpha", "lora_dropout", "hira_dropout")
 _STRING_FIELDS = ("peft_type", "bias", "base_model_name_or_path", "task_type")
 
 
@@ -250,12 +260,16 @@ def check_supported(raw: Mapping[str, Any], where) -> None:
     the message. This is the one check of an adapter's config: ``load_adapter`` (merge, generate) and
     ``mora-jax info`` all go through it."""
     peft_type = raw.get("peft_type")
-    if peft_type != "LORA":
+    if peft_type not in ("LORA", "HIRA"):
         raise AdapterFormatError(
-            f"{where}: peft_type {peft_type!r} is not supported; only LoRA adapters (\"peft_type\": \"LORA\") "
-            "and the MoRA reference's adapters (\"LORA\" with \"use_mora\": true) can be loaded"
+            f"{where}: peft_type {peft_type!r} is not supported; only LoRA adapters (\"peft_type\": \"LORA\", "
+            "DoRA with \"use_dora\": true), HiRA adapters (\"HIRA\") and the MoRA reference's adapters "
+            "(\"LORA\" with \"use_mora\": true) can be loaded"
         )
     _check_types(raw, where)
+    if peft_type == "HIRA":
+        _check_hira(raw, where)
+        return
     for key, what in _UNSUPPORTED.items():
         if _is_set(raw.get(key)):
             raise AdapterFormatError(
@@ -287,6 +301,29 @@ def check_supported(raw: Mapping[str, Any], where) -> None:
     dropout = raw.get("lora_dropout", 0.0)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise AdapterFormatError(f"{where}: lora_dropout must be in [0, 1), got {dropout!r}")
+
+
+def _check_hira(raw: Mapping[str, Any], where) -> None:
+    """The HiRA part of :func:`check_supported` (PEFT's ``HiraConfig`` fields)."""
+    for key in ("modules_to_save", "rank_pattern"):
+        if _is_set(raw.get(key)):
+            raise AdapterFormatError(
+                f"{where}: {_UNSUPPORTED[key]} is not supported (found {key}={raw[key]!r}); merge the adapter into "
+                "the base model with PEFT (merge_and_unload) and load the merged checkpoint with mora_jax.hf.load_llama"
+            )
+    if raw.get("fan_in_fan_out"):
+        raise AdapterFormatError(f"{where}: fan_in_fan_out is set (Conv1D weights, e.g. GPT-2); only LLaMA-style "
+                                 "nn.Linear modules are supported")
+    for key in ("use_mora", "use_dora"):
+        if raw.get(key):
+            raise AdapterFormatError(f"{where}: {key} is set in a HiRA (\"peft_type\": \"HIRA\") config; HiRA has "
+                                     f"no such option: remove {key} or fix peft_type")
+    r = raw.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterFormatError(f"{where}: 'r' must be a positive int (the HiRA rank), got {r!r}")
+    dropout = raw.get("hira_dropout") or 0.0
+    if not 0.0 <= dropout < 1.0:
+        raise AdapterFormatError(f"{where}: hira_dropout must be in [0, 1), got {dropout!r}")
 
 
 # ---- Writing the config ------------------------------------------------------------------------
@@ -327,10 +364,30 @@ def _json_number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def peft_config_dict(config: MoRAConfig | LoRAConfig | DoRAConfig, target_modules, base_model_name_or_path: str = "") -> dict:
+def peft_config_dict(config: MoRAConfig | LoRAConfig | DoRAConfig | HiRAConfig, target_modules,
+                     base_model_name_or_path: str = "") -> dict:
     """``adapter_config.json`` contents, with every field the reference's PEFT fork writes, for a
     ``MoRAConfig`` (``"use_mora": true``; ``lora_alpha`` is written as the fork's unused default 8)
-    or a ``LoRAConfig`` / ``DoRAConfig`` (``"use_dora": true``)."""
+    or a ``LoRAConfig`` / ``DoRAConfig`` (``"use_dora": true``); for a ``HiRAConfig`` the fields of
+    PEFT's ``HiraConfig`` (``"peft_type": "HIRA"``)."""
+    if isinstance(config, HiRAConfig):
+        return {
+            "base_model_name_or_path": str(base_model_name_or_path),
+            "exclude_modules": None,
+            "fan_in_fan_out": False,
+            "hira_dropout": float(config.dropout),
+            "inference_mode": True,
+            "init_weights": True,
+            "layers_pattern": None,
+            "layers_to_transform": None,
+            "modules_to_save": None,
+            "peft_type": "HIRA",
+            "r": int(config.r),
+            "rank_pattern": {},
+            "revision": None,
+            "target_modules": list(target_modules),
+            "task_type": "CAUSAL_LM",
+        }
     if isinstance(config, MoRAConfig):
         mora_fields = {"use_mora": True, "mora_type": int(config.mora_type)}
         alpha = 8  # ignored by MoRA; the reference LoraConfig's default
@@ -378,6 +435,7 @@ __all__ = [
     "check_supported",
     "group_tensors",
     "parse_tensor_name",
+    "part_suffix",
     "peft_config_dict",
     "read_adapter_config",
     "read_adapter_tensors",

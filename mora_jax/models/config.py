@@ -356,6 +356,13 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
         rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072, tie_word_embeddings=True,
         bos_token_id=128000, eos_token_id=128001,
     ),
+    # meta-llama/Llama-3.2-3B: the model of Hugging Face PEFT's MetaMathQA method comparison.
+    "llama3.2-3b": LlamaConfig(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072, tie_word_embeddings=True,
+        bos_token_id=128000, eos_token_id=128001,
+    ),
     "llama3.1-8b": LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,

@@ -45,7 +45,7 @@ from mora_jax.nnx.layers import (
 from mora_jax.nnx.merge import is_merged, merge, merge_adapters, merge_and_unload, unmerge
 from mora_jax.nnx.peft import adapter_config, load_adapter, save_adapter
 from mora_jax.nnx.remora import merge_and_reset, remora_step, reset_adapter_state
-from mora_jax.nnx.variables import ADAPTERS, FROZEN, TRAINABLE, MoRAParam, TrainedParam
+from mora_jax.nnx.variables import ADAPTERS, FROZEN, TRAINABLE, DoRANorm, MoRAParam, TrainedParam
 
 __all__ = [
     "ADAPTERS",
@@ -53,6 +53,7 @@ __all__ = [
     "AdaptedLinear",
     "AdaptedLinearGeneral",
     "AdapterSpec",
+    "DoRANorm",
     "FROZEN",
     "MoRAParam",
     "TRAINABLE",

@@ -25,9 +25,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mora_jax import ops
-from mora_jax.methods import AdapterConfig, FullConfig, LoRAConfig, MoRAConfig
+from mora_jax import dora, pissa
+from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, HiRAConfig, LoRAConfig, MoRAConfig, PiSSAConfig
 from mora_jax.nnx import layers as layers_lib
-from mora_jax.nnx.layers import DROPOUT_ATTR, SPEC_ATTR, AdapterSpec
+from mora_jax.nnx.layers import DROPOUT_ATTR, NORM_ATTR, SPEC_ATTR, AdapterSpec
 from mora_jax.nnx.variables import MoRAParam, TrainedParam
 
 Path = tuple  # of str | int
@@ -173,7 +174,8 @@ def _new_variable(var_type, value, kernel: nnx.Variable, axes: tuple, ndim: int)
 
 
 def _plan_adapter(layer, config, rng, rngs):
-    """``(spec, variables, dropout module or None)`` for one layer, validated; the layer is not touched."""
+    """``(spec, variables, dropout module or None, new kernel value or None)`` for one layer, validated; the
+    layer is not touched (PiSSA's new kernel, the SVD residual, is installed by :func:`_install`)."""
     kind = layers_lib.kind_of(layer)
     if layers_lib.is_adapted(layer):
         raise ValueError(
@@ -201,24 +203,68 @@ def _plan_adapter(layer, config, rng, rngs):
             "random streams split per layer, which attach does not make; use dropout=0.0 for stacked layers"
         )
     stacked = tuple(range(n))
-    if isinstance(config, MoRAConfig):
+    new_kernel = None
+    if isinstance(config, PiSSAConfig):
+        if config.r > min(k, d):
+            raise ValueError(f"PiSSA rank r={config.r} exceeds the rank of {type(layer).__name__}'s {k}x{d} kernel; "
+                             f"use r <= {min(k, d)}")
+        spec = AdapterSpec(method="pissa", alpha=float(config.alpha), rslora=bool(config.rslora), niter=config.niter,
+                           **common)
+        a, b, new_kernel = principal_start(kernel[...], spec, rng)
+        variables = [_new_variable(nnx.LoRAParam, a, kernel, (*stacked, *in_axes, None), len(shape)),
+                     _new_variable(nnx.LoRAParam, b, kernel, (*stacked, None, *out_axes), len(shape))]
+    elif isinstance(config, MoRAConfig):
         spec = AdapterSpec(method="mora", mora_type=config.mora_type, **common)
         r_hat = ops.rank_hat(k, d, config.r, config.mora_type)
         variables = [_new_variable(MoRAParam, jnp.zeros((*stack, r_hat, r_hat), jnp.float32), kernel,
                                    (*stacked, None, None), len(shape))]
     else:
-        spec = AdapterSpec(method="lora", alpha=float(config.alpha), rslora=bool(config.rslora), **common)
+        if isinstance(config, HiRAConfig):
+            spec = AdapterSpec(method="hira", **common)
+        else:
+            spec = AdapterSpec(method="dora" if isinstance(config, DoRAConfig) else "lora", alpha=float(config.alpha),
+                               rslora=bool(config.rslora), **common)
         variables = [
             _new_variable(nnx.LoRAParam, initial_lora_a(rng, spec), kernel, (*stacked, *in_axes, None), len(shape)),
             _new_variable(nnx.LoRAParam, jnp.zeros((*stack, config.r, *out_shape), jnp.float32), kernel,
                           (*stacked, None, *out_axes), len(shape)),
         ]
+        if spec.method == "dora":  # the magnitude starts at the kernel's column norms, laid out like its out axes
+            variables.append(_new_variable(nnx.LoRAParam, initial_magnitude(kernel[...], spec), kernel,
+                                           (*stacked, *out_axes), len(shape)))
     dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0.0 else None
-    return spec, variables, dropout
+    return spec, variables, dropout, new_kernel
 
 
-def _install(layer, spec: AdapterSpec, variables, dropout) -> None:
-    """Swap the layer's class for its adapted subclass and give it the adapter's variables."""
+def principal_start(kernel, spec: AdapterSpec, rng):
+    """PiSSA's start for a kernel in the layer's layout: ``(a (*stack, *in_shape, r), b (*stack, r, *out_shape),
+    residual kernel)``, each layer of a stack by its own SVD (:func:`mora_jax.pissa.principal_init`)."""
+    n = kernel.ndim - len(spec.perm)
+    matrices = jax.vmap(lambda x: layers_lib.kernel_as_matrix(x, spec))(kernel.reshape(-1, *kernel.shape[n:]))
+    # as mora_jax.pissa.init: one key per layer of a stack, the kernel's own key for a layer of its own
+    keys = jax.random.split(rng, matrices.shape[0]) if spec.stack_shape else jnp.stack([rng])
+    a, b, residual = jax.vmap(lambda x, key: pissa.principal_init(x, spec.r, spec.lora_scale, spec.niter, key))(
+        matrices, keys)
+    residual = jax.vmap(lambda x: layers_lib.matrix_as_kernel(x, spec))(residual).astype(kernel.dtype)
+    return (a.reshape(*spec.stack_shape, *spec.in_shape, spec.r), b.reshape(*spec.stack_shape, spec.r, *spec.out_shape),
+            residual.reshape(kernel.shape))
+
+
+def set_kernel(layer, spec: AdapterSpec, value) -> None:
+    """Write ``value`` into the layer's kernel, placed like the old value."""
+    kernel = getattr(layer, spec.kernel)
+    old = kernel[...]
+    sharding = getattr(old, "sharding", None)
+    if sharding is not None and not isinstance(old, jax.core.Tracer) and not isinstance(value, jax.core.Tracer):
+        value = jax.device_put(value, sharding)
+    kernel[...] = value
+
+
+def _install(layer, spec: AdapterSpec, variables, dropout, new_kernel=None) -> None:
+    """Swap the layer's class for its adapted subclass and give it the adapter's variables (and PiSSA's
+    residual kernel)."""
+    if new_kernel is not None:
+        set_kernel(layer, spec, new_kernel)
     if dropout is not None:
         setattr(layer, DROPOUT_ATTR, dropout)
     layer.__class__ = layers_lib.adapted_class(type(layer))
@@ -228,9 +274,15 @@ def _install(layer, spec: AdapterSpec, variables, dropout) -> None:
 
 
 def _add_adapter(layer, config, rng, rngs) -> AdapterSpec:
-    spec, variables, dropout = _plan_adapter(layer, config, rng, rngs)
-    _install(layer, spec, variables, dropout)
-    return spec
+    _install(layer, *_plan_adapter(layer, config, rng, rngs))
+    return getattr(layer, SPEC_ATTR)
+
+
+def initial_magnitude(kernel, spec: AdapterSpec):
+    """DoRA's ``magnitude = ‖K‖_c`` (float32) of a kernel in the layer's layout, as ``(*stack, *out_shape)``."""
+    n = kernel.ndim - len(spec.perm)
+    matrices = jax.vmap(lambda k: layers_lib.kernel_as_matrix(k, spec))(kernel.reshape(-1, *kernel.shape[n:]))
+    return dora.column_norms(matrices).reshape(*spec.stack_shape, *spec.out_shape)
 
 
 def lora_a_init(rng, k: int, r: int):
@@ -252,10 +304,11 @@ def initial_lora_a(rng, spec: AdapterSpec):
 def attach(model, config: AdapterConfig, *, rng: jax.Array | int = 0, rngs: nnx.Rngs | None = None):
     """Adapt ``model`` in place for ``config`` and return it.
 
-    ``MoRAConfig`` / ``LoRAConfig``: every ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` (or
-    registered einsum layer) whose kernel path ``config.targets`` matches gets an adapter: MoRA's
-    ``M = 0`` (a :class:`MoRAParam`), LoRA's ``a`` kaiming-uniform and ``b = 0`` (``nnx.LoRAParam``),
-    all float32. ``FullConfig``: the matched parameters become trainable. In every case ``unfreeze``
+    ``MoRAConfig`` / ``LoRAConfig`` / ``HiRAConfig`` / ``DoRAConfig`` / ``PiSSAConfig``: every ``nnx.Linear``
+    / ``nnx.LinearGeneral`` / ``nnx.Einsum`` (or registered einsum layer) whose kernel path ``config.targets``
+    matches gets an adapter: MoRA's ``M = 0`` (a :class:`MoRAParam`), LoRA's (HiRA's, DoRA's) ``a``
+    kaiming-uniform and ``b = 0`` (``nnx.LoRAParam``; DoRA's magnitude ``‖K‖_c``; PiSSA's ``a``, ``b`` from
+    the kernel's SVD, the kernel replaced by the residual), all float32. ``FullConfig``: the matched parameters become trainable. In every case ``unfreeze``
     patterns become trainable too (:class:`TrainedParam`). Afterwards::
 
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)   # or Tunix's PeftTrainer, unchanged
@@ -264,8 +317,14 @@ def attach(model, config: AdapterConfig, *, rng: jax.Array | int = 0, rngs: nnx.
       rng: key (or int seed) for LoRA's ``a`` (kernel ``i`` in sorted path order uses ``fold_in(rng, i)``).
       rngs: random streams for adapter dropout (needed only when ``config.dropout > 0``).
     """
-    if not isinstance(config, (MoRAConfig, LoRAConfig, FullConfig)):
-        raise TypeError(f"config must be a MoRAConfig, LoRAConfig or FullConfig, got {type(config).__name__}")
+    if not isinstance(config, (MoRAConfig, LoRAConfig, HiRAConfig, DoRAConfig, PiSSAConfig, FullConfig)):
+        raise TypeError(f"config must be a MoRAConfig, LoRAConfig, HiRAConfig, DoRAConfig, PiSSAConfig or FullConfig, "
+                        f"got "
+                        f"{type(config).__name__}: the nnx path does not implement {getattr(config, 'method', 'it')} yet (the linen path, "
+                        "mora_jax.init_adapters / apply_model, does)")
+    if isinstance(config, MoRAConfig) and config.magnitude:
+        raise TypeError("MoRAConfig(magnitude=True) is not implemented on the nnx path yet (the linen path, "
+                        "mora_jax.init_adapters / apply_model, has it); use magnitude=False")
     if not isinstance(model, nnx.Module):
         raise TypeError(
             f"attach needs an nnx.Module, got {type(model).__name__} (for linen models use mora_jax.init_adapters)"
@@ -295,6 +354,8 @@ def detach(model, *, keep_trained: bool = False):
         spec = getattr(layer, SPEC_ATTR)
         for name in (*spec.names, SPEC_ATTR):
             delattr(layer, name)
+        if hasattr(layer, NORM_ATTR):
+            delattr(layer, NORM_ATTR)
         if hasattr(layer, DROPOUT_ATTR):
             delattr(layer, DROPOUT_ATTR)
         layer.__class__ = layers_lib.base_class(type(layer))

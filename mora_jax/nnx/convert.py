@@ -27,7 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, is_adapter, unflatten
-from mora_jax.methods import LoRAConfig, MoRAConfig
+from mora_jax.dora import DoRAAdapter
+from mora_jax.hira import HiRAAdapter
+from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, MoRAConfig
+from mora_jax.pissa import PiSSAAdapter
 from mora_jax.nnx import layers as layers_lib
 from mora_jax.nnx.attach import _add_adapter, adaptable_layers, adapted_layers, path_str
 from mora_jax.nnx.layers import SPEC_ATTR
@@ -70,6 +73,17 @@ def to_linen_adapters(model, *, path_map: PathMap | None = None) -> dict:
         if spec.method == "mora":
             out[key] = MoRAAdapter(m=arrays[0], in_features=spec.in_features, out_features=spec.out_features,
                                    mora_type=spec.mora_type, r=spec.r, dropout=spec.dropout)
+        elif spec.method == "hira":
+            out[key] = HiRAAdapter(a=arrays[0], b=arrays[1], in_features=spec.in_features,
+                                   out_features=spec.out_features, dropout=spec.dropout)
+        elif spec.method == "pissa":
+            out[key] = PiSSAAdapter(a=arrays[0], b=arrays[1], in_features=spec.in_features,
+                                    out_features=spec.out_features, alpha=spec.alpha, rslora=spec.rslora,
+                                    dropout=spec.dropout, niter=spec.niter)
+        elif spec.method == "dora":
+            out[key] = DoRAAdapter(a=arrays[0], b=arrays[1], magnitude=arrays[2], in_features=spec.in_features,
+                                   out_features=spec.out_features, alpha=spec.alpha, rslora=spec.rslora,
+                                   dropout=spec.dropout)
         else:
             out[key] = LoRAAdapter(a=arrays[0], b=arrays[1], in_features=spec.in_features,
                                    out_features=spec.out_features, alpha=spec.alpha, rslora=spec.rslora,
@@ -97,9 +111,30 @@ def linen_kernel_shapes(model, *, path_map: PathMap | None = None, dtype=jnp.flo
     return unflatten(shapes)
 
 
+def _method_of(key, adapter) -> str:
+    """``"mora"``, ``"hira"``, ``"dora"`` or ``"lora"``; the linen adapters the nnx path does not implement are
+    refused."""
+    if isinstance(adapter, MoRAAdapter) and adapter.magnitude is not None:
+        raise TypeError(f"adapter {'/'.join(key)} is MoRA with a magnitude, which the nnx path does not implement "
+                        "yet; use it on the linen model (mora_jax.apply_model), or merge it there (mora_jax.merge) and "
+                        "load the merged weights")
+    if isinstance(adapter, MoRAAdapter):
+        return "mora"
+    if isinstance(adapter, DoRAAdapter):
+        return "dora"
+    if isinstance(adapter, PiSSAAdapter):
+        return "pissa"
+    return "hira" if isinstance(adapter, HiRAAdapter) else "lora"
+
+
 def _config_of(adapter):
     if isinstance(adapter, MoRAAdapter):
         return MoRAConfig(r=adapter.r, mora_type=adapter.mora_type, targets=(".*",), dropout=adapter.dropout)
+    if isinstance(adapter, HiRAAdapter):
+        return HiRAConfig(r=adapter.r, targets=(".*",), dropout=adapter.dropout)
+    if isinstance(adapter, DoRAAdapter):
+        return DoRAConfig(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, targets=(".*",),
+                          dropout=adapter.dropout)
     return LoRAConfig(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, targets=(".*",), dropout=adapter.dropout)
 
 
@@ -123,6 +158,7 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
                 f"linen paths, are: {sorted('/'.join(k) for k in layers)[:20]}. Pass path_map if the names differ"
             )
         path, layer = layers[key]
+        method = _method_of(key, adapter)
         arrays = (adapter.m,) if isinstance(adapter, MoRAAdapter) else (adapter.a, adapter.b)
         stack = layers_lib.kernel_layout(layer)[0]
         if any(x.shape[: x.ndim - 2] != stack for x in arrays):
@@ -132,7 +168,10 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
                 "the layer's (unstack an nn.scan tree for unstacked layers with mora_jax.models.unstack_layers)"
             )
         if not layers_lib.is_adapted(layer):
+            # PiSSA attaches as LoRA here: the params already hold the residual, no SVD may rewrite them
             _add_adapter(layer, _config_of(adapter), jax.random.key(0), rngs)
+            if method == "pissa":
+                setattr(layer, SPEC_ATTR, getattr(layer, SPEC_ATTR).replace(method="pissa"))
         spec = getattr(layer, SPEC_ATTR)
         if spec.merged:
             raise ValueError(f"{path_str(path)} is merged; unmerge the model before loading adapters into it")
@@ -141,7 +180,6 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
                 f"adapter {'/'.join(key)} is {adapter.in_features}x{adapter.out_features} but the layer maps "
                 f"{spec.in_features} -> {spec.out_features} features"
             )
-        method = "mora" if isinstance(adapter, MoRAAdapter) else "lora"
         if method != spec.method:
             raise ValueError(
                 f"adapter {'/'.join(key)} is {method} but the layer carries {spec.method}; detach the model's adapters "
@@ -150,10 +188,17 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
         if method == "mora":
             new_spec = spec.replace(mora_type=adapter.mora_type, r=adapter.r, dropout=adapter.dropout)
             values = (adapter.m,)
-        else:
-            new_spec = spec.replace(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, dropout=adapter.dropout)
+        elif method == "hira":
+            new_spec = spec.replace(r=adapter.r, dropout=adapter.dropout)
             values = (adapter.a.reshape(*stack, *spec.in_shape, adapter.r),
                       adapter.b.reshape(*stack, adapter.r, *spec.out_shape))
+        else:
+            new_spec = spec.replace(r=adapter.r, alpha=adapter.alpha, rslora=adapter.rslora, dropout=adapter.dropout,
+                                    niter=getattr(adapter, "niter", None))
+            values = (adapter.a.reshape(*stack, *spec.in_shape, adapter.r),
+                      adapter.b.reshape(*stack, adapter.r, *spec.out_shape))
+            if method == "dora":
+                values += (adapter.magnitude.reshape(*stack, *spec.out_shape),)
         for name, value in zip(spec.names, values):
             variable = getattr(layer, name)
             if variable.shape != value.shape:

@@ -36,10 +36,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mora_jax import ops
+from mora_jax import dora, ops
 
 SPEC_ATTR = "mora_spec"
 DROPOUT_ATTR = "mora_dropout"
+NORM_ATTR = "mora_dora_norm"  # a merged DoRA layer's column norms (mora_jax.nnx.merge)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +53,9 @@ class AdapterSpec:
     """Static metadata of the adapter on one layer (hashable: it lives in the graph definition).
 
     Attributes:
-      method: ``"mora"`` or ``"lora"``.
+      method: ``"mora"``, ``"lora"``, ``"hira"`` (HiRA: LoRA's ``a``, ``b`` applied as ``K ⊙ (a·b)``,
+        :mod:`mora_jax.hira`), ``"dora"`` (LoRA's ``a``, ``b`` and a magnitude, :mod:`mora_jax.dora`) or
+        ``"pissa"`` (LoRA at run time; started from the kernel's SVD, :mod:`mora_jax.pissa`).
       kernel: name of the adapted kernel attribute (``"kernel"``; ``"w"`` for Tunix's Einsum).
       in_shape / out_shape: the kernel's contracted and output axes (``k = prod(in_shape)``).
       perm: kernel axes in ``(*in axes, *out axes)`` order (the identity for Linear/LinearGeneral).
@@ -60,6 +63,7 @@ class AdapterSpec:
       mora_type: MoRA operator type (1, 2, 3, 4, 6); None for LoRA.
       alpha / rslora: LoRA scale ``α/r`` (``α/√r``).
       dropout: dropout rate on the adapter input.
+      niter: PiSSA's SVD (None exact, an int the randomized one), run again at ReMoRA restarts.
       merged: ``ΔK`` is folded into the kernel and the adapter is skipped (:func:`mora_jax.nnx.merge_adapters`).
       stack_shape: leading axes of a kernel stacked over layers (``nnx.vmap``-made layers run under
         ``nnx.scan``, as MaxText and Tunix scan their models): the adapter's variables are stacked the
@@ -78,6 +82,7 @@ class AdapterSpec:
     dropout: float = 0.0
     merged: bool = False
     stack_shape: tuple[int, ...] = ()
+    niter: int | None = None
 
     @property
     def in_features(self) -> int:
@@ -101,6 +106,10 @@ class AdapterSpec:
         """Attribute names of the adapter variables on the layer."""
         if self.method == "mora":
             return (f"{self.kernel}_mora_m",)
+        if self.method == "hira":
+            return (f"{self.kernel}_hira_a", f"{self.kernel}_hira_b")
+        if self.method == "dora":  # PEFT's lora_magnitude_vector
+            return (f"{self.kernel}_lora_a", f"{self.kernel}_lora_b", f"{self.kernel}_lora_magnitude")
         return (f"{self.kernel}_lora_a", f"{self.kernel}_lora_b")
 
     def replace(self, **changes) -> "AdapterSpec":
@@ -407,12 +416,28 @@ def adapter_arrays(layer, spec: AdapterSpec) -> tuple[jax.Array, ...]:
     a = getattr(layer, spec.names[0])[...]
     b = getattr(layer, spec.names[1])[...]
     lead = a.shape[: a.ndim - len(spec.in_shape) - 1]
-    return a.reshape(*lead, spec.in_features, spec.r), b.reshape(*lead, spec.r, spec.out_features)
+    arrays = (a.reshape(*lead, spec.in_features, spec.r), b.reshape(*lead, spec.r, spec.out_features))
+    if spec.method == "dora":
+        arrays += (getattr(layer, spec.names[2])[...].reshape(*lead, spec.out_features),)
+    return arrays
 
 
 def adapter_delta(layer, spec: AdapterSpec, x_BxK):
-    """``Δy`` for rows ``x (..., k)``: :func:`mora_jax.ops.apply_mora` / :func:`mora_jax.ops.apply_lora`."""
+    """``Δy`` for rows ``x (..., k)``: :func:`mora_jax.ops.apply_mora` / :func:`mora_jax.ops.apply_lora`;
+    HiRA's ``x·(K ⊙ a·b)`` (a second matmul beside the layer's own: unlike the linen path, which runs one
+    matmul with ``K ⊙ (1 + a·b)``, the nnx layer's own call is kept as it is)."""
     arrays = adapter_arrays(layer, spec)
+    if spec.method == "dora":  # (mag/n − 1) ⊙ (x·K) + (mag/n) ⊙ s·(x·a)·b, n detached (mora_jax.dora)
+        # The layer's own output includes its bias (and has its own layout), so x·K is computed again here.
+        kernel_KxD = kernel_as_matrix(getattr(layer, spec.kernel)[...], spec)
+        base = jnp.matmul(x_BxK, kernel_KxD.astype(x_BxK.dtype))
+        norm_D = dora.weight_norm(kernel_KxD, arrays[0], arrays[1], spec.lora_scale)
+        ratio_D = (arrays[2].astype(jnp.float32) / norm_D).astype(x_BxK.dtype)
+        return (ratio_D - 1) * base + ratio_D * ops.apply_lora(x_BxK, arrays[0], arrays[1], scale=spec.lora_scale)
+    if spec.method == "hira":
+        kernel_KxD = kernel_as_matrix(getattr(layer, spec.kernel)[...], spec).astype(jnp.float32)
+        update_KxD = kernel_KxD * jnp.matmul(arrays[0].astype(jnp.float32), arrays[1].astype(jnp.float32))
+        return jnp.matmul(x_BxK, update_KxD.astype(x_BxK.dtype))
     if spec.method == "mora":
         return ops.apply_mora(x_BxK, arrays[0], in_features=spec.in_features, out_features=spec.out_features,
                               mora_type=spec.mora_type)
@@ -433,6 +458,27 @@ def matrix_as_kernel(matrix_KxD, spec: AdapterSpec):
     return jnp.transpose(permuted, inverse)
 
 
+def dora_folded_kernel(kernel, arrays, spec: AdapterSpec, norms=None):
+    """DoRA's merge ``(mag/n)·(K + s·a·b)`` with ``n`` (``norms=None``; returns ``(kernel, n)``), or its
+    undoing with the ``n`` of the merge (returns ``(kernel, norms)``); a stacked kernel layer by layer."""
+    n = kernel.ndim - len(spec.perm)
+    if n:
+        flat_norms = None if norms is None else norms.reshape(-1, norms.shape[-1])
+        per_layer = jax.vmap(lambda k, a, b, m, nn: dora_folded_kernel(k, (a, b, m), spec, nn),
+                             in_axes=(0, 0, 0, 0, None if norms is None else 0))
+        flat, out_norms = per_layer(kernel.reshape(-1, *kernel.shape[n:]),
+                                    *(x.reshape(-1, *x.shape[n:]) for x in arrays), flat_norms)
+        return flat.reshape(kernel.shape), out_norms.reshape(*kernel.shape[:n], -1)
+    node = dora.DoRAAdapter(a=arrays[0], b=arrays[1], magnitude=arrays[2], in_features=spec.in_features,
+                            out_features=spec.out_features, alpha=spec.alpha, rslora=spec.rslora)
+    matrix = kernel_as_matrix(kernel, spec)
+    if norms is None:
+        merged, norms = node.merged_kernel(matrix)
+    else:
+        merged = node.unmerge_kernel(matrix.astype(jnp.float32), norms)
+    return matrix_as_kernel(merged.astype(kernel.dtype), spec), norms
+
+
 def folded_kernel(kernel, arrays, spec: AdapterSpec, sign: float):
     """``K + sign·ΔK`` in the kernel's layout (float32 accumulate, the kernel's dtype out); a stacked
     kernel layer by layer."""
@@ -445,6 +491,10 @@ def folded_kernel(kernel, arrays, spec: AdapterSpec, sign: float):
     if spec.method == "mora":
         matrix = ops.merge_into(matrix, arrays[0], in_features=spec.in_features, out_features=spec.out_features,
                                 mora_type=spec.mora_type, sign=sign)
+    elif spec.method == "hira":  # K ⊙ (1 + a·b), undone by division (mora_jax.hira)
+        factor = 1.0 + jnp.matmul(arrays[0].astype(jnp.float32), arrays[1].astype(jnp.float32))
+        matrix32 = matrix.astype(jnp.float32)
+        matrix = (matrix32 * factor if sign > 0 else matrix32 / factor).astype(kernel.dtype)
     else:
         delta = ops.lora_delta_weight(arrays[0], arrays[1], scale=spec.lora_scale)
         matrix = (matrix.astype(jnp.float32) + jnp.float32(sign) * delta).astype(kernel.dtype)

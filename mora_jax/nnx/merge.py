@@ -23,7 +23,8 @@ import jax
 
 from mora_jax.nnx import layers as layers_lib
 from mora_jax.nnx.attach import adapted_layers, detach, path_str
-from mora_jax.nnx.layers import SPEC_ATTR
+from mora_jax.nnx.layers import NORM_ATTR, SPEC_ATTR
+from mora_jax.nnx.variables import DoRANorm
 
 
 def placed_like(new, old):
@@ -34,11 +35,21 @@ def placed_like(new, old):
 
 
 def fold(layer, sign: float) -> None:
-    """``K ← K + sign·ΔK`` on one adapted layer (its merged flag untouched)."""
+    """``K ← K + sign·ΔK`` on one adapted layer (its merged flag untouched); DoRA: its merge, or its
+    undoing with the norm that the merge kept on the layer."""
     spec = getattr(layer, SPEC_ATTR)
     kernel = getattr(layer, spec.kernel)
     old = kernel[...]
-    new = _fold_jit(old, layers_lib.adapter_arrays(layer, spec), spec, sign)
+    arrays = layers_lib.adapter_arrays(layer, spec)
+    if spec.method == "dora":
+        if sign > 0:
+            new, norms = _dora_fold_jit(old, arrays, spec, None)
+            setattr(layer, NORM_ATTR, DoRANorm(norms))
+        else:
+            new, _ = _dora_fold_jit(old, arrays, spec, getattr(layer, NORM_ATTR)[...])
+            delattr(layer, NORM_ATTR)
+    else:
+        new = _fold_jit(old, arrays, spec, sign)
     kernel[...] = placed_like(new, old)
 
 
@@ -47,6 +58,7 @@ def _fold(kernel, arrays, spec, sign):
 
 
 _fold_jit = jax.jit(_fold, static_argnums=(2, 3))
+_dora_fold_jit = jax.jit(layers_lib.dora_folded_kernel, static_argnums=(2,))
 
 
 def _set_merged(layer, merged: bool) -> None:
@@ -89,6 +101,9 @@ def merge_and_unload(model):
     """Fold the adapters into the kernels and remove them: a plain nnx model (original layer classes,
     no adapter variables, fully trained parameters back to ``nnx.Param``). Returns the model."""
     merge_adapters(model)
+    for _, layer in adapted_layers(model).items():
+        if hasattr(layer, NORM_ATTR):  # nothing left to unmerge
+            delattr(layer, NORM_ATTR)
     return detach(model)
 
 

@@ -17,13 +17,13 @@ from mora_jax.adapters import flatten
 from mora_jax.hf import peft
 from mora_jax.hf.files import hf_name_to_path, layer_index
 from mora_jax.hf.peft_files import adapter_directory, group_tensors, read_adapter_tensors
-from mora_jax.methods import LoRAConfig, MoRAConfig
+from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, MoRAConfig, PiSSAConfig
 from mora_jax.nnx.attach import adapted_layers, path_str
 from mora_jax.nnx.convert import PathMap, linen_kernel_shapes, load_linen_adapters, to_linen_adapters
 from mora_jax.nnx.layers import SPEC_ATTR
 
 
-def adapter_config(model) -> MoRAConfig | LoRAConfig:
+def adapter_config(model) -> MoRAConfig | LoRAConfig | HiRAConfig | DoRAConfig:
     """The config of ``model``'s adapters (one method, ``r`` and type for all), ``targets`` their exact kernel paths."""
     layers = adapted_layers(model)
     if not layers:
@@ -40,6 +40,13 @@ def adapter_config(model) -> MoRAConfig | LoRAConfig:
     targets = tuple(re.escape(path_str((*p, getattr(layer, SPEC_ATTR).kernel))) for p, layer in layers.items())
     if spec.method == "mora":
         return MoRAConfig(r=spec.r, mora_type=spec.mora_type, targets=targets, dropout=spec.dropout)
+    if spec.method == "hira":
+        return HiRAConfig(r=spec.r, targets=targets, dropout=spec.dropout)
+    if spec.method == "dora":
+        return DoRAConfig(r=spec.r, alpha=spec.alpha, rslora=spec.rslora, targets=targets, dropout=spec.dropout)
+    if spec.method == "pissa":  # a PEFT file of it is a LoRA for the residual base (pissa.to_lora: for the original)
+        return PiSSAConfig(r=spec.r, alpha=spec.alpha, rslora=spec.rslora, targets=targets, dropout=spec.dropout,
+                           niter=spec.niter)
     return LoRAConfig(r=spec.r, alpha=spec.alpha, rslora=spec.rslora, targets=targets, dropout=spec.dropout)
 
 
@@ -51,7 +58,8 @@ def save_adapter(path, model, *, path_map: PathMap | None = None, base_model_nam
                              base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
 
 
-def load_adapter(path, model, *, path_map: PathMap | None = None, rngs=None) -> MoRAConfig | LoRAConfig:
+def load_adapter(path, model, *, path_map: PathMap | None = None,
+                 rngs=None) -> MoRAConfig | LoRAConfig | HiRAConfig | DoRAConfig:
     """Read a PEFT adapter directory into ``model`` (attaching adapters where it has none); returns its config
     with ``targets`` naming the adapted kernels' nnx paths."""
     # Only the layers the file adapts are inspected: the model may hold layers no adapter could attach to.

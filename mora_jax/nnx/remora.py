@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mora_jax.nnx.attach import adapted_layers, initial_lora_a, path_str
-from mora_jax.nnx.layers import SPEC_ATTR
+from mora_jax.nnx.attach import adapted_layers, initial_lora_a, initial_magnitude, path_str, principal_start, set_kernel
+from mora_jax.nnx.layers import NORM_ATTR, SPEC_ATTR
 from mora_jax.nnx.merge import fold, placed_like
 from mora_jax.nnx.variables import TrainedParam
 
@@ -62,6 +62,8 @@ def merge_and_reset(model, optimizer: nnx.Optimizer | None = None, *, next_type:
     for i, (path, layer) in enumerate(layers.items()):
         spec = getattr(layer, SPEC_ATTR)
         fold(layer, +1.0)
+        if hasattr(layer, NORM_ATTR):  # DoRA's merge-time norm: not needed, the layer is not left merged
+            delattr(layer, NORM_ATTR)
         first = getattr(layer, spec.names[0])
         if spec.method == "mora":
             new_type = spec.mora_type if next_type is None else int(next_type)
@@ -69,11 +71,20 @@ def merge_and_reset(model, optimizer: nnx.Optimizer | None = None, *, next_type:
                 raise ValueError(f"cannot switch {path_str(path)} between type 6 and types 1-4 at a merge")
             first[...] = jnp.zeros_like(first[...])
             setattr(layer, SPEC_ATTR, spec.replace(mora_type=new_type))
+        elif spec.method == "pissa":  # the SVD runs again on the merged kernel; the residual is frozen
+            a, b, residual = principal_start(getattr(layer, spec.kernel)[...], spec, jax.random.fold_in(rng, i))
+            set_kernel(layer, spec, residual)
+            first[...] = placed_like(a, first[...])
+            second = getattr(layer, spec.names[1])
+            second[...] = placed_like(b, second[...])
         else:
             a = initial_lora_a(jax.random.fold_in(rng, i), spec)
             first[...] = placed_like(a, first[...])
             second = getattr(layer, spec.names[1])
             second[...] = jnp.zeros_like(second[...])
+            if spec.method == "dora":  # the magnitude restarts at the merged kernel's column norms
+                magnitude = getattr(layer, spec.names[2])
+                magnitude[...] = placed_like(initial_magnitude(getattr(layer, spec.kernel)[...], spec), magnitude[...])
     if optimizer is not None and reset_optimizer:
         reset_adapter_state(optimizer, model)
     return model

@@ -29,10 +29,15 @@ class TrainedParam(nnx.LoRAParam):
     """A base parameter trained in full (``FullConfig`` targets, ``unfreeze`` patterns)."""
 
 
+class DoRANorm(nnx.Variable):
+    """DoRA's column norm ``‖K + s·a·b‖_c`` at merge time, kept on a merged layer to undo the merge
+    (the merged kernel alone does not determine ``K``; PEFT caches it too). Not a parameter."""
+
+
 # What the optimizer and nnx.grad should see, and what stays fixed.
 TRAINABLE = nnx.LoRAParam
 FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 # The adapter variables alone (MoRA's M, LoRA's a and b), without fully trained base parameters.
 ADAPTERS = nnx.All(nnx.LoRAParam, nnx.Not(TrainedParam))
 
-__all__ = ["ADAPTERS", "FROZEN", "MoRAParam", "TRAINABLE", "TrainedParam"]
+__all__ = ["ADAPTERS", "DoRANorm", "FROZEN", "MoRAParam", "TRAINABLE", "TrainedParam"]
