@@ -24,14 +24,16 @@ def llama_kernel_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
 
 
-def mora_chunks_used(in_features: int, out_features: int, r_hat: int) -> int:
-    """Type 6: chunks of the (wrap-padded) input whose rotated product reaches the output.
+def mora_columns_used(in_features: int, out_features: int, r_hat: int) -> int:
+    """Type 6: the columns ``W`` of ``concat_c(rot_c(chunk_c)·M)`` that reach the output.
 
-    The input is cut into ``ceil(k/r̂)`` chunks; their products are concatenated and truncated (or
-    tiled) to ``d``, so only the first ``ceil(min(d, n·r̂)/r̂)`` chunks matter.
+    The input is cut into ``n = ceil(k/r̂)`` chunks, each multiplied by ``M`` into ``r̂`` columns, and
+    the ``n·r̂`` columns are truncated (or tiled) to ``d``: so ``W = min(d, n·r̂)``. When ``d`` ends
+    inside a chunk, that chunk needs only its first ``d mod r̂`` columns (``mora_jax.ops``
+    computes just those), and chunks past it none.
     """
     n = -(-in_features // r_hat)
-    return min(n, -(-out_features // r_hat))
+    return min(out_features, n * r_hat)
 
 
 def adapter_flops_per_token(k: int, d: int, method: str, r: int, mora_type: int | None = None) -> tuple[float, float]:
@@ -41,8 +43,9 @@ def adapter_flops_per_token(k: int, d: int, method: str, r: int, mora_type: int 
     each), ``∇a`` (``2·k·r``) and the input gradient ``dx = d(xa)@aᵀ`` (``2·k·r``), so backward =
     2 × forward of which ``2·k·r`` is the input gradient.
     MoRA types 1–4: compression/decompression are sums/copies (no matmul), ``z@m`` = ``2·r̂²``;
-    backward ``∇m = zᵀ·du`` and ``dz = du·mᵀ``, one forward's worth each. Type 6: the same per chunk
-    that reaches the output (:func:`mora_chunks_used`), ``2·n·r̂²``.
+    backward ``∇m = zᵀ·du`` and ``dz = du·mᵀ``, one forward's worth each. Type 6: ``2·r̂·W`` for the
+    ``W`` columns that reach the output (:func:`mora_columns_used`; ``2·n·r̂²`` when they are ``n``
+    whole chunks), the same again for each of ``∇m`` and the input gradient.
     HiRA: zero: its layer runs one matmul with the effective kernel ``K ⊙ (1 + A·B)`` instead of the
     frozen ``x·K`` (forward and input gradient as the frozen model's); what it adds per token is the
     gradient of that kernel, :func:`adapter_weight_grad_flops_per_token`.
@@ -53,8 +56,8 @@ def adapter_flops_per_token(k: int, d: int, method: str, r: int, mora_type: int 
         return 0.0, 0.0
     if method == "mora":
         r_hat = ops.rank_hat(k, d, r, mora_type)
-        n = mora_chunks_used(k, d, r_hat) if mora_type == 6 else 1
-        fwd = 2.0 * n * r_hat * r_hat
+        width = mora_columns_used(k, d, r_hat) if mora_type == 6 else r_hat
+        fwd = 2.0 * r_hat * width
         return fwd, fwd
     raise ValueError(f"adapter method must be 'lora', 'pissa', 'dora', 'hira' or 'mora', got {method!r}")
 
@@ -156,10 +159,10 @@ def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: 
     * adapters (``"lora"``/``"dora"``/``"mora"``): their own matmuls, three times the forward
       (:func:`adapter_flops_per_token`): LoRA and DoRA ``2·tokens·r·(k+d)·3`` (DoRA adds its
       per-step column norm, :func:`adapter_flops_per_step`); MoRA ``2·tokens·r̂²·3`` (types
-      1–4) or ``2·tokens·n·r̂²·3`` (type 6, ``n`` chunks reaching the output); HiRA (``"hira"``)
-      the dense gradient of its effective kernel, ``2·tokens·k·d`` (full fine-tuning's weight
-      gradient: HiRA's floor is ``full``'s FLOPs plus ``6·k·r·d`` per kernel and step,
-      :func:`adapter_weight_grad_flops_per_token`, :func:`adapter_flops_per_step`);
+      1–4) or ``2·tokens·r̂·W·3`` (type 6, ``W`` of its ``n·r̂`` product columns reaching the output);
+      HiRA (``"hira"``) the dense gradient of its effective kernel, ``2·tokens·k·d`` (full
+      fine-tuning's weight gradient: HiRA's floor is ``full``'s FLOPs plus ``6·k·r·d`` per kernel and
+      step, :func:`adapter_weight_grad_flops_per_token`, :func:`adapter_flops_per_step`);
     * ``"frozen"``: the base model alone with every kernel frozen (what any adapter method pays
       before its adapter matmuls), so ``full − frozen`` is exactly the weight-gradient term.
 
@@ -174,4 +177,4 @@ def model_flops_per_step(config: LlamaConfig, batch: int, seq_len: int, method: 
 
 
 __all__ = ["ADAPTER_METHODS", "adapter_flops_per_step", "adapter_flops_per_token", "adapter_weight_grad_flops_per_token",
-           "attention_pairs", "flop_breakdown", "llama_kernel_shapes", "model_flops_per_step", "mora_chunks_used"]
+           "attention_pairs", "flop_breakdown", "llama_kernel_shapes", "model_flops_per_step", "mora_columns_used"]

@@ -11,6 +11,7 @@ builds ``ΔK`` in ``O(k·d)`` time and memory from the transposes of the same op
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -242,13 +243,25 @@ def apply_mora(x, m, *, in_features: int, out_features: int, mora_type: int):
 
 
 def _type6_product(x, m, n: int, out_features: int):
-    """Type 6's ``tile(concat_c(rot_c(chunk_c) @ M))`` over the first ``n`` chunks, computed as
-    ``chunk_c @ (R_c·M)``: the rotations are folded into ``n`` small ``r̂ × r̂`` blocks
-    (:func:`rotated_blocks`, float32, then the input's dtype) and the chunks meet them in one
-    batched matmul.
+    """Type 6's ``tile(concat_c(rot_c(chunk_c) @ M))`` over the first ``n`` chunks, in the form that is
+    fastest where the program is compiled (``lax.platform_dependent``; same values up to rounding,
+    ``tests/test_ops.py``):
 
-    Rotating the activations instead (the reference's order) writes a float32 array the size of the
-    input per adapted projection, keeps its cast for the backward pass, and reads and writes it
+    * on a CPU, :func:`_type6_rotated`: the chunks rotated as activations and multiplied by the one
+      ``M`` in a single 2-D matmul, the last chunk only against the columns of ``M`` that reach the
+      output;
+    * elsewhere, :func:`_type6_folded`: the rotations folded into ``n`` blocks ``R_c·M`` and met by
+      the chunks in one batched matmul."""
+    return jax.lax.platform_dependent(x, m, cpu=lambda x, m: _type6_rotated(x, m, n, out_features),
+                                      default=lambda x, m: _type6_folded(x, m, n, out_features))
+
+
+def _type6_folded(x, m, n: int, out_features: int):
+    """``chunk_c @ (R_c·M)``: the rotations folded into ``n`` small ``r̂ × r̂`` blocks
+    (:func:`rotated_blocks`, float32, then the input's dtype) and the chunks met in one batched matmul.
+
+    Rotating the activations in float32 and keeping them instead writes a float32 array the size of
+    the input per adapted projection, keeps its cast for the backward pass, and reads and writes it
     again there: on a TPU v5e that made a type-6 step of the 250M model take 1.5x LoRA's memory per
     chip and 1.3x its estimated time (``docs/tpu.md``, "Choices the plans informed"). Folded,
     the backward pass keeps the chunks, which are ``x`` itself when ``r̂`` divides ``k``."""
@@ -256,7 +269,114 @@ def _type6_product(x, m, n: int, out_features: int):
     blocks_NxRxR = rotated_blocks(m, n).astype(x.dtype)
     chunks_BxNxR = _repeat_to(x, n * r_hat).reshape(*x.shape[:-1], n, r_hat)
     u_BxNxR = jnp.einsum("...nr,nrs->...ns", chunks_BxNxR, blocks_NxRxR)
-    return _repeat_to(u_BxNxR.reshape(*x.shape[:-1], n * r_hat), out_features)
+    return _tile_by_sum(u_BxNxR.reshape(*x.shape[:-1], n * r_hat), out_features)
+
+
+def _tile_by_sum(u, length: int):
+    """``_wrap_pad`` as a sum of zero-padded copies of ``u`` at offsets ``0, W, 2W, …`` (``W`` its
+    width): element-wise, so a TPU fuses it into the add of the projection's output. The concatenate
+    form (:func:`_repeat_to`) was written to HBM and read back, forward and recomputed: in a planned
+    Llama-3.1-8B type-6 step (v6e 2x2, 4 layers, r=16, seq 4096, batch 16, remat full) 4.7 GB per
+    gate/up projection entry; summed, the step moved 267 GB instead of 286 GB (estimated 163 ms
+    instead of 174 ms, ``docs/tpu.md``)."""
+    width = u.shape[-1]
+    if length <= width:
+        return u[..., :length]
+    out = None
+    for start in range(0, length, width):
+        w = min(width, length - start)
+        piece = jnp.pad(u[..., :w], [(0, 0)] * (u.ndim - 1) + [(start, length - start - w)])
+        out = piece if out is None else out + piece
+    return out
+
+
+def _type6_rotated(x, m, n: int, out_features: int):
+    """Type 6 as the reference orders it, rotate then multiply, arranged for XLA:CPU: the wrap-padded
+    chunks are rotated (float32, then ``x``'s dtype) in one element-wise pass that XLA fuses with the
+    padding, and every full chunk meets the one ``M`` in a single 2-D ``(rows·chunks, r̂) @ (r̂, r̂)``
+    matmul. The folded form's batched matmul over chunks runs on XLA:CPU as a transpose, a slow
+    batched dot and a transpose back (a 250M type-6 r=8 step: 1.10x LoRA's CPU time, 1.03x this way).
+
+    Only the ``W = min(d, n·r̂)`` columns that reach the output are computed: when ``d`` ends inside
+    a chunk, that chunk meets only the first ``d mod r̂`` columns of ``M`` (a 2560→768 down_proj at
+    r=128, ``r̂ = 652``, computes 768 columns, not 1304). :func:`mora_jax.flops.adapter_flops_per_token`
+    counts the same. The tile to ``d > W`` columns is a broadcast XLA fuses into the output's add."""
+    r_hat = m.shape[-1]
+    width = min(out_features, n * r_hat)
+    u = _rotated_product(x, m.astype(x.dtype), width)
+    return _wrap_pad(u, out_features) if out_features > width else u
+
+
+def _rotated_chunks(x, r_hat: int, width: int):
+    """The wrap-padded input's chunks that reach the first ``width`` output columns, rotated (chunk
+    ``c`` by ``c·θ``, float32, cast to ``x``'s dtype) and flattened to rows: ``[(rows·full, r̂)]`` for
+    the ``full = width // r̂`` whole chunks, then ``(rows, r̂)`` for the partial one, if any."""
+    full, cols = divmod(width, r_hat)
+    n = full + (cols > 0)
+    cos_NxR, sin_NxR = rope_cos_sin(r_hat, n)
+    padded = _wrap_pad(x, n * r_hat).reshape(*x.shape[:-1], n, r_hat).astype(jnp.float32)
+    half = r_hat // 2
+
+    def rotate(v, cos, sin):
+        return (v * cos + jnp.concatenate([-v[..., half:], v[..., :half]], axis=-1) * sin).astype(x.dtype)
+
+    parts = []
+    if full:
+        parts.append(rotate(padded[..., :full, :], cos_NxR[:full], sin_NxR[:full]).reshape(-1, r_hat))
+    if cols:
+        parts.append(rotate(padded[..., full, :], cos_NxR[full], sin_NxR[full]).reshape(-1, r_hat))
+    return parts
+
+
+def _split_columns(u, r_hat: int, width: int):
+    """``u (..., width)`` as the rows of :func:`_rotated_chunks`' parts: ``(rows·full, r̂)``, ``(rows, cols)``."""
+    full, cols = divmod(width, r_hat)
+    u = u.reshape(-1, width)
+    parts = []
+    if full:
+        parts.append((u[:, : full * r_hat] if cols else u).reshape(-1, r_hat))
+    if cols:
+        parts.append(u[:, full * r_hat:])
+    return parts
+
+
+def _chunk_matrices(m, width: int):
+    """The right operand of each part of :func:`_rotated_chunks`: ``M`` for the whole chunks, its
+    first ``width mod r̂`` columns for the partial one."""
+    full, cols = divmod(width, m.shape[-1])
+    return [m] * (full > 0) + [m[:, :cols]] * (cols > 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rotated_product(x, m, width: int):
+    """The first ``width`` columns of ``concat_c(rot_c(chunk_c) @ M)``: ``(..., width)``, in ``x``'s dtype
+    (``m`` already cast to it). Its gradient is written out so that it keeps only ``x`` (the rotated
+    chunks are recomputed, element-wise, in the backward pass; ``x`` is often kept anyway, shared by
+    the projections that read it) and contracts ``∂M`` over rows without transposing an activation."""
+    outs = [part @ mat for part, mat in zip(_rotated_chunks(x, m.shape[-1], width), _chunk_matrices(m, width))]
+    outs = [o.reshape(*x.shape[:-1], -1) for o in outs]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+
+
+def _rotated_product_fwd(x, m, width: int):
+    return _rotated_product(x, m, width), (x, m)
+
+
+def _rotated_product_bwd(width: int, residuals, du):
+    x, m = residuals
+    r_hat = m.shape[-1]
+    parts, rotate_vjp = jax.vjp(lambda x: _rotated_chunks(x, r_hat, width), x)
+    grads = _split_columns(du, r_hat, width)
+    mats = _chunk_matrices(m, width)
+    (dx,) = rotate_vjp([g @ mat.T for g, mat in zip(grads, mats)])
+    dm = None
+    for part, g in zip(parts, grads):  # the partial chunk's ∂M fills the first columns only
+        piece = jnp.pad(_contract_leading(part, g).astype(jnp.float32), ((0, 0), (0, r_hat - g.shape[-1])))
+        dm = piece if dm is None else dm + piece
+    return dx, dm.astype(m.dtype)
+
+
+_rotated_product.defvjp(_rotated_product_fwd, _rotated_product_bwd)
 
 
 def _repeat_to(v, length: int):

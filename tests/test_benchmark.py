@@ -78,13 +78,15 @@ def test_mora_flops_by_hand():
     adapter = 16 * (per_layer * 3 * 2 - 2 * (32**2 + 28**2 + 28**2))
     assert adapter == 1_676_352
     assert flops.model_flops_per_step(TINY, 2, 8, "mora", 8, 1) == FROZEN + adapter
-    # type 6: even r_hat (mlp 42); every kernel needs 2 chunks (e.g. down: k=172 -> 5 chunks, but
-    # only ceil(d/r_hat) = ceil(64/42) = 2 of them reach the 64 outputs)
-    assert flops.mora_chunks_used(172, 64, 42) == 2
-    assert flops.mora_chunks_used(64, 172, 42) == 2
-    assert flops.mora_chunks_used(4096, 11008, 346) == 12
-    per_layer6 = 2 * 2 * (32**2 + 28**2 + 28**2 + 32**2 + 3 * 42**2)  # 35,632
-    adapter6 = 16 * (per_layer6 * 3 * 2 - 2 * 2 * (32**2 + 28**2 + 28**2))
+    # type 6: even r_hat (k/v 28, mlp 42); 2·r_hat·W per token for the W = min(d, ceil(k/r_hat)·r_hat)
+    # product columns that reach the output: q/o 64 (two whole chunks), k/v 32 (of three chunks' 84:
+    # the second chunk's first 4 columns), gate/up 84 (tiled to 172), down 64 (of five chunks' 210)
+    assert flops.mora_columns_used(64, 32, 28) == 32
+    assert flops.mora_columns_used(64, 172, 42) == 84
+    assert flops.mora_columns_used(172, 64, 42) == 64
+    assert flops.mora_columns_used(4096, 11008, 346) == 12 * 346
+    per_layer6 = 2 * (32 * 64 + 28 * 32 + 28 * 32 + 32 * 64 + 2 * 42 * 84 + 42 * 64)  # 31,264
+    adapter6 = 16 * (per_layer6 * 3 * 2 - 2 * (32 * 64 + 28 * 32 + 28 * 32))
     assert flops.model_flops_per_step(TINY, 2, 8, "mora", 8, 6) == FROZEN + adapter6
 
 

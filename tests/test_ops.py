@@ -129,6 +129,19 @@ def test_sliced_chunk_sum_and_tile_equal_the_cpu_forms(k, r_hat):
         np.testing.assert_array_equal(np.asarray(ops._repeat_to(u, d)), np.asarray(ops._wrap_pad(u, d)))
 
 
+@pytest.mark.parametrize("d", [5, 12, 13, 29, 36, 61])
+def test_tile_by_sum_equals_the_wrap_padded_tile_exactly(d):
+    # TPU type-6 programs tile the chunk products as a sum of zero-padded copies: the same values as the
+    # broadcast tile, bit for bit, and the same gradient (the sum of the tile's slices, in another order).
+    from mora_jax import ops
+
+    u, probe = _random((2, 3, 12), 21), _random((2, 3, d), 22)
+    tiled = [ops._tile_by_sum, ops._wrap_pad]
+    outs = [jax.vjp(lambda u, f=f: f(u, d), u) for f in tiled]
+    np.testing.assert_array_equal(np.asarray(outs[0][0]), np.asarray(outs[1][0]))
+    np.testing.assert_allclose(np.asarray(outs[0][1](probe)[0]), np.asarray(outs[1][1](probe)[0]), rtol=1e-6, atol=1e-6)
+
+
 def test_a_tpu_program_takes_the_sliced_chunk_sum():
     # The form is picked when the program is lowered for a platform, not by the default backend.
     f = lambda x: apply_mora(x, jnp.eye(443), in_features=768, out_features=768, mora_type=1)
@@ -137,6 +150,53 @@ def test_a_tpu_program_takes_the_sliced_chunk_sum():
     cpu = jax.jit(f).trace(x).lower(lowering_platforms=("cpu",)).as_text()
     assert "reduce" in cpu and "reduce" not in tpu.replace("reduce_precision", "")
     assert "tensor<4x886xf32>" in tpu  # the input padded by a concatenate to two chunks, then sliced
+
+
+@pytest.mark.parametrize("k,d,r", EDGE_SHAPES + [(768, 768, 128), (2560, 768, 8), (768, 2560, 8), (2560, 768, 128)])
+def test_type6_rotated_and_folded_forms_are_equal(k, d, r):
+    # CPU programs multiply the rotated chunks by the one M (the last chunk by the columns that reach the
+    # output), TPU programs the chunks by the folded blocks R_c·M (lax.platform_dependent): the same
+    # values and gradients, though CPU tests run only one.
+    from mora_jax import ops
+
+    try:
+        r_hat = rank_hat(k, d, r, 6)
+    except ValueError:
+        return
+    n = min(-(-k // r_hat), -(-d // r_hat))
+    x, m, probe = _random((2, 3, k), 15), _random((r_hat, r_hat), 16) * 0.1, _random((2, 3, d), 17)
+    results = []
+    for form in (ops._type6_rotated, ops._type6_folded):
+        y, pullback = jax.vjp(lambda x, m, form=form: form(x, m, n, d), x, m)
+        results.append((y, *pullback(probe)))
+    for ours, theirs in zip(*results):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("k,d,r", [(2560, 768, 128), (768, 2560, 128), (768, 768, 8), (172, 64, 8), (64, 32, 8)])
+def test_type6_cpu_program_multiplies_only_the_columns_that_reach_the_output(k, d, r):
+    """A CPU type-6 forward and backward does 3·2·rows·r̂·W matmul FLOPs, W = min(d, ceil(k/r̂)·r̂) (the
+    FLOP model's count): a 2560→768 layer at r=128 (r̂ = 652) multiplies 768 columns, not two chunks'
+    1304."""
+    from mora_jax import flops
+    from mora_jax.plan import hlo
+
+    r_hat = rank_hat(k, d, r, 6)
+    loss = lambda x, m, p: jnp.sum(apply_mora(x, m, in_features=k, out_features=d, mora_type=6) * p)
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((64, k), (r_hat, r_hat), (64, d))]
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+    width = flops.mora_columns_used(k, d, r_hat)
+    assert hlo.analyze(compiled.as_text()).matmul_flops == 3 * 2 * 64 * r_hat * width
+    assert 3 * 64 * flops.adapter_flops_per_token(k, d, "mora", r, 6)[0] == 3 * 2 * 64 * r_hat * width
+
+
+def test_type6_form_follows_the_lowering_platform():
+    f = lambda x, m: apply_mora(x, m, in_features=768, out_features=2560, mora_type=6)
+    args = (jax.ShapeDtypeStruct((4, 768), jnp.float32), jax.ShapeDtypeStruct((162, 162), jnp.float32))
+    tpu = jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    cpu = jax.jit(f).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+    assert "batching_dims" in tpu and "batching_dims" not in cpu  # folded blocks: a dot batched over chunks
+    assert "tensor<20x162xf32>" in cpu  # rotated: 4 rows x 5 chunks, one 2-D matmul with m
 
 
 def test_wrap_padding_beyond_2k():
