@@ -31,6 +31,7 @@ def bench_config():
     b.r_small = 8  # the small LoRA rank (MoRA matches its trainable parameters: r̂ = round(sqrt((k+d)·r)))
     b.r_large = 32  # the large LoRA rank
     b.mora_types = (1, 6)  # MoRA operator types timed at each rank (1: large r, 6: small r, in the paper; () = none)
+    b.peft_methods = ()  # PEFT-family methods also timed at r_small, of "dora", "pissa", "hira" (goals vs LoRA in the targets)
     b.full = True  # also time full fine-tuning of the seven projections (the reference of the "vs full" ratios)
     b.steps = 5  # timed training steps per method (median reported), interleaved across methods
     b.warmup = 2  # untimed steps per method after compilation

@@ -533,3 +533,97 @@ def test_targets_without_full_fine_tuning(result):
     targets = harness.check_targets(fake)
     assert targets and not any(name.startswith(("b:", "d:")) for name in targets)
     assert "a: mora1_r8 step / lora step" in targets
+
+
+# ---------------------------------------------------------------------------------------------
+# The PEFT family (DoRA, PiSSA, HiRA) beside LoRA: benchmark.peft_methods.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_peft_family_specs_round_trip_and_build_their_configs():
+    from mora_jax.methods import LLAMA_TARGETS, DoRAConfig, HiRAConfig, PiSSAConfig
+
+    specs = methods.method_specs([8, 32], [6], include_full=True, peft_methods=("dora", "pissa", "hira"))
+    assert [s.label for s in specs] == ["full", "lora r=8", "mora6 r=8", "dora r=8", "pissa r=8", "hira r=8",
+                                        "lora r=32", "mora6 r=32"]
+    assert [s.tag for s in specs] == ["full", "lora_r8", "mora6_r8", "dora_r8", "pissa_r8", "hira_r8", "lora_r32",
+                                      "mora6_r32"]
+    for spec in specs:
+        assert methods.MethodSpec.from_label(spec.label) == spec
+    dora, pissa, hira = (methods.MethodSpec(m, 8).adapter_config() for m in ("dora", "pissa", "hira"))
+    assert dora == DoRAConfig(r=8, alpha=methods.LORA_ALPHA, targets=(LLAMA_TARGETS,))
+    assert pissa == PiSSAConfig(r=8, alpha=methods.LORA_ALPHA, targets=(LLAMA_TARGETS,), niter=methods.PISSA_NITER)
+    assert hira == HiRAConfig(r=8, targets=(LLAMA_TARGETS,))
+    run = BenchConfig.from_config(bench_tiny.get_config()).run
+    assert [s.run_config(run).method for s in specs[3:6]] == ["dora", "pissa", "hira"]
+    with pytest.raises(ValueError, match="lora, dora, pissa or hira"):
+        methods.MethodSpec.from_label("vera r=8")
+    c = bench_tiny.get_config()
+    assert BenchConfig.from_config(c).peft_methods == ()
+    c.benchmark.peft_methods = ["hira", "dora"]  # a list from a config file is a tuple
+    assert BenchConfig.from_config(c).peft_methods == ("hira", "dora")
+    c.benchmark.peft_methods = ("dora", "lora")
+    with pytest.raises(ValueError, match=r"benchmark.peft_methods=\('dora', 'lora'\): give a tuple of methods among"):
+        BenchConfig.from_config(c)
+
+
+def _peft_family_config():
+    c = _quick_config()
+    b = c.benchmark
+    b.r_large, b.mora_types, b.full, b.peft_methods = 8, (), False, ("dora", "pissa", "hira")
+    b.steps, b.warmup, b.xla_tuning_ablation, b.delta_weight.enabled = 2, 0, False, False
+    b.merge_type, b.peer.generation = 6, False
+    return c
+
+
+def test_peft_family_in_the_harness():
+    """DoRA, PiSSA and HiRA are timed beside LoRA at r_small with the FLOP model's counts, their
+    ratios to LoRA and their targets (HiRA's limit is 1.05 x its FLOP floor over LoRA)."""
+    result = harness.run_benchmark(_peft_family_config(), log=lambda _: None)
+    report.validate_schema(json.loads(json.dumps(result)))
+    rows = {row["method"]: row for row in result["results"]}
+    assert list(rows) == ["lora", "dora", "pissa", "hira"]
+    for method, row in rows.items():
+        assert row["r"] == 8 and row["mora_type"] is None and row["step_s"] > 0 and row["peak_mem_bytes"] > 0
+        assert row["model_flops_per_step"] == flops.model_flops_per_step(TINY, 2, 16, method, 8)
+        assert row["mfu"] == pytest.approx(row["model_flops_per_step"] / row["step_s"] / result["peak_matmul_flops"])
+    assert rows["pissa"]["model_flops_per_step"] == rows["lora"]["model_flops_per_step"]
+    assert rows["hira"]["model_flops_per_step"] > rows["dora"]["model_flops_per_step"] > rows["lora"]["model_flops_per_step"]
+    details = {d["label"]: d for d in result["details"]}
+    assert details["dora r=8"]["trainable_params"] > details["lora r=8"]["trainable_params"]  # + the magnitudes
+    assert details["pissa r=8"]["trainable_params"] == details["hira r=8"]["trainable_params"] == \
+        details["lora r=8"]["trainable_params"]
+    assert all(math.isfinite(d["loss"]) for d in result["details"])
+    for method in ("dora", "pissa", "hira"):
+        assert result["ratios"]["step"][f"{method}_r8/lora_r8"] == pytest.approx(
+            rows[method]["step_s"] / rows["lora"]["step_s"])
+    targets = result["targets"]
+    assert targets["h: dora_r8 step / lora step"]["limit"] == 1.25
+    assert targets["h: pissa_r8 step / lora step"]["limit"] == 1.05
+    hira = targets["h: hira_r8 step / lora step"]
+    floor = rows["hira"]["model_flops_per_step"] / rows["lora"]["model_flops_per_step"]
+    assert hira["flop_floor"] == pytest.approx(floor) and hira["limit"] == pytest.approx(1.05 * floor)
+    assert hira["value"] == pytest.approx(rows["hira"]["step_s"] / rows["lora"]["step_s"])
+    text = report.report(result, markdown=True)
+    assert "| hira | 8 |" in text and "FLOP floor" in text
+
+
+@pytest.mark.torch
+def test_peft_family_peer_rows():
+    """--peer with benchmark.peft_methods: PEFT's DoRA (use_dora), PiSSA (pissa_niter_4) and HiRA
+    (HiraConfig) beside PEFT's LoRA, in the rotation, each in the comparison with its own step over
+    PEFT LoRA's (PEFT's DoRA / PEFT's LoRA)."""
+    pytest.importorskip("peft")
+    result = harness.run_benchmark(_peft_family_config(), with_peer=True, log=lambda _: None)
+    peer_rows = {p["method"]: p for p in result["peer"]}
+    assert list(peer_rows) == ["lora", "dora", "pissa", "hira"]
+    assert all("peft" in p["framework"] and len(p["step_s_all"]) == 2 and math.isfinite(p["loss"])
+               for p in peer_rows.values())
+    for method, p in peer_rows.items():
+        assert p["model_flops_per_step"] == flops.model_flops_per_step(TINY, 2, 16, method, 8)
+    comparison = {c_["method"]: c_ for c_ in result["peer_comparison"]}
+    assert comparison["dora"]["peer_step_over_peft_lora"] == pytest.approx(
+        peer_rows["dora"]["step_s"] / peer_rows["lora"]["step_s"])
+    assert comparison["lora"]["peer_step_over_peft_lora"] == 1.0
+    assert {f"f: {m}_r8 tokens/s / PyTorch's" for m in peer_rows} <= set(result["targets"])
+    assert "PyTorch step / PEFT LoRA step" in report.report(result)

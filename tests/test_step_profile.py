@@ -1,15 +1,11 @@
 """mora_jax.bench.profile on the tiny model: the trace joins the HLO and the dots add up."""
 
-import dataclasses
-
 import pytest
 
 from configs import bench_tiny
 from mora_jax import flops
 from mora_jax.bench import methods, profile, runners
 from mora_jax.bench.config import BenchConfig
-from mora_jax.methods import LLAMA_TARGETS, HiRAConfig
-from mora_jax.remora import RemoraConfig
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +40,11 @@ def test_method_labels_parse_back_to_their_spec():
         methods.MethodSpec.from_label("mora r=8")
 
 
-@dataclasses.dataclass(frozen=True)
-class _HiRASpec:
-    """HiRA for StepRunner (the benchmark's MethodSpec names full, LoRA and MoRA only)."""
-
-    r: int = 8
-    method = "hira"
-    mora_type = None
-
-    def run_config(self, run):
-        return dataclasses.replace(run, adapter=HiRAConfig(r=self.r, targets=(LLAMA_TARGETS,)),
-                                   remora=RemoraConfig(every=0))
-
-
 def test_hira_step_runs_at_its_flop_floor(tiny):
     """The compiled HiRA step does exactly the FLOP model's matmuls: one matmul per layer with K ⊙ (1 + A·B),
     the dense xᵀ·dy of each kernel and 6·k·r·d per kernel; no second x·ΔK."""
     llama_config, base, params, batch = tiny
-    runner = runners.StepRunner(_HiRASpec(), base, params, batch)
+    runner = runners.StepRunner(methods.MethodSpec("hira", 8), base, params, batch)
     runner.step(record=False)
     result = profile.profile_step(runner, steps=2)
     want = flops.model_flops_per_step(llama_config, 2, 32, "hira", 8)

@@ -4,6 +4,7 @@
     python -m train.benchmark --config configs/bench_250m.py --out benchmarks/cpu_250m.json
     python -m train.benchmark --config configs/bench_tiny.py --scaling --out scaling.json   # + .md, .png
     python -m train.benchmark --config configs/bench_tiny.py --peer --out peer.json         # + PyTorch rows (HF PEFT LoRA, MoRA)
+    python -m train.benchmark --config configs/bench_tiny.py --config.benchmark.peft_methods="('dora','pissa','hira')" --peer ...
     python -m train.benchmark --config configs/bench_tiny.py --config.benchmark.steps=20 --config.train.batch_size=8 ...
     python -m train.benchmark --config configs/bench_250m.py --topology=v5e:2x2   # + TPU plan estimates (tpu extra)
     python -m train.benchmark --config configs/bench_250m.py --generation --out benchmarks/cpu_250m_generation.json
@@ -20,7 +21,7 @@ JSON schema (extra keys such as "ratios", "details", "delta_weight", "targets", 
 
     {"device": str, "dtype": str, "peak_matmul_flops": float,
      "model": {"name": str, "params": int, "batch": int, "seq_len": int},
-     "results": [{"method": "full"|"lora"|"mora", "r": int|null, "mora_type": int|null,
+     "results": [{"method": "full"|"lora"|"mora"|"dora"|"pissa"|"hira", "r": int|null, "mora_type": int|null,
                   "step_s": float, "tokens_per_s": float, "model_flops_per_step": float,
                   "mfu": float, "peak_mem_bytes": int|null}],
      "merge": {"step_s": float, "merge_s": float}}
@@ -57,7 +58,7 @@ _GEN_NEW_TOKENS = flags.DEFINE_integer("generation_new_tokens", None, "--generat
 _GEN_REPEATS = flags.DEFINE_integer("generation_repeats", None, "--generation: timed calls per program "
                                     "(default: benchmark.generation.repeats)")
 _PEER = flags.DEFINE_bool("peer", False, "also time the same model in PyTorch, in the same rotation: full, HF PEFT "
-                          "LoRA, the reference MoRA, and generation (needs torch, transformers, peft)")
+                          "LoRA (and DoRA, PiSSA, HiRA of benchmark.peft_methods), the reference MoRA, and generation (needs torch, transformers, peft)")
 
 
 def main(argv):

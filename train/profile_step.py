@@ -3,7 +3,7 @@
     python -m train.profile_step --config configs/bench_250m.py --config.model.overrides.num_hidden_layers=4 --method "mora1 r=8"
     python -m train.profile_step --config configs/bench_250m.py --method "lora r=8" --untuned --out lora.md
 
-``--method`` is a benchmark label: "full", "lora r=<r>", "mora<type> r=<r>". ``--untuned`` compiles
+``--method`` is a benchmark label: "full", "lora r=<r>", "mora<type> r=<r>", "dora r=<r>", "pissa r=<r>", "hira r=<r>". ``--untuned`` compiles
 without mora_jax.xla_tuning's options (to see what they change).
 """
 
@@ -19,7 +19,7 @@ from mora_jax.bench import methods, profile, runners
 from mora_jax.bench.config import BenchConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py), or any run config")
-_METHOD = flags.DEFINE_string("method", "mora1 r=8", 'method label: "full", "lora r=8", "mora6 r=128", ...')
+_METHOD = flags.DEFINE_string("method", "mora1 r=8", 'method label: "full", "lora r=8", "mora6 r=128", "hira r=8", ...')
 _STEPS = flags.DEFINE_integer("steps", 3, "profiled steps (after one warm-up step)")
 _TOP = flags.DEFINE_integer("top", 20, "rows to print")
 _UNTUNED = flags.DEFINE_bool("untuned", False, "compile without mora_jax.xla_tuning's compiler options")

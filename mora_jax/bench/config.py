@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from mora_jax.bench.generation import GenerationSettings
+from mora_jax.bench.methods import PEFT_METHODS
 from mora_jax.run_config import RunConfig
 
 
@@ -73,6 +74,7 @@ class BenchConfig:
     r_small: int = 8
     r_large: int = 32
     mora_types: tuple[int, ...] = (1, 6)
+    peft_methods: tuple[str, ...] = ()
     full: bool = True
     steps: int = 5
     warmup: int = 2
@@ -97,6 +99,9 @@ class BenchConfig:
         if bad:
             raise ValueError(f"benchmark.mora_types={self.mora_types!r}: use MoRA types among 1, 2, 3, 4 and 6 "
                              "(or none: () times full fine-tuning and LoRA)")
+        if isinstance(self.peft_methods, str) or any(m not in PEFT_METHODS for m in self.peft_methods):
+            raise ValueError(f"benchmark.peft_methods={self.peft_methods!r}: give a tuple of methods among "
+                             f"{', '.join(repr(m) for m in PEFT_METHODS)}, e.g. ('dora', 'pissa', 'hira')")
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -121,7 +126,7 @@ class BenchConfig:
         return cls(run=run, **values)
 
 
-_TUPLES = ("mora_types", "seq_lens", "batches", "ranks", "kernel_sizes")
+_TUPLES = ("mora_types", "peft_methods", "seq_lens", "batches", "ranks", "kernel_sizes")
 
 
 def _checked(cls, name: str, values: Mapping[str, Any], exclude=()) -> dict:

@@ -7,6 +7,7 @@ ahead of time for
 * full fine-tuning of the seven projections of every block,
 * LoRA at ``r_small`` and ``r_large``,
 * MoRA of each type in ``mora_types`` (default 1 and 6) at ``r_small`` and ``r_large``,
+* the PEFT family of ``peft_methods`` (DoRA, PiSSA, HiRA; default none) at ``r_small``,
 
 then every step is timed with ``block_until_ready`` (compile excluded; ``warmup`` untimed steps
 first; the timed steps of all methods are interleaved round-robin so that background load hits
@@ -42,7 +43,7 @@ from mora_jax import adapters as adapters_lib
 from mora_jax import ops
 from mora_jax.bench import peer as peer_lib
 from mora_jax.bench.config import BenchConfig
-from mora_jax.bench.methods import MethodSpec, make_batch, method_specs, model_name
+from mora_jax.bench.methods import MethodSpec, make_batch, method_specs, model_name, row_spec
 from mora_jax.bench.runners import (
     MatmulRunner,
     MergeRunner,
@@ -126,7 +127,7 @@ def run_benchmark(config, *, with_peer: bool = False, log: Callable[[str], None]
     n_params = count_params(params)
     batch = make_batch(llama_config, batch_size, seq_len, seed)
 
-    specs = method_specs(bench.ranks, bench.mora_types, include_full=bench.full)
+    specs = method_specs(bench.ranks, bench.mora_types, include_full=bench.full, peft_methods=bench.peft_methods)
     runners = []
     for spec in specs:
         runner = StepRunner(spec, base, params, batch)
@@ -137,7 +138,7 @@ def run_benchmark(config, *, with_peer: bool = False, log: Callable[[str], None]
     tuned_options = runners[0].compiler_options  # what "auto" chose for this platform (None: nothing to ablate)
     if bench.xla_tuning_ablation and tuned_options is not None:
         for spec in specs:
-            if spec.method != "full" and spec.r == bench.r_small:
+            if spec.method in ("lora", "mora") and spec.r == bench.r_small:
                 untuned.append(StepRunner(spec, base, params, batch, tuned=False))
                 log(f"compiled {spec.label:<14} without XLA tuning in {untuned[-1].compile_s:6.1f} s")
     merge_spec = MethodSpec("mora", bench.merge_r or bench.r_large, bench.merge_type)
@@ -227,11 +228,15 @@ def run_benchmark(config, *, with_peer: bool = False, log: Callable[[str], None]
             f"type {row['mora_type']}: {row['delta_weight_s'] * 1e3:.1f} ms ({row['ratio_to_fill']:.2f}x fill)"
             for row in out["delta_weight"]["types"]) + f"; fill {out['delta_weight']['fill_s'] * 1e3:.1f} ms")
     out["targets"] = check_targets(out)
+    for name, t in out["targets"].items():
+        if name.startswith("h:") and "flop_floor" in t:
+            log(f"{name}: FLOP floor {t['flop_floor']:.3f} (flops.model_flops_per_step), limit {t['limit']:.3f}")
     return out
 
 
 def ratios(results: Sequence[Mapping]) -> dict:
-    """Step-time and memory ratios: ``mora{t}_r{r}/lora_r{r}`` and ``mora{t}_r{r}/full``, ``lora_r{r}/full``."""
+    """Step-time and memory ratios: ``{tag}/lora_r{r}`` of each adapter method but LoRA (``mora6_r8``,
+    ``dora_r8``, ...: :attr:`MethodSpec.tag`) and ``{tag}/full`` of each, LoRA's included."""
     full = next((row for row in results if row["method"] == "full"), None)
     lora = {row["r"]: row for row in results if row["method"] == "lora"}
     out: dict[str, dict] = {"step": {}, "memory": {}}
@@ -242,14 +247,13 @@ def ratios(results: Sequence[Mapping]) -> dict:
             out["memory"][name] = a["peak_mem_bytes"] / b["peak_mem_bytes"]
 
     for row in results:
-        if row["method"] == "mora":
-            tag = f"mora{row['mora_type']}_r{row['r']}"
-            if row["r"] in lora:
-                add(f"{tag}/lora_r{row['r']}", row, lora[row["r"]])
-            if full is not None:
-                add(f"{tag}/full", row, full)
-        elif row["method"] == "lora" and full is not None:
-            add(f"lora_r{row['r']}/full", row, full)
+        if row["method"] == "full":
+            continue
+        tag = row_spec(row).tag
+        if row["method"] != "lora" and row["r"] in lora:
+            add(f"{tag}/lora_r{row['r']}", row, lora[row["r"]])
+        if full is not None:
+            add(f"{tag}/full", row, full)
     return out
 
 
@@ -260,11 +264,12 @@ def check_targets(result: Mapping) -> dict:
     lora = {row["r"]: row for row in rows if row["method"] == "lora"}
     targets: dict[str, dict] = {}
 
-    def put(name, value, limit, le=True):
+    def put(name, value, limit, le=True) -> dict:
         if value is None:
             targets[name] = {"value": None, "limit": limit, "met": None}
         else:
             targets[name] = {"value": value, "limit": limit, "met": bool(value <= limit if le else value >= limit)}
+        return targets[name]
 
     for row in rows:
         if row["method"] != "mora":
@@ -278,17 +283,40 @@ def check_targets(result: Mapping) -> dict:
             mem = (row["peak_mem_bytes"] / full["peak_mem_bytes"]
                    if row["peak_mem_bytes"] and full["peak_mem_bytes"] else None)
             put(f"d: {tag} memory / full memory", mem, 0.45)
+    _peft_family_targets(result, lora, put)
     put("e: merge / step", result["merge"]["merge_s"] / result["merge"]["step_s"], 0.5)
     if "delta_weight" in result:
         for row in result["delta_weight"]["types"]:
             put(f"e: delta_weight type {row['mora_type']} / output write", row["ratio_to_fill"], 2.0)
     for row in result.get("peer_comparison", []):
-        tag = "full" if row["method"] == "full" else (
-            f"lora_r{row['r']}" if row["method"] == "lora" else f"mora{row['mora_type']}_r{row['r']}")
+        tag = row_spec(row).tag
         put(f"f: {tag} tokens/s / PyTorch's", row["speedup"], 1.2, le=False)
-        if row["method"] != "full" and row.get("step_over_peft_lora") is not None:
+        if row["method"] in ("lora", "mora") and row.get("step_over_peft_lora") is not None:
             put(f"g: {tag} step / PyTorch PEFT lora_r{row['r']} step", row["step_over_peft_lora"], 1.0)
     return targets
+
+
+# The PEFT family's step-time goals against LoRA at the same rank (issue 20): DoRA's absolute; PiSSA is
+# LoRA at run time (the limit is noise); HiRA's relative to its own FLOP floor.
+PEFT_STEP_LIMITS = {"dora": 1.25, "pissa": 1.05, "hira": 1.05}
+
+
+def _peft_family_targets(result: Mapping, lora: Mapping[int, Mapping], put) -> None:
+    """``h: {tag} step / lora step`` of each DoRA, PiSSA and HiRA row (:data:`PEFT_STEP_LIMITS`). HiRA's
+    limit is 1.05 × its FLOP floor, ``model_flops_per_step`` of HiRA over LoRA's (recorded as
+    ``flop_floor``): its A/B gradients need each kernel's dense ``xᵀ·dy``."""
+    for row in result["results"]:
+        if row["method"] not in PEFT_STEP_LIMITS or row["r"] not in lora:
+            continue
+        base = lora[row["r"]]
+        name = f"h: {row_spec(row).tag} step / lora step"
+        limit = PEFT_STEP_LIMITS[row["method"]]
+        if row["method"] == "hira":
+            floor = row["model_flops_per_step"] / base["model_flops_per_step"]
+            put(name, row["step_s"] / base["step_s"], limit * floor)["flop_floor"] = floor
+        else:
+            put(name, row["step_s"] / base["step_s"], limit)
+
 
 def _row(point: Mapping, llama_config, batch_size: int, seq_len: int, peak_flops: float) -> dict:
     spec = point["spec"]

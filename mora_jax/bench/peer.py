@@ -4,6 +4,9 @@
 
 - full fine-tuning of the seven projections (plain ``transformers``);
 - LoRA at both ranks through Hugging Face PEFT;
+- DoRA (``LoraConfig(use_dora=True)``), PiSSA (``init_lora_weights="pissa_niter_4"``, on private
+  copies of the projections since PEFT rewrites the base to the residual) and HiRA (``HiraConfig``)
+  through PEFT at ``r_small``, those of ``benchmark.peft_methods``;
 - MoRA types 1 and 6 at both ranks, as the authors' PEFT fork computes them: eager PyTorch ops on
   each projection's input (wrap-pad by concatenation, a view into ``r̂``-chunks, a sum over chunks
   or a rotation of every chunk, ``@ M``, then a tile or a truncation), written here from
@@ -34,7 +37,7 @@ import numpy as np
 
 from mora_jax import ops
 from mora_jax.bench.generation import GenerateRunner, PrefillRunner
-from mora_jax.bench.methods import LORA_ALPHA, MethodSpec, method_specs
+from mora_jax.bench.methods import LORA_ALPHA, PISSA_NITER, MethodSpec, method_specs
 from mora_jax.bench.runners import run_interleaved
 from mora_jax.flops import model_flops_per_step
 from mora_jax.models.config import LlamaConfig
@@ -130,7 +133,8 @@ def add_torch_mora(model, r: int, mora_type: int, projections=LLAMA_PROJECTIONS)
 
 def peer_specs(bench) -> list[MethodSpec]:
     """The benchmark's methods that the peer implements (MoRA types 1 and 6 only)."""
-    return method_specs(bench.ranks, [t for t in bench.mora_types if t in (1, 6)], include_full=bench.full)
+    return method_specs(bench.ranks, [t for t in bench.mora_types if t in (1, 6)], include_full=bench.full,
+                        peft_methods=bench.peft_methods)
 
 
 class TorchModels:
@@ -180,18 +184,23 @@ class TorchStepRunner:
         model = models.model()
         model.train()
         self.framework, self.threads = models.framework(), models.threads
-        if spec.method == "lora":
-            lora = peft.LoraConfig(r=spec.r, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
-                                   target_modules=list(LLAMA_PROJECTIONS))
-            model = peft.get_peft_model(model, lora)
+        if spec.method in ("full", "pissa"):  # private copies of the projections: trained, or PiSSA's residual
+            for name, module in model.named_modules():
+                if name.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS:
+                    module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=spec.method == "full")
+        if spec.method in ("lora", "dora", "pissa", "hira"):
+            targets = list(LLAMA_PROJECTIONS)
+            if spec.method == "hira":
+                config = peft.HiraConfig(r=spec.r, hira_dropout=0.0, target_modules=targets)
+            else:
+                init = f"pissa_niter_{PISSA_NITER}" if spec.method == "pissa" else True
+                config = peft.LoraConfig(r=spec.r, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
+                                         target_modules=targets, use_dora=spec.method == "dora", init_lora_weights=init)
+            model = peft.get_peft_model(model, config)
             self.framework += f" + peft {peft.__version__}"
         elif spec.method == "mora":
             add_torch_mora(model, spec.r, spec.mora_type)
             self.framework += " + MoRA (the reference's eager ops)"
-        else:  # full: private trained copies of the projections
-            for name, module in model.named_modules():
-                if name.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS:
-                    module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=True)
         self.model, self.ids = model, ids
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.trainable, lr=lr)
@@ -384,8 +393,9 @@ def generation_comparison(bench, model, params, models: TorchModels, *, log: Cal
 
 def peer_comparison(result) -> list[dict]:
     """mora-jax against the peer, method by method: ``tokens_per_s`` ratios (``>1``: mora-jax faster),
-    the step time over PyTorch PEFT LoRA's at the same rank, and the two frameworks' matmul peaks
-    (``peak_ratio``: mora-jax's / PyTorch's, what the hardware use alone would give)."""
+    the step time over PyTorch PEFT LoRA's at the same rank (mora-jax's, ``step_over_peft_lora``, and
+    PyTorch's own, ``peer_step_over_peft_lora``: e.g. PEFT's DoRA over PEFT's LoRA), and the two
+    frameworks' matmul peaks (``peak_ratio``: mora-jax's / PyTorch's, what the hardware use alone would give)."""
     ours = {(r["method"], r["r"], r["mora_type"]): r for r in result["results"]}
     peft_lora = {p["r"]: p for p in result.get("peer", []) if p["method"] == "lora"}
     out = []
@@ -398,6 +408,7 @@ def peer_comparison(result) -> list[dict]:
                         "tokens_per_s": mine["tokens_per_s"], "peer_tokens_per_s": p["tokens_per_s"],
                         "speedup": mine["tokens_per_s"] / p["tokens_per_s"],
                         "step_over_peft_lora": mine["step_s"] / lora["step_s"] if lora else None,
+                        "peer_step_over_peft_lora": p["step_s"] / lora["step_s"] if lora else None,
                         "peak_matmul_flops": result["peak_matmul_flops"], "peer_peak_matmul_flops": torch_peak,
                         "peak_ratio": result["peak_matmul_flops"] / torch_peak if torch_peak else None})
     return out

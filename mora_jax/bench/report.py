@@ -13,7 +13,8 @@ import json
 import pathlib
 from typing import Mapping
 
-from mora_jax.bench.methods import MethodSpec
+from mora_jax.bench.methods import MethodSpec, row_spec
+from mora_jax.methods import METHODS
 
 # The JSON schema (top level, "model", each "results" row, "merge"); other top-level keys are extras.
 SCHEMA_TOP = ("device", "dtype", "peak_matmul_flops", "model", "results", "merge")
@@ -32,9 +33,9 @@ def results_table(result: Mapping, markdown: bool = False) -> str:
     ratio = result.get("ratios", {}).get("step", {})
     lines = []
     for row in result["results"]:
-        tag = f"mora{row['mora_type']}_r{row['r']}"
+        tag = row_spec(row).tag
         vs_lora = ratio.get(f"{tag}/lora_r{row['r']}")
-        vs_full = ratio.get(f"{tag}/full") if row["method"] == "mora" else ratio.get(f"lora_r{row['r']}/full")
+        vs_full = ratio.get(f"{tag}/full")
         lines.append([row["method"], "-" if row["r"] is None else str(row["r"]),
                       "-" if row["mora_type"] is None else str(row["mora_type"]),
                       f"{row['step_s']:.4f}", f"{row['tokens_per_s']:,.0f}", f"{row['model_flops_per_step'] / 1e9:.2f}",
@@ -85,7 +86,8 @@ def report(result: Mapping, markdown: bool = False) -> str:
     if result.get("targets"):
         parts += ["", "targets:" if not markdown else "Targets:", ""]
         header = ["target", "value", "limit", "met"]
-        lines = [[name, "n/a" if t["value"] is None else f"{t['value']:.3f}", f"{t['limit']}",
+        lines = [[name, "n/a" if t["value"] is None else f"{t['value']:.3f}",
+                  f"{t['limit']:.3f} (1.05 x FLOP floor {t['flop_floor']:.3f})" if "flop_floor" in t else f"{t['limit']}",
                   {True: "yes", False: "NO", None: "n/a"}[t["met"]]] for name, t in result["targets"].items()]
         parts.append(_table(header, lines, markdown))
     if result.get("peer"):
@@ -104,11 +106,12 @@ def report(result: Mapping, markdown: bool = False) -> str:
                  if comparison[0].get("peer_peak_matmul_flops") else "")
         parts += ["", f"mora-jax vs PyTorch, same method, same rotation ({peaks}):", ""]
         header = ["method", "r", "type", "mora-jax tok/s", "PyTorch tok/s", "speed-up", "peak ratio",
-                  "step / PEFT LoRA step"]
+                  "step / PEFT LoRA step", "PyTorch step / PEFT LoRA step"]
         lines = [[c["method"], "-" if c["r"] is None else str(c["r"]), "-" if c["mora_type"] is None else str(c["mora_type"]),
                   f"{c['tokens_per_s']:,.0f}", f"{c['peer_tokens_per_s']:,.0f}", f"{c['speedup']:.2f}x",
                   "-" if c.get("peak_ratio") is None else f"{c['peak_ratio']:.2f}x",
-                  "-" if c.get("step_over_peft_lora") is None else f"{c['step_over_peft_lora']:.2f}x"]
+                  "-" if c.get("step_over_peft_lora") is None else f"{c['step_over_peft_lora']:.2f}x",
+                  "-" if c.get("peer_step_over_peft_lora") is None else f"{c['peer_step_over_peft_lora']:.2f}x"]
                  for c in comparison]
         parts.append(_table(header, lines, markdown))
     if result.get("peer_generation"):
@@ -136,7 +139,7 @@ def validate_schema(result: Mapping) -> None:
     for row in result["results"]:
         if set(row) != set(SCHEMA_ROW):
             raise ValueError(f"result row keys {sorted(row)} != {sorted(SCHEMA_ROW)}")
-        if row["method"] not in ("full", "lora", "mora"):
+        if row["method"] not in METHODS:
             raise ValueError(f"unknown method {row['method']!r}")
 
 
