@@ -37,16 +37,6 @@ def test_score_and_normalisation():
         accuracy.score([], refs)
 
 
-@pytest.fixture(scope="module")
-def math_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("math")
-    data_lib.write_synthetic_corpus(d / "corpus.txt", 800, seed=0)
-    data_lib.write_synthetic_math(d / "math_train.jsonl", 200, seed=0)
-    data_lib.write_synthetic_math(d / "math_eval.jsonl", 20, seed=1)
-    data_lib.train_tokenizer(str(d / "corpus.txt"), str(d / "tok"), vocab_size=512)
-    return d
-
-
 def test_evaluator_prompts_are_the_training_prompts(math_data):
     tokenizer = data_lib.Tokenizer(math_data / "tok.model")
     config = data_lib.FinetuneDataConfig.metamathqa(192, 1, shuffle=False)

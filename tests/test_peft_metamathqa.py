@@ -97,16 +97,6 @@ def test_peft_scoring_cases(text, answer):
     assert accuracy.extract_answer(text) == answer
 
 
-@pytest.fixture(scope="module")
-def math_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("math")
-    data_lib.write_synthetic_corpus(d / "corpus.txt", 800, seed=0)
-    data_lib.write_synthetic_math(d / "math_train.jsonl", 200, seed=0)
-    data_lib.write_synthetic_math(d / "math_eval.jsonl", 20, seed=1)
-    data_lib.train_tokenizer(str(d / "corpus.txt"), str(d / "tok"), vocab_size=512)
-    return d
-
-
 def _tiny(math_data, tmp_path, variant="tiny"):
     c = peft_metamathqa.get_config(variant)
     c.workdir = str(tmp_path / "run")
