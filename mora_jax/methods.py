@@ -76,6 +76,14 @@ class MoRAConfig:
         _check_selection(self)
 
 
+def _check_lora_like(name: str, config) -> None:
+    _check_rank(name, config.r)
+    if not config.alpha > 0:
+        raise ValueError(f"{name}.alpha must be positive, got {config.alpha!r}")
+    _check_dropout(config.dropout)
+    _check_selection(config)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
     """LoRA: ``Δy = (α/r)·(x·A)·B`` (rsLoRA: ``α/√r``), ``A`` kaiming-uniform, ``B`` zero."""
@@ -89,11 +97,7 @@ class LoRAConfig:
     method = "lora"
 
     def __post_init__(self):
-        _check_rank("LoRAConfig", self.r)
-        if not self.alpha > 0:
-            raise ValueError(f"LoRAConfig.alpha must be positive, got {self.alpha!r}")
-        _check_dropout(self.dropout)
-        _check_selection(self)
+        _check_lora_like("LoRAConfig", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +110,6 @@ class FullConfig:
 
     def __post_init__(self):
         _check_selection(self)
-
-
-def _check_lora_like(name: str, config) -> None:
-    _check_rank(name, config.r)
-    if not config.alpha > 0:
-        raise ValueError(f"{name}.alpha must be positive, got {config.alpha!r}")
-    _check_dropout(config.dropout)
-    _check_selection(config)
 
 
 @dataclasses.dataclass(frozen=True)
