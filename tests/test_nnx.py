@@ -845,6 +845,19 @@ def test_a_stacked_layer_called_whole_or_stacked_on_another_axis_is_a_clear_erro
         mnx.attach(make(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"kernel",)))
 
 
+def _check_merge_is_linen_and_unmerge_exact(model, params, adapters, expected):
+    """``merge_adapters`` writes the linen merge's kernels (the same logits), ``unmerge`` gives back ``params``."""
+    mnx.merge_adapters(model)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(mj.merge(params, adapters))):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
+    mnx.unmerge(model)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("mora_type", [1, 6])
 def test_mora_with_a_magnitude_on_nnx_matches_linen_merges_exactly_and_restarts(params, tmp_path, mora_type):
     config = mj.MoRAConfig(r=2, mora_type=mora_type, magnitude=True)
@@ -869,15 +882,7 @@ def test_mora_with_a_magnitude_on_nnx_matches_linen_merges_exactly_and_restarts(
     np.testing.assert_allclose(grads["kernel_mora_magnitude"][...], node.magnitude, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(grads["kernel_mora_m"][...], node.m, rtol=1e-4, atol=1e-6)
     # merge is the linen merge, undone with the kept norms
-    mnx.merge_adapters(model)
-    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
-                    jax.tree_util.tree_leaves(mj.merge(params, adapters))):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
-    mnx.unmerge(model)
-    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
-                    jax.tree_util.tree_leaves(params)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    _check_merge_is_linen_and_unmerge_exact(model, params, adapters, expected)
     # no PEFT format holds it: refused with the linen path's message, nothing written
     with pytest.raises(ValueError, match="MoRA with a magnitude"):
         mnx.save_adapter(tmp_path / "mora_mag", model)
@@ -916,15 +921,7 @@ def test_dora_on_nnx_matches_linen_merges_exactly_and_restarts(params, tmp_path)
     np.testing.assert_allclose(grads["kernel_lora_b"][...], node.b, rtol=1e-4, atol=1e-6)
     assert layer.kernel_lora_magnitude[...].shape == node.magnitude.shape
     # merge is exact and undone with the kept norms; merge_and_unload leaves a plain model
-    mnx.merge_adapters(model)
-    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
-                    jax.tree_util.tree_leaves(mj.merge(params, adapters))):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
-    mnx.unmerge(model)
-    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
-                    jax.tree_util.tree_leaves(params)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    _check_merge_is_linen_and_unmerge_exact(model, params, adapters, expected)
     # PEFT files (use_dora) from nnx load on the linen side
     mnx.save_adapter(tmp_path / "dora", model)
     _, loaded = peft.load_adapter(tmp_path / "dora", params)
