@@ -14,6 +14,8 @@ import sys
 import ml_collections
 import pytest
 
+import mora_jax as mj
+
 from configs import bench_tiny
 from mora_jax import assembly, flops, xla_tuning
 from mora_jax import steps as steps_lib
@@ -248,22 +250,23 @@ def test_validate_schema_rejects_extra_row_keys(result):
 def test_scaling_runs_and_writes_markdown_and_plot(tmp_path):
     c = _quick_config()
     b = c.benchmark
-    b.mora_types, b.peft_methods = (6,), ("hira",)
-    # 12 compiled steps: 4 methods at one sequence length, one batch, and full + LoRA/MoRA/HiRA at one rank
+    b.mora_types, b.peft_methods = (6,), ("hira", "mora_mag")
+    # 15 compiled steps: 5 methods at one sequence length, one batch, and full + LoRA/MoRA/HiRA at one rank
     b.scaling.seq_lens, b.scaling.batches, b.scaling.ranks = (8,), (1,), (4,)
     b.scaling.kernel_sizes = ((64, 128), (128, 256))
     b.scaling.steps, b.scaling.warmup, b.scaling.repeats = 1, 0, 1
     logged = []
     scaling = harness.run_scaling(c, log=logged.append)
-    assert len(scaling["vs_seq_len"]) == 4 and len(scaling["vs_batch"]) == 4
-    assert len(scaling["vs_rank"]) == 1 + 3 and len(scaling["vs_kernel_size"]) == 2
-    assert {r["method"] for r in scaling["vs_rank"]} == {"full", "lora", "mora", "hira"}
-    assert sum(" seq " in line for line in logged) == 12  # each sweep times its own points, interleaved
+    assert len(scaling["vs_seq_len"]) == 5 and len(scaling["vs_batch"]) == 5
+    assert len(scaling["vs_rank"]) == 1 + 4 and len(scaling["vs_kernel_size"]) == 2
+    assert {r["method"] for r in scaling["vs_rank"]} == {"full", "lora", "mora", "hira", "mora_mag"}
+    assert sum(" seq " in line for line in logged) == 15  # each sweep times its own points, interleaved
     assert all(row["step_s"] > 0 for key in ("vs_seq_len", "vs_batch", "vs_rank") for row in scaling[key])
     json.loads(report.write_json(scaling, tmp_path / "s.json").read_text())
     text = report.scaling_markdown(scaling)
     assert "vs rank" in text and "| 128x256 |" in text and "vs batch" in text
     assert "| hira/lora |" in text and "| mora6/full |" in text and "| hira r=8 |" in text
+    assert "| mora_mag6/lora |" in text and "| mora6+mag r=8 |" in text
     png = report.plot_scaling(scaling, tmp_path / "s.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -552,6 +555,18 @@ def test_peft_family_specs_round_trip_and_build_their_configs():
                                       "mora6_r32"]
     for spec in specs:
         assert methods.MethodSpec.from_label(spec.label) == spec
+    mag = methods.method_specs([8], [1], include_full=False, peft_methods=("mora_mag",))[-1]
+    assert (mag.label, mag.tag, mag.flops_method) == ("mora6+mag r=8", "mora6mag_r8", "mora")
+    assert methods.MethodSpec.from_label("mora6+mag r=8") == mag
+    assert mag.adapter_config() == mj.MoRAConfig(r=8, mora_type=6, targets=(LLAMA_TARGETS,), magnitude=True)
+    # its target: against MoRA of its type at its rank, with DoRA's limit
+    rows = [{"method": "lora", "r": 8, "mora_type": None, "step_s": 1.0},
+            {"method": "mora", "r": 8, "mora_type": 6, "step_s": 1.1},
+            {"method": "mora_mag", "r": 8, "mora_type": 6, "step_s": 1.21}]
+    found = {}
+    harness._peft_family_targets({"results": rows}, {8: rows[0]},
+                                 lambda name, value, limit: found.setdefault(name, (value, limit)))
+    assert found == {"h: mora6mag_r8 step / mora6_r8 step": (pytest.approx(1.1), 1.25)}
     dora, pissa, hira = (methods.MethodSpec(m, 8).adapter_config() for m in ("dora", "pissa", "hira"))
     assert dora == DoRAConfig(r=8, alpha=methods.LORA_ALPHA, targets=(LLAMA_TARGETS,))
     assert pissa == PiSSAConfig(r=8, alpha=methods.LORA_ALPHA, targets=(LLAMA_TARGETS,), niter=methods.PISSA_NITER)

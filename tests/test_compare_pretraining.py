@@ -99,12 +99,20 @@ def test_merging_methods_need_a_merge_period(corpus, tmp_path):
         compare_pretraining.method_config(config, "remora", 0, tmp_path)
     with pytest.raises(ValueError, match="unknown method 'vera'"):
         compare_pretraining.method_config(config, "vera", 0, tmp_path)
+    with pytest.raises(ValueError, match="remora_mag merges every remora.every steps"):
+        compare_pretraining.method_config(config, "remora_mag", 0, tmp_path)
+    config.remora.every = 10
+    mag = compare_pretraining.method_config(config, "remora_mag", 0, tmp_path)
+    assert mag.method == "mora" and mag.adapter.magnitude and mag.remora.every == 10 and not mag.export.adapter
+    plain = compare_pretraining.method_config(config, "mora_mag", 0, tmp_path)
+    assert plain.adapter.magnitude and plain.remora.every == 0
+    assert not compare_pretraining.method_config(config, "remora", 0, tmp_path).adapter.magnitude
 
 
 @pytest.mark.slow
 def test_the_peft_family_joins_the_comparison_at_the_same_rank(corpus, tmp_path):
     config = _config(corpus, tmp_path / "cmp")
-    results = compare_pretraining.compare(config, ("lora", "dora", "pissa", "hira"), seeds=(0,))
+    results = compare_pretraining.compare(config, ("lora", "dora", "pissa", "hira", "remora", "remora_mag"), seeds=(0,))
     runs = {r["method"]: r for r in results["runs"]}
     lora = runs["lora"]["trainable_params"]
     # PiSSA and HiRA train LoRA's two factors; DoRA adds one magnitude per output feature of each kernel
@@ -114,5 +122,10 @@ def test_the_peft_family_joins_the_comparison_at_the_same_rank(corpus, tmp_path)
         run = runs[method]
         assert [e[0] for e in run["eval"]] == [e[0] for e in runs["lora"]["eval"]] and not run["merges"]
         assert np.isfinite(run["eval"][-1][1]), method
+    # ReMoRA with a magnitude: MoRA's M plus one magnitude per output feature, merged every remora.every steps
+    assert runs["remora"]["trainable_params"] < runs["remora_mag"]["trainable_params"] < 1.1 * runs["remora"][
+        "trainable_params"]
+    assert len(runs["remora_mag"]["merges"]) == len(runs["remora"]["merges"]) > 0
+    assert np.isfinite(runs["remora_mag"]["eval"][-1][1])
     text = (tmp_path / "cmp" / "results.md").read_text()
-    assert all(label in text for label in ("DoRA", "PiSSA", "HiRA"))
+    assert all(label in text for label in ("DoRA", "PiSSA", "HiRA", "ReMoRA + magnitude"))

@@ -13,7 +13,8 @@ from ml_collections import config_flags
 from mora_jax import logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/c4_pretrain.py:cpu", "base run configuration")
-_METHODS = flags.DEFINE_string("methods", "full,lora,relora,mora,remora", "comma-separated methods to compare (also dora, pissa, hira)")
+_METHODS = flags.DEFINE_string("methods", "full,lora,relora,mora,remora", "comma-separated methods to compare (also dora, pissa, hira, mora_mag, remora_mag: "
+                              "MoRA / ReMoRA with a DoRA-style magnitude)")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "seeds per method: config.seed, config.seed + 1, ...")
 
 

@@ -164,7 +164,7 @@ def run_benchmark(config, *, with_peer: bool = False, log: Callable[[str], None]
     for runner in runners:
         spec = runner.spec
         step_s = _median(runner.times)
-        flops = model_flops_per_step(llama_config, batch_size, seq_len, spec.method, spec.r, spec.mora_type)
+        flops = model_flops_per_step(llama_config, batch_size, seq_len, spec.flops_method, spec.r, spec.mora_type)
         results.append({
             "method": spec.method, "r": spec.r, "mora_type": spec.mora_type, "step_s": step_s,
             "tokens_per_s": tokens / step_s, "model_flops_per_step": flops,
@@ -174,7 +174,7 @@ def run_benchmark(config, *, with_peer: bool = False, log: Callable[[str], None]
             "label": spec.label, "step_s_min": min(runner.times), "step_s_all": runner.times,
             "compile_s": runner.compile_s, "trainable_params": runner.trainable_params,
             "xla_flops": xla_flops(runner.compiled), "memory": memory_stats(runner.compiled),
-            "flops": flop_breakdown(llama_config, batch_size, seq_len, spec.method, spec.r, spec.mora_type),
+            "flops": flop_breakdown(llama_config, batch_size, seq_len, spec.flops_method, spec.r, spec.mora_type),
             "loss": float(runner.last_loss),
         })
     # the merge against its own MoRA step (or LoRA's at that rank when that MoRA is not timed)
@@ -302,10 +302,16 @@ PEFT_STEP_LIMITS = {"dora": 1.25, "pissa": 1.05, "hira": 1.05}
 
 
 def _peft_family_targets(result: Mapping, lora: Mapping[int, Mapping], put) -> None:
-    """``h: {tag} step / lora step`` of each DoRA, PiSSA and HiRA row (:data:`PEFT_STEP_LIMITS`). HiRA's
+    """``h: {tag} step / lora step`` of each DoRA, PiSSA and HiRA row (:data:`PEFT_STEP_LIMITS`; MoRA with a
+    magnitude against MoRA of its type, with DoRA's limit: the same extra work on another adapter). HiRA's
     limit is 1.05 × its FLOP floor, ``model_flops_per_step`` of HiRA over LoRA's (recorded as
     ``flop_floor``): its A/B gradients need each kernel's dense ``xᵀ·dy``."""
+    moras = {(row["r"], row["mora_type"]): row for row in result["results"] if row["method"] == "mora"}
     for row in result["results"]:
+        if row["method"] == "mora_mag" and (row["r"], row["mora_type"]) in moras:  # against MoRA without it
+            spec = row_spec(row)
+            put(f"h: {spec.tag} step / mora{spec.mora_type}_r{spec.r} step",
+                row["step_s"] / moras[row["r"], row["mora_type"]]["step_s"], PEFT_STEP_LIMITS["dora"])
         if row["method"] not in PEFT_STEP_LIMITS or row["r"] not in lora:
             continue
         base = lora[row["r"]]
@@ -321,7 +327,7 @@ def _peft_family_targets(result: Mapping, lora: Mapping[int, Mapping], put) -> N
 def _row(point: Mapping, llama_config, batch_size: int, seq_len: int, peak_flops: float) -> dict:
     spec = point["spec"]
     step_s = _median(point["times"])
-    flops = model_flops_per_step(llama_config, batch_size, seq_len, spec.method, spec.r, spec.mora_type)
+    flops = model_flops_per_step(llama_config, batch_size, seq_len, spec.flops_method, spec.r, spec.mora_type)
     return {"method": spec.method, "r": spec.r, "mora_type": spec.mora_type, "batch": batch_size,
             "seq_len": seq_len, "tokens": batch_size * seq_len, "step_s": step_s, "step_s_min": min(point["times"]),
             "tokens_per_s": batch_size * seq_len / step_s, "model_flops_per_step": flops,
@@ -346,7 +352,7 @@ def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
     matmul = MatmulRunner(run.model.dtype, size=bench.matmul_size, chain=bench.matmul_chain)
     token_specs = [MethodSpec("full"), MethodSpec("lora", bench.r_small),
                    *(MethodSpec("mora", bench.r_small, t) for t in bench.mora_types),
-                   *(MethodSpec(m, bench.r_small) for m in bench.peft_methods)]
+                   *(MethodSpec.family(m, bench.r_small) for m in bench.peft_methods)]
     base_b, base_t = run.train.batch_size, run.train.seq_len
     def sweep(title, points):
         log(title)
@@ -373,7 +379,7 @@ def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
     for r in sc.ranks:
         rank_points.append((MethodSpec("lora", r), base_b, base_t))
         rank_points += [(MethodSpec("mora", r, t), base_b, base_t) for t in bench.mora_types]
-        rank_points += [(MethodSpec(m, r), base_b, base_t) for m in bench.peft_methods]
+        rank_points += [(MethodSpec.family(m, r), base_b, base_t) for m in bench.peft_methods]
     raw_rank = sweep("step time vs rank", rank_points)
     peak_flops = matmul.flops
     log(f"matmul peak (best, interleaved): {peak_flops / 1e9:.1f} GFLOP/s")

@@ -21,8 +21,10 @@ from mora_jax.remora import RemoraConfig
 from mora_jax.run_config import RunConfig
 
 LORA_ALPHA = 16.0  # LoRA's alpha in every benchmark (mora-jax and the PyTorch peer): scale alpha / r
-# The PEFT family the benchmark can time beside LoRA (``benchmark.peft_methods``), each at a rank.
-PEFT_METHODS = ("dora", "pissa", "hira")
+# The PEFT family the benchmark can time beside LoRA (``benchmark.peft_methods``), each at a rank;
+# "mora_mag" is MoRA type 6 (the paper's small-rank type) with a DoRA-style magnitude (MoRAConfig(magnitude=True)).
+PEFT_METHODS = ("dora", "pissa", "hira", "mora_mag")
+MAGNITUDE_TYPE = 6  # the MoRA type "mora_mag" times
 # PiSSA's randomized SVD iterations in both frameworks (PEFT's init_lora_weights="pissa_niter_4"):
 # the initialisation is not timed, the step is LoRA's either way.
 PISSA_NITER = 4
@@ -30,7 +32,7 @@ PISSA_NITER = 4
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    method: str  # "full", "lora", "mora" or one of PEFT_METHODS
+    method: str  # "full", "lora", "mora" or one of PEFT_METHODS ("mora_mag": MoRA of mora_type with a magnitude)
     r: int | None = None
     mora_type: int | None = None
 
@@ -40,27 +42,43 @@ class MethodSpec:
             return "full"
         if self.method == "mora":
             return f"mora{self.mora_type} r={self.r}"
+        if self.method == "mora_mag":
+            return f"mora{self.mora_type}+mag r={self.r}"
         return f"{self.method} r={self.r}"
 
     @property
     def tag(self) -> str:
-        """The method's key in ratio and target names: ``full``, ``lora_r8``, ``mora6_r8``, ``dora_r8``."""
+        """The method's key in ratio and target names: ``full``, ``lora_r8``, ``mora6_r8``, ``dora_r8``,
+        ``mora6mag_r8``."""
         if self.method == "full":
             return "full"
+        if self.method == "mora_mag":
+            return f"mora{self.mora_type}mag_r{self.r}"
         return f"{self.method}{self.mora_type or ''}_r{self.r}"
 
     @classmethod
     def from_label(cls, label: str) -> "MethodSpec":
-        """The inverse of :attr:`label`: "full", "<method> r=<r>" (lora, dora, pissa, hira) or "mora<type> r=<r>"."""
-        m = re.fullmatch(r"\s*(full|(lora|dora|pissa|hira) r=(\d+)|mora([12346]) r=(\d+))\s*", label)
+        """The inverse of :attr:`label`: "full", "<method> r=<r>" (lora, dora, pissa, hira), "mora<type> r=<r>"
+        or "mora<type>+mag r=<r>"."""
+        m = re.fullmatch(r"\s*(full|(lora|dora|pissa|hira) r=(\d+)|mora([12346])(\+mag)? r=(\d+))\s*", label)
         if not m:
             raise ValueError(f'method {label!r}: use "full", "<method> r=<r>" with method lora, dora, pissa or hira, '
-                             'or "mora<type> r=<r>" (e.g. "mora6 r=8")')
+                             '"mora<type> r=<r>" (e.g. "mora6 r=8") or "mora<type>+mag r=<r>"')
         if m.group(1) == "full":
             return cls("full")
         if m.group(2):
             return cls(m.group(2), int(m.group(3)))
-        return cls("mora", int(m.group(5)), int(m.group(4)))
+        return cls("mora_mag" if m.group(5) else "mora", int(m.group(6)), int(m.group(4)))
+
+    @classmethod
+    def family(cls, method: str, r: int) -> "MethodSpec":
+        """One of :data:`PEFT_METHODS` at rank ``r`` ("mora_mag": of type :data:`MAGNITUDE_TYPE`)."""
+        return cls(method, r, MAGNITUDE_TYPE if method == "mora_mag" else None)
+
+    @property
+    def flops_method(self) -> str:
+        """The method name ``mora_jax.flops`` counts it as: a magnitude adds no matmul (MoRA's FLOPs)."""
+        return "mora" if self.method == "mora_mag" else self.method
 
     def adapter_config(self, alpha: float = LORA_ALPHA):
         """The method's adapter config on the seven projections; LoRA, DoRA and PiSSA with ``alpha``."""
@@ -75,11 +93,13 @@ class MethodSpec:
             return PiSSAConfig(r=self.r, alpha=alpha, targets=targets, niter=PISSA_NITER)
         if self.method == "hira":
             return HiRAConfig(r=self.r, targets=targets)
-        return MoRAConfig(r=self.r, mora_type=self.mora_type, targets=targets)
+        return MoRAConfig(r=self.r, mora_type=self.mora_type, targets=targets, magnitude=self.method == "mora_mag")
 
     def run_config(self, run: RunConfig) -> RunConfig:
-        """``run`` training this method (no ReMoRA merges: every step is a plain train step)."""
-        return dataclasses.replace(run, adapter=self.adapter_config(), remora=RemoraConfig(every=0))
+        """``run`` training this method (no ReMoRA merges: every step is a plain train step; MoRA with a
+        magnitude without a PEFT adapter export, which has no format for it)."""
+        export = dataclasses.replace(run.export, adapter=False) if self.method == "mora_mag" else run.export
+        return dataclasses.replace(run, adapter=self.adapter_config(), remora=RemoraConfig(every=0), export=export)
 
 
 def method_specs(r_values: Sequence[int], mora_types: Sequence[int], include_full: bool = True,
@@ -91,7 +111,7 @@ def method_specs(r_values: Sequence[int], mora_types: Sequence[int], include_ful
         specs.append(MethodSpec("lora", r))
         specs += [MethodSpec("mora", r, t) for t in mora_types]
         if i == 0:
-            specs += [MethodSpec(m, r) for m in peft_methods]
+            specs += [MethodSpec.family(m, r) for m in peft_methods]
     return specs
 
 

@@ -132,9 +132,10 @@ def add_torch_mora(model, r: int, mora_type: int, projections=LLAMA_PROJECTIONS)
 
 
 def peer_specs(bench) -> list[MethodSpec]:
-    """The benchmark's methods that the peer implements (MoRA types 1 and 6 only)."""
+    """The benchmark's methods that the peer implements (MoRA types 1 and 6 only; no MoRA with a magnitude:
+    neither PEFT nor the reference has it)."""
     return method_specs(bench.ranks, [t for t in bench.mora_types if t in (1, 6)], include_full=bench.full,
-                        peft_methods=bench.peft_methods)
+                        peft_methods=[m for m in bench.peft_methods if m != "mora_mag"])
 
 
 class TorchModels:
@@ -271,7 +272,7 @@ def peer_rows(bench, llama_config: LlamaConfig, matmul: TorchMatmulRunner, steps
     rows = []
     for runner in steps:
         spec, step_s = runner.spec, statistics.median(runner.times)
-        flops = model_flops_per_step(llama_config, b, t, spec.method, spec.r, spec.mora_type)
+        flops = model_flops_per_step(llama_config, b, t, spec.flops_method, spec.r, spec.mora_type)
         rows.append({"framework": runner.framework, "method": spec.method, "r": spec.r, "mora_type": spec.mora_type,
                      "step_s": step_s, "tokens_per_s": b * t / step_s, "model_flops_per_step": flops,
                      "mfu": flops / step_s / peak_flops, "threads": runner.threads,

@@ -30,12 +30,14 @@ from mora_jax.experiments.runs import cached_run, mean_std
 from mora_jax.methods import LLAMA_FULLY_TRAINED, LLAMA_TARGETS
 from mora_jax.run_config import RunConfig
 
-METHODS = ("full", "lora", "relora", "mora", "remora", "dora", "pissa", "hira")
+METHODS = ("full", "lora", "relora", "mora", "remora", "dora", "pissa", "hira", "mora_mag", "remora_mag")
 LABELS = {"full": "full training", "lora": "LoRA", "relora": "ReLoRA", "mora": "MoRA", "remora": "ReMoRA",
-          "dora": "DoRA", "pissa": "PiSSA", "hira": "HiRA"}
-# the mora_jax.methods name each compared method trains with (the "re" ones merge every remora.every steps)
+          "dora": "DoRA", "pissa": "PiSSA", "hira": "HiRA", "mora_mag": "MoRA + magnitude",
+          "remora_mag": "ReMoRA + magnitude"}
+# the mora_jax.methods name each compared method trains with (the "re" ones merge every remora.every steps;
+# the "_mag" ones with a DoRA-style magnitude, MoRAConfig(magnitude=True))
 ADAPTER_METHOD = {"full": "full", "lora": "lora", "relora": "lora", "mora": "mora", "remora": "mora",
-                  "dora": "dora", "pissa": "pissa", "hira": "hira"}
+                  "dora": "dora", "pissa": "pissa", "hira": "hira", "mora_mag": "mora", "remora_mag": "mora"}
 
 
 def method_config(config, method: str, seed: int, workdir: pathlib.Path) -> RunConfig:
@@ -47,11 +49,13 @@ def method_config(config, method: str, seed: int, workdir: pathlib.Path) -> RunC
     c["seed"] = seed
     c["workdir"] = str(workdir)
     merges = c["remora"]["every"]
-    if method in ("relora", "remora") and not merges:
+    if method in ("relora", "remora", "remora_mag") and not merges:
         raise ValueError(f"{method} merges every remora.every steps, but remora.every is 0: set it, "
                          "e.g. --config.remora.every=150")
     c["method"] = ADAPTER_METHOD[method]
-    c["remora"]["every"] = merges if method in ("relora", "remora") else 0
+    c["remora"]["every"] = merges if method in ("relora", "remora", "remora_mag") else 0
+    if method.endswith("_mag"):
+        c["adapter"]["magnitude"] = True
     if method == "full":
         c["adapter"]["targets"] = LLAMA_TARGETS
         c["adapter"]["unfreeze"] = ",".join(LLAMA_FULLY_TRAINED)
