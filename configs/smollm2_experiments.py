@@ -18,7 +18,10 @@ from; resume it by running the same command again):
 ``apt-get install -y debian-reference-id debian-reference-en wordnet-base`` gives every source.
 Methods: ``experiment.methods`` (name -> method, adapter fields over ``adapter``, learning rates to
 sweep); ``--methods`` picks some (default ``experiment.run``). LoRA and MoRA at the same ``r``
-train the same number of parameters (MoRA's r̂ = round(sqrt((k+d)·r)) per kernel).
+train the same number of parameters (MoRA's r̂ = round(sqrt((k+d)·r)) per kernel). The PEFT family at
+the same ``r`` is defined too (``dora``, ``pissa``, ``hira``, ``mora6m`` = MoRA type 6 with a DoRA-style
+magnitude; suffixed ``_r8`` / ``_r64`` in memorization): add them with ``--methods``, e.g.
+``--methods=lora_r8,mora6_r8,dora_r8,pissa_r8,hira_r8,mora6m_r8``.
 """
 
 import ml_collections
@@ -48,6 +51,13 @@ def _methods(ranks, adapter_lrs, full_lrs):
         methods[f"lora{suffix}"] = _method("lora", adapter_lrs, r=r, alpha=2.0 * r)  # scale alpha/r = 2
         methods[f"mora1{suffix}"] = _method("mora", adapter_lrs, r=r, mora_type=1)  # the paper's type for large r
         methods[f"mora6{suffix}"] = _method("mora", adapter_lrs, r=r, mora_type=6)  # the paper's type for small r
+        # The PEFT family at the same r (equal trainable parameters; DoRA adds d per kernel), opt-in with --methods:
+        methods[f"dora{suffix}"] = _method("dora", adapter_lrs, r=r, alpha=2.0 * r)  # LoRA's scale, plus a magnitude
+        methods[f"pissa{suffix}"] = _method("pissa", adapter_lrs, r=r, alpha=float(r))  # scale 1, as PEFT's PiSSA
+        # HiRA's update is K ⊙ (A·B): its useful rates sit higher (PEFT's MetaMathQA run used 4.5e-3, 45x its
+        # LoRA's), so its grid is LoRA's times 10
+        methods[f"hira{suffix}"] = _method("hira", tuple(10.0 * x for x in adapter_lrs), r=r)
+        methods[f"mora6m{suffix}"] = _method("mora", adapter_lrs, r=r, mora_type=6, magnitude=True)  # MoRA + magnitude
     return ml_collections.ConfigDict(methods)
 
 

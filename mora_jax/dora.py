@@ -100,9 +100,16 @@ class DoRAAdapter:
         output (bias included); with adapter dropout the base term is recomputed on the dropped
         input, as PEFT does in training."""
         return rescaled_output(
-            x_BxK, kernel_KxD, norm_D=weight_norm(kernel_KxD, self.a, self.b, self.scale), magnitude_D=self.magnitude,
-            delta_fn=lambda x: ops.apply_lora(x, self.a, self.b, scale=self.scale), base_fn=base_fn, bias_D=bias_D,
-            dropout_fn=dropout_fn, dtype=dtype, precision=precision)
+            x_BxK, kernel_KxD, norm_D=self.weight_norm(kernel_KxD), magnitude_D=self.magnitude, delta_fn=self.delta,
+            base_fn=base_fn, bias_D=bias_D, dropout_fn=dropout_fn, dtype=dtype, precision=precision)
+
+    def weight_norm(self, kernel_KxD):
+        """``‖K + s·A·B‖_c`` (float32, ``(d,)``, single layer), detached: :func:`weight_norm`."""
+        return weight_norm(kernel_KxD, self.a, self.b, self.scale)
+
+    def delta(self, x_BxK):
+        """``Δy = s·(x·A)·B`` for inputs ``(..., in_features)`` (single layer)."""
+        return ops.apply_lora(x_BxK, self.a, self.b, scale=self.scale)
 
     def merged_kernel(self, kernel_KxD):
         """``(mag/n)·(K + s·A·B)`` and ``n`` (float32), for kernels ``(*stack, k, d)``."""

@@ -248,20 +248,22 @@ def test_validate_schema_rejects_extra_row_keys(result):
 def test_scaling_runs_and_writes_markdown_and_plot(tmp_path):
     c = _quick_config()
     b = c.benchmark
-    b.mora_types = (6,)
-    # 9 compiled steps: 3 methods at one sequence length, one batch, and full + LoRA/MoRA at one rank
+    b.mora_types, b.peft_methods = (6,), ("hira",)
+    # 12 compiled steps: 4 methods at one sequence length, one batch, and full + LoRA/MoRA/HiRA at one rank
     b.scaling.seq_lens, b.scaling.batches, b.scaling.ranks = (8,), (1,), (4,)
     b.scaling.kernel_sizes = ((64, 128), (128, 256))
     b.scaling.steps, b.scaling.warmup, b.scaling.repeats = 1, 0, 1
     logged = []
     scaling = harness.run_scaling(c, log=logged.append)
-    assert len(scaling["vs_seq_len"]) == 3 and len(scaling["vs_batch"]) == 3
-    assert len(scaling["vs_rank"]) == 1 + 2 and len(scaling["vs_kernel_size"]) == 2
-    assert sum(" seq " in line for line in logged) == 9  # each sweep times its own points, interleaved
+    assert len(scaling["vs_seq_len"]) == 4 and len(scaling["vs_batch"]) == 4
+    assert len(scaling["vs_rank"]) == 1 + 3 and len(scaling["vs_kernel_size"]) == 2
+    assert {r["method"] for r in scaling["vs_rank"]} == {"full", "lora", "mora", "hira"}
+    assert sum(" seq " in line for line in logged) == 12  # each sweep times its own points, interleaved
     assert all(row["step_s"] > 0 for key in ("vs_seq_len", "vs_batch", "vs_rank") for row in scaling[key])
     json.loads(report.write_json(scaling, tmp_path / "s.json").read_text())
     text = report.scaling_markdown(scaling)
     assert "vs rank" in text and "| 128x256 |" in text and "vs batch" in text
+    assert "| hira/lora |" in text and "| mora6/full |" in text and "| hira r=8 |" in text
     png = report.plot_scaling(scaling, tmp_path / "s.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -145,6 +145,40 @@ def test_quick_path_end_to_end_then_resume(tiny_model, tmp_path, capsys):
         compare_finetuning.compare(c, methods, seeds=(0,))
 
 
+@pytest.mark.slow  # about 60 s on two cores: 4 methods x (4 sweep runs + 1), 8 compiles
+def test_the_peft_family_runs_in_the_comparison_at_equal_trainable_parameters(tiny_model, tmp_path):
+    """DoRA, PiSSA, HiRA and MoRA with a magnitude sweep and train through the same comparison; their
+    trainable parameters are LoRA's at the same r (DoRA and the magnitude add one per output feature)."""
+    c = _quick("memorization_quick", tiny_model, tmp_path / "cmp", sweep_steps=1, eval_steps=(2,), num_pairs=8)
+    c.train.steps, c.train.batch_size = 2, 8
+    methods = ("dora_r8", "pissa_r8", "hira_r8", "mora6m_r8")
+    results = compare_finetuning.compare(c, methods, seeds=(0,), command="pytest")
+    counts = {n: results["runs"][n][0]["trainable_params"] for n in methods}
+    lora_params = sum(8 * (k + d) for k, d in _kernel_shapes(tiny_model))
+    outputs = sum(d for _, d in _kernel_shapes(tiny_model))
+    assert counts["pissa_r8"] == counts["hira_r8"] == lora_params
+    assert counts["dora_r8"] == lora_params + outputs
+    mora = compare_finetuning.Comparison(c, tmp_path / "probe").param_counts(
+        compare_finetuning.run_config(c, "mora6_r8", lr=1e-3, seed=0, steps=2, workdir=tmp_path / "probe"))
+    assert counts["mora6m_r8"] == mora["trainable_params"] + outputs
+    for name in methods:
+        run = results["runs"][name][0]
+        assert run["lr"] == results["sweep"][name]["chosen_lr"] and not run["diverged"]
+        assert np.isfinite(run["eval"]["2"]["loss"])
+    assert results["sweep"]["hira_r8"]["chosen_lr"] in c.experiment.methods.hira_r8.lrs
+    md = (tmp_path / "cmp" / "results.md").read_text()
+    for name in ("DoRA r=8", "PiSSA r=8", "HiRA r=8", "MoRA type 6 + magnitude (r=8)"):
+        assert f"| {name} |" in md
+
+
+def _kernel_shapes(model_dir):
+    """(k, d) of the seven projections of every layer of the tiny model."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * layers
+
+
 def test_sweep_choice_ranks_by_the_task_metrics_and_puts_divergence_last():
     def rec(lr, acc, loss, diverged=None):
         return {"lr": lr, "diverged": diverged, "eval": {} if diverged else {"5": {"char_accuracy": acc, "loss": loss}}}

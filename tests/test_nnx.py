@@ -845,15 +845,58 @@ def test_a_stacked_layer_called_whole_or_stacked_on_another_axis_is_a_clear_erro
         mnx.attach(make(nnx.Rngs(0)), mj.MoRAConfig(r=2, targets=(r"kernel",)))
 
 
-def test_methods_the_nnx_path_lacks_are_refused_not_converted(params):
-    """MoRA with a magnitude exists on the linen path only: attach and load_linen_adapters refuse it
-    (loaded as plain MoRA it would silently drop the magnitude)."""
-    model = nnx_llama.from_linen(CFG, params)
-    with pytest.raises(TypeError, match=r"magnitude=True\) is not implemented on the nnx path"):
-        mnx.attach(model, mj.MoRAConfig(r=2, magnitude=True))
-    with pytest.raises(TypeError, match="the nnx path does not implement"):
-        mnx.load_linen_adapters(model, mj.init_adapters(params, mj.MoRAConfig(r=2, magnitude=True), jax.random.key(0)))
-    assert not mnx.adapted_layers(model)  # nothing attached on the way
+def _check_merge_is_linen_and_unmerge_exact(model, params, adapters, expected):
+    """``merge_adapters`` writes the linen merge's kernels (the same logits), ``unmerge`` gives back ``params``."""
+    mnx.merge_adapters(model)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(mj.merge(params, adapters))):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
+    mnx.unmerge(model)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
+                    jax.tree_util.tree_leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mora_type", [1, 6])
+def test_mora_with_a_magnitude_on_nnx_matches_linen_merges_exactly_and_restarts(params, tmp_path, mora_type):
+    config = mj.MoRAConfig(r=2, mora_type=mora_type, magnitude=True)
+    attached = mnx.attach(nnx_llama.from_linen(CFG, params), config)
+    linen_init = mj.init_adapters(params, config, jax.random.key(1))
+    for a, b in zip(jax.tree_util.tree_leaves(mnx.to_linen_adapters(attached)), jax.tree_util.tree_leaves(linen_init)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # M = 0, magnitude = ‖K‖_c
+    np.testing.assert_allclose(_logits(attached, IDS), LINEN.apply({"params": params}, IDS), rtol=0, atol=1e-5)
+    adapters = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), linen_init)
+    expected = mj.apply_model(LINEN, params, IDS, adapters=adapters)
+    assert np.abs(np.asarray(expected - LINEN.apply({"params": params}, IDS))).max() > 1e-2
+    model = mnx.load_linen_adapters(nnx_llama.from_linen(CFG, params), adapters)
+    layer = model.model.layers[1].mlp.down_proj
+    assert layer.mora_spec.magnitude and layer.mora_spec.names == ("kernel_mora_m", "kernel_mora_magnitude")
+    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
+    # gradients of M and of the magnitude: the linen path's (the norm detached on both sides)
+    linen_grads = jax.grad(lambda a: _next_token_loss(mj.apply_model(LINEN, params, IDS, adapters=a), IDS))(adapters)
+    nnx_grads = nnx.grad(lambda m: _next_token_loss(m(IDS), IDS), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    assert mj.count_params(nnx_grads) == mj.count_params(adapters)
+    node = mj.adapters.flatten(linen_grads)[("model", "layers_1", "mlp", "down_proj", "kernel")]
+    grads = nnx_grads["model"]["layers"][1]["mlp"]["down_proj"]
+    np.testing.assert_allclose(grads["kernel_mora_magnitude"][...], node.magnitude, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads["kernel_mora_m"][...], node.m, rtol=1e-4, atol=1e-6)
+    # merge is the linen merge, undone with the kept norms
+    _check_merge_is_linen_and_unmerge_exact(model, params, adapters, expected)
+    # no PEFT format holds it: refused with the linen path's message, nothing written
+    with pytest.raises(ValueError, match="MoRA with a magnitude"):
+        mnx.save_adapter(tmp_path / "mora_mag", model)
+    assert not (tmp_path / "mora_mag").exists()
+    # a plain MoRA tree does not load into a layer with a magnitude (it would drop it silently)
+    with pytest.raises(ValueError, match="is mora but the layer carries mora with a magnitude"):
+        mnx.load_linen_adapters(model, mj.init_adapters(params, mj.MoRAConfig(r=2, mora_type=mora_type),
+                                                        jax.random.key(0)))
+    # ReMoRA restart: merged, M = 0, magnitude re-based to the merged norms: the function is kept
+    mnx.merge_and_reset(model)
+    assert not np.any(layer.kernel_mora_m[...]) and not hasattr(layer, "mora_dora_norm")
+    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
+    plain = mnx.merge_and_unload(model)
+    np.testing.assert_allclose(_logits(plain, IDS), expected, rtol=0, atol=1e-5)
 
 
 def test_dora_on_nnx_matches_linen_merges_exactly_and_restarts(params, tmp_path):
@@ -878,15 +921,7 @@ def test_dora_on_nnx_matches_linen_merges_exactly_and_restarts(params, tmp_path)
     np.testing.assert_allclose(grads["kernel_lora_b"][...], node.b, rtol=1e-4, atol=1e-6)
     assert layer.kernel_lora_magnitude[...].shape == node.magnitude.shape
     # merge is exact and undone with the kept norms; merge_and_unload leaves a plain model
-    mnx.merge_adapters(model)
-    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
-                    jax.tree_util.tree_leaves(mj.merge(params, adapters))):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(_logits(model, IDS), expected, rtol=0, atol=1e-5)
-    mnx.unmerge(model)
-    for a, b in zip(jax.tree_util.tree_leaves(nnx_llama.to_linen_params(model, mnx.FROZEN)),
-                    jax.tree_util.tree_leaves(params)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    _check_merge_is_linen_and_unmerge_exact(model, params, adapters, expected)
     # PEFT files (use_dora) from nnx load on the linen side
     mnx.save_adapter(tmp_path / "dora", model)
     _, loaded = peft.load_adapter(tmp_path / "dora", params)

@@ -329,7 +329,8 @@ def _row(point: Mapping, llama_config, batch_size: int, seq_len: int, peak_flops
 
 
 def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
-    """Step time versus tokens (sequence length, batch) and rank, and merge time versus kernel size.
+    """Step time versus tokens (sequence length, batch) and rank, and merge time versus kernel size;
+    full fine-tuning, LoRA, MoRA of ``mora_types`` and the PEFT family of ``peft_methods``.
 
     Each sweep compiles all its points first and then times them interleaved round-robin (with the
     matmul peak in the rotation), like :func:`run_benchmark`, so the ratios within a sweep are
@@ -344,7 +345,8 @@ def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
     params = base.load_params()
     matmul = MatmulRunner(run.model.dtype, size=bench.matmul_size, chain=bench.matmul_chain)
     token_specs = [MethodSpec("full"), MethodSpec("lora", bench.r_small),
-                   *(MethodSpec("mora", bench.r_small, t) for t in bench.mora_types)]
+                   *(MethodSpec("mora", bench.r_small, t) for t in bench.mora_types),
+                   *(MethodSpec(m, bench.r_small) for m in bench.peft_methods)]
     base_b, base_t = run.train.batch_size, run.train.seq_len
     def sweep(title, points):
         log(title)
@@ -371,6 +373,7 @@ def run_scaling(config, *, log: Callable[[str], None] = print) -> dict:
     for r in sc.ranks:
         rank_points.append((MethodSpec("lora", r), base_b, base_t))
         rank_points += [(MethodSpec("mora", r, t), base_b, base_t) for t in bench.mora_types]
+        rank_points += [(MethodSpec(m, r), base_b, base_t) for m in bench.peft_methods]
     raw_rank = sweep("step time vs rank", rank_points)
     peak_flops = matmul.flops
     log(f"matmul peak (best, interleaved): {peak_flops / 1e9:.1f} GFLOP/s")

@@ -172,15 +172,17 @@ def scaling_markdown(scaling: Mapping) -> str:
     rows = scaling["vs_rank"]
     full = next(r for r in rows if r["method"] == "full")
     ranks = sorted({r["r"] for r in rows if r["r"]})
-    types = sorted({r["mora_type"] for r in rows if r["mora_type"]})
-    header = ["r", "lora s"] + [f"mora{t} s" for t in types] + [f"mora{t}/lora" for t in types] + [f"mora{t}/full" for t in types]
+    # every method other than full fine-tuning and LoRA: MoRA by type, then the PEFT family
+    others = list(dict.fromkeys((r["method"], r["mora_type"]) for r in rows if r["method"] not in ("full", "lora")))
+    names = [f"{m}{t or ''}" for m, t in others]
+    header = ["r", "lora s"] + [f"{n} s" for n in names] + [f"{n}/lora" for n in names] + [f"{n}/full" for n in names]
     lines = []
     for r in ranks:
         lora = next(x for x in rows if x["method"] == "lora" and x["r"] == r)
-        mora = {x["mora_type"]: x for x in rows if x["method"] == "mora" and x["r"] == r}
-        lines.append([str(r), f"{lora['step_s']:.4f}"] + [f"{mora[t]['step_s']:.4f}" for t in types]
-                     + [f"{mora[t]['step_s'] / lora['step_s']:.2f}" for t in types]
-                     + [f"{mora[t]['step_s'] / full['step_s']:.2f}" for t in types])
+        at = {(x["method"], x["mora_type"]): x for x in rows if x["r"] == r}
+        cells = [at[o]["step_s"] for o in others]
+        lines.append([str(r), f"{lora['step_s']:.4f}"] + [f"{c:.4f}" for c in cells]
+                     + [f"{c / lora['step_s']:.2f}" for c in cells] + [f"{c / full['step_s']:.2f}" for c in cells])
     out += [f"**Step time vs rank** (full fine-tuning: {full['step_s']:.4f} s)", "", _table(header, lines, True), ""]
     header = ["k x d", "MiB", "fill ms", "copy ms"] + [
         f"type {t['mora_type']} {h}" for t in scaling["vs_kernel_size"][0]["types"] for h in ("ms", "/ fill")]

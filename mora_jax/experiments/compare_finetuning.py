@@ -262,7 +262,9 @@ def label(spec) -> str:
     if spec["method"] == "lora":
         return f"LoRA r={a.get('r')}"
     if spec["method"] == "mora":
-        return f"MoRA type {a.get('mora_type')} (r={a.get('r')})"
+        return f"MoRA type {a.get('mora_type')}{' + magnitude' if a.get('magnitude') else ''} (r={a.get('r')})"
+    if spec["method"] in ("dora", "pissa", "hira") and set(a) <= {"r", "alpha"}:
+        return f"{ {'dora': 'DoRA', 'pissa': 'PiSSA', 'hira': 'HiRA'}[spec['method']]} r={a.get('r')}"
     return f"{spec['method']} " + " ".join(f"{k}={v}" for k, v in sorted(a.items()) if k not in ("targets", "unfreeze"))
 
 

@@ -214,7 +214,7 @@ def _plan_adapter(layer, config, rng, rngs):
         variables = [_new_variable(nnx.LoRAParam, a, kernel, (*stacked, *in_axes, None), len(shape)),
                      _new_variable(nnx.LoRAParam, b, kernel, (*stacked, None, *out_axes), len(shape))]
     elif isinstance(config, MoRAConfig):
-        spec = AdapterSpec(method="mora", mora_type=config.mora_type, **common)
+        spec = AdapterSpec(method="mora", mora_type=config.mora_type, magnitude=config.magnitude, **common)
         r_hat = ops.rank_hat(k, d, config.r, config.mora_type)
         variables = [_new_variable(MoRAParam, jnp.zeros((*stack, r_hat, r_hat), jnp.float32), kernel,
                                    (*stacked, None, None), len(shape))]
@@ -229,9 +229,9 @@ def _plan_adapter(layer, config, rng, rngs):
             _new_variable(nnx.LoRAParam, jnp.zeros((*stack, config.r, *out_shape), jnp.float32), kernel,
                           (*stacked, None, *out_axes), len(shape)),
         ]
-        if spec.method == "dora":  # the magnitude starts at the kernel's column norms, laid out like its out axes
-            variables.append(_new_variable(nnx.LoRAParam, initial_magnitude(kernel[...], spec), kernel,
-                                           (*stacked, *out_axes), len(shape)))
+    if spec.rescaled:  # DoRA's (MoRA's) magnitude starts at the kernel's column norms, laid out like its out axes
+        variables.append(_new_variable(nnx.LoRAParam, initial_magnitude(kernel[...], spec), kernel,
+                                       (*stacked, *out_axes), len(shape)))
     dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0.0 else None
     return spec, variables, dropout, new_kernel
 
@@ -306,7 +306,8 @@ def attach(model, config: AdapterConfig, *, rng: jax.Array | int = 0, rngs: nnx.
 
     ``MoRAConfig`` / ``LoRAConfig`` / ``HiRAConfig`` / ``DoRAConfig`` / ``PiSSAConfig``: every ``nnx.Linear``
     / ``nnx.LinearGeneral`` / ``nnx.Einsum`` (or registered einsum layer) whose kernel path ``config.targets``
-    matches gets an adapter: MoRA's ``M = 0`` (a :class:`MoRAParam`), LoRA's (HiRA's, DoRA's) ``a``
+    matches gets an adapter: MoRA's ``M = 0`` (a :class:`MoRAParam`; with ``magnitude=True`` also a
+    magnitude ``‖K‖_c``), LoRA's (HiRA's, DoRA's) ``a``
     kaiming-uniform and ``b = 0`` (``nnx.LoRAParam``; DoRA's magnitude ``‖K‖_c``; PiSSA's ``a``, ``b`` from
     the kernel's SVD, the kernel replaced by the residual), all float32. ``FullConfig``: the matched parameters become trainable. In every case ``unfreeze``
     patterns become trainable too (:class:`TrainedParam`). Afterwards::
@@ -322,9 +323,6 @@ def attach(model, config: AdapterConfig, *, rng: jax.Array | int = 0, rngs: nnx.
                         f"got "
                         f"{type(config).__name__}: the nnx path does not implement {getattr(config, 'method', 'it')} yet (the linen path, "
                         "mora_jax.init_adapters / apply_model, does)")
-    if isinstance(config, MoRAConfig) and config.magnitude:
-        raise TypeError("MoRAConfig(magnitude=True) is not implemented on the nnx path yet (the linen path, "
-                        "mora_jax.init_adapters / apply_model, has it); use magnitude=False")
     if not isinstance(model, nnx.Module):
         raise TypeError(
             f"attach needs an nnx.Module, got {type(model).__name__} (for linen models use mora_jax.init_adapters)"

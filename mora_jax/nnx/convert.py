@@ -72,7 +72,8 @@ def to_linen_adapters(model, *, path_map: PathMap | None = None) -> dict:
                 "axis (nn.scan), so only layers stacked on one axis convert")
         if spec.method == "mora":
             out[key] = MoRAAdapter(m=arrays[0], in_features=spec.in_features, out_features=spec.out_features,
-                                   mora_type=spec.mora_type, r=spec.r, dropout=spec.dropout)
+                                   mora_type=spec.mora_type, r=spec.r, dropout=spec.dropout,
+                                   magnitude=arrays[1] if spec.magnitude else None)
         elif spec.method == "hira":
             out[key] = HiRAAdapter(a=arrays[0], b=arrays[1], in_features=spec.in_features,
                                    out_features=spec.out_features, dropout=spec.dropout)
@@ -112,12 +113,7 @@ def linen_kernel_shapes(model, *, path_map: PathMap | None = None, dtype=jnp.flo
 
 
 def _method_of(key, adapter) -> str:
-    """``"mora"``, ``"hira"``, ``"dora"`` or ``"lora"``; the linen adapters the nnx path does not implement are
-    refused."""
-    if isinstance(adapter, MoRAAdapter) and adapter.magnitude is not None:
-        raise TypeError(f"adapter {'/'.join(key)} is MoRA with a magnitude, which the nnx path does not implement "
-                        "yet; use it on the linen model (mora_jax.apply_model), or merge it there (mora_jax.merge) and "
-                        "load the merged weights")
+    """``"mora"``, ``"hira"``, ``"dora"``, ``"pissa"`` or ``"lora"``."""
     if isinstance(adapter, MoRAAdapter):
         return "mora"
     if isinstance(adapter, DoRAAdapter):
@@ -129,7 +125,8 @@ def _method_of(key, adapter) -> str:
 
 def _config_of(adapter):
     if isinstance(adapter, MoRAAdapter):
-        return MoRAConfig(r=adapter.r, mora_type=adapter.mora_type, targets=(".*",), dropout=adapter.dropout)
+        return MoRAConfig(r=adapter.r, mora_type=adapter.mora_type, targets=(".*",), dropout=adapter.dropout,
+                          magnitude=adapter.magnitude is not None)
     if isinstance(adapter, HiRAAdapter):
         return HiRAConfig(r=adapter.r, targets=(".*",), dropout=adapter.dropout)
     if isinstance(adapter, DoRAAdapter):
@@ -180,14 +177,19 @@ def load_linen_adapters(model, adapters, *, path_map: PathMap | None = None, rng
                 f"adapter {'/'.join(key)} is {adapter.in_features}x{adapter.out_features} but the layer maps "
                 f"{spec.in_features} -> {spec.out_features} features"
             )
-        if method != spec.method:
+        with_magnitude = isinstance(adapter, MoRAAdapter) and adapter.magnitude is not None
+        if method != spec.method or (method == "mora" and with_magnitude != spec.magnitude):
+            def name(m, mag):
+                return f"{m} with a magnitude" if m == "mora" and mag else m
             raise ValueError(
-                f"adapter {'/'.join(key)} is {method} but the layer carries {spec.method}; detach the model's adapters "
-                "first (mora_jax.nnx.detach)"
+                f"adapter {'/'.join(key)} is {name(method, with_magnitude)} but the layer carries "
+                f"{name(spec.method, spec.magnitude)}; detach the model's adapters first (mora_jax.nnx.detach)"
             )
         if method == "mora":
             new_spec = spec.replace(mora_type=adapter.mora_type, r=adapter.r, dropout=adapter.dropout)
             values = (adapter.m,)
+            if with_magnitude:
+                values += (adapter.magnitude.reshape(*stack, *spec.out_shape),)
         elif method == "hira":
             new_spec = spec.replace(r=adapter.r, dropout=adapter.dropout)
             values = (adapter.a.reshape(*stack, *spec.in_shape, adapter.r),

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mora_jax import dora, ops
+from mora_jax.adapters import MoRAAdapter
 
 SPEC_ATTR = "mora_spec"
 DROPOUT_ATTR = "mora_dropout"
@@ -64,6 +65,8 @@ class AdapterSpec:
       alpha / rslora: LoRA scale ``α/r`` (``α/√r``).
       dropout: dropout rate on the adapter input.
       niter: PiSSA's SVD (None exact, an int the randomized one), run again at ReMoRA restarts.
+      magnitude: MoRA with a DoRA-style trainable magnitude (``MoRAConfig(magnitude=True)``): the layer
+        computes ``x·(mag/n) ⊙ (K + ΔK)`` column-wise, ``n = ‖K + ΔK‖_c`` detached, as the linen path.
       merged: ``ΔK`` is folded into the kernel and the adapter is skipped (:func:`mora_jax.nnx.merge_adapters`).
       stack_shape: leading axes of a kernel stacked over layers (``nnx.vmap``-made layers run under
         ``nnx.scan``, as MaxText and Tunix scan their models): the adapter's variables are stacked the
@@ -83,6 +86,12 @@ class AdapterSpec:
     merged: bool = False
     stack_shape: tuple[int, ...] = ()
     niter: int | None = None
+    magnitude: bool = False
+
+    @property
+    def rescaled(self) -> bool:
+        """The adapter carries a magnitude (DoRA, or MoRA with one): its last variable, ``(*stack, *out_shape)``."""
+        return self.method == "dora" or (self.method == "mora" and self.magnitude)
 
     @property
     def in_features(self) -> int:
@@ -105,7 +114,7 @@ class AdapterSpec:
     def names(self) -> tuple[str, ...]:
         """Attribute names of the adapter variables on the layer."""
         if self.method == "mora":
-            return (f"{self.kernel}_mora_m",)
+            return (f"{self.kernel}_mora_m",) + ((f"{self.kernel}_mora_magnitude",) if self.magnitude else ())
         if self.method == "hira":
             return (f"{self.kernel}_hira_a", f"{self.kernel}_hira_b")
         if self.method == "dora":  # PEFT's lora_magnitude_vector
@@ -409,17 +418,31 @@ def base_class(cls: type) -> type:
 
 
 def adapter_arrays(layer, spec: AdapterSpec) -> tuple[jax.Array, ...]:
-    """The adapter's arrays in ``(k, ·)`` / ``(·, d)`` layout: ``(m,)`` or ``(a_KxR, b_RxD)``, after any
-    stack axes (those of a stacked layer seen whole, outside ``nnx.scan``)."""
+    """The adapter's arrays in ``(k, ·)`` / ``(·, d)`` layout: ``(m,)`` or ``(a_KxR, b_RxD)``, then the
+    magnitude ``(d,)`` of DoRA (and of MoRA with one), after any stack axes (those of a stacked layer
+    seen whole, outside ``nnx.scan``)."""
     if spec.method == "mora":
-        return (getattr(layer, spec.names[0])[...],)
-    a = getattr(layer, spec.names[0])[...]
-    b = getattr(layer, spec.names[1])[...]
-    lead = a.shape[: a.ndim - len(spec.in_shape) - 1]
-    arrays = (a.reshape(*lead, spec.in_features, spec.r), b.reshape(*lead, spec.r, spec.out_features))
-    if spec.method == "dora":
-        arrays += (getattr(layer, spec.names[2])[...].reshape(*lead, spec.out_features),)
+        m = getattr(layer, spec.names[0])[...]
+        arrays = (m,)
+        lead = m.shape[:-2]
+    else:
+        a = getattr(layer, spec.names[0])[...]
+        b = getattr(layer, spec.names[1])[...]
+        lead = a.shape[: a.ndim - len(spec.in_shape) - 1]
+        arrays = (a.reshape(*lead, spec.in_features, spec.r), b.reshape(*lead, spec.r, spec.out_features))
+    if spec.rescaled:
+        arrays += (getattr(layer, spec.names[-1])[...].reshape(*lead, spec.out_features),)
     return arrays
+
+
+def magnitude_node(arrays, spec: AdapterSpec):
+    """The linen adapter (:class:`mora_jax.dora.DoRAAdapter`, or :class:`mora_jax.adapters.MoRAAdapter` with
+    a magnitude) of one layer's arrays: its column norm, merge and unmerge are the linen path's own."""
+    if spec.method == "mora":
+        return MoRAAdapter(m=arrays[0], magnitude=arrays[1], in_features=spec.in_features,
+                           out_features=spec.out_features, mora_type=spec.mora_type, r=spec.r)
+    return dora.DoRAAdapter(a=arrays[0], b=arrays[1], magnitude=arrays[2], in_features=spec.in_features,
+                            out_features=spec.out_features, alpha=spec.alpha, rslora=spec.rslora)
 
 
 def adapter_delta(layer, spec: AdapterSpec, x_BxK):
@@ -427,13 +450,14 @@ def adapter_delta(layer, spec: AdapterSpec, x_BxK):
     HiRA's ``x·(K ⊙ a·b)`` (a second matmul beside the layer's own: unlike the linen path, which runs one
     matmul with ``K ⊙ (1 + a·b)``, the nnx layer's own call is kept as it is)."""
     arrays = adapter_arrays(layer, spec)
-    if spec.method == "dora":  # (mag/n − 1) ⊙ (x·K) + (mag/n) ⊙ s·(x·a)·b, n detached (mora_jax.dora)
+    if spec.rescaled:  # (mag/n − 1) ⊙ (x·K) + (mag/n) ⊙ Δy, n = ‖K + ΔK‖_c detached (mora_jax.dora)
         # The layer's own output includes its bias (and has its own layout), so x·K is computed again here.
         kernel_KxD = kernel_as_matrix(getattr(layer, spec.kernel)[...], spec)
         base = jnp.matmul(x_BxK, kernel_KxD.astype(x_BxK.dtype))
-        norm_D = dora.weight_norm(kernel_KxD, arrays[0], arrays[1], spec.lora_scale)
-        ratio_D = (arrays[2].astype(jnp.float32) / norm_D).astype(x_BxK.dtype)
-        return (ratio_D - 1) * base + ratio_D * ops.apply_lora(x_BxK, arrays[0], arrays[1], scale=spec.lora_scale)
+        node = magnitude_node(arrays, spec)
+        norm_D = node.weight_norm(kernel_KxD)
+        ratio_D = (arrays[-1].astype(jnp.float32) / norm_D).astype(x_BxK.dtype)
+        return (ratio_D - 1) * base + ratio_D * node.delta(x_BxK).astype(x_BxK.dtype)
     if spec.method == "hira":
         kernel_KxD = kernel_as_matrix(getattr(layer, spec.kernel)[...], spec).astype(jnp.float32)
         update_KxD = kernel_KxD * jnp.matmul(arrays[0].astype(jnp.float32), arrays[1].astype(jnp.float32))
@@ -458,19 +482,19 @@ def matrix_as_kernel(matrix_KxD, spec: AdapterSpec):
     return jnp.transpose(permuted, inverse)
 
 
-def dora_folded_kernel(kernel, arrays, spec: AdapterSpec, norms=None):
-    """DoRA's merge ``(mag/n)·(K + s·a·b)`` with ``n`` (``norms=None``; returns ``(kernel, n)``), or its
-    undoing with the ``n`` of the merge (returns ``(kernel, norms)``); a stacked kernel layer by layer."""
+def rescaled_folded_kernel(kernel, arrays, spec: AdapterSpec, norms=None):
+    """The merge ``(mag/n)·(K + ΔK)`` of DoRA (or MoRA with a magnitude) with ``n`` (``norms=None``; returns
+    ``(kernel, n)``), or its undoing with the ``n`` of the merge (returns ``(kernel, norms)``); a stacked
+    kernel layer by layer."""
     n = kernel.ndim - len(spec.perm)
     if n:
         flat_norms = None if norms is None else norms.reshape(-1, norms.shape[-1])
-        per_layer = jax.vmap(lambda k, a, b, m, nn: dora_folded_kernel(k, (a, b, m), spec, nn),
-                             in_axes=(0, 0, 0, 0, None if norms is None else 0))
+        per_layer = jax.vmap(lambda k, xs, nn: rescaled_folded_kernel(k, xs, spec, nn),
+                             in_axes=(0, 0, None if norms is None else 0))
         flat, out_norms = per_layer(kernel.reshape(-1, *kernel.shape[n:]),
-                                    *(x.reshape(-1, *x.shape[n:]) for x in arrays), flat_norms)
+                                    tuple(x.reshape(-1, *x.shape[n:]) for x in arrays), flat_norms)
         return flat.reshape(kernel.shape), out_norms.reshape(*kernel.shape[:n], -1)
-    node = dora.DoRAAdapter(a=arrays[0], b=arrays[1], magnitude=arrays[2], in_features=spec.in_features,
-                            out_features=spec.out_features, alpha=spec.alpha, rslora=spec.rslora)
+    node = magnitude_node(arrays, spec)
     matrix = kernel_as_matrix(kernel, spec)
     if norms is None:
         merged, norms = node.merged_kernel(matrix)

@@ -35,18 +35,18 @@ def placed_like(new, old):
 
 
 def fold(layer, sign: float) -> None:
-    """``K ← K + sign·ΔK`` on one adapted layer (its merged flag untouched); DoRA: its merge, or its
-    undoing with the norm that the merge kept on the layer."""
+    """``K ← K + sign·ΔK`` on one adapted layer (its merged flag untouched); DoRA (and MoRA with a
+    magnitude): its merge, or its undoing with the norm that the merge kept on the layer."""
     spec = getattr(layer, SPEC_ATTR)
     kernel = getattr(layer, spec.kernel)
     old = kernel[...]
     arrays = layers_lib.adapter_arrays(layer, spec)
-    if spec.method == "dora":
+    if spec.rescaled:
         if sign > 0:
-            new, norms = _dora_fold_jit(old, arrays, spec, None)
+            new, norms = _rescaled_fold_jit(old, arrays, spec, None)
             setattr(layer, NORM_ATTR, DoRANorm(norms))
         else:
-            new, _ = _dora_fold_jit(old, arrays, spec, getattr(layer, NORM_ATTR)[...])
+            new, _ = _rescaled_fold_jit(old, arrays, spec, getattr(layer, NORM_ATTR)[...])
             delattr(layer, NORM_ATTR)
     else:
         new = _fold_jit(old, arrays, spec, sign)
@@ -58,7 +58,7 @@ def _fold(kernel, arrays, spec, sign):
 
 
 _fold_jit = jax.jit(_fold, static_argnums=(2, 3))
-_dora_fold_jit = jax.jit(layers_lib.dora_folded_kernel, static_argnums=(2,))
+_rescaled_fold_jit = jax.jit(layers_lib.rescaled_folded_kernel, static_argnums=(2,))
 
 
 def _set_merged(layer, merged: bool) -> None:

@@ -39,7 +39,8 @@ def adapter_config(model) -> MoRAConfig | LoRAConfig | HiRAConfig | DoRAConfig:
     spec = specs.pop()
     targets = tuple(re.escape(path_str((*p, getattr(layer, SPEC_ATTR).kernel))) for p, layer in layers.items())
     if spec.method == "mora":
-        return MoRAConfig(r=spec.r, mora_type=spec.mora_type, targets=targets, dropout=spec.dropout)
+        return MoRAConfig(r=spec.r, mora_type=spec.mora_type, targets=targets, dropout=spec.dropout,
+                          magnitude=spec.magnitude)
     if spec.method == "hira":
         return HiRAConfig(r=spec.r, targets=targets, dropout=spec.dropout)
     if spec.method == "dora":

@@ -71,6 +71,7 @@ def merge_and_reset(model, optimizer: nnx.Optimizer | None = None, *, next_type:
                 raise ValueError(f"cannot switch {path_str(path)} between type 6 and types 1-4 at a merge")
             first[...] = jnp.zeros_like(first[...])
             setattr(layer, SPEC_ATTR, spec.replace(mora_type=new_type))
+            spec = getattr(layer, SPEC_ATTR)
         elif spec.method == "pissa":  # the SVD runs again on the merged kernel; the residual is frozen
             a, b, residual = principal_start(getattr(layer, spec.kernel)[...], spec, jax.random.fold_in(rng, i))
             set_kernel(layer, spec, residual)
@@ -82,9 +83,9 @@ def merge_and_reset(model, optimizer: nnx.Optimizer | None = None, *, next_type:
             first[...] = placed_like(a, first[...])
             second = getattr(layer, spec.names[1])
             second[...] = jnp.zeros_like(second[...])
-            if spec.method == "dora":  # the magnitude restarts at the merged kernel's column norms
-                magnitude = getattr(layer, spec.names[2])
-                magnitude[...] = placed_like(initial_magnitude(getattr(layer, spec.kernel)[...], spec), magnitude[...])
+        if spec.rescaled:  # the magnitude restarts at the merged kernel's column norms (DoRA, MoRA with one)
+            magnitude = getattr(layer, spec.names[-1])
+            magnitude[...] = placed_like(initial_magnitude(getattr(layer, spec.kernel)[...], spec), magnitude[...])
     if optimizer is not None and reset_optimizer:
         reset_adapter_state(optimizer, model)
     return model
