@@ -5,14 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.ad_checkpoint import saved_residuals  # the list jax.ad_checkpoint.print_saved_residuals prints
-
 import tiny_gguf  # tests/ helper: tiny GGUF files written with gguf's own writer
-from mora_jax import assembly
+from jax._src.ad_checkpoint import saved_residuals  # the list jax.ad_checkpoint.print_saved_residuals prints
+from jax.sharding import PartitionSpec
+
+from mora_jax import assembly, sharding
 from mora_jax.adapters import init_adapters
+from mora_jax.checkpoint.checkpointer import Checkpointer
 from mora_jax.errors import ConfigError
 from mora_jax.gguf.weights import load_gguf
 from mora_jax.intercept import apply_model
+from mora_jax.mesh import MeshConfig, make_mesh
 from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, MoRAConfig
 from mora_jax.models.config import LLAMA_CONFIGS
 from mora_jax.models.llama import LlamaForCausalLM, abstract_params, init_params
@@ -253,3 +256,37 @@ def test_full_fine_tuning_of_a_quantized_kernel_is_one_clear_error():
     with pytest.raises(ConfigError, match=r"model/layers_0/mlp/down_proj/kernel \(and 13 more\) is a quantized "
                                           r"frozen kernel and cannot be trained in full"):
         a.initial_state(a.load_params())
+
+
+def test_a_merged_quantized_base_is_checkpointed_and_restored_bit_for_bit(tmp_path):
+    """TensorStore has no 4-bit dtypes: codes are written widened and come back narrowed, equal."""
+    a = assembly.assemble(_run_config("nf4", every=4))
+    state = a.initial_state(a.load_params())
+    with Checkpointer(tmp_path / "ckpt", enable_async_checkpointing=False) as ckpt:
+        ckpt.save(4, state, frozen_changed=True, force=True)
+        restored, _, _ = ckpt.restore(4, abstract_state=jax.eval_shape(lambda: state))
+    leaf = restored.frozen["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert formats.is_quantized(leaf) and leaf.q.qvalue.dtype == jnp.uint4
+    for x, y in zip(jax.tree_util.tree_leaves(restored.frozen), jax.tree_util.tree_leaves(state.frozen)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x.astype(jnp.float32)), np.asarray(y.astype(jnp.float32)))
+
+
+def test_quantized_codes_and_scales_follow_the_kernels_sharding_rule():
+    mesh = make_mesh(MeshConfig(axis_sizes=(1, 2, 4)))  # data × fsdp × tensor over the tests' 8 CPU devices
+    abstract = abstract_params(CONFIG.replace(scan_layers=True))
+    quantized = jax.eval_shape(lambda p: quantize(p, QuantConfig("int4", block_size=32)), abstract)
+    float_specs = sharding.tree_specs(abstract, mesh)
+    specs = sharding.tree_specs(quantized, mesh)
+    for module, name in (("self_attn", "q_proj"), ("mlp", "down_proj")):
+        kernel_spec = float_specs["model"]["layers"][module][name]["kernel"]
+        leaf = specs["model"]["layers"][module][name]["kernel"]
+        assert leaf.q.qvalue == kernel_spec and leaf.q.qvalue != PartitionSpec(None, None, None)
+        assert leaf.q.scale[-1] == kernel_spec[-1]  # the output features: sharded like the kernel's
+    # and the compiled steps take them: the state places on the mesh
+    config = QuantConfig("int4", block_size=32)
+    unrolled = jax.eval_shape(lambda p: quantize(p, config), abstract_params(CONFIG))
+    placed = sharding.place(quantize(init_params(CONFIG, jax.random.key(0)), config),
+                            sharding.tree_shardings(unrolled, mesh))
+    leaf = placed["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert len(leaf.q.qvalue.sharding.device_set) == 8
