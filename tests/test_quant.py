@@ -290,3 +290,28 @@ def test_quantized_codes_and_scales_follow_the_kernels_sharding_rule():
                             sharding.tree_shardings(unrolled, mesh))
     leaf = placed["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
     assert len(leaf.q.qvalue.sharding.device_set) == 8
+
+
+def test_a_run_on_a_gguf_files_blocks_kept_quantized(tmp_path):
+    path = tmp_path / "model.gguf"
+    tiny_gguf.write(path, tiny_gguf.Spec(qtype="Q4_1", layers=2))
+    config = RunConfig.from_dict({
+        "method": "mora", "workdir": "/unused", "data": {"tokenizer": str(tmp_path / "unused.json")},
+        "model": {"hf_path": str(path), "scan_layers": True, "quantize": {"format": "gguf"}},
+        "adapter": {"r": 4, "mora_type": 6}, "optim": {"lr": 1e-2, "warmup_steps": 0},
+        "train": {"steps": 4, "batch_size": 8, "seq_len": 16}})
+    a = assembly.assemble(config)
+    params = a.load_params()
+    leaf = params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert leaf.format == "q4_1" and leaf.shape == (2, 64, 128)  # stacked for nn.scan, still the file's blocks
+    state = a.steps.place(a.initial_state(params))
+    batch = a.steps.shard_batch({"input_ids": np.tile(np.arange(16, dtype=np.int32), (8, 1))})
+    losses = []
+    for _ in range(3):
+        state, metrics = a.steps.train(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    for bad, message in (({"quantize": {"format": "gguf"}}, "set model.hf_path to the .gguf"),
+                         ({"hf_path": str(path)}, "give data.tokenizer too")):
+        with pytest.raises(ConfigError, match=message):
+            RunConfig.from_dict({"model": bad})
