@@ -13,6 +13,7 @@ from mora_jax import assembly, sharding
 from mora_jax.adapters import init_adapters
 from mora_jax.checkpoint.checkpointer import Checkpointer
 from mora_jax.errors import ConfigError
+from mora_jax.generate import generate
 from mora_jax.gguf.weights import load_gguf
 from mora_jax.intercept import apply_model
 from mora_jax.mesh import MeshConfig, make_mesh
@@ -315,3 +316,11 @@ def test_a_run_on_a_gguf_files_blocks_kept_quantized(tmp_path):
                          ({"hf_path": str(path)}, "give data.tokenizer too")):
         with pytest.raises(ConfigError, match=message):
             RunConfig.from_dict({"model": bad})
+
+
+def test_generation_on_a_quantized_base_equals_the_dequantized_one(params):
+    model = LlamaForCausalLM(CONFIG)
+    qparams = quantize(params, QuantConfig("nf4", block_size=32))
+    ids = jnp.ones((2, 5), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(generate(model, qparams, ids, max_new_tokens=6)),
+                                  np.asarray(generate(model, dequantize_params(qparams), ids, max_new_tokens=6)))
