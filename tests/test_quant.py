@@ -324,3 +324,8 @@ def test_generation_on_a_quantized_base_equals_the_dequantized_one(params):
     ids = jnp.ones((2, 5), jnp.int32)
     np.testing.assert_array_equal(np.asarray(generate(model, qparams, ids, max_new_tokens=6)),
                                   np.asarray(generate(model, dequantize_params(qparams), ids, max_new_tokens=6)))
+
+
+def test_merges_into_a_four_bit_base_are_warned_about():
+    assert "rounds away" in QuantConfig("nf4").merge_warning(100)
+    assert QuantConfig("nf4").merge_warning(0) is None and QuantConfig("int8").merge_warning(100) is None
