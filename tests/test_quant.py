@@ -13,6 +13,7 @@ from mora_jax import assembly, sharding
 from mora_jax.adapters import init_adapters
 from mora_jax.checkpoint.checkpointer import Checkpointer
 from mora_jax.errors import ConfigError
+from mora_jax.generate import generate
 from mora_jax.gguf.weights import load_gguf
 from mora_jax.intercept import apply_model
 from mora_jax.mesh import MeshConfig, make_mesh
@@ -290,3 +291,41 @@ def test_quantized_codes_and_scales_follow_the_kernels_sharding_rule():
                             sharding.tree_shardings(unrolled, mesh))
     leaf = placed["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
     assert len(leaf.q.qvalue.sharding.device_set) == 8
+
+
+def test_a_run_on_a_gguf_files_blocks_kept_quantized(tmp_path):
+    path = tmp_path / "model.gguf"
+    tiny_gguf.write(path, tiny_gguf.Spec(qtype="Q4_1", layers=2))
+    config = RunConfig.from_dict({
+        "method": "mora", "workdir": "/unused", "data": {"tokenizer": str(tmp_path / "unused.json")},
+        "model": {"hf_path": str(path), "scan_layers": True, "quantize": {"format": "gguf"}},
+        "adapter": {"r": 4, "mora_type": 6}, "optim": {"lr": 1e-2, "warmup_steps": 0},
+        "train": {"steps": 4, "batch_size": 8, "seq_len": 16}})
+    a = assembly.assemble(config)
+    params = a.load_params()
+    leaf = params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert leaf.format == "q4_1" and leaf.shape == (2, 64, 128)  # stacked for nn.scan, still the file's blocks
+    state = a.steps.place(a.initial_state(params))
+    batch = a.steps.shard_batch({"input_ids": np.tile(np.arange(16, dtype=np.int32), (8, 1))})
+    losses = []
+    for _ in range(3):
+        state, metrics = a.steps.train(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    for bad, message in (({"quantize": {"format": "gguf"}}, "set model.hf_path to the .gguf"),
+                         ({"hf_path": str(path)}, "give data.tokenizer too")):
+        with pytest.raises(ConfigError, match=message):
+            RunConfig.from_dict({"model": bad})
+
+
+def test_generation_on_a_quantized_base_equals_the_dequantized_one(params):
+    model = LlamaForCausalLM(CONFIG)
+    qparams = quantize(params, QuantConfig("nf4", block_size=32))
+    ids = jnp.ones((2, 5), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(generate(model, qparams, ids, max_new_tokens=6)),
+                                  np.asarray(generate(model, dequantize_params(qparams), ids, max_new_tokens=6)))
+
+
+def test_merges_into_a_four_bit_base_are_warned_about():
+    assert "rounds away" in QuantConfig("nf4").merge_warning(100)
+    assert QuantConfig("nf4").merge_warning(0) is None and QuantConfig("int8").merge_warning(100) is None

@@ -10,6 +10,7 @@ from mora_jax.methods import LLAMA_TARGETS
 
 FORMATS = ("none", "int8", "int4", "nf4", "gguf", "q8_0", "q4_0", "q4_1")
 SCALE_DTYPES = ("float32", "bfloat16")
+FOUR_BIT = ("int4", "nf4", "q4_0", "q4_1")
 PROJECTION_TARGETS = LLAMA_TARGETS  # the seven projections of a block (not the embeddings, norms or lm_head)
 
 
@@ -53,6 +54,14 @@ class QuantConfig:
     def enabled(self) -> bool:
         return self.format != "none"
 
+    def merge_warning(self, merge_every: int) -> str | None:
+        """A line for runs that merge into a 4-bit base (measured in ``docs/quantization.md``), else None."""
+        if not merge_every or self.format not in FOUR_BIT:
+            return None
+        return (f"model.quantize.format={self.format!r} with merges every {merge_every} steps: re-quantizing a merged "
+                "kernel to 4 bits rounds away most of an update smaller than ~10% of the kernel (docs/quantization.md); "
+                "consider remora.every=0 or model.quantize.format='int8'")
+
     @classmethod
     def from_value(cls, value) -> "QuantConfig":
         """A ``QuantConfig`` from itself, a mapping (a config section) or None (no quantization)."""
@@ -68,4 +77,4 @@ class QuantConfig:
         return cls(**values)
 
 
-__all__ = ["FORMATS", "PROJECTION_TARGETS", "SCALE_DTYPES", "QuantConfig"]
+__all__ = ["FOUR_BIT", "FORMATS", "PROJECTION_TARGETS", "SCALE_DTYPES", "QuantConfig"]
