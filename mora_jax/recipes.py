@@ -21,9 +21,9 @@ from mora_jax import adapters as adapters_lib
 from mora_jax import data as data_lib
 from mora_jax.checkpoint import workdir_lock
 from mora_jax.errors import ConfigError
-from mora_jax.hf.checkpoints import read_config
 from mora_jax.hf.merge import save_merged
 from mora_jax.hf.peft import save_adapter
+from mora_jax.quant.transform import dequantize_params
 from mora_jax.run_config import RunConfig
 
 TASKS = ("pretrain", "finetune")
@@ -38,7 +38,7 @@ def _tokenizer(config: RunConfig):
                           "model with: python -m train.train_tokenizer --input corpus.txt --vocab-size 8000 --out tok)")
     tokenizer = data_lib.Tokenizer(path)
     if config.model.hf_path:  # before any weight is read: a tokenizer from another model is an error
-        c = read_config(config.model.hf_path)
+        c = assembly.model_config(config)  # (a Hugging Face directory's config.json, or a GGUF file's metadata)
         tokenizer.check_fits(c.vocab_size, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
                              model=config.model.hf_path)
     return tokenizer
@@ -98,8 +98,8 @@ def export(config: RunConfig, model, result: loop.RunResult) -> None:
         if jax.process_index() == 0:
             save_adapter(workdir / "export" / "adapter", adapter_config_for_export(config.adapter, adapters),
                             host_adapters, base_model_name_or_path=config.model.hf_path, overwrite=True)
-    if config.export.merged:
-        save_merged(workdir / "export" / "merged", model, params, adapters, overwrite=True,
+    if config.export.merged:  # a quantized base is written dequantized, the adapters merged in float
+        save_merged(workdir / "export" / "merged", model, dequantize_params(params), adapters, overwrite=True,
                     base_dir=config.model.hf_path or None)  # with the base's tokenizer: ready to load and chat
     distributed.barrier("export")
 
@@ -122,6 +122,9 @@ def run(config, task: str) -> loop.RunResult:
     tokenizer = _tokenizer(config)
     assembly.check_vocab(config, assembled.model_config, tokenizer.vocab_size)
     params = assembled.load_params()
+    merge_warning = config.model.quantize.merge_warning(config.remora.every)
+    if merge_warning and jax.process_index() == 0:
+        print(f"warning: {merge_warning}", flush=True)
     train_batches, eval_batches = build_data(config, task, tokenizer)
     # one lock from the first step to the last exported file: no other run writes this workdir between
     with workdir_lock.hold(config.workdir):

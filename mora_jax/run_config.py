@@ -40,6 +40,7 @@ from mora_jax.mesh import MeshConfig
 from mora_jax.methods import METHODS, AdapterConfig, MoRAConfig, config_class
 from mora_jax.models.attention import check_implementation as check_attention
 from mora_jax.models.config import LLAMA_CONFIGS, REMAT_POLICIES, SUPPORTED_DTYPES, LlamaConfig
+from mora_jax.quant.config import QuantConfig
 from mora_jax.remora import RemoraConfig
 
 HEALTH_DEFAULTS = health.HealthConfig()
@@ -68,7 +69,8 @@ def _dtype_name(value) -> str | None:
 class ModelConfig:
     """Attributes:
       preset: a ``mora_jax.models.config.LLAMA_CONFIGS`` name, used when ``hf_path`` is empty.
-      hf_path: a Hugging Face LLaMA directory to start from.
+      hf_path: a Hugging Face LLaMA directory to start from, or a GGUF file (``.gguf``; its
+        tokenizer comes from ``data.tokenizer``, e.g. the directory ``mora-jax convert-gguf`` writes).
       dtype / param_dtype: compute dtype, and storage dtype of the frozen weights.
       remat_policy: activation checkpointing ("none", "full", "projections", "dots_saveable", ...).
       scan_layers: ``nn.scan`` over the layers.
@@ -77,6 +79,8 @@ class ModelConfig:
         (:mod:`mora_jax.models.attention`).
       overrides: other ``LlamaConfig`` fields for a preset (e.g. ``vocab_size``); ``None`` values
         (the placeholders ``configs/base.py`` declares so that the command line can set them) are dropped.
+      quantize: the frozen kernels stored quantized (:class:`~mora_jax.quant.config.QuantConfig`:
+        format, block_size, scale_dtype, targets; a mapping is converted).
     """
 
     preset: str = "tiny"
@@ -87,8 +91,10 @@ class ModelConfig:
     scan_layers: bool = False
     attention: str = "auto"
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    quantize: QuantConfig = QuantConfig()
 
     def __post_init__(self):
+        object.__setattr__(self, "quantize", QuantConfig.from_value(self.quantize))
         check_attention(self.attention, "model.attention")
         object.__setattr__(self, "overrides", {k: v for k, v in dict(self.overrides or {}).items() if v is not None})
         for name in ("dtype", "param_dtype"):
@@ -101,6 +107,9 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"model.overrides has no field(s) {unknown}: they are LlamaConfig fields "
                               f"(mora_jax.models.config), e.g. {sorted(fields)[:12]}")
+        if self.quantize.format == "gguf" and not self.hf_path.endswith(".gguf"):
+            raise ConfigError("model.quantize.format='gguf' keeps a GGUF file's blocks: set model.hf_path to the .gguf "
+                              "file, or choose int8, int4 or nf4 to quantize other weights")
         if not self.hf_path:
             if self.preset not in LLAMA_CONFIGS:
                 raise ConfigError(f"model.preset={self.preset!r}: choose one of {sorted(LLAMA_CONFIGS)}, "
@@ -364,6 +373,9 @@ class RunConfig:
         if isinstance(self.adapter, MoRAConfig) and self.adapter.magnitude and self.export.adapter:
             raise ConfigError("adapter.magnitude=True (MoRA with a magnitude) has no PEFT adapter file format: set "
                               "export.adapter=False (export.merged=True writes the trained model)")
+        if self.model.hf_path.endswith(".gguf") and not self.data.tokenizer:
+            raise ConfigError(f"model.hf_path {self.model.hf_path} is a GGUF file: give data.tokenizer too (the "
+                              "tokenizer.json of the directory `mora-jax convert-gguf FILE OUT_DIR` writes)")
         if self.optim.warmup_steps > self.train.steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} is longer than the run "
                               f"(train.steps={self.train.steps})")

@@ -644,3 +644,30 @@ def test_peft_family_peer_rows():
     assert comparison["lora"]["peer_step_over_peft_lora"] == 1.0
     assert {f"f: {m}_r8 tokens/s / PyTorch's" for m in peer_rows} <= set(result["targets"])
     assert "PyTorch step / PEFT LoRA step" in report.report(result)
+
+
+def test_quantized_base_comparison_reports_exact_bytes_and_one_rotation():
+    from mora_jax.bench import quantized
+
+    c = _quick_config()
+    c.benchmark.mora_types = (6,)
+    c.benchmark.quant_formats = ("none", "int8", "nf4")
+    c.model.quantize.block_size = 4
+    result = quantized.run_quantized(c, log=lambda _: None)
+    rows = {r["format"]: r for r in result["rows"]}
+    cfg = LLAMA_CONFIGS["tiny"]
+    kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    kernels = [(cfg.hidden_size, d) for d in (cfg.hidden_size, kv, kv, cfg.hidden_size, cfg.intermediate_size,
+                                                cfg.intermediate_size)] + [(cfg.intermediate_size, cfg.hidden_size)]
+    kernels *= cfg.num_hidden_layers
+    assert rows["none"]["target_bytes"]["bytes"] == sum(4 * k * d for k, d in kernels)  # float32
+    assert rows["int8"]["target_bytes"]["bytes"] == sum(k * d + 4 * d for k, d in kernels)  # codes + a scale per column
+    assert rows["nf4"]["target_bytes"]["bytes"] == sum(k * d // 2 + 4 * (k // 4) * d for k, d in kernels)
+    assert rows["nf4"]["quantized_kernels"] == len(kernels) and rows["none"]["quantized_kernels"] == 0
+    for row in result["rows"]:
+        assert [s["label"] for s in row["steps"]] == ["lora r=8", "mora6 r=8"]
+        assert all(s["step_s"] > 0 and s["peak_mem_bytes"] > 0 and math.isfinite(s["loss"]) for s in row["steps"])
+    text = quantized.markdown(result)
+    assert "| nf4 (blocks of 4) |" in text and "nf4: the quantized projections are 0.375x" in text
+    with pytest.raises(ValueError, match="starts with 'none'"):
+        BenchConfig.from_config({**c.to_dict(), "benchmark": {"quant_formats": ("int8",)}})

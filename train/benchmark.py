@@ -3,6 +3,7 @@
     python -m train.benchmark --config configs/bench_tiny.py --out results.json
     python -m train.benchmark --config configs/bench_250m.py --out benchmarks/cpu_250m.json
     python -m train.benchmark --config configs/bench_tiny.py --scaling --out scaling.json   # + .md, .png
+    python -m train.benchmark --config configs/bench_250m.py --quantized --out benchmarks/cpu_250m_quantized.json  # frozen base in none/int8/int4/nf4
     python -m train.benchmark --config configs/bench_tiny.py --peer --out peer.json         # + PyTorch rows (HF PEFT LoRA, MoRA)
     python -m train.benchmark --config configs/bench_tiny.py --config.benchmark.peft_methods="('dora','pissa','hira')" --peer ...
     python -m train.benchmark --config configs/bench_tiny.py --config.benchmark.steps=20 --config.train.batch_size=8 ...
@@ -40,10 +41,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mora_jax import logs
+from mora_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "benchmark configuration (configs/bench_*.py), or any run config")
 _OUT = flags.DEFINE_string("out", "results.json", "JSON file to write (a .md report is written beside it)")
 _SCALING = flags.DEFINE_bool("scaling", False, "run the scaling study instead (JSON + .md table + .png plot)")
+_QUANTIZED = flags.DEFINE_bool("quantized", False, "run the quantized-base comparison instead: LoRA and MoRA steps on "
+                               "the frozen base in each format of benchmark.quant_formats (bytes, peak memory, "
+                               "step time; JSON + .md)")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "also plan every method for this TPU slice (e.g. v5e:2x2) with the TPU "
                                  "planner: memory per chip and estimated step time beside the CPU measurements")
 _GENERATION = flags.DEFINE_bool("generation", False, "run the generation benchmark instead: prefill and decode "
@@ -76,7 +81,8 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: config: {e}")
     out = pathlib.Path(_OUT.value)
-    modes = [name for name, on in (("--generation", _GENERATION.value), ("--scaling", _SCALING.value)) if on]
+    modes = [name for name, on in (("--generation", _GENERATION.value), ("--scaling", _SCALING.value),
+                                   ("--quantized", _QUANTIZED.value)) if on]
     extras = [name for name, on in (("--peer", _PEER.value), ("--topology", _TOPOLOGY.value)) if on]
     if len(modes) > 1 or (modes and extras):
         sys.exit(f"error: {' and '.join(modes + extras)} do not combine: {modes[0]} runs instead of the methods "
@@ -104,6 +110,19 @@ def main(argv):
         report.plot_scaling(result, out.with_suffix(".png"))
         print(text)
         print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+        return
+    if _QUANTIZED.value:
+        from mora_jax.bench import quantized
+
+        try:
+            result = quantized.run_quantized(config)
+        except UserError as e:  # e.g. a block size that does not divide a kernel's input features
+            sys.exit(f"error: {e}")
+        report.write_json(_recorded(result), out)
+        text = quantized.markdown(result)
+        out.with_suffix(".md").write_text(text + "\n")
+        print(text)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
         return
     result = harness.run_benchmark(config, with_peer=_PEER.value)
     tpu_table = ""

@@ -24,6 +24,9 @@ from mora_jax.bench.generation import GenerationSettings
 from mora_jax.bench.methods import PEFT_METHODS
 from mora_jax.run_config import RunConfig
 
+# --quantized: a GGUF file's kept blocks ("gguf") need a GGUF model; every other format quantizes the float base
+QUANT_FORMATS = ("none", "int8", "int4", "nf4", "q8_0", "q4_0", "q4_1")
+
 
 @dataclasses.dataclass(frozen=True)
 class DeltaWeightSettings:
@@ -75,6 +78,7 @@ class BenchConfig:
     r_large: int = 32
     mora_types: tuple[int, ...] = (1, 6)
     peft_methods: tuple[str, ...] = ()
+    quant_formats: tuple[str, ...] = ("none", "int8", "int4", "nf4")  # --quantized: the base in each format
     full: bool = True
     steps: int = 5
     warmup: int = 2
@@ -102,6 +106,11 @@ class BenchConfig:
         if isinstance(self.peft_methods, str) or any(m not in PEFT_METHODS for m in self.peft_methods):
             raise ValueError(f"benchmark.peft_methods={self.peft_methods!r}: give a tuple of methods among "
                              f"{', '.join(repr(m) for m in PEFT_METHODS)}, e.g. ('dora', 'pissa', 'hira')")
+        bad = [f for f in self.quant_formats if f not in QUANT_FORMATS]
+        if isinstance(self.quant_formats, str) or bad or not self.quant_formats or self.quant_formats[0] != "none":
+            raise ValueError(f"benchmark.quant_formats={self.quant_formats!r}: give a tuple that starts with 'none' "
+                             f"(the float base every ratio is against), then formats among "
+                             f"{', '.join(repr(f) for f in QUANT_FORMATS if f != 'none')}")
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -126,7 +135,7 @@ class BenchConfig:
         return cls(run=run, **values)
 
 
-_TUPLES = ("mora_types", "peft_methods", "seq_lens", "batches", "ranks", "kernel_sizes")
+_TUPLES = ("mora_types", "peft_methods", "quant_formats", "seq_lens", "batches", "ranks", "kernel_sizes")
 
 
 def _checked(cls, name: str, values: Mapping[str, Any], exclude=()) -> dict:

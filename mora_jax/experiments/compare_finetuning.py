@@ -68,6 +68,17 @@ def check_config(config, names) -> None:
         raise FileNotFoundError(f"model.hf_path={config.model.hf_path} holds no config.json: fetch the model with "
                                 "python -m train.get_model smollm2-135m-instruct or point it at a Hugging Face directory")
     for name in names:
+        form = e.methods[name].get("model", {}).get("hf_path", "")
+        if form and not pathlib.Path(form).exists():
+            raise FileNotFoundError(f"experiment.methods.{name}.model.hf_path={form} does not exist: a GGUF file is kept "
+                                    "beside the model by python -m train.get_model smollm2-135m-instruct (run it again "
+                                    "for a cache made without it), or point the field at another base")
+        source = e.methods[name].get("lr_from", "")
+        if source:
+            if source not in names or e.methods[source].get("lr_from", ""):
+                raise ValueError(f"experiment.methods.{name}.lr_from={source!r}: name a method of this comparison "
+                                 f"({','.join(names)}) that sweeps its own rates (add it to --methods)")
+            continue
         lrs = [float(x) for x in e.methods[name].lrs]
         if len(lrs) < MIN_SWEEP_LRS or len(set(lrs)) != len(lrs):
             raise ValueError(f"experiment.methods.{name}.lrs has {len(set(lrs))} distinct rates; the sweep needs at "
@@ -104,6 +115,8 @@ def run_config(config, name: str, *, lr: float, seed: int, steps: int, workdir: 
     spec = c.pop("experiment")["methods"][name]
     c["method"] = spec["method"]
     c["adapter"] = {**c["adapter"], **spec.get("adapter", {})}
+    for key, value in spec.get("model", {}).items():  # the base's form: model.hf_path, model.quantize, ...
+        c["model"][key] = {**c["model"][key], **value} if isinstance(value, dict) else value
     c["seed"], c["workdir"] = int(seed), str(workdir)
     c["optim"].update(lr=float(lr), lr_in_state=True, warmup_steps=min(int(c["optim"]["warmup_steps"]), steps))
     c["train"]["steps"] = int(steps)
@@ -125,28 +138,36 @@ class Comparison:
                                   eos_token_id=self.model_config.eos_token_id, model=config.model.hf_path)
         self.model = LlamaForCausalLM(self.model_config)
         self.layout = assembly.scan_layout(self.model)
-        self.params = assembly.load_params(probe, self.model_config)
+        self._params = {}
+        self.params(probe)
         self.task = finetune_tasks.make_task(config, self.tokenizer, workdir / "data")
         self._steps: dict = {}
+
+    def params(self, rc: RunConfig):
+        """The base weights of ``rc`` (its ``model.hf_path`` and ``model.quantize``), loaded once per form."""
+        key = (rc.model.hf_path, repr(rc.model.quantize))
+        if key not in self._params:
+            self._params[key] = assembly.load_params(rc, self.model_config)
+        return self._params[key]
 
     def steps(self, rc: RunConfig):
         """The compiled steps of ``rc``, shared by runs that differ in learning rate or seed only (with
         ReMoRA merges the rate too: a merge's fresh optimizer state takes it from the steps' optimizer)."""
-        key = (repr(rc.adapter), rc.train.steps, repr(rc.optim.schedule_shape()), repr(rc.step_config()),
+        key = (repr(rc.adapter), repr(rc.model.quantize), rc.train.steps, repr(rc.optim.schedule_shape()), repr(rc.step_config()),
                repr(rc.remora), rc.optim.lr if rc.remora.every else None)
         if key not in self._steps:
             self._steps[key] = assembly.build_steps(rc, self.model, self.mesh)
         return self._steps[key]
 
     def param_counts(self, rc: RunConfig) -> dict:
-        state = jax.eval_shape(lambda p: assembly.initial_state(p, rc, self.layout), self.params)
+        state = jax.eval_shape(lambda p: assembly.initial_state(p, rc, self.layout), self.params(rc))
         return {"trainable_params": adapters_lib.count_params(state.trainables),
                 "adapter_params": adapters_lib.count_params(state.trainables["adapters"])}
 
     def evaluate_base(self, rc: RunConfig) -> dict:
         """The pretrained model's scores (a fresh adapter changes nothing) on both splits."""
         steps = self.steps(rc)
-        state = steps.place(assembly.initial_state(self.params, rc, self.layout))
+        state = steps.place(assembly.initial_state(self.params(rc), rc, self.layout))
         return {split: self.task.evaluate(self.model, steps, state, split) for split in ("valid", "test")}
 
     def train(self, name: str, *, lr: float, seed: int, steps: int, eval_steps, split: str,
@@ -164,9 +185,9 @@ class Comparison:
                   **self.param_counts(rc), "diverged": None}
         t0 = time.perf_counter()
         try:
-            result = loop.run(self.model, self.params, rc, train_batches=self.task.train_batches(seed),
+            result = loop.run(self.model, self.params(rc), rc, train_batches=self.task.train_batches(seed),
                               callbacks=[on_step], layout=self.layout, mesh=self.mesh, steps=compiled,
-                              frozen_source=self.config.model.hf_path)
+                              frozen_source=rc.model.hf_path)
         except loop.TrainingDiverged as e:
             print(f"{name} at lr {lr:g} diverged: {e}", flush=True)
             return {**record, "diverged": str(e), "wall_s": time.perf_counter() - t0, "eval": {}, "train_loss": []}
@@ -210,7 +231,8 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
     runs.enable_compilation_cache(workdir / "compilation_cache")
     cmp = Comparison(config, workdir)
     sweep_steps, train_steps = int(e.sweep_steps), int(config.train.steps)
-    lrs = {n: [float(x) for x in e.methods[n].lrs] for n in names}
+    sources = {n: e.methods[n].get("lr_from", "") for n in names}  # a method may take another's chosen rate
+    lrs = {n: [] if sources[n] else [float(x) for x in e.methods[n].lrs] for n in names}
     total_steps = sum(len(lrs[n]) for n in names) * sweep_steps + len(names) * len(seeds) * train_steps
     progress = runs.Progress(total_steps, 1 + sum(len(lrs[n]) for n in names) + len(names) * len(seeds))
 
@@ -228,12 +250,15 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
     base_sig = signature(config, None, seq_len=config.train.seq_len, batch_size=config.train.batch_size)
     base = runs.cached_run(workdir / "base", lambda: cmp.evaluate_base(first), base_sig)
     sweep = {}
-    for name in names:
+    for name in [n for n in names if not sources[n]]:
         records = [run(f"sweep {name} lr={lr:g}", workdir / "sweep" / name / f"lr{lr:g}", sweep_steps, name=name,
                        lr=lr, seed=int(config.seed), eval_steps=(sweep_steps,), split="valid") for lr in lrs[name]]
         chosen = choose_lr(records, cmp.task.select, sweep_steps)
         sweep[name] = {"lrs": lrs[name], "runs": records, "chosen_lr": chosen,
                        "at_edge": chosen in (min(lrs[name]), max(lrs[name]))}
+    for name in [n for n in names if sources[n]]:  # no sweep of its own: the rate its source chose
+        sweep[name] = {**sweep[sources[name]], "runs": [], "lrs": [], "from": sources[name]}
+    sweep = {n: sweep[n] for n in names}
     finals: dict[str, list] = {n: [] for n in names}
     for seed in seeds:  # seed by seed: the first seeds' table is complete while later ones train
         for name in names:
@@ -310,6 +335,8 @@ def results_markdown(results) -> str:
             value = r["eval"].get(str(results["sweep_steps"]), {}).get(metric)
             text = "diverged" if r["diverged"] else f"{value:.2f}"
             cells.append(f"**{r['lr']:.0e}: {text}**" if r["lr"] == sw["chosen_lr"] else f"{r['lr']:.0e}: {text}")
+        if sw.get("from"):
+            cells = [f"the rate chosen for {results['labels'][sw['from']]}, {sw['chosen_lr']:.0e}"]
         lines.append(f"- {results['labels'][name]}: " + ", ".join(cells))
     wall = sum(r["wall_s"] for recs in results["runs"].values() for r in recs)
     wall += sum(r["wall_s"] for sw in results["sweep"].values() for r in sw["runs"])

@@ -19,6 +19,7 @@ The pieces, one concern per module:
   old name);
 * ``remora``: ReMoRA's :func:`merge_and_reset` / :func:`remora_step` (fresh optimizer state for the adapters);
 * ``convert``: :func:`to_linen_adapters` / :func:`load_linen_adapters`, the linen adapter tree both ways;
+* ``quant``: :func:`quantize` / :func:`dequantize`, a frozen base stored in int8 / 4-bit / GGUF blocks (QMoRA);
 * ``peft``: :func:`save_adapter` / :func:`load_adapter` in PEFT format (the MoRA reference's, or LoRA);
 * ``llama``: an nnx LLaMA with the linen model's math and parameter names (import ``mora_jax.nnx.llama``).
 
@@ -44,6 +45,7 @@ from mora_jax.nnx.layers import (
 )
 from mora_jax.nnx.merge import is_merged, merge, merge_adapters, merge_and_unload, unmerge
 from mora_jax.nnx.peft import adapter_config, load_adapter, save_adapter
+from mora_jax.nnx.quant import QuantizedLinear, dequantize, quantize
 from mora_jax.nnx.remora import merge_and_reset, remora_step, reset_adapter_state
 from mora_jax.nnx.variables import ADAPTERS, FROZEN, TRAINABLE, DoRANorm, MoRAParam, TrainedParam
 
@@ -56,6 +58,7 @@ __all__ = [
     "DoRANorm",
     "FROZEN",
     "MoRAParam",
+    "QuantizedLinear",
     "TRAINABLE",
     "TrainedParam",
     "adaptable_layers",
@@ -63,6 +66,7 @@ __all__ = [
     "adapter_config",
     "attach",
     "detach",
+    "dequantize",
     "is_merged",
     "linen_kernel_shapes",
     "linen_path",
@@ -72,6 +76,7 @@ __all__ = [
     "merge_adapters",
     "merge_and_reset",
     "merge_and_unload",
+    "quantize",
     "register_einsum_layer",
     "remora_step",
     "reset_adapter_state",

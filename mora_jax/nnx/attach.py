@@ -30,6 +30,7 @@ from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, HiRAConfig, 
 from mora_jax.nnx import layers as layers_lib
 from mora_jax.nnx.layers import DROPOUT_ATTR, NORM_ATTR, SPEC_ATTR, AdapterSpec
 from mora_jax.nnx.variables import MoRAParam, TrainedParam
+from mora_jax.quant.formats import as_float, is_quantized
 
 Path = tuple  # of str | int
 
@@ -205,6 +206,10 @@ def _plan_adapter(layer, config, rng, rngs):
     stacked = tuple(range(n))
     new_kernel = None
     if isinstance(config, PiSSAConfig):
+        if is_quantized(kernel.get_value()):
+            raise ValueError(f"PiSSA writes the SVD residual into {type(layer).__name__}'s kernel, which is stored "
+                             "quantized: attach PiSSA to the float model (or use LoRA, DoRA, HiRA or MoRA on the "
+                             "quantized base)")
         if config.r > min(k, d):
             raise ValueError(f"PiSSA rank r={config.r} exceeds the rank of {type(layer).__name__}'s {k}x{d} kernel; "
                              f"use r <= {min(k, d)}")
@@ -230,7 +235,7 @@ def _plan_adapter(layer, config, rng, rngs):
                           (*stacked, None, *out_axes), len(shape)),
         ]
     if spec.rescaled:  # DoRA's (MoRA's) magnitude starts at the kernel's column norms, laid out like its out axes
-        variables.append(_new_variable(nnx.LoRAParam, initial_magnitude(kernel[...], spec), kernel,
+        variables.append(_new_variable(nnx.LoRAParam, initial_magnitude(as_float(kernel.get_value()), spec), kernel,
                                        (*stacked, *out_axes), len(shape)))
     dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0.0 else None
     return spec, variables, dropout, new_kernel
@@ -337,6 +342,11 @@ def attach(model, config: AdapterConfig, *, rng: jax.Array | int = 0, rngs: nnx.
             plans.append((layer, _plan_adapter(layer, config, jax.random.fold_in(rng, i), rngs)))
         trained = {}
     trained.update(_select_params(model, config.unfreeze, "unfreeze"))
+    frozen_codes = sorted(name for name, (_, v) in trained.items() if is_quantized(v.get_value()))
+    if frozen_codes:
+        raise ValueError(f"{frozen_codes[:5]} are stored quantized (mora_jax.nnx.quant): full fine-tuning of a "
+                         "quantized kernel is not possible; leave them out of the targets / unfreeze patterns, or "
+                         "dequantize the model first (mnx.dequantize)")
     for layer, plan in plans:
         _install(layer, *plan)
     for _, variable in trained.values():

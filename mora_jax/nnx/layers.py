@@ -38,6 +38,7 @@ from flax import nnx
 
 from mora_jax import dora, ops
 from mora_jax.adapters import MoRAAdapter
+from mora_jax.quant.formats import as_float
 
 SPEC_ATTR = "mora_spec"
 DROPOUT_ATTR = "mora_dropout"
@@ -452,20 +453,25 @@ def adapter_delta(layer, spec: AdapterSpec, x_BxK):
     arrays = adapter_arrays(layer, spec)
     if spec.rescaled:  # (mag/n − 1) ⊙ (x·K) + (mag/n) ⊙ Δy, n = ‖K + ΔK‖_c detached (mora_jax.dora)
         # The layer's own output includes its bias (and has its own layout), so x·K is computed again here.
-        kernel_KxD = kernel_as_matrix(getattr(layer, spec.kernel)[...], spec)
+        kernel_KxD = kernel_as_matrix(kernel_float(layer, spec), spec)
         base = jnp.matmul(x_BxK, kernel_KxD.astype(x_BxK.dtype))
         node = magnitude_node(arrays, spec)
         norm_D = node.weight_norm(kernel_KxD)
         ratio_D = (arrays[-1].astype(jnp.float32) / norm_D).astype(x_BxK.dtype)
         return (ratio_D - 1) * base + ratio_D * node.delta(x_BxK).astype(x_BxK.dtype)
     if spec.method == "hira":
-        kernel_KxD = kernel_as_matrix(getattr(layer, spec.kernel)[...], spec).astype(jnp.float32)
+        kernel_KxD = kernel_as_matrix(kernel_float(layer, spec), spec).astype(jnp.float32)
         update_KxD = kernel_KxD * jnp.matmul(arrays[0].astype(jnp.float32), arrays[1].astype(jnp.float32))
         return jnp.matmul(x_BxK, update_KxD.astype(x_BxK.dtype))
     if spec.method == "mora":
         return ops.apply_mora(x_BxK, arrays[0], in_features=spec.in_features, out_features=spec.out_features,
                               mora_type=spec.mora_type)
     return ops.apply_lora(x_BxK, arrays[0], arrays[1], scale=spec.lora_scale)
+
+
+def kernel_float(layer, spec: AdapterSpec):
+    """The layer's kernel in its own layout, as float: a quantized one (:mod:`mora_jax.nnx.quant`) dequantized."""
+    return as_float(getattr(layer, spec.kernel).get_value())
 
 
 def kernel_as_matrix(kernel, spec: AdapterSpec):

@@ -25,6 +25,7 @@ from mora_jax.nnx import layers as layers_lib
 from mora_jax.nnx.attach import adapted_layers, detach, path_str
 from mora_jax.nnx.layers import NORM_ATTR, SPEC_ATTR
 from mora_jax.nnx.variables import DoRANorm
+from mora_jax.quant.formats import as_float, is_quantized, store_like
 
 
 def placed_like(new, old):
@@ -39,7 +40,8 @@ def fold(layer, sign: float) -> None:
     magnitude): its merge, or its undoing with the norm that the merge kept on the layer."""
     spec = getattr(layer, SPEC_ATTR)
     kernel = getattr(layer, spec.kernel)
-    old = kernel[...]
+    stored = kernel.get_value()
+    old = as_float(stored)  # a quantized kernel (mora_jax.nnx.quant) is merged in float, then re-quantized
     arrays = layers_lib.adapter_arrays(layer, spec)
     if spec.rescaled:
         if sign > 0:
@@ -50,7 +52,7 @@ def fold(layer, sign: float) -> None:
             delattr(layer, NORM_ATTR)
     else:
         new = _fold_jit(old, arrays, spec, sign)
-    kernel[...] = placed_like(new, old)
+    kernel.set_value(store_like(stored, new) if is_quantized(stored) else placed_like(new, stored))
 
 
 def _fold(kernel, arrays, spec, sign):

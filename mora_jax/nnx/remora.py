@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mora_jax.nnx import layers as layers_lib
 from mora_jax.nnx.attach import adapted_layers, initial_lora_a, initial_magnitude, path_str, principal_start, set_kernel
 from mora_jax.nnx.layers import NORM_ATTR, SPEC_ATTR
 from mora_jax.nnx.merge import fold, placed_like
@@ -85,7 +86,7 @@ def merge_and_reset(model, optimizer: nnx.Optimizer | None = None, *, next_type:
             second[...] = jnp.zeros_like(second[...])
         if spec.rescaled:  # the magnitude restarts at the merged kernel's column norms (DoRA, MoRA with one)
             magnitude = getattr(layer, spec.names[-1])
-            magnitude[...] = placed_like(initial_magnitude(getattr(layer, spec.kernel)[...], spec), magnitude[...])
+            magnitude[...] = placed_like(initial_magnitude(layers_lib.kernel_float(layer, spec), spec), magnitude[...])
     if optimizer is not None and reset_optimizer:
         reset_adapter_state(optimizer, model)
     return model
