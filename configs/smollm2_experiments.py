@@ -109,6 +109,7 @@ def get_config(preset: str = "memorization_quick"):
                            model={"quantize": {"format": "nf4", "block_size": 64}}, **mora),
         })
         e.run = "float,q4_1,int8,nf4"
+        c.data.tokenizer = str(model_dir(MODEL))  # a GGUF base (q4_1) takes its tokenizer from the converted directory
         e.num_pairs = 4 if quick else 64
         c.train.batch_size = 4 if quick else 16
         c.train.seq_len = 80
