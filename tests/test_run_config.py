@@ -92,6 +92,8 @@ def test_full_fine_tuning_has_no_merges_and_mora_starts_at_the_cycle():
     ("checkpoint.keep", 0, r"checkpoint.keep must be a positive integer"),
     ("method", "vera", r"method='vera'"),
     ("optim.warmup_steps", 50, r"optim.warmup_steps=50 is longer than the run"),
+    ("train.loss_chunk", 100, r"train.loss_chunk=100 does not divide train.seq_len=\d+: use a divisor"),
+    ("train.loss_chunk", -1, r"train.loss_chunk must be an integer >= 0"),
 ])
 def test_bad_values_are_refused_with_the_field_named(path, value, message):
     c = c4_pretrain.get_config("tiny")
