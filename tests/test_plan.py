@@ -462,6 +462,33 @@ def test_hbm_bytes_by_op_says_which_pass_and_operation_moves_the_bytes():
     assert any(label.startswith("forward: ") for label in stats.hbm_bytes_by_op)
 
 
+@pytest.mark.parametrize("dtype, code_bytes", [("int4", 256 * 512 // 2), ("int8", 256 * 512)])
+def test_hlo_counts_dequantization_and_the_integer_codes_read(dtype, code_bytes):
+    """A quantized kernel's codes are read at their own width (4-bit: half a byte) and each element
+    converted to a float counts as dequantization work."""
+    import jax
+    import jax.numpy as jnp
+
+    from mora_jax.plan import roofline
+    from mora_jax.plan.chips import CHIPS
+
+    def step(q, scale, x):
+        return x @ (q.astype(jnp.bfloat16) * scale)
+
+    args = (jax.ShapeDtypeStruct((256, 512), jnp.dtype(dtype)), jax.ShapeDtypeStruct((1, 512), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8, 256), jnp.bfloat16))
+    stats = hlo.analyze(jax.jit(step).lower(*args).compile().as_text())
+    assert stats.dequant_elements == 256 * 512
+    assert stats.code_hbm_bytes == code_bytes and stats.hbm_bytes > code_bytes
+    estimate = roofline.estimate(stats, CHIPS["v5e"])["dequantize"]
+    assert estimate["code_hbm_bytes"] == code_bytes
+    assert estimate["elementwise_ops_per_matmul_flop"] == pytest.approx(2 * 256 * 512 / (2 * 8 * 256 * 512))
+    plain = hlo.analyze(jax.jit(lambda w, x: x @ w).lower(jax.ShapeDtypeStruct((256, 512), jnp.bfloat16),
+                                                          args[2]).compile().as_text())
+    assert plain.dequant_elements == 0 and plain.code_hbm_bytes == 0
+    assert "dequantize" not in roofline.estimate(plain, CHIPS["v5e"])
+
+
 # ----- estimated MFU: the attention kernel's FLOPs and the FLOP model agree with what runs -----------------
 
 

@@ -50,6 +50,17 @@ def suggestions(plan: dict, config: RunConfig) -> list[str]:
             out.append("--config.model.scan_layers=True: one layer's temporaries live at a time in the scanned body")
         if t.batch_size % 2 == 0 and (t.batch_size // 2) % (t.grad_accum * shards) == 0:
             out.append(f"--config.train.batch_size={t.batch_size // 2}: a smaller global batch")
+    if train is not None and not train["fits"] and not t.loss_chunk:
+        logits = plan["run"]["per_chip_micro_batch"] * t.seq_len * plan["run"]["vocab_size"] * 4
+        chunk = next((c for c in (512, 1024, 256, 128) if t.seq_len % c == 0 and c < t.seq_len), 0)
+        if chunk and logits >= 0.05 * hbm:
+            out.append(f"--config.train.loss_chunk={chunk}: the loss {chunk} positions at a time, without the "
+                       f"micro-batch's float32 logits ({_gib(logits)} per chip, and as much for their gradient)")
+    quantize = getattr(config.model, "quantize", None)
+    frozen = plan["state_bytes_per_chip"]["frozen"]
+    if quantize is not None and getattr(quantize, "format", "none") == "none" and frozen >= 0.25 * used:
+        out.append(f"--config.model.quantize.format=int8 (or nf4): the frozen projections stored in 8 (4) bits, "
+                   f"about half (a quarter) of their bf16 bytes; now {_gib(frozen)} of frozen weights per chip")
     if "eval" in failing:
         out.append(f"the eval step runs a whole global batch at once ({t.batch_size} rows, no micro-batches): "
                    f"evaluate with a smaller --config.train.batch_size, or leave --config.data.eval_source empty")

@@ -58,13 +58,28 @@ def _with_shardings(tree, shardings):
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _leaf_bytes_per_chip(leaf) -> int:
+    """Bytes one chip holds of a ShapeDtypeStruct with a sharding (the largest shard); 4-bit codes at
+    half a byte (XLA packs them two to a byte)."""
+    shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+    dtype = jnp.dtype(leaf.dtype)
+    bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
+    return -(-bits * math.prod(shape) // 8)
+
+
 def _bytes_per_chip(tree) -> int:
-    """Bytes one chip holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-    total = 0
+    """Bytes one chip holds of a tree of ShapeDtypeStructs with shardings (the largest shards)."""
+    return sum(_leaf_bytes_per_chip(leaf) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _bytes_per_chip_by_dtype(tree) -> dict[str, int]:
+    """:func:`_bytes_per_chip` by dtype: a quantized base's codes (``int4``, ``uint4``, ``int8``), their
+    scales and the weights left in float (embeddings, head, norms)."""
+    out: dict[str, int] = {}
     for leaf in jax.tree_util.tree_leaves(tree):
-        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-        total += int(jnp.dtype(leaf.dtype).itemsize) * math.prod(shape)
-    return total
+        name = jnp.dtype(leaf.dtype).name
+        out[name] = out.get(name, 0) + _leaf_bytes_per_chip(leaf)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 _SIZE = re.compile(r"([\d.]+)\s*([KMGT]?)i?B?\b")
@@ -230,6 +245,7 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
         "mesh": dict(mesh.shape),
         "run": _run_summary(config, prepared),
         "state_bytes_per_chip": {"frozen": _bytes_per_chip(state.frozen),
+                                 "frozen_by_dtype": _bytes_per_chip_by_dtype(state.frozen),
                                  "trainables": _bytes_per_chip(state.trainables),
                                  "opt_state": _bytes_per_chip(state.opt_state)},
         "steps": {},
@@ -295,11 +311,20 @@ def _run_summary(config: RunConfig, prepared: Prepared) -> dict:
         "model": config.model.hf_path or config.model.preset,
         "layers": llama.num_hidden_layers, "hidden_size": llama.hidden_size, "vocab_size": llama.vocab_size,
         "dtype": config.model.dtype, "param_dtype": config.model.param_dtype,
+        "quantize": _quantize_summary(config), "loss_chunk": config.train.loss_chunk,
         "remat_policy": config.model.remat_policy, "scan_layers": config.model.scan_layers,
         "batch_size": config.train.batch_size, "seq_len": config.train.seq_len, "grad_accum": config.train.grad_accum,
         "per_chip_micro_batch": config.train.batch_size / config.train.grad_accum / _batch_shards(prepared),
         "remora_every": config.remora.every,
     }
+
+
+def _quantize_summary(config: RunConfig) -> dict:
+    """The base's storage: ``{"format": "none"}`` for a float base, else the quantization's fields."""
+    quantize = getattr(config.model, "quantize", None)
+    if quantize is None or getattr(quantize, "format", "none") == "none":
+        return {"format": "none"}
+    return {k: v for k, v in dataclasses.asdict(quantize).items()}
 
 
 def _batch_shards(prepared: Prepared) -> int:
