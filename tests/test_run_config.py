@@ -36,7 +36,9 @@ def test_every_config_section_has_the_fields_of_its_dataclass():
 @pytest.mark.parametrize("config", [c4_pretrain.get_config("tiny"), c4_pretrain.get_config("250m"),
                                     c4_pretrain.get_config("1b"), math_finetune.get_config("tiny"),
                                     c4_pretrain.get_config("250m_tpu"), c4_pretrain.get_config("1b_tpu"),
-                                    math_finetune.get_config("llama2_7b_tpu")])
+                                    math_finetune.get_config("llama2_7b_tpu"),
+                                    math_finetune.get_config("llama31_70b_tpu"),
+                                    math_finetune.get_config("llama31_8b_tpu")])
 def test_recipe_configs_build(config):
     run = RunConfig.from_dict(config)
     assert run.adapter.method == run.method == config.method
