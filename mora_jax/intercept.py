@@ -7,6 +7,10 @@ own scope returns ``x @ K + Δy(x)``. The adapter's contribution is computed in 
 ``ΔK`` is never built in the forward or backward pass, and differentiating with respect to the
 adapters alone computes no weight gradient for the frozen kernel.
 
+A kernel stored quantized (:mod:`mora_jax.quant`) is dequantized at its layer's call, inside the
+step (:func:`mora_jax.quant.matmul.dense`): the parameter tree stays quantized and no float copy of
+the model is ever built.
+
 Because the adapters travel as a variable collection, lifted transforms see them like params: a
 model that scans over layers must list ``'adapters'`` in ``nn.scan(variable_axes=...)`` (the
 project's LLaMA does).
@@ -19,6 +23,9 @@ import math
 
 import flax.linen as nn
 import jax
+
+from mora_jax.quant import matmul as quant_matmul
+from mora_jax.quant.formats import is_quantized
 
 ADAPTER_COLLECTION = "adapters"
 _DENSE_TYPES = (nn.Dense, nn.DenseGeneral)
@@ -61,17 +68,41 @@ def _adapter_delta(module, adapter, x, y):
     return delta.reshape(y.shape).astype(y.dtype)
 
 
+def _quantized_kernel(module):
+    """The layer's kernel when it is stored quantized, else None."""
+    if not module.has_variable("params", "kernel"):
+        return None
+    kernel = module.get_variable("params", "kernel")
+    if not is_quantized(kernel):
+        return None
+    if not isinstance(module, nn.Dense):
+        raise NotImplementedError(f"{'/'.join(module.scope.path)}: quantized kernels are supported on nn.Dense only")
+    return kernel
+
+
+def _bias(module):
+    return module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
+
+
 def _adapter_interceptor(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, _DENSE_TYPES):
         return next_fun(*args, **kwargs)
-    if not module.has_variable(ADAPTER_COLLECTION, "kernel"):
-        return next_fun(*args, **kwargs)
-    adapter = module.get_variable(ADAPTER_COLLECTION, "kernel")
     x = args[0] if args else kwargs["inputs"]
+    quantized = _quantized_kernel(module)
+    if quantized is None:
+        base_fn = lambda: next_fun(*args, **kwargs)  # noqa: E731
+    else:
+        base_fn = lambda: quant_matmul.dense(x, quantized, _bias(module), dtype=module.dtype,  # noqa: E731
+                                             precision=module.precision)
+    if not module.has_variable(ADAPTER_COLLECTION, "kernel"):
+        return base_fn()
+    adapter = module.get_variable(ADAPTER_COLLECTION, "kernel")
     if getattr(adapter, "uses_kernel", False):
-        return _kernel_adapter_output(module, adapter, x, lambda: next_fun(*args, **kwargs))
-    y = next_fun(*args, **kwargs)
+        if quantized is not None:
+            return _quantized_kernel_adapter_output(module, adapter, x, quantized)
+        return _kernel_adapter_output(module, adapter, x, base_fn)
+    y = base_fn()
     return y + _adapter_delta(module, adapter, x, y)
 
 
@@ -112,6 +143,39 @@ def _kernel_adapter_output(module, adapter, x, base_fn):
                              precision=getattr(module, "precision", None))
     features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
     return y.reshape(out_shape or (*lead, *features))
+
+
+def _quantized_kernel_adapter_output(module, adapter, x, quantized):
+    """:func:`_kernel_adapter_output` on a quantized kernel: the adapter's ``dense_output`` runs on
+    the dequantized kernel under ``jax.checkpoint`` (:func:`mora_jax.quant.matmul.with_kernel`), its
+    dropout mask drawn outside it."""
+    k, d = adapter.in_features, adapter.out_features
+    n_in = _input_axes(module, x)
+    lead = x.shape[: x.ndim - n_in]
+    if math.prod(x.shape[len(lead):]) != k or quantized.size != k * d:
+        raise ValueError(f"adapter at {'/'.join(module.scope.path)}/kernel is {k}x{d} but the layer's quantized "
+                         f"kernel has shape {quantized.shape}")
+    dtype = module.dtype or jax.numpy.result_type(x, quantized.dtype)
+    precision = getattr(module, "precision", None)
+    key = None
+    if adapter.dropout > 0.0 and module.scope.has_rng("dropout"):
+        key = module.make_rng("dropout")
+
+    def run(x_BxK, kernel_KxD, adapter, bias):
+        dropout_fn = None
+        if key is not None:
+            keep = 1.0 - adapter.dropout
+
+            def dropout_fn(x_BxK):
+                mask = jax.random.bernoulli(key, keep, x_BxK.shape)
+                return jax.numpy.where(mask, x_BxK / keep, 0).astype(x_BxK.dtype)
+
+        base = lambda: quant_matmul.float_dense(x_BxK, kernel_KxD, bias, dtype, precision)  # noqa: E731
+        return adapter.dense_output(x_BxK, kernel_KxD, base_fn=base, bias_D=bias, dropout_fn=dropout_fn,
+                                    dtype=dtype, precision=precision)
+
+    y = quant_matmul.with_kernel(run, x.reshape(*lead, k).astype(dtype), quantized, adapter, _bias(module))
+    return y.reshape(*lead, d)
 
 
 def apply_model(model: nn.Module, params, *args, adapters=None, **kwargs):
