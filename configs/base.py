@@ -29,6 +29,12 @@ def base_config():
     c.model.overrides = ml_collections.ConfigDict({
         name: ml_collections.FieldReference(None, field_type=int)
         for name in ("num_hidden_layers", "vocab_size", "max_position_embeddings")})
+    # QMoRA: the frozen kernels stored quantized, dequantized matmul by matmul in the step (docs/quantization.md)
+    c.model.quantize = ml_collections.ConfigDict()
+    c.model.quantize.format = "none"  # "none", "int8" (per output channel), "int4", "nf4", "gguf" (a GGUF file's blocks), "q8_0", "q4_0", "q4_1"
+    c.model.quantize.block_size = 64  # int4 / nf4: input features per scale (must divide them); GGUF formats: 32
+    c.model.quantize.scale_dtype = "float32"  # "float32" or "bfloat16" scales (GGUF keeps its float16 ones)
+    c.model.quantize.targets = LLAMA_TARGETS  # one regex over parameter paths: the seven projections, not embeddings/norms/lm_head
 
     c.adapter = ml_collections.ConfigDict()
     c.adapter.r = 8  # LoRA rank; MoRA uses r̂ = round(sqrt((k+d)·r)) (same trainable count)

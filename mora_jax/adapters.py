@@ -27,6 +27,7 @@ from mora_jax.dora import DoRAAdapter
 from mora_jax.errors import ConfigError
 from mora_jax.hira import HiRAAdapter
 from mora_jax.intercept import record_dense_calls
+from mora_jax.quant.formats import as_float, is_quantized, store_like
 from mora_jax.methods import AdapterConfig, DoRAConfig, FullConfig, HiRAConfig, LoRAConfig, MoRAConfig, PiSSAConfig
 
 Path = tuple[str, ...]
@@ -299,7 +300,7 @@ def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None)
         stack, k, d = _split_shape(path, flat[path].shape, layout)
         if isinstance(config, MoRAConfig):
             r_hat = ops.rank_hat(k, d, config.r, config.mora_type)
-            magnitude = dora.column_norms(flat[path].reshape(*stack, k, d)) if config.magnitude else None
+            magnitude = dora.column_norms(as_float(flat[path]).reshape(*stack, k, d)) if config.magnitude else None
             out[path] = MoRAAdapter(
                 m=jnp.zeros((*stack, r_hat, r_hat), jnp.float32),
                 in_features=k, out_features=d, mora_type=config.mora_type, r=config.r, dropout=config.dropout,
@@ -313,7 +314,7 @@ def init_adapters(params, config: AdapterConfig, rng: jax.Array, *, layout=None)
                 alpha=float(config.alpha), rslora=bool(config.rslora), dropout=config.dropout,
             )
         elif isinstance(config, DoRAConfig):
-            out[path] = dora.init_adapter(flat[path], stack, k, d, config, jax.random.fold_in(rng, i))
+            out[path] = dora.init_adapter(as_float(flat[path]), stack, k, d, config, jax.random.fold_in(rng, i))
         elif isinstance(config, HiRAConfig):
             out[path] = hira.init_adapter(stack, k, d, config, jax.random.fold_in(rng, i))
         else:
@@ -356,10 +357,11 @@ def _merge(params, adapters, sign: float):
             raise ValueError(
                 f"adapter path {path_str(path)!r} is not in params; the adapters were built for another model"
             )
-        kernel = flat_params[path]
+        stored = flat_params[path]  # a quantized kernel is re-quantized after the merge (docs/quantization.md)
+        kernel = as_float(stored)
         stack = _check_fits(path, kernel, adapter)
         kernel_KxD = kernel.reshape(*stack, adapter.in_features, adapter.out_features)
-        flat_params[path] = adapter.add_to(kernel_KxD, sign).reshape(kernel.shape)
+        flat_params[path] = store_like(stored, adapter.add_to(kernel_KxD, sign).reshape(kernel.shape))
     return unflatten(flat_params)
 
 
@@ -375,11 +377,12 @@ def merge_with_norms(params, adapters):
     norms = {}
     for path, adapter in flat_adapters.items():
         if _needs_norms(adapter):
-            kernel = flat_params[path]
+            stored = flat_params[path]
+            kernel = as_float(stored)
             stack = _check_fits(path, kernel, adapter)
             merged, norms[path] = adapter.merged_kernel(kernel.reshape(*stack, adapter.in_features,
                                                                        adapter.out_features))
-            flat_params[path] = merged.astype(kernel.dtype).reshape(kernel.shape)
+            flat_params[path] = store_like(stored, merged.reshape(kernel.shape))
         else:
             norms[path] = None
     others = {p: a for p, a in flat_adapters.items() if not _needs_norms(a)}
@@ -391,10 +394,11 @@ def unmerge_with_norms(params, adapters, norms):
     flat_params, flat_adapters, flat_norms = flatten(params), flatten(adapters), flatten(norms)
     for path, adapter in flat_adapters.items():
         if _needs_norms(adapter):
-            kernel = flat_params[path]
+            stored = flat_params[path]
+            kernel = as_float(stored)
             stack = _check_fits(path, kernel, adapter)
             kernel_KxD = kernel.reshape(*stack, adapter.in_features, adapter.out_features)
-            flat_params[path] = adapter.unmerge_kernel(kernel_KxD, flat_norms[path]).reshape(kernel.shape)
+            flat_params[path] = store_like(stored, adapter.unmerge_kernel(kernel_KxD, flat_norms[path]).reshape(kernel.shape))
     others = {p: a for p, a in flat_adapters.items() if not _needs_norms(a)}
     return unmerge(unflatten(flat_params), unflatten(others))
 
@@ -452,7 +456,9 @@ def combine(*trees) -> dict:
 
 
 def count_params(tree) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
+    """Scalars in ``tree``; a quantized kernel counts as its weights (not its scales)."""
+    return int(sum(np.prod(x.shape if is_quantized(x) else np.shape(x))
+                   for x in jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)))
 
 
 def summary(params, adapters, config: AdapterConfig) -> str:

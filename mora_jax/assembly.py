@@ -33,6 +33,7 @@ from mora_jax.hf.checkpoints import load_llama, read_config
 from mora_jax.methods import PiSSAConfig
 from mora_jax.models.config import LlamaConfig
 from mora_jax.models.llama import LlamaForCausalLM, abstract_params, init_params
+from mora_jax.quant.transform import quantize
 from mora_jax.run_config import RunConfig
 
 
@@ -62,14 +63,14 @@ def check_vocab(config: RunConfig, llama_config: LlamaConfig, vocab_size: int) -
 
 def load_params(config: RunConfig, llama_config: LlamaConfig, *, shardings=None):
     """The base weights: ``model.hf_path``'s (read tensor by tensor, placed by ``shardings``) or the
-    preset initialised from ``config.seed``."""
+    preset initialised from ``config.seed``; the kernels ``model.quantize`` names quantized."""
     if config.model.hf_path:
         _, params = load_llama(config.model.hf_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                scan_layers=config.model.scan_layers, shardings=shardings,
                                config_overrides={k: v for k, v in _options(config).items()
                                                  if k not in ("dtype", "param_dtype", "scan_layers")})
-        return params
-    return init_params(llama_config, jax.random.key(config.seed))
+        return quantize(params, config.model.quantize)
+    return quantize(init_params(llama_config, jax.random.key(config.seed)), config.model.quantize)
 
 
 def make_mesh(config: RunConfig, devices: Sequence | None = None) -> Mesh:
@@ -92,10 +93,12 @@ def scan_layout(model) -> Any:
 
 
 def initial_state(params, config: RunConfig, layout=None) -> training.TrainState:
-    """The state a run starts from: ``params`` frozen or trained as ``config.adapter`` says, fresh
+    """The state a run starts from: ``params`` (the kernels ``model.quantize`` names quantized) frozen
+    or trained as ``config.adapter`` says, fresh
     adapters (ReMoRA: of the cycle's first type; PiSSA: from the kernels' SVD, the kernels replaced
     by their residuals) and optimizer states."""
     rng = jax.random.key(config.seed)
+    params = quantize(params, config.model.quantize)  # (kept as they are when load_params quantized them)
     adapter_config = config.initial_adapter_config()
     if isinstance(adapter_config, PiSSAConfig):  # the base becomes the SVD residual
         params, adapters = pissa.init(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)

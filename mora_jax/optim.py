@@ -25,6 +25,7 @@ import optax
 from mora_jax.adapters import combine, flatten, split, trainable_patterns, unflatten
 from mora_jax.errors import ConfigError
 from mora_jax.methods import AdapterConfig
+from mora_jax.quant.transform import check_not_trained
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -34,6 +35,7 @@ def partition(params, adapters, config: AdapterConfig, *, dtype=jnp.float32):
     cast to ``dtype`` (float32: a master copy for bf16 models), ``frozen`` the rest of ``params``
     untouched. :func:`unpartition` is the inverse."""
     unfrozen, frozen = split(params, trainable_patterns(config))
+    check_not_trained(unfrozen)  # a quantized kernel is never trained in full
     # Copies (never aliases of the caller's arrays), so that a jitted step may donate them.
     unfrozen = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=dtype, copy=True), unfrozen)
     adapters = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), adapters)

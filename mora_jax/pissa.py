@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from mora_jax.adapters import LoRAAdapter, _select, _split_shape, flatten, unflatten
 from mora_jax.methods import LoRAConfig, PiSSAConfig
 from mora_jax.ops import lora_scale
+from mora_jax.quant.formats import as_float, store_like
 
 
 @flax.struct.dataclass
@@ -79,13 +80,14 @@ def init(params, config: PiSSAConfig, rng, *, layout=None):
     out_params, out = dict(flat), {}
     scale = lora_scale(config.r, config.alpha, config.rslora)
     for i, path in enumerate(_select(flat, config.targets, "targets")):
-        kernel = flat[path]
+        stored = flat[path]  # a quantized kernel: its residual is quantized again (docs/quantization.md)
+        kernel = as_float(stored)
         stack, k, d = _split_shape(path, kernel.shape, layout)
         if config.r > min(k, d):
             raise ValueError(f"PiSSA rank r={config.r} exceeds the rank of {'/'.join(path)} ({k}x{d}); use r <= {min(k, d)}")
         a, b, residual = _init_stacked(kernel.reshape(*stack, k, d), config.r, scale, config.niter,
                                        jax.random.fold_in(rng, i))
-        out_params[path] = residual.astype(kernel.dtype).reshape(kernel.shape)
+        out_params[path] = store_like(stored, residual.reshape(kernel.shape))
         out[path] = PiSSAAdapter(a=a, b=b, in_features=k, out_features=d, alpha=float(config.alpha),
                                  rslora=bool(config.rslora), dropout=config.dropout, niter=config.niter)
     return unflatten(out_params), unflatten(out)
@@ -95,9 +97,9 @@ def restart(adapter: PiSSAAdapter, merged_kernel, key):
     """After a ReLoRA-style merge: the SVD runs again on the merged kernel. Returns
     ``(new residual kernel, new adapter)``; the model is unchanged."""
     stack = adapter.a.shape[:-2]
-    kernel = merged_kernel.reshape(*stack, adapter.in_features, adapter.out_features)
+    kernel = as_float(merged_kernel).reshape(*stack, adapter.in_features, adapter.out_features)
     a, b, residual = _init_stacked(kernel, adapter.r, adapter.scale, adapter.niter, key)
-    return residual.astype(merged_kernel.dtype).reshape(merged_kernel.shape), adapter.replace(a=a, b=b)
+    return store_like(merged_kernel, residual.reshape(merged_kernel.shape)), adapter.replace(a=a, b=b)
 
 
 def to_lora(adapters, initial_adapters, config: PiSSAConfig):

@@ -24,6 +24,7 @@ from mora_jax.errors import ConfigError
 from mora_jax.hf.checkpoints import read_config
 from mora_jax.hf.merge import save_merged
 from mora_jax.hf.peft import save_adapter
+from mora_jax.quant.transform import dequantize_params
 from mora_jax.run_config import RunConfig
 
 TASKS = ("pretrain", "finetune")
@@ -98,8 +99,8 @@ def export(config: RunConfig, model, result: loop.RunResult) -> None:
         if jax.process_index() == 0:
             save_adapter(workdir / "export" / "adapter", adapter_config_for_export(config.adapter, adapters),
                             host_adapters, base_model_name_or_path=config.model.hf_path, overwrite=True)
-    if config.export.merged:
-        save_merged(workdir / "export" / "merged", model, params, adapters, overwrite=True,
+    if config.export.merged:  # a quantized base is written dequantized, the adapters merged in float
+        save_merged(workdir / "export" / "merged", model, dequantize_params(params), adapters, overwrite=True,
                     base_dir=config.model.hf_path or None)  # with the base's tokenizer: ready to load and chat
     distributed.barrier("export")
 

@@ -7,6 +7,10 @@ LoRA's ``a`` is re-initialised and ``b`` zeroed (DoRA's magnitude restarts at th
 norms; HiRA's next update multiplies the merged kernel; PiSSA runs its SVD again on the merged kernel and freezes the new residual), and the adapters get a fresh optimizer state
 (moments and step count) while fully trained parameters keep theirs. The learning-rate restart is
 part of the schedule (``mora_jax.schedules``).
+
+On a quantized base (:mod:`mora_jax.quant`) the merged kernel is dequantized, merged and quantized
+again in its format (``adapters.merge``); the error this adds per merge is measured in
+``docs/quantization.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from mora_jax.adapters import LoRAAdapter, MoRAAdapter, flatten, merge, unflatte
 from mora_jax.dora import DoRAAdapter
 from mora_jax.hira import HiRAAdapter
 from mora_jax.pissa import PiSSAAdapter
+from mora_jax.quant.formats import as_float
 from mora_jax.training import TrainState
 
 REFERENCE_CYCLE = (1, 2, 3, 4)  # the reference's remora_types=4; (1, 2) is its alternative
@@ -85,7 +90,8 @@ def fresh_adapters(adapters, rng, mora_type: int | None = None, merged_params=No
                 if path not in flat_params:
                     raise ValueError(f"restarting the MoRA adapter with a magnitude at {'/'.join(path)} needs its "
                                      "merged kernel: pass merged_params to fresh_adapters")
-                merged = flat_params[path].reshape(*adapter.m.shape[:-2], adapter.in_features, adapter.out_features)
+                merged = as_float(flat_params[path]).reshape(*adapter.m.shape[:-2], adapter.in_features,
+                                                             adapter.out_features)
                 out[path] = out[path].replace(magnitude=dora.column_norms(merged).astype(adapter.magnitude.dtype))
         elif isinstance(adapter, PiSSAAdapter):
             raise ValueError(f"the PiSSA adapter at {'/'.join(path)} restarts with its base kernel (a new SVD): use "
@@ -98,7 +104,7 @@ def fresh_adapters(adapters, rng, mora_type: int | None = None, merged_params=No
             if path not in flat_params:
                 raise ValueError(f"restarting the DoRA adapter at {'/'.join(path)} needs its merged kernel: "
                                  "pass merged_params to fresh_adapters")
-            out[path] = dora.fresh(adapter, flat_params[path], jax.random.fold_in(rng, i))
+            out[path] = dora.fresh(adapter, as_float(flat_params[path]), jax.random.fold_in(rng, i))
         elif isinstance(adapter, HiRAAdapter):
             out[path] = hira.fresh(adapter, jax.random.fold_in(rng, i))
         else:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mora_jax.adapters import flatten, path_str
+from mora_jax.quant.formats import as_float
 
 RANK_RTOL = 1e-3  # singular values below this fraction of the largest count as numerical noise
 
@@ -81,7 +82,7 @@ def accumulated_ranks(frozen_now, frozen_start, adapters, paths) -> dict[str, fl
     out: dict[str, float] = {}
     for path in paths:
         adapter = flat_adapters[path]
-        delta = _host(now[path]) - _host(start[path])
+        delta = _host(as_float(now[path])) - _host(as_float(start[path]))  # a quantized base: its float values
         rank, effective = rank_of(delta.reshape(-1, adapter.in_features, adapter.out_features))
         name = path_str(path)
         out[f"accumulated_rank/{name}"] = rank

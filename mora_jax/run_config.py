@@ -40,6 +40,7 @@ from mora_jax.mesh import MeshConfig
 from mora_jax.methods import METHODS, AdapterConfig, MoRAConfig, config_class
 from mora_jax.models.attention import check_implementation as check_attention
 from mora_jax.models.config import LLAMA_CONFIGS, REMAT_POLICIES, SUPPORTED_DTYPES, LlamaConfig
+from mora_jax.quant.config import QuantConfig
 from mora_jax.remora import RemoraConfig
 
 HEALTH_DEFAULTS = health.HealthConfig()
@@ -77,6 +78,8 @@ class ModelConfig:
         (:mod:`mora_jax.models.attention`).
       overrides: other ``LlamaConfig`` fields for a preset (e.g. ``vocab_size``); ``None`` values
         (the placeholders ``configs/base.py`` declares so that the command line can set them) are dropped.
+      quantize: the frozen kernels stored quantized (:class:`~mora_jax.quant.config.QuantConfig`:
+        format, block_size, scale_dtype, targets; a mapping is converted).
     """
 
     preset: str = "tiny"
@@ -87,8 +90,10 @@ class ModelConfig:
     scan_layers: bool = False
     attention: str = "auto"
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    quantize: QuantConfig = QuantConfig()
 
     def __post_init__(self):
+        object.__setattr__(self, "quantize", QuantConfig.from_value(self.quantize))
         check_attention(self.attention, "model.attention")
         object.__setattr__(self, "overrides", {k: v for k, v in dict(self.overrides or {}).items() if v is not None})
         for name in ("dtype", "param_dtype"):

@@ -52,6 +52,7 @@ from mora_jax.adapters import LoRAAdapter, MoRAAdapter, is_adapter
 from mora_jax.dora import DoRAAdapter
 from mora_jax.hira import HiRAAdapter
 from mora_jax.mesh import mesh_context, put, replicated
+from mora_jax.quant.formats import QuantizedKernel, is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -245,15 +246,34 @@ def _adapter_specs(path: str, adapter, mesh: Mesh, rules: ShardingRules):
     raise TypeError(f"unknown adapter type {type(adapter).__name__} at {path}")
 
 
+def _quantized_specs(path: str, leaf: QuantizedKernel, mesh: Mesh, rules: ShardingRules):
+    """A quantized kernel (:mod:`mora_jax.quant`) follows its kernel's rule: the codes have the
+    kernel's shape, the block scales (and Q4_1's minima) the same logical axes (a block dimension the
+    mesh does not divide stays replicated)."""
+    logical = rules.param_logical_axes(path)
+    spec = lambda x: None if x is None else (  # noqa: E731
+        PartitionSpec(*([None] * len(x.shape))) if logical is None
+        else spec_from_logical(x.shape, logical, mesh, rules, what=path))
+    return leaf.replace(q=leaf.q.replace(qvalue=spec(leaf.q.qvalue), scale=spec(leaf.q.scale)),
+                        offset=spec(leaf.offset))
+
+
+def _is_node(x) -> bool:
+    return is_adapter(x) or is_quantized(x)
+
+
 def tree_specs(tree, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
-    """PartitionSpecs for a parameter tree (arrays or ShapeDtypeStructs; may hold adapter nodes)."""
+    """PartitionSpecs for a parameter tree (arrays or ShapeDtypeStructs; may hold adapter nodes and
+    quantized kernels)."""
     def spec(key_path, leaf):
         path = "/".join(_path_names(key_path))
         if is_adapter(leaf):
             return _adapter_specs(path, leaf, mesh, rules)
+        if is_quantized(leaf):
+            return _quantized_specs(path, leaf, mesh, rules)
         return param_spec(path, np.shape(leaf), mesh, rules)
 
-    return jax.tree_util.tree_map_with_path(spec, tree, is_leaf=is_adapter)
+    return jax.tree_util.tree_map_with_path(spec, tree, is_leaf=_is_node)
 
 
 def _named(specs, mesh: Mesh):

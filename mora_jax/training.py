@@ -28,6 +28,7 @@ from mora_jax.chunked_loss import chunked_cross_entropy
 from mora_jax.intercept import apply_model
 from mora_jax.methods import AdapterConfig
 from mora_jax.optim import partition, peak_learning_rate, unpartition
+from mora_jax.quant.formats import is_quantized
 
 Batch = dict[str, jax.Array]
 MODEL_INPUTS = ("attention_mask", "segment_ids", "positions")
@@ -57,8 +58,8 @@ class TrainState:
 def params_dtype(state) -> Any:
     """The model's storage dtype of base parameters: that of the frozen weights (a bf16 model stays
     bf16 when its trained parameters are cast back), or None when nothing is frozen."""
-    leaves = jax.tree_util.tree_leaves(state.frozen)
-    return leaves[0].dtype if leaves else None
+    leaves = jax.tree_util.tree_leaves(state.frozen, is_leaf=is_quantized)  # a quantized kernel: its float dtype
+    return jnp.dtype(leaves[0].dtype) if leaves else None
 
 
 @dataclasses.dataclass(frozen=True)

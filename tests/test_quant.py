@@ -5,11 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_gguf  # tests/ helper: tiny GGUF files written with gguf's own writer
 from jax._src.ad_checkpoint import saved_residuals  # the list jax.ad_checkpoint.print_saved_residuals prints
+from jax.sharding import PartitionSpec
 
+from mora_jax import assembly, sharding
 from mora_jax.adapters import init_adapters
+from mora_jax.checkpoint.checkpointer import Checkpointer
 from mora_jax.errors import ConfigError
+from mora_jax.gguf.weights import load_gguf
 from mora_jax.intercept import apply_model
+from mora_jax.mesh import MeshConfig, make_mesh
 from mora_jax.methods import DoRAConfig, HiRAConfig, LoRAConfig, MoRAConfig
 from mora_jax.models.config import LLAMA_CONFIGS
 from mora_jax.models.llama import LlamaForCausalLM, abstract_params, init_params
@@ -17,7 +23,8 @@ from mora_jax.quant import formats
 from mora_jax.quant.config import QuantConfig
 from mora_jax.quant.formats import QuantizedKernel, dequantize, quantize_kernel
 from mora_jax.quant.gguf_blocks import kernel_from_blocks
-from mora_jax.quant.transform import dequantize_params, frozen_bytes, quantize, quantized_paths
+from mora_jax.quant.transform import dequantize_params, frozen_bytes, has_quantized, quantize, quantized_paths
+from mora_jax.run_config import RunConfig
 
 # The tiny preset with an MLP width the block sizes divide (its 172 does not).
 CONFIG = LLAMA_CONFIGS["tiny"].replace(intermediate_size=128)
@@ -183,3 +190,103 @@ def test_no_dequantized_kernel_is_saved_for_the_backward_pass(params):
     # the float base does save its kernels (what the test would catch)
     saved_f = saved_residuals(lambda a: _loss(model, ids)(a, dequantize_params(qparams)), adapters)
     assert any(tuple(aval.shape) in kernel_shapes for aval, _ in saved_f)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0", "Q8_0"])
+def test_gguf_reader_hands_over_the_projections_blocks_unchanged(tmp_path, qtype):
+    path = tmp_path / "model.gguf"
+    tiny_gguf.write(path, tiny_gguf.Spec(qtype=qtype, tied=False, layers=1))
+    _, float_params = load_gguf(path)
+    _, kept = load_gguf(path, keep_quantized=True)
+    paths = quantized_paths(kept)
+    assert len(paths) == 7 and all(p.endswith("_proj/kernel") for p in paths)
+    leaf = kept["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert leaf.format == qtype.lower() and leaf.q.scale.dtype == jnp.float16
+    assert not formats.is_quantized(kept["lm_head"]["kernel"])  # not a target: dequantized as before
+    # the kept blocks stand for exactly the dequantized weights (q/k rows back in Hugging Face order)
+    for (p, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(dequantize_params(kept))[0],
+                              jax.tree_util.tree_flatten_with_path(float_params)[0]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(p))
+    assert quantize(kept, QuantConfig("gguf")) is not None  # format gguf keeps them
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize(kept, QuantConfig("int8"))
+
+
+# ---- A run on a quantized base (the assembly train.finetune / train.pretrain use) -----------------
+def _run_config(fmt, method="mora", every=0):
+    return RunConfig.from_dict({
+        "method": method, "workdir": "/unused",
+        "model": {"preset": "tiny", "overrides": {"intermediate_size": 128},
+                  "quantize": {"format": fmt, "block_size": 32}},
+        "adapter": {"r": 4, "mora_type": 6} if method == "mora" else {"r": 4},
+        "remora": {"every": every, "type_cycle": (6,)},
+        "optim": {"lr": 1e-2, "warmup_steps": 0},
+        "train": {"steps": 8, "batch_size": 8, "seq_len": 16}})
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_training_steps_on_a_quantized_base_through_the_assembly(fmt):
+    config = _run_config(fmt, every=4)
+    a = assembly.assemble(config)
+    params = a.load_params()
+    assert len(quantized_paths(params)) == 14
+    state = a.steps.place(a.initial_state(params))
+    assert has_quantized(state.frozen)
+    assert not has_quantized(state.trainables) and not has_quantized(state.opt_state)  # no grads, no moments
+    for x in jax.tree_util.tree_leaves(state.trainables) + [
+            x for x in jax.tree_util.tree_leaves(state.opt_state) if jnp.ndim(x) > 0]:
+        assert x.dtype == jnp.float32
+    batch = a.steps.shard_batch({"input_ids": np.tile(np.arange(16, dtype=np.int32), (8, 1))})
+    losses = []
+    for _ in range(4):
+        state, metrics = a.steps.train(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.05, losses
+    before = float(a.steps.eval(state, batch)["loss_sum"])
+    merged = a.steps.merge(state, 6)  # ReMoRA: merged into the base, re-quantized in its format
+    kernel = merged.frozen["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert formats.is_quantized(kernel) and kernel.format == fmt
+    after = float(a.steps.eval(merged, batch)["loss_sum"])
+    assert abs(after - before) < 0.05 * abs(before)  # the merge keeps the model, up to re-quantization
+    assert a.abstract_state().frozen["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].format == fmt  # planning
+
+
+def test_full_fine_tuning_of_a_quantized_kernel_is_one_clear_error():
+    a = assembly.assemble(_run_config("int8", method="full"))
+    with pytest.raises(ConfigError, match=r"model/layers_0/mlp/down_proj/kernel \(and 13 more\) is a quantized "
+                                          r"frozen kernel and cannot be trained in full"):
+        a.initial_state(a.load_params())
+
+
+def test_a_merged_quantized_base_is_checkpointed_and_restored_bit_for_bit(tmp_path):
+    """TensorStore has no 4-bit dtypes: codes are written widened and come back narrowed, equal."""
+    a = assembly.assemble(_run_config("nf4", every=4))
+    state = a.initial_state(a.load_params())
+    with Checkpointer(tmp_path / "ckpt", enable_async_checkpointing=False) as ckpt:
+        ckpt.save(4, state, frozen_changed=True, force=True)
+        restored, _, _ = ckpt.restore(4, abstract_state=jax.eval_shape(lambda: state))
+    leaf = restored.frozen["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert formats.is_quantized(leaf) and leaf.q.qvalue.dtype == jnp.uint4
+    for x, y in zip(jax.tree_util.tree_leaves(restored.frozen), jax.tree_util.tree_leaves(state.frozen)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x.astype(jnp.float32)), np.asarray(y.astype(jnp.float32)))
+
+
+def test_quantized_codes_and_scales_follow_the_kernels_sharding_rule():
+    mesh = make_mesh(MeshConfig(axis_sizes=(1, 2, 4)))  # data × fsdp × tensor over the tests' 8 CPU devices
+    abstract = abstract_params(CONFIG.replace(scan_layers=True))
+    quantized = jax.eval_shape(lambda p: quantize(p, QuantConfig("int4", block_size=32)), abstract)
+    float_specs = sharding.tree_specs(abstract, mesh)
+    specs = sharding.tree_specs(quantized, mesh)
+    for module, name in (("self_attn", "q_proj"), ("mlp", "down_proj")):
+        kernel_spec = float_specs["model"]["layers"][module][name]["kernel"]
+        leaf = specs["model"]["layers"][module][name]["kernel"]
+        assert leaf.q.qvalue == kernel_spec and leaf.q.qvalue != PartitionSpec(None, None, None)
+        assert leaf.q.scale[-1] == kernel_spec[-1]  # the output features: sharded like the kernel's
+    # and the compiled steps take them: the state places on the mesh
+    config = QuantConfig("int4", block_size=32)
+    unrolled = jax.eval_shape(lambda p: quantize(p, config), abstract_params(CONFIG))
+    placed = sharding.place(quantize(init_params(CONFIG, jax.random.key(0)), config),
+                            sharding.tree_shardings(unrolled, mesh))
+    leaf = placed["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert len(leaf.q.qvalue.sharding.device_set) == 8

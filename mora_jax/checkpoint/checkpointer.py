@@ -91,6 +91,7 @@ from mora_jax.checkpoint.metadata import (
     json_copy,
     with_mora_type,
 )
+from mora_jax.quant import storage as quant_storage
 from mora_jax.training import TrainState
 
 logger = logging.getLogger(__name__)
@@ -307,7 +308,7 @@ class Checkpointer:
         }
         items = {STATE_ITEM: ocp.args.StandardSave(arrays), META_ITEM: ocp.args.JsonSave(record.to_json())}
         if frozen_changed:
-            items[FROZEN_ITEM] = ocp.args.StandardSave(state.frozen)
+            items[FROZEN_ITEM] = ocp.args.StandardSave(quant_storage.widen(state.frozen))  # no 4-bit on disk
         self.wait_until_finished()  # orbax waits for the previous save anyway; seal it
         try:
             saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
@@ -429,7 +430,8 @@ class Checkpointer:
         })
         items = {STATE_ITEM: ocp.args.StandardRestore(target)}
         if info.frozen_saved:
-            items[FROZEN_ITEM] = ocp.args.StandardRestore(jax.tree_util.tree_map(abstract_leaf, abstract_state.frozen))
+            items[FROZEN_ITEM] = ocp.args.StandardRestore(
+                quant_storage.widen(jax.tree_util.tree_map(abstract_leaf, abstract_state.frozen)))
         else:
             where = f"checkpoint {step} in {self.directory}"
             check_initial_frozen(where, info, abstract_state.frozen, initial_frozen)
@@ -453,7 +455,8 @@ class Checkpointer:
         rng = arrays["rng"]
         if info.rng_impl is not None:
             rng = jax.random.wrap_key_data(rng, impl=info.rng_impl)
-        frozen = restored[FROZEN_ITEM] if info.frozen_saved else initial_frozen
+        frozen = (quant_storage.narrow_like(restored[FROZEN_ITEM], abstract_state.frozen) if info.frozen_saved
+                  else initial_frozen)
         state = TrainState(step=arrays["step"], frozen=frozen, trainables=arrays["trainables"],
                            opt_state=arrays["opt_state"], rng=rng)
         return state, info.data_state, info.meta

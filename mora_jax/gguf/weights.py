@@ -12,7 +12,8 @@ What is read:
   Llama 3.1 / 3.2 files carry their ``llama3`` RoPE scaling as a ``rope_freqs`` tensor, which is
   recognised; ``rope.scaling.type = linear`` is read too.
 - **Tensor types**: :data:`TENSOR_TYPES` (float, the 4/5/8-bit block types and the K-quants),
-  dequantized to float32 by ``gguf.quants.dequantize``.
+  dequantized to float32 by ``gguf.quants.dequantize``; with ``load_gguf(..., keep_quantized=True)``
+  the projections' Q8_0 / Q4_0 / Q4_1 blocks are handed over as stored instead (:mod:`mora_jax.quant.gguf_blocks`).
 - **Q/K rows**: llama.cpp's converter reorders the rows of each Llama query / key head from
   Hugging Face's "rotate half" layout (first half, second half) to interleaved pairs
   (:func:`permute_rows`); :func:`unpermute_rows` undoes it. Qwen2 files are not reordered.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -36,9 +38,11 @@ from flax import traverse_util
 from mora_jax.gguf.tokenizer import tokenizer_files
 from mora_jax.hf.checkpoints import param_to_hf_tensor, save_llama
 from mora_jax.hf.files import write_text_atomic
+from mora_jax.methods import LLAMA_TARGETS
 from mora_jax.models.config import LlamaConfig
 from mora_jax.models.llama import abstract_params
 from mora_jax.models.rope import RopeScaling, rope_inv_freq
+from mora_jax.quant.gguf_blocks import KEPT_TYPES, kernel_from_blocks
 
 ARCHITECTURES = ("llama", "qwen2")
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -101,6 +105,13 @@ class GGUFFile:
 
     def tensor_type(self, name: str) -> str:
         return self._types(self.tensors[name].tensor_type).name
+
+    def raw_rows(self, name: str) -> np.ndarray:
+        """Tensor ``name``'s raw blocks as stored, ``(rows, bytes per row)`` uint8 (memory-mapped; one row
+        per output feature of a weight), for the block types kept quantized
+        (:data:`mora_jax.quant.gguf_blocks.KEPT_TYPES`)."""
+        t = self.tensors[name]
+        return np.asarray(t.data, np.uint8).reshape(int(np.prod([int(d) for d in t.shape[1:]])), -1)
 
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` dequantized to float32, in NumPy (= Hugging Face) layout."""
@@ -190,32 +201,58 @@ def read_config(f: GGUFFile, **overrides) -> LlamaConfig:
     return LlamaConfig(**{**fields, **overrides})
 
 
-def hf_tensors(f: GGUFFile, config: LlamaConfig):
-    """Yield ``(Hugging Face name, float32 array in Hugging Face layout)`` for each weight of the file."""
+def _unpermuted(w, name: str, config: LlamaConfig):
+    if config.model_type != "qwen2" and (".attn_q." in name or ".attn_k." in name):
+        return unpermute_rows(w, config.num_attention_heads if ".attn_q." in name else config.resolved_kv_heads)
+    return w
+
+
+def hf_tensors(f: GGUFFile, config: LlamaConfig, keep=lambda name: False):
+    """Yield ``(Hugging Face name, float32 array in Hugging Face layout)`` for each weight of the file;
+    for the tensors ``keep(gguf name)`` selects, ``(name, (type name, raw rows))``: the blocks as
+    stored (rows in Hugging Face order), not dequantized."""
     for name in f.tensors:
         if name == "rope_freqs.weight":
             continue
-        w = f.read(name)
-        if config.model_type != "qwen2" and (".attn_q." in name or ".attn_k." in name):
-            w = unpermute_rows(w, config.num_attention_heads if ".attn_q." in name else config.resolved_kv_heads)
-        yield _hf_name(name), w
+        if keep(name):
+            yield _hf_name(name), (f.tensor_type(name), _unpermuted(f.raw_rows(name), name, config))
+            continue
+        yield _hf_name(name), _unpermuted(f.read(name), name, config)
 
 
-def load_gguf(path: str | os.PathLike, *, param_dtype="float32", **config_overrides) -> tuple[LlamaConfig, dict]:
+def load_gguf(path: str | os.PathLike, *, param_dtype="float32", keep_quantized: bool = False,
+              quantized_targets: str = LLAMA_TARGETS, **config_overrides) -> tuple[LlamaConfig, dict]:
     """Read a GGUF model; returns ``(LlamaConfig, params)`` with ``params`` in the form
     ``mora_jax.hf.load_llama`` gives them (unrolled layers, Flax layout, ``param_dtype``).
 
+    ``keep_quantized``: the kernels ``quantized_targets`` matches (a regex over parameter paths; the
+    seven projections) that the file stores as Q8_0 / Q4_0 / Q4_1 become
+    :class:`~mora_jax.quant.formats.QuantizedKernel` leaves holding the file's blocks, not
+    dequantized (QMoRA, ``docs/quantization.md``); every other tensor is dequantized as before.
     ``config_overrides`` set other ``LlamaConfig`` fields (e.g. ``dtype``, ``remat_policy``)."""
     f = GGUFFile(path)
     config = read_config(f, param_dtype=param_dtype, **config_overrides)
     leaves = traverse_util.flatten_dict(abstract_params(config.replace(scan_layers=False)))
     expected = {param_to_hf_tensor(p)[0]: (p, param_to_hf_tensor(p)[1]) for p in leaves}
+
+    def keep(name: str) -> bool:
+        hf = _hf_name(name)
+        return (keep_quantized and f.tensor_type(name) in KEPT_TYPES and hf in expected
+                and re.fullmatch(quantized_targets, "/".join(expected[hf][0])) is not None)
+
     flat = {}
-    for name, w in hf_tensors(f, config):
+    for name, w in hf_tensors(f, config, keep):
         if name not in expected:
             raise ValueError(f"{path}: tensor {name} (from GGUF) is not part of a {config.model_type} model with this "
                              "configuration")
         p, transpose = expected[name]
+        if isinstance(w, tuple):  # raw blocks, rows = output features: the kernel (in, out) directly
+            leaf = kernel_from_blocks(w[1], w[0], dtype=jax.numpy.dtype(leaves[p].dtype).name)
+            if leaf.shape != leaves[p].shape:
+                raise ValueError(f"{path}: tensor {name} has shape {leaf.shape[::-1]}, the model's metadata implies "
+                                 f"{leaves[p].shape[::-1]}")
+            flat[p] = leaf
+            continue
         w = w.T if transpose else w
         if w.shape != leaves[p].shape:
             raise ValueError(f"{path}: tensor {name} has shape {w.shape}, the model's metadata implies {leaves[p].shape}")

@@ -199,5 +199,17 @@ def requantize_like(leaf: QuantizedKernel, w) -> QuantizedKernel:
                            scale_dtype=leaf.q.scale.dtype).replace(dtype=leaf.dtype)
 
 
-__all__ = ["GGUF_BLOCK", "GGUF_FORMATS", "QuantizedKernel", "code_bits", "dequantize", "is_quantized", "nbytes",
-           "quantize_kernel", "requantize_like"]
+def as_float(kernel):
+    """A kernel as float: a quantized leaf dequantized (float32), any other array as it is. Where a
+    kernel's values are needed outside a layer (merges, DoRA's column norms, PiSSA's SVD)."""
+    return dequantize(kernel) if is_quantized(kernel) else kernel
+
+
+def store_like(kernel, new):
+    """``new`` (float) stored as ``kernel`` was: re-quantized in its format (a merge into a quantized
+    base), or cast to its dtype."""
+    return requantize_like(kernel, new) if is_quantized(kernel) else new.astype(kernel.dtype)
+
+
+__all__ = ["GGUF_BLOCK", "GGUF_FORMATS", "QuantizedKernel", "as_float", "code_bits", "dequantize", "is_quantized", "nbytes",
+           "quantize_kernel", "requantize_like", "store_like"]

@@ -85,15 +85,15 @@ def has_quantized(tree) -> bool:
     return any(is_quantized(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_quantized))
 
 
-def check_not_trained(paths, params) -> None:
-    """Full fine-tuning of a quantized kernel is refused: ``paths`` are the base params selected for
-    training (``adapter.targets`` of ``method=full``, ``adapter.unfreeze``)."""
-    flat = _flat(params)
-    bad = sorted(_name(p) for p in paths if is_quantized(flat.get(p)))
+def check_not_trained(trained) -> None:
+    """Full fine-tuning of a quantized kernel is refused: ``trained`` is the tree of base params
+    selected for training (``adapter.targets`` of ``method=full``, ``adapter.unfreeze``)."""
+    bad = quantized_paths(trained)
     if bad:
-        raise ConfigError(f"{bad[0]} is a quantized frozen kernel{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}"
-                          " and cannot be trained in full: train adapters on it (method mora, lora, ...), leave it "
-                          "out of adapter.unfreeze / full fine-tuning's targets, or set model.quantize.format='none'")
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ConfigError(f"{bad[0]}{more} is a quantized frozen kernel and cannot be trained in full: train "
+                          "adapters on it (method mora, lora, ...), leave it out of adapter.unfreeze and full "
+                          "fine-tuning's targets, or set model.quantize.format='none'")
 
 
 def frozen_bytes(params) -> int:
