@@ -38,7 +38,7 @@ def suggestions(plan: dict, config: RunConfig) -> list[str]:
     memory = (train or {}).get("bytes_per_chip") or {}
     activations_heavy = memory.get("temp") is None or memory["temp"] >= (memory.get("arguments") or 0)
     micro = t.batch_size // t.grad_accum
-    if train is not None and not train["fits"] and activations_heavy:
+    if train is not None and not train["fits"] and activations_heavy and "not_compiled" not in train:
         if micro % (2 * shards) == 0:
             out.append(f"--config.train.grad_accum={2 * t.grad_accum}: half the rows per micro-batch "
                        f"({micro // shards} -> {micro // shards // 2} per chip), roughly half the activations")
@@ -50,7 +50,7 @@ def suggestions(plan: dict, config: RunConfig) -> list[str]:
             out.append("--config.model.scan_layers=True: one layer's temporaries live at a time in the scanned body")
         if t.batch_size % 2 == 0 and (t.batch_size // 2) % (t.grad_accum * shards) == 0:
             out.append(f"--config.train.batch_size={t.batch_size // 2}: a smaller global batch")
-    if train is not None and not train["fits"] and not t.loss_chunk:
+    if train is not None and not train["fits"] and not t.loss_chunk and "not_compiled" not in train:
         logits = plan["run"]["per_chip_micro_batch"] * t.seq_len * plan["run"]["vocab_size"] * 4
         chunk = next((c for c in (512, 1024, 256, 128) if t.seq_len % c == 0 and c < t.seq_len), 0)
         if chunk and logits >= 0.05 * hbm:

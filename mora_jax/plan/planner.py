@@ -252,7 +252,11 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
     }
     say = progress or (lambda message: None)
     kernel_flops = attention_kernel_flops(config, prepared.llama_config, topology.chips)
-    if "train" in steps:
+    resident = sum(v for k, v in result["state_bytes_per_chip"].items() if k != "frozen_by_dtype")
+    if "train" in steps and resident > chip.hbm_bytes:
+        say(f"the state alone exceeds a {topology.name} chip's HBM: not compiling the train step")
+        result["steps"]["train"] = _state_exceeds_hbm(resident, chip)
+    elif "train" in steps:
         say(f"compiling the train step for {topology.name} ...")
         train = compile_step(prepared.steps.lower_train(state, batch), chip, name="train",
                              kernel_flops=kernel_flops)
@@ -289,6 +293,18 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
     _resident_after_merge(result)
     result["fits"] = all(s["fits"] for s in result["steps"].values() if s is not None)
     return result
+
+
+def _state_exceeds_hbm(resident: int, chip: chips_lib.ChipSpec) -> dict:
+    """The train step of a run whose state (frozen weights, trainables, optimizer state) per chip is
+    already more than the chip's HBM: it cannot fit whatever the step's temporaries, and compiling it
+    (minutes for a 70B model) would tell nothing more. Its memory is that lower bound."""
+    return {"fits": False, "compiled": False, "compile_s": 0.0,
+            "bytes_per_chip": {"arguments": resident, "outputs": None, "aliased": None, "temp": None, "code": None,
+                               "total": resident},
+            "not_compiled": f"the state alone is {resident / chips_lib.GiB:.2f} GiB per chip, over the chip's "
+                            f"{chip.hbm_bytes / chips_lib.GiB:.0f} GiB of HBM (a lower bound: activations come on top)",
+            "collectives": {}, "xla_flops": None, "xla_bytes_accessed": None, "estimated_step_s": None, "bound": None}
 
 
 def _resident_after_merge(result: dict) -> None:

@@ -86,6 +86,8 @@ def table(plan: dict) -> str:
     if dequantize:
         lines.append(f"dequantization: {dequantize['elements']:.3g} weight elements per step, "
                      f"{dequantize['code_hbm_bytes'] / GiB:.2f} GiB of integer codes read from HBM")
+    if train and train.get("not_compiled"):
+        lines.append(f"train step not compiled: {train['not_compiled']}")
     if plan.get("compare"):
         lines += ["", compare_table(plan)]
     lines += ["", "fits" if plan["fits"] else "DOES NOT FIT"]

@@ -42,7 +42,7 @@ def estimate(stats: HloStats, chip: ChipSpec, *, kernel_flops: float = 0.0) -> d
     bound = max(times, key=times.get)
     out = {"roofline_s": {k: v for k, v in times.items()}, "estimated_step_s": times[bound],
            "estimated_step_s_serial": sum(times.values()), "bound": bound}
-    if stats.dequant_elements or stats.code_hbm_bytes:
+    if stats.dequant_elements:
         matmul = stats.matmul_flops + kernel_flops
         out["dequantize"] = {
             "elements": stats.dequant_elements, "code_hbm_bytes": stats.code_hbm_bytes,
