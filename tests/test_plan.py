@@ -493,6 +493,40 @@ def test_hbm_bytes_by_op_says_which_pass_and_operation_moves_the_bytes():
     assert any(label.startswith("forward: ") for label in stats.hbm_bytes_by_op)
 
 
+# One layer of a stacked 4-bit weight as TPU HLO slices it inside a scanned loop: a fusion that
+# relayouts the whole stack (a nested copy fusion) and takes one layer with a dynamic-slice. It
+# computes the slice's elements only: 1/8 of the stack is read per trip, not all of it.
+STACKED_SLICE_HLO = """HloModule jit_step, num_partitions=1
+
+%copy_fusion (input: u4[8,256,128]) -> u4[8,256,128] {
+  %input = u4[8,256,128]{2,1,0:T(64,128)(8,1)E(4)} parameter(0)
+  ROOT %copy.1 = u4[8,256,128]{2,1,0:T(8,128)(8,1)E(4)} copy(%input)
+}
+
+%slice_layer (p0: u4[8,256,128], p1: s32[]) -> u4[256,128] {
+  %p0 = u4[8,256,128]{2,1,0:T(64,128)(8,1)E(4)} parameter(0)
+  %relayout = u4[8,256,128]{2,1,0:T(8,128)(8,1)E(4)} fusion(%p0), kind=kLoop, calls=%copy_fusion
+  %p1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %ds = u4[1,256,128]{2,1,0} dynamic-slice(%relayout, %p1, %zero, %zero), dynamic_slice_sizes={1,256,128}
+  ROOT %b = u4[256,128]{1,0} bitcast(%ds)
+}
+
+ENTRY %main (w: u4[8,256,128], i: s32[]) -> u4[256,128] {
+  %w = u4[8,256,128]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %layer = u4[256,128]{1,0} fusion(%w, %i), kind=kLoop, calls=%slice_layer
+}
+"""
+
+
+def test_hlo_reads_one_layer_of_a_stack_sliced_through_a_relayout():
+    stats = hlo.analyze(STACKED_SLICE_HLO)
+    layer = 256 * 128 // 2  # u4: half a byte
+    assert stats.code_hbm_bytes == layer  # not the whole stack of 8 layers
+    assert stats.hbm_bytes == layer + layer + 4  # read the slice, write it, read the index
+
+
 @pytest.mark.parametrize("dtype, code_bytes", [("int4", 256 * 512 // 2), ("int8", 256 * 512)])
 def test_hlo_counts_dequantization_and_the_integer_codes_read(dtype, code_bytes):
     """A quantized kernel's codes are read at their own width (4-bit: half a byte) and each element

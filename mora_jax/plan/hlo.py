@@ -161,12 +161,23 @@ def _hbm_reads_writes(inst: Instruction, comp: Computation,
     elif inst.opcode == "fusion":
         fused = computations.get(dict(callees(inst)).get("calls", ""))
         if fused is not None:
-            reads, write = _fusion_traffic(fused, reads, write)
+            reads, write = _fusion_traffic(fused, reads, write, computations)
     return reads, write
 
 
-def _fusion_traffic(fused: Computation, reads: list[float], write: float) -> tuple[list[float], float]:
-    """A fusion's HBM traffic from its body: a parameter read only through slices reads the slices;
+def _is_copy_fusion(inst: Instruction, computations: dict[str, Computation] | None) -> bool:
+    """A nested fusion that only copies (relayouts) its operand: TPU HLO slices one layer of a stacked
+    weight through such a copy of the whole stack, computing the slice's elements only."""
+    if inst.opcode != "fusion" or computations is None:
+        return False
+    body = computations.get(dict(callees(inst)).get("calls", ""))
+    return body is not None and all(i.opcode in ("parameter", "copy", "bitcast") for i in body.instructions)
+
+
+def _fusion_traffic(fused: Computation, reads: list[float], write: float,
+                    computations: dict[str, Computation] | None = None) -> tuple[list[float], float]:
+    """A fusion's HBM traffic from its body: a parameter read only through slices (directly, or
+    through bitcasts and nested copy fusions) reads the slices;
     one passed straight to the output, or only to a collective (the pieces of an asynchronous
     collective carry its buffers through), costs nothing here (its transfer is the collective's);
     an in-place ``dynamic-update-slice`` root writes only its update."""
@@ -186,13 +197,31 @@ def _fusion_traffic(fused: Computation, reads: list[float], write: float) -> tup
             inst = fused.symbols.get(inst.operands[0])
         return params.get(inst.name) if inst is not None else None
 
+    def sliced_bytes(name, depth=0):  # bytes of the slices ``name`` is read through, None if read otherwise
+        uses = users.get(name, [])
+        if not uses or depth > 4:
+            return None
+        total = 0.0
+        for u in uses:
+            if u.opcode in _SLICING and u.operands[:1] == [name]:
+                total += sum(a.bytes for a in u.arrays)
+            elif u.opcode in ("bitcast", "copy") or _is_copy_fusion(u, computations):
+                inner = sliced_bytes(u.name, depth + 1)
+                if inner is None:
+                    return None
+                total += inner
+            else:
+                return None
+        return total
+
     reads = list(reads)
     for name, index in params.items():
         if index >= len(reads):
             continue
         uses = users.get(name, [])
-        if uses and all(u.opcode in _SLICING and u.operands[:1] == [name] for u in uses):
-            reads[index] = min(reads[index], sum(sum(a.bytes for a in u.arrays) for u in uses))
+        sliced = sliced_bytes(name)
+        if sliced is not None:
+            reads[index] = min(reads[index], sliced)
         elif uses and all(u is root and root.opcode == "tuple" or _collective_kind(u.opcode) for u in uses):
             reads[index] = 0.0
     if root.opcode == "tuple":

@@ -260,6 +260,7 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
         say(f"compiling the train step for {topology.name} ...")
         train = compile_step(prepared.steps.lower_train(state, batch), chip, name="train",
                              kernel_flops=kernel_flops)
+        _add_state_to_refusal(train, resident)
         # The Pallas kernel skips masked blocks: the model FLOPs count the causal pairs only (an MFU
         # estimate must not credit the step with products no chip computes)
         train["model_flops_per_step"] = model_flops(
@@ -293,6 +294,16 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
     _resident_after_merge(result)
     result["fits"] = all(s["fits"] for s in result["steps"].values() if s is not None)
     return result
+
+
+def _add_state_to_refusal(step: dict, resident: int) -> None:
+    """The compiler's out-of-memory figure is its temporaries alone: a refused step's total adds the
+    state it takes as arguments (frozen weights, trainables, optimizer state; the batch is small)."""
+    memory = step["bytes_per_chip"]
+    if step["compiled"] or memory["arguments"] is not None or memory["temp"] is None:
+        return
+    memory["arguments"] = resident
+    memory["total"] = memory["temp"] + resident
 
 
 def _state_exceeds_hbm(resident: int, chip: chips_lib.ChipSpec) -> dict:
