@@ -292,7 +292,7 @@ def test_quantized_base_is_planned_at_its_own_width_with_its_dequantization():
     for fmt in ("none", "nf4"):
         config = _config("math_finetune", "tiny", model__overrides__num_hidden_layers=1,
                          model__overrides__intermediate_size=128, model__quantize__format=fmt, train__seq_len=64,
-                         mesh__data=1, mesh__fsdp=-1, train__loss_chunk=32)
+                         train__loss_chunk=32, model__param_dtype="bfloat16")  # weights replicated (data=4)
         plans[fmt] = planner.plan(config, "v5e:2x2", steps=("train",))
     float_plan, nf4 = plans["none"], plans["nf4"]
     assert float_plan["run"]["quantize"] == {"format": "none"} and nf4["run"]["quantize"]["format"] == "nf4"
@@ -300,13 +300,14 @@ def test_quantized_base_is_planned_at_its_own_width_with_its_dequantization():
     # the seven projections of one layer: d=64, F=128, 4 query / 2 kv heads of 16
     projection_elements = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3
     by_dtype = nf4["state_bytes_per_chip"]["frozen_by_dtype"]
-    assert by_dtype["uint4"] == projection_elements // 2 // 4  # NF4 indices, sharded over 4 chips
-    assert by_dtype["float32"] == projection_elements // 64 * 4 // 4  # one float32 scale per 64 weights
+    assert nf4["mesh"]["data"] == 4
+    assert by_dtype["uint4"] == projection_elements // 2  # NF4 indices, half a byte each
+    assert by_dtype["float32"] == projection_elements // 64 * 4  # one float32 scale per 64 weights
     assert "uint4" not in float_plan["state_bytes_per_chip"]["frozen_by_dtype"]
     saved = float_plan["state_bytes_per_chip"]["frozen"] - nf4["state_bytes_per_chip"]["frozen"]
-    assert saved == projection_elements * 4 // 4 - by_dtype["uint4"] - by_dtype["float32"]  # float32 base
+    assert saved == projection_elements * 2 - by_dtype["uint4"] - by_dtype["float32"]  # a bf16 base
     dequantize = nf4["steps"]["train"]["dequantize"]
-    assert dequantize["elements"] >= 2 * projection_elements // 4  # forward and backward, at least
+    assert dequantize["elements"] >= 2 * projection_elements  # forward and backward, at least
     assert dequantize["code_hbm_bytes"] > 0
     assert "dequantize" not in float_plan["steps"]["train"]
 
