@@ -649,3 +649,29 @@ def test_committed_plans_estimate_at_most_100_percent_mfu():
 
         walk(json.loads(text), "")
     assert found >= 4
+
+
+def test_advice_for_a_70b_step_names_checkpoints_scales_quantization_and_chunked_loss():
+    """A 70B step that does not fit: the first line says how much of it the remat checkpoints are;
+    the changes offered include bf16 scales for a 4-bit base, quantizing a float base, chunked loss."""
+    from mora_jax.plan import advice
+
+    GiB = chips.GiB
+
+    def plan(frozen_by_dtype):
+        return {"hbm_bytes_per_chip": 16 * GiB, "chips": 4, "topology": "v5e:2x2",
+                "mesh": {"data": 1, "fsdp": 4, "tensor": 1},
+                "run": {"layers": 80, "per_chip_micro_batch": 1, "hidden_size": 8192, "vocab_size": 128256},
+                "state_bytes_per_chip": {"frozen": sum(frozen_by_dtype.values()), "frozen_by_dtype": frozen_by_dtype},
+                "steps": {"train": {"fits": False, "compiled": False,
+                                    "bytes_per_chip": {"total": 31 * GiB, "temp": 21 * GiB, "arguments": 10 * GiB}}}}
+
+    nf4 = _config("math_finetune", "llama31_70b_tpu", model__quantize__format="nf4")
+    tips = advice.suggestions(plan({"uint4": 8 * GiB, "float32": GiB, "bfloat16": GiB}), nf4)
+    assert tips[0].startswith("needs 31.0 GiB per chip of 16.0 GiB") and "5.0 GiB of it the layers' remat" in tips[0]
+    assert any("quantize.scale_dtype=bfloat16" in t for t in tips)
+    assert not any("loss_chunk" in t for t in tips)  # the variant chunks its loss already
+    bf16 = _config("math_finetune", "llama31_70b_tpu", train__loss_chunk=0)
+    tips = advice.suggestions(plan({"bfloat16": 33 * GiB}), bf16)
+    assert any(t.startswith("--config.model.quantize.format=int8") for t in tips)
+    assert any(t.startswith("--config.train.loss_chunk=512") for t in tips)

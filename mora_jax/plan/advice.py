@@ -56,7 +56,17 @@ def suggestions(plan: dict, config: RunConfig) -> list[str]:
         if chunk and logits >= 0.05 * hbm:
             out.append(f"--config.train.loss_chunk={chunk}: the loss {chunk} positions at a time, without the "
                        f"micro-batch's float32 logits ({_gib(logits)} per chip, and as much for their gradient)")
+    checkpoints = layer_checkpoint_bytes(plan, config)
+    if train is not None and not train["fits"] and checkpoints >= 0.05 * hbm:
+        out[0] = (out[0][:-1] + f"; about {_gib(checkpoints)} of it the layers' remat checkpoints, "
+                  f"{plan['run']['layers']} layers × {plan['run']['per_chip_micro_batch']:g} row(s) × {t.seq_len} "
+                  f"tokens × d={plan['run']['hidden_size']} in {config.model.dtype}, an estimate)")
     quantize = getattr(config.model, "quantize", None)
+    by_dtype = plan["state_bytes_per_chip"].get("frozen_by_dtype", {})
+    if (quantize is not None and getattr(quantize, "scale_dtype", None) == "float32" and "float32" in by_dtype
+            and getattr(quantize, "format", "none") in ("int4", "nf4")):
+        out.append(f"--config.model.quantize.scale_dtype=bfloat16: half the scales' {_gib(by_dtype['float32'])} "
+                   "per chip")
     frozen = plan["state_bytes_per_chip"]["frozen"]
     if quantize is not None and getattr(quantize, "format", "none") == "none" and frozen >= 0.25 * used:
         out.append(f"--config.model.quantize.format=int8 (or nf4): the frozen projections stored in 8 (4) bits, "
@@ -75,6 +85,17 @@ def suggestions(plan: dict, config: RunConfig) -> list[str]:
     return out
 
 
+def layer_checkpoint_bytes(plan: dict, config: RunConfig) -> float:
+    """Bytes per chip of the layer inputs a scanned model keeps for the backward pass under remat
+    ``full`` (one ``(rows, T, d)`` activation per layer and micro-batch row on the chip); 0 for other
+    policies, whose saved activations are not modelled here."""
+    run = plan["run"]
+    if config.model.remat_policy != "full" or not config.model.scan_layers:
+        return 0.0
+    itemsize = 2 if config.model.dtype in ("bfloat16", "float16") else 4
+    return run["layers"] * run["per_chip_micro_batch"] * config.train.seq_len * run["hidden_size"] * itemsize
+
+
 def headroom_note(plan: dict) -> str | None:
     """A warning when a plan fits with less than 5% of HBM to spare (the runtime and fragmentation need some)."""
     hbm = plan["hbm_bytes_per_chip"]
@@ -85,4 +106,4 @@ def headroom_note(plan: dict) -> str | None:
     return None
 
 
-__all__ = ["REMAT_LADDER", "headroom_note", "suggestions"]
+__all__ = ["REMAT_LADDER", "headroom_note", "layer_checkpoint_bytes", "suggestions"]
