@@ -80,6 +80,7 @@ def base_config():
     c.train.eval_batches = 20  # batches per evaluation (0 = the whole eval split)
     c.train.progress = True  # progress bar
     c.train.z_loss = 0.0  # z-loss coefficient on the log-partition (0 = off)
+    c.train.loss_chunk = 0  # loss over this many positions at a time, no full float32 logits (0 = off)
     # A run can collapse and stay finite (mora_jax.health): these say what counts as unhealthy. While
     # it is, the last checkpoint from before is kept out of checkpoint.keep's rotation and named.
     c.train.collapse_steps = 5  # steps in a row with a zero gradient norm or a loss pinned at ln(vocab) (0 = off)

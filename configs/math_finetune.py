@@ -80,6 +80,22 @@ def get_config(variant: str = ""):
         c.optim.warmup_steps = 1100  # 3% of the run
         c.mesh.data = 1
         c.mesh.fsdp = -1  # weights sharded over every chip
+    elif variant in ("llama31_70b_tpu", "llama31_8b_tpu"):
+        # A 70B (8B) model on one small TPU v5e slice, planned from a CPU machine (docs/tpu.md, "Quantized
+        # bases"): 4,096 (2,048) tokens, batch 4, weights sharded over every chip, the loss chunk by chunk.
+        #   python -m train.plan --config=configs/math_finetune.py:llama31_70b_tpu --topology=v5e:2x2
+        # A run sets model.hf_path to the checkpoint; the planner reads the preset's shapes only.
+        big = variant == "llama31_70b_tpu"
+        c.model.preset = "llama3.1-70b" if big else "llama3.1-8b"
+        c.model.scan_layers = True
+        c.model.remat_policy = "full"
+        c.train.seq_len = 4096 if big else 2048
+        c.train.batch_size = 4
+        c.train.grad_accum = 1
+        c.train.loss_chunk = 512
+        c.mesh.data = 1
+        c.mesh.fsdp = -1
     elif variant:
-        raise ValueError(f"unknown variant {variant!r}: use '', 'tiny', 'chat' or 'llama2_7b_tpu'")
+        raise ValueError(f"unknown variant {variant!r}: use '', 'tiny', 'chat', 'llama2_7b_tpu', 'llama31_70b_tpu' "
+                         "or 'llama31_8b_tpu'")
     return c

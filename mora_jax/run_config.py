@@ -218,6 +218,8 @@ class TrainConfig:
       eval_batches: batches per evaluation (0 = the whole eval split).
       progress: show a progress bar.
       z_loss: z-loss coefficient on the log-partition (0 = off).
+      loss_chunk: compute the loss this many positions at a time, never holding the batch's whole
+        float32 logits (:mod:`mora_jax.chunked_loss`; a divisor of ``seq_len``; 0 = off).
       collapse_steps / on_collapse / spike_window / spike_zscore: what counts as an unhealthy run
         (zero gradients or a loss pinned at ln(vocab) for that many steps; a loss spike against the
         recent ones) and what a collapse does: :class:`mora_jax.health.HealthConfig`.
@@ -232,6 +234,7 @@ class TrainConfig:
     eval_batches: int = 20
     progress: bool = True
     z_loss: float = 0.0
+    loss_chunk: int = 0
     collapse_steps: int = HEALTH_DEFAULTS.collapse_steps
     on_collapse: str = HEALTH_DEFAULTS.on_collapse
     spike_window: int = HEALTH_DEFAULTS.spike_window
@@ -248,6 +251,11 @@ class TrainConfig:
                               f"{self.grad_accum}: use a batch size that is a multiple of it (e.g. {valid})")
         if self.z_loss < 0:
             raise ConfigError(f"train.z_loss must be >= 0, got {self.z_loss!r}")
+        _non_negative_int("train", loss_chunk=self.loss_chunk)
+        if self.loss_chunk and self.seq_len % self.loss_chunk:
+            divisors = [d for d in (256, 512, 1024, 2048) if self.seq_len % d == 0 and d < self.seq_len]
+            raise ConfigError(f"train.loss_chunk={self.loss_chunk} does not divide train.seq_len={self.seq_len}: "
+                              f"use a divisor of it (e.g. {divisors or [1]}), or 0 for the plain loss")
 
     def health(self) -> health.HealthConfig:
         """What the loop's :class:`mora_jax.health.HealthMonitor` watches for."""
@@ -418,7 +426,7 @@ class RunConfig:
     def step_config(self) -> training.StepConfig:
         """The train step's static settings."""
         return training.StepConfig(grad_accum=self.train.grad_accum, clip_norm=self.optim.clip_norm or None,
-                                   z_loss=self.train.z_loss)
+                                   z_loss=self.train.z_loss, loss_chunk=self.train.loss_chunk)
 
     def initial_adapter_config(self) -> AdapterConfig:
         """The adapter config the run starts with: with ReMoRA merges, MoRA starts at the first type

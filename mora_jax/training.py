@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from mora_jax import adapters as adapters_lib
+from mora_jax.chunked_loss import chunked_cross_entropy
 from mora_jax.intercept import apply_model
 from mora_jax.methods import AdapterConfig
 from mora_jax.optim import partition, peak_learning_rate, unpartition
@@ -69,11 +70,14 @@ class StepConfig:
       grad_accum: micro-batches per optimizer step; the batch's leading dim is split into them.
       clip_norm: global-norm gradient clipping over all trainables (None/0 = off).
       z_loss: optional z-loss coefficient on the log-partition (0 = off).
+      loss_chunk: compute the loss this many positions at a time, never holding the whole batch's
+        float32 logits (:mod:`mora_jax.chunked_loss`; 0 = off: the plain loss).
     """
 
     grad_accum: int = 1
     clip_norm: float | None = 1.0
     z_loss: float = 0.0
+    loss_chunk: int = 0
 
 
 def create_train_state(params, adapters, config: AdapterConfig, tx: optax.GradientTransformation, rng) -> TrainState:
@@ -86,12 +90,7 @@ def create_train_state(params, adapters, config: AdapterConfig, tx: optax.Gradie
 def next_token_loss(logits_BxTxV, batch: Batch, z_loss: float = 0.0):
     """Sum of next-token cross-entropy over positions with ``loss_mask`` (position t predicts token t+1),
     and the number of such positions. Computed in float32."""
-    # All T positions with shifted targets and the last one weighted 0: the same sum as slicing
-    # logits[:, :-1], without copying the (B, T-1, V) logits (and padding their gradient back).
-    ids_BxT = batch["input_ids"]
-    targets_BxT = jnp.roll(ids_BxT, -1, axis=1)
-    mask_BxT = batch.get("loss_mask", jnp.ones_like(ids_BxT)).astype(jnp.float32)
-    weights_BxT = mask_BxT.at[:, -1].set(0.0)
+    targets_BxT, weights_BxT = next_token_targets(batch)
     logits = logits_BxTxV.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxT)
     if z_loss:
@@ -100,10 +99,31 @@ def next_token_loss(logits_BxTxV, batch: Batch, z_loss: float = 0.0):
     return jnp.sum(ce * weights_BxT), jnp.sum(weights_BxT)
 
 
+def next_token_targets(batch: Batch):
+    """Targets and float32 weights ``(B, T)`` of the next-token loss: all T positions with shifted
+    targets and the last one weighted 0 (the same sum as slicing ``logits[:, :-1]``, without copying
+    the ``(B, T-1, V)`` logits and padding their gradient back)."""
+    ids_BxT = batch["input_ids"]
+    mask_BxT = batch.get("loss_mask", jnp.ones_like(ids_BxT)).astype(jnp.float32)
+    return jnp.roll(ids_BxT, -1, axis=1), mask_BxT.at[:, -1].set(0.0)
+
+
 def _forward_loss(model, trainables, frozen, batch, rng, step_config, params_dtypes):
     params, adapters = unpartition(trainables, frozen, params_dtypes=params_dtypes)
     kwargs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
     rngs = {"dropout": rng} if rng is not None else None
+    if step_config.loss_chunk and step_config.loss_chunk < batch["input_ids"].shape[1]:
+        h_BxTxD = apply_model(model, params, batch["input_ids"], adapters=adapters, rngs=rngs, method="hidden",
+                              **kwargs)
+
+        def head(h_BxCxD, i):  # an adapter's dropout on the head draws a fresh mask per chunk
+            chunk_rngs = {"dropout": jax.random.fold_in(rng, i)} if rng is not None else None
+            return apply_model(model, params, h_BxCxD, adapters=adapters, rngs=chunk_rngs, method="head")
+
+        targets_BxT, weights_BxT = next_token_targets(batch)
+        total = chunked_cross_entropy(head, h_BxTxD, targets_BxT, weights_BxT, step_config.loss_chunk,
+                                      step_config.z_loss)
+        return total, jnp.sum(weights_BxT)
     logits = apply_model(model, params, batch["input_ids"], adapters=adapters, rngs=rngs, **kwargs)
     return next_token_loss(logits, batch, step_config.z_loss)
 

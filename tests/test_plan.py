@@ -282,6 +282,38 @@ def test_two_layer_250m_wide_config_compiles(topology):
 
 @needs_libtpu
 @pytest.mark.slow
+def test_quantized_base_is_planned_at_its_own_width_with_its_dequantization():
+    """model.quantize in a plan: the frozen projections are 4-bit codes (half a byte each) beside
+    their scales, the compiled step reads those codes and dequantizes them, and the float base's
+    plan has neither."""
+    from mora_jax.plan import planner
+
+    plans = {}
+    for fmt in ("none", "nf4"):
+        config = _config("math_finetune", "tiny", model__overrides__num_hidden_layers=1,
+                         model__overrides__intermediate_size=128, model__quantize__format=fmt, train__seq_len=64,
+                         train__loss_chunk=32, model__param_dtype="bfloat16")  # weights replicated (data=4)
+        plans[fmt] = planner.plan(config, "v5e:2x2", steps=("train",))
+    float_plan, nf4 = plans["none"], plans["nf4"]
+    assert float_plan["run"]["quantize"] == {"format": "none"} and nf4["run"]["quantize"]["format"] == "nf4"
+    assert nf4["fits"] and nf4["run"]["loss_chunk"] == 32
+    # the seven projections of one layer: d=64, F=128, 4 query / 2 kv heads of 16
+    projection_elements = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3
+    by_dtype = nf4["state_bytes_per_chip"]["frozen_by_dtype"]
+    assert nf4["mesh"]["data"] == 4
+    assert by_dtype["uint4"] == projection_elements // 2  # NF4 indices, half a byte each
+    assert by_dtype["float32"] == projection_elements // 64 * 4  # one float32 scale per 64 weights
+    assert "uint4" not in float_plan["state_bytes_per_chip"]["frozen_by_dtype"]
+    saved = float_plan["state_bytes_per_chip"]["frozen"] - nf4["state_bytes_per_chip"]["frozen"]
+    assert saved == projection_elements * 2 - by_dtype["uint4"] - by_dtype["float32"]  # a bf16 base
+    dequantize = nf4["steps"]["train"]["dequantize"]
+    assert dequantize["elements"] >= 2 * projection_elements  # forward and backward, at least
+    assert dequantize["code_hbm_bytes"] > 0
+    assert "dequantize" not in float_plan["steps"]["train"]
+
+
+@needs_libtpu
+@pytest.mark.slow
 def test_mora_type6_memory_per_chip_is_within_a_tenth_of_loras():
     """Issue 10's goal on the 250M widths (2 scanned layers, 8 × 1024 tokens per chip, fsdp=4, no
     remat): a type-6 step once took 1.5× LoRA's memory (float32 rotated activations kept for the
@@ -462,6 +494,67 @@ def test_hbm_bytes_by_op_says_which_pass_and_operation_moves_the_bytes():
     assert any(label.startswith("forward: ") for label in stats.hbm_bytes_by_op)
 
 
+# One layer of a stacked 4-bit weight as TPU HLO slices it inside a scanned loop: a fusion that
+# relayouts the whole stack (a nested copy fusion) and takes one layer with a dynamic-slice. It
+# computes the slice's elements only: 1/8 of the stack is read per trip, not all of it.
+STACKED_SLICE_HLO = """HloModule jit_step, num_partitions=1
+
+%copy_fusion (input: u4[8,256,128]) -> u4[8,256,128] {
+  %input = u4[8,256,128]{2,1,0:T(64,128)(8,1)E(4)} parameter(0)
+  ROOT %copy.1 = u4[8,256,128]{2,1,0:T(8,128)(8,1)E(4)} copy(%input)
+}
+
+%slice_layer (p0: u4[8,256,128], p1: s32[]) -> u4[256,128] {
+  %p0 = u4[8,256,128]{2,1,0:T(64,128)(8,1)E(4)} parameter(0)
+  %relayout = u4[8,256,128]{2,1,0:T(8,128)(8,1)E(4)} fusion(%p0), kind=kLoop, calls=%copy_fusion
+  %p1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %ds = u4[1,256,128]{2,1,0} dynamic-slice(%relayout, %p1, %zero, %zero), dynamic_slice_sizes={1,256,128}
+  ROOT %b = u4[256,128]{1,0} bitcast(%ds)
+}
+
+ENTRY %main (w: u4[8,256,128], i: s32[]) -> u4[256,128] {
+  %w = u4[8,256,128]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %layer = u4[256,128]{1,0} fusion(%w, %i), kind=kLoop, calls=%slice_layer
+}
+"""
+
+
+def test_hlo_reads_one_layer_of_a_stack_sliced_through_a_relayout():
+    stats = hlo.analyze(STACKED_SLICE_HLO)
+    layer = 256 * 128 // 2  # u4: half a byte
+    assert stats.code_hbm_bytes == layer  # not the whole stack of 8 layers
+    assert stats.hbm_bytes == layer + layer + 4  # read the slice, write it, read the index
+
+
+@pytest.mark.parametrize("dtype, code_bytes", [("int4", 256 * 512 // 2), ("int8", 256 * 512)])
+def test_hlo_counts_dequantization_and_the_integer_codes_read(dtype, code_bytes):
+    """A quantized kernel's codes are read at their own width (4-bit: half a byte) and each element
+    converted to a float counts as dequantization work."""
+    import jax
+    import jax.numpy as jnp
+
+    from mora_jax.plan import roofline
+    from mora_jax.plan.chips import CHIPS
+
+    def step(q, scale, x):
+        return x @ (q.astype(jnp.bfloat16) * scale)
+
+    args = (jax.ShapeDtypeStruct((256, 512), jnp.dtype(dtype)), jax.ShapeDtypeStruct((1, 512), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8, 256), jnp.bfloat16))
+    stats = hlo.analyze(jax.jit(step).lower(*args).compile().as_text())
+    assert stats.dequant_elements == 256 * 512
+    assert stats.code_hbm_bytes == code_bytes and stats.hbm_bytes > code_bytes
+    estimate = roofline.estimate(stats, CHIPS["v5e"])["dequantize"]
+    assert estimate["code_hbm_bytes"] == code_bytes
+    assert estimate["elementwise_ops_per_matmul_flop"] == pytest.approx(2 * 256 * 512 / (2 * 8 * 256 * 512))
+    plain = hlo.analyze(jax.jit(lambda w, x: x @ w).lower(jax.ShapeDtypeStruct((256, 512), jnp.bfloat16),
+                                                          args[2]).compile().as_text())
+    assert plain.dequant_elements == 0 and plain.code_hbm_bytes == 0
+    assert "dequantize" not in roofline.estimate(plain, CHIPS["v5e"])
+
+
 # ----- estimated MFU: the attention kernel's FLOPs and the FLOP model agree with what runs -----------------
 
 
@@ -556,3 +649,29 @@ def test_committed_plans_estimate_at_most_100_percent_mfu():
 
         walk(json.loads(text), "")
     assert found >= 4
+
+
+def test_advice_for_a_70b_step_names_checkpoints_scales_quantization_and_chunked_loss():
+    """A 70B step that does not fit: the first line says how much of it the remat checkpoints are;
+    the changes offered include bf16 scales for a 4-bit base, quantizing a float base, chunked loss."""
+    from mora_jax.plan import advice
+
+    GiB = chips.GiB
+
+    def plan(frozen_by_dtype):
+        return {"hbm_bytes_per_chip": 16 * GiB, "chips": 4, "topology": "v5e:2x2",
+                "mesh": {"data": 1, "fsdp": 4, "tensor": 1},
+                "run": {"layers": 80, "per_chip_micro_batch": 1, "hidden_size": 8192, "vocab_size": 128256},
+                "state_bytes_per_chip": {"frozen": sum(frozen_by_dtype.values()), "frozen_by_dtype": frozen_by_dtype},
+                "steps": {"train": {"fits": False, "compiled": False,
+                                    "bytes_per_chip": {"total": 31 * GiB, "temp": 21 * GiB, "arguments": 10 * GiB}}}}
+
+    nf4 = _config("math_finetune", "llama31_70b_tpu", model__quantize__format="nf4")
+    tips = advice.suggestions(plan({"uint4": 8 * GiB, "float32": GiB, "bfloat16": GiB}), nf4)
+    assert tips[0].startswith("needs 31.0 GiB per chip of 16.0 GiB") and "5.0 GiB of it the layers' remat" in tips[0]
+    assert any("quantize.scale_dtype=bfloat16" in t for t in tips)
+    assert not any("loss_chunk" in t for t in tips)  # the variant chunks its loss already
+    bf16 = _config("math_finetune", "llama31_70b_tpu", train__loss_chunk=0)
+    tips = advice.suggestions(plan({"bfloat16": 33 * GiB}), bf16)
+    assert any(t.startswith("--config.model.quantize.format=int8") for t in tips)
+    assert any(t.startswith("--config.train.loss_chunk=512") for t in tips)

@@ -36,7 +36,9 @@ def test_every_config_section_has_the_fields_of_its_dataclass():
 @pytest.mark.parametrize("config", [c4_pretrain.get_config("tiny"), c4_pretrain.get_config("250m"),
                                     c4_pretrain.get_config("1b"), math_finetune.get_config("tiny"),
                                     c4_pretrain.get_config("250m_tpu"), c4_pretrain.get_config("1b_tpu"),
-                                    math_finetune.get_config("llama2_7b_tpu")])
+                                    math_finetune.get_config("llama2_7b_tpu"),
+                                    math_finetune.get_config("llama31_70b_tpu"),
+                                    math_finetune.get_config("llama31_8b_tpu")])
 def test_recipe_configs_build(config):
     run = RunConfig.from_dict(config)
     assert run.adapter.method == run.method == config.method
@@ -92,6 +94,8 @@ def test_full_fine_tuning_has_no_merges_and_mora_starts_at_the_cycle():
     ("checkpoint.keep", 0, r"checkpoint.keep must be a positive integer"),
     ("method", "vera", r"method='vera'"),
     ("optim.warmup_steps", 50, r"optim.warmup_steps=50 is longer than the run"),
+    ("train.loss_chunk", 100, r"train.loss_chunk=100 does not divide train.seq_len=\d+: use a divisor"),
+    ("train.loss_chunk", -1, r"train.loss_chunk must be an integer >= 0"),
 ])
 def test_bad_values_are_refused_with_the_field_named(path, value, message):
     c = c4_pretrain.get_config("tiny")

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import mora_jax as mj
-from mora_jax import remora, schedules, training
+from mora_jax import chunked_loss, remora, schedules, training
 from mora_jax.models.config import LLAMA_CONFIGS
 from mora_jax.models.llama import LlamaForCausalLM, init_params
 from mora_jax.run_config import OptimConfig
@@ -191,3 +191,45 @@ def test_remora_config_errors():
         remora.RemoraConfig(every=10, type_cycle=(1, 6))
     with pytest.raises(ValueError, match="unknown mora_type 5"):
         remora.RemoraConfig(every=10, type_cycle=(1, 5))
+
+
+@pytest.mark.parametrize("z_loss,grad_accum", [(0.0, 1), (1e-3, 2)])
+def test_chunked_loss_equals_the_plain_loss(params, z_loss, grad_accum):
+    """train.loss_chunk: the loss and every gradient (adapters, a trained LM head, norms) are those of
+    the plain loss over the full logits."""
+    config = mj.MoRAConfig(r=4, mora_type=6, unfreeze=(r"lm_head/kernel", r".*norm/.*"))
+    state = _state(params, config, mj.optim.adamw(1e-2))
+    state = state.replace(trainables=jax.tree_util.tree_map(lambda x: x + 0.01, state.trainables))
+    batch = _batch()
+    batch["loss_mask"] = batch["loss_mask"].at[:3, 5:11].set(0)
+    plain = training.loss_and_grads(MODEL, state, batch, training.StepConfig(grad_accum=grad_accum, z_loss=z_loss))
+    chunked = training.loss_and_grads(MODEL, state, batch, training.StepConfig(
+        grad_accum=grad_accum, z_loss=z_loss, loss_chunk=4))
+    np.testing.assert_allclose(chunked[0], plain[0], rtol=1e-6)
+    assert float(chunked[2]) == float(plain[2])
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(plain[1])]
+    assert any("lm_head" in n for n in names) and any("adapters" in n for n in names)
+    for name, a, b in zip(names, jax.tree_util.tree_leaves(chunked[1]), jax.tree_util.tree_leaves(plain[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_chunked_loss_never_builds_the_full_logits(params):
+    """Neither the forward nor the backward pass of the chunked loss has a (B, T, V) float32 array, or
+    the chunks' logits stacked (n, B, chunk, V): the chunk body is rematerialised."""
+    config = mj.MoRAConfig(r=4, mora_type=6)
+    state = _state(params, config, mj.optim.adamw(1e-2))
+    batch = _batch()  # B=8, T=16, V=256
+
+    def jaxpr(step_config):
+        return str(jax.make_jaxpr(lambda s, b: training.loss_and_grads(MODEL, s, b, step_config))(state, batch))
+
+    assert "f32[8,16,256]" in jaxpr(training.StepConfig())  # the check can see the full logits
+    text = jaxpr(training.StepConfig(loss_chunk=4))
+    assert "f32[8,4,256]" in text
+    assert "f32[8,16,256]" not in text and "f32[4,8,4,256]" not in text
+
+
+def test_chunked_loss_names_a_chunk_that_does_not_divide():
+    with pytest.raises(ValueError, match=r"loss_chunk=5 must divide the sequence length 16.*e.g. 4"):
+        chunked_loss.chunked_cross_entropy(lambda h, i: h, jnp.zeros((1, 16, 3)), jnp.zeros((1, 16), jnp.int32),
+                                       jnp.ones((1, 16)), 5)

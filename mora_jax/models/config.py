@@ -369,6 +369,19 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
         rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}, max_position_embeddings=131072,
         bos_token_id=128000, eos_token_id=128001,
     ),
+    # meta-llama/Llama-3.1-70B and Qwen/Qwen2.5-72B (their public config.json): the planner's 70B-class shapes
+    # (docs/tpu.md, "Quantized bases"). Qwen2.5-72B: q/k/v biases (the qwen2 family), untied head.
+    "llama3.1-70b": LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}, max_position_embeddings=131072,
+        bos_token_id=128000, eos_token_id=128001,
+    ),
+    "qwen2.5-72b": LlamaConfig(
+        model_type="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643,
+    ),
     "mistral-7b": LlamaConfig(
         model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=32768,

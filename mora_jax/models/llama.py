@@ -362,9 +362,17 @@ class LlamaForCausalLM(nn.Module):
         return nn.with_logical_constraint(logits_BxTxV.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def __call__(self, input_ids, attention_mask=None, segment_ids=None, positions=None, deterministic=True):
+        return self._logits(self.hidden(input_ids, attention_mask, segment_ids, positions, deterministic))
+
+    def hidden(self, input_ids, attention_mask=None, segment_ids=None, positions=None, deterministic=True):
+        """The final hidden states ``(B, T, D)``, before the LM head (``method="hidden"``; a loss that
+        runs the head chunk by chunk, :mod:`mora_jax.chunked_loss`, starts here)."""
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be an integer (batch, length) array, got {input_ids.dtype}{input_ids.shape}")
-        h_BxTxD = self.model(input_ids, attention_mask, segment_ids, positions, deterministic)
+        return self.model(input_ids, attention_mask, segment_ids, positions, deterministic)
+
+    def head(self, h_BxTxD):
+        """The LM head on hidden states: float32 logits ``(..., V)`` (``method="head"``)."""
         return self._logits(h_BxTxD)
 
     def decode(self, input_ids_BxT, positions_BxT, attention_mask_BxS, kv_cache, cache_index):

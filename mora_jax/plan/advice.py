@@ -38,7 +38,7 @@ def suggestions(plan: dict, config: RunConfig) -> list[str]:
     memory = (train or {}).get("bytes_per_chip") or {}
     activations_heavy = memory.get("temp") is None or memory["temp"] >= (memory.get("arguments") or 0)
     micro = t.batch_size // t.grad_accum
-    if train is not None and not train["fits"] and activations_heavy:
+    if train is not None and not train["fits"] and activations_heavy and "not_compiled" not in train:
         if micro % (2 * shards) == 0:
             out.append(f"--config.train.grad_accum={2 * t.grad_accum}: half the rows per micro-batch "
                        f"({micro // shards} -> {micro // shards // 2} per chip), roughly half the activations")
@@ -50,6 +50,27 @@ def suggestions(plan: dict, config: RunConfig) -> list[str]:
             out.append("--config.model.scan_layers=True: one layer's temporaries live at a time in the scanned body")
         if t.batch_size % 2 == 0 and (t.batch_size // 2) % (t.grad_accum * shards) == 0:
             out.append(f"--config.train.batch_size={t.batch_size // 2}: a smaller global batch")
+    if train is not None and not train["fits"] and not t.loss_chunk and "not_compiled" not in train:
+        logits = plan["run"]["per_chip_micro_batch"] * t.seq_len * plan["run"]["vocab_size"] * 4
+        chunk = next((c for c in (512, 1024, 256, 128) if t.seq_len % c == 0 and c < t.seq_len), 0)
+        if chunk and logits >= 0.05 * hbm:
+            out.append(f"--config.train.loss_chunk={chunk}: the loss {chunk} positions at a time, without the "
+                       f"micro-batch's float32 logits ({_gib(logits)} per chip, and as much for their gradient)")
+    checkpoints = layer_checkpoint_bytes(plan, config)
+    if train is not None and not train["fits"] and checkpoints >= 0.05 * hbm:
+        out[0] = (out[0][:-1] + f"; about {_gib(checkpoints)} of it the layers' remat checkpoints, "
+                  f"{plan['run']['layers']} layers × {plan['run']['per_chip_micro_batch']:g} row(s) × {t.seq_len} "
+                  f"tokens × d={plan['run']['hidden_size']} in {config.model.dtype}, an estimate)")
+    quantize = getattr(config.model, "quantize", None)
+    by_dtype = plan["state_bytes_per_chip"].get("frozen_by_dtype", {})
+    if (quantize is not None and getattr(quantize, "scale_dtype", None) == "float32" and "float32" in by_dtype
+            and getattr(quantize, "format", "none") in ("int4", "nf4")):
+        out.append(f"--config.model.quantize.scale_dtype=bfloat16: half the scales' {_gib(by_dtype['float32'])} "
+                   "per chip")
+    frozen = plan["state_bytes_per_chip"]["frozen"]
+    if quantize is not None and getattr(quantize, "format", "none") == "none" and frozen >= 0.25 * used:
+        out.append(f"--config.model.quantize.format=int8 (or nf4): the frozen projections stored in 8 (4) bits, "
+                   f"about half (a quarter) of their bf16 bytes; now {_gib(frozen)} of frozen weights per chip")
     if "eval" in failing:
         out.append(f"the eval step runs a whole global batch at once ({t.batch_size} rows, no micro-batches): "
                    f"evaluate with a smaller --config.train.batch_size, or leave --config.data.eval_source empty")
@@ -64,6 +85,17 @@ def suggestions(plan: dict, config: RunConfig) -> list[str]:
     return out
 
 
+def layer_checkpoint_bytes(plan: dict, config: RunConfig) -> float:
+    """Bytes per chip of the layer inputs a scanned model keeps for the backward pass under remat
+    ``full`` (one ``(rows, T, d)`` activation per layer and micro-batch row on the chip); 0 for other
+    policies, whose saved activations are not modelled here."""
+    run = plan["run"]
+    if config.model.remat_policy != "full" or not config.model.scan_layers:
+        return 0.0
+    itemsize = 2 if config.model.dtype in ("bfloat16", "float16") else 4
+    return run["layers"] * run["per_chip_micro_batch"] * config.train.seq_len * run["hidden_size"] * itemsize
+
+
 def headroom_note(plan: dict) -> str | None:
     """A warning when a plan fits with less than 5% of HBM to spare (the runtime and fragmentation need some)."""
     hbm = plan["hbm_bytes_per_chip"]
@@ -74,4 +106,4 @@ def headroom_note(plan: dict) -> str | None:
     return None
 
 
-__all__ = ["REMAT_LADDER", "headroom_note", "suggestions"]
+__all__ = ["REMAT_LADDER", "headroom_note", "layer_checkpoint_bytes", "suggestions"]

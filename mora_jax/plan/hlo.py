@@ -15,6 +15,9 @@ count). From that it counts, per device:
 * where that traffic goes: the bytes grouped by the JAX operation each instruction comes from
   (its ``op_name`` metadata, :func:`op_label`: forward, backward or recomputed, and the last
   module path and primitive), the largest groups kept (``hbm_bytes_by_op``);
+* dequantization of a quantized base: the elements converted from integer codes (``s4``, ``u4``,
+  ``s8``, ``u8``) to floats (``dequant_elements``) and the HBM bytes read of such codes
+  (``code_hbm_bytes``: the int8 / 4-bit weight reads, part of ``hbm_bytes``);
 * custom kernels (Pallas ``tpu_custom_call``s, e.g. flash attention) by name: their FLOPs are
   inside the kernel, invisible here (the planner adds them from the FLOP model);
 * collectives by kind (``all-gather``, ``reduce-scatter``, ``all-reduce``, ``all-to-all``,
@@ -57,6 +60,8 @@ class HloStats:
     num_partitions: int
     kernels: dict[str, int] = dataclasses.field(default_factory=dict)  # custom kernels (Pallas) run, by name
     hbm_bytes_by_op: dict[str, float] = dataclasses.field(default_factory=dict)  # largest groups, see op_label
+    dequant_elements: float = 0.0  # integer codes converted to floats (dequantization), loops weighed
+    code_hbm_bytes: float = 0.0  # HBM bytes read of integer-code arrays (a quantized base's weights)
 
     @property
     def wire_bytes(self) -> float:
@@ -115,10 +120,31 @@ def _hbm(arrays: Sequence[Array]) -> float:
 _SLICING = ("dynamic-slice", "slice", "gather")
 
 
+# Integer dtypes a quantized base stores its codes in (converted to floats to dequantize).
+CODE_DTYPES = ("s4", "u4", "s8", "u8", "s2", "u2")
+
+
 def _hbm_traffic(inst: Instruction, comp: Computation, computations: dict[str, Computation]) -> float:
     """HBM bytes an instruction that runs on its own reads and writes: its operands and result in
     HBM, except that slicing reads only the slice and an in-place ``dynamic-update-slice`` (alone or
     as a fusion's root) writes only the update."""
+    reads, write = _hbm_reads_writes(inst, comp, computations)
+    return sum(reads) + write
+
+
+def _code_reads(inst: Instruction, comp: Computation, computations: dict[str, Computation]) -> float:
+    """The part of :func:`_hbm_traffic` that reads integer-code arrays."""
+    reads, _ = _hbm_reads_writes(inst, comp, computations)
+    total = 0.0
+    for read, name in zip(reads, inst.operands):
+        source = comp.symbols.get(name)
+        if source is not None and source.arrays and all(a.dtype in CODE_DTYPES for a in source.arrays):
+            total += read
+    return total
+
+
+def _hbm_reads_writes(inst: Instruction, comp: Computation,
+                      computations: dict[str, Computation]) -> tuple[list[float], float]:
     operands = [comp.symbols.get(n) for n in inst.operands]
     reads = [_hbm(o.arrays) if o is not None else 0.0 for o in operands]
     write = _hbm(inst.arrays)
@@ -126,8 +152,8 @@ def _hbm_traffic(inst: Instruction, comp: Computation, computations: dict[str, C
         # asynchronous copy or slice: its result tuple is (operand, result, context); it reads the
         # result's worth of the operand and writes the result (into on-chip memory: nothing in HBM)
         result = inst.arrays[1]
-        return (result.bytes if inst.opcode != "copy-start" else sum(reads)) * (operands[0] is not None) + (
-            result.bytes if result.memory_space == 0 else 0.0)
+        read = (result.bytes if inst.opcode != "copy-start" else sum(reads)) * (operands[0] is not None)
+        return [read] + [0.0] * (len(reads) - 1), (result.bytes if result.memory_space == 0 else 0.0)
     if inst.opcode in _SLICING and reads:
         reads[0] = min(reads[0], write)
     elif inst.opcode == "dynamic-update-slice" and len(reads) > 1:
@@ -135,12 +161,23 @@ def _hbm_traffic(inst: Instruction, comp: Computation, computations: dict[str, C
     elif inst.opcode == "fusion":
         fused = computations.get(dict(callees(inst)).get("calls", ""))
         if fused is not None:
-            reads, write = _fusion_traffic(fused, reads, write)
-    return sum(reads) + write
+            reads, write = _fusion_traffic(fused, reads, write, computations)
+    return reads, write
 
 
-def _fusion_traffic(fused: Computation, reads: list[float], write: float) -> tuple[list[float], float]:
-    """A fusion's HBM traffic from its body: a parameter read only through slices reads the slices;
+def _is_copy_fusion(inst: Instruction, computations: dict[str, Computation] | None) -> bool:
+    """A nested fusion that only copies (relayouts) its operand: TPU HLO slices one layer of a stacked
+    weight through such a copy of the whole stack, computing the slice's elements only."""
+    if inst.opcode != "fusion" or computations is None:
+        return False
+    body = computations.get(dict(callees(inst)).get("calls", ""))
+    return body is not None and all(i.opcode in ("parameter", "copy", "bitcast") for i in body.instructions)
+
+
+def _fusion_traffic(fused: Computation, reads: list[float], write: float,
+                    computations: dict[str, Computation] | None = None) -> tuple[list[float], float]:
+    """A fusion's HBM traffic from its body: a parameter read only through slices (directly, or
+    through bitcasts and nested copy fusions) reads the slices;
     one passed straight to the output, or only to a collective (the pieces of an asynchronous
     collective carry its buffers through), costs nothing here (its transfer is the collective's);
     an in-place ``dynamic-update-slice`` root writes only its update."""
@@ -160,13 +197,31 @@ def _fusion_traffic(fused: Computation, reads: list[float], write: float) -> tup
             inst = fused.symbols.get(inst.operands[0])
         return params.get(inst.name) if inst is not None else None
 
+    def sliced_bytes(name, depth=0):  # bytes of the slices ``name`` is read through, None if read otherwise
+        uses = users.get(name, [])
+        if not uses or depth > 4:
+            return None
+        total = 0.0
+        for u in uses:
+            if u.opcode in _SLICING and u.operands[:1] == [name]:
+                total += sum(a.bytes for a in u.arrays)
+            elif u.opcode in ("bitcast", "copy") or _is_copy_fusion(u, computations):
+                inner = sliced_bytes(u.name, depth + 1)
+                if inner is None:
+                    return None
+                total += inner
+            else:
+                return None
+        return total
+
     reads = list(reads)
     for name, index in params.items():
         if index >= len(reads):
             continue
         uses = users.get(name, [])
-        if uses and all(u.opcode in _SLICING and u.operands[:1] == [name] for u in uses):
-            reads[index] = min(reads[index], sum(sum(a.bytes for a in u.arrays) for u in uses))
+        sliced = sliced_bytes(name)
+        if sliced is not None:
+            reads[index] = min(reads[index], sliced)
         elif uses and all(u is root and root.opcode == "tuple" or _collective_kind(u.opcode) for u in uses):
             reads[index] = 0.0
     if root.opcode == "tuple":
@@ -252,7 +307,7 @@ def analyze(text: str) -> HloStats:
     partitions = re.search(r"num_partitions=(\d+)", text)
     num_partitions = int(partitions.group(1)) if partitions else 1
     mult, sequential, trips, unknown = multiplicities(computations)
-    flops = hbm = 0.0
+    flops = hbm = dequant = code_bytes = 0.0
     collectives: dict[str, dict] = {}
     kernels: dict[str, int] = collections.Counter()
     by_op: dict[str, float] = collections.Counter()
@@ -266,6 +321,10 @@ def analyze(text: str) -> HloStats:
                 flops += m * 2.0 * math.prod(inst.arrays[0].dims) * _contracted_size(inst, comp)
             elif inst.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in inst.attrs:
                 kernels[re.sub(r"\.\d+$", "", inst.name)] += int(round(m))
+            elif inst.opcode == "convert" and inst.arrays and inst.arrays[0].dtype not in CODE_DTYPES:
+                source = comp.symbols.get(inst.operands[0]) if inst.operands else None
+                if source is not None and source.arrays and source.arrays[0].dtype in CODE_DTYPES:
+                    dequant += m * math.prod(inst.arrays[0].dims)
             kind = _collective_kind(inst.opcode)
             if kind is not None:
                 operand_bytes = _operand_bytes(inst, comp)
@@ -277,6 +336,8 @@ def analyze(text: str) -> HloStats:
                 traffic = m * _hbm_traffic(inst, comp, computations)
                 hbm += traffic
                 by_op[op_label(inst)] += traffic
+                if traffic:
+                    code_bytes += m * _code_reads(inst, comp, computations)
     for (kind, _), group in pieces.items():
         # TPU HLO splits a collective into "async collective fusions" that share its channel id and
         # each name the whole result; a loop body holding such pieces progresses one collective
@@ -295,7 +356,8 @@ def analyze(text: str) -> HloStats:
         entry["group_sizes"] = sorted(entry["group_sizes"])
     return HloStats(matmul_flops=flops, hbm_bytes=hbm, collectives=collectives, loop_trip_counts=sorted(trips),
                     unknown_trip_counts=unknown, num_partitions=num_partitions, kernels=dict(kernels),
-                    hbm_bytes_by_op={k: v for k, v in by_op.most_common(TOP_OPS) if v > 0})
+                    hbm_bytes_by_op={k: v for k, v in by_op.most_common(TOP_OPS) if v > 0},
+                    dequant_elements=dequant, code_hbm_bytes=code_bytes)
 
 
 def kernel_gradient_dots(text: str, kernel_shapes: Iterable[Sequence[int]], *, max_shards: int | None = None) -> list[str]:

@@ -58,13 +58,28 @@ def _with_shardings(tree, shardings):
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _leaf_bytes_per_chip(leaf) -> int:
+    """Bytes one chip holds of a ShapeDtypeStruct with a sharding (the largest shard); 4-bit codes at
+    half a byte (XLA packs them two to a byte)."""
+    shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+    dtype = jnp.dtype(leaf.dtype)
+    bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
+    return -(-bits * math.prod(shape) // 8)
+
+
 def _bytes_per_chip(tree) -> int:
-    """Bytes one chip holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-    total = 0
+    """Bytes one chip holds of a tree of ShapeDtypeStructs with shardings (the largest shards)."""
+    return sum(_leaf_bytes_per_chip(leaf) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _bytes_per_chip_by_dtype(tree) -> dict[str, int]:
+    """:func:`_bytes_per_chip` by dtype: a quantized base's codes (``int4``, ``uint4``, ``int8``), their
+    scales and the weights left in float (embeddings, head, norms)."""
+    out: dict[str, int] = {}
     for leaf in jax.tree_util.tree_leaves(tree):
-        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-        total += int(jnp.dtype(leaf.dtype).itemsize) * math.prod(shape)
-    return total
+        name = jnp.dtype(leaf.dtype).name
+        out[name] = out.get(name, 0) + _leaf_bytes_per_chip(leaf)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 _SIZE = re.compile(r"([\d.]+)\s*([KMGT]?)i?B?\b")
@@ -230,16 +245,22 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
         "mesh": dict(mesh.shape),
         "run": _run_summary(config, prepared),
         "state_bytes_per_chip": {"frozen": _bytes_per_chip(state.frozen),
+                                 "frozen_by_dtype": _bytes_per_chip_by_dtype(state.frozen),
                                  "trainables": _bytes_per_chip(state.trainables),
                                  "opt_state": _bytes_per_chip(state.opt_state)},
         "steps": {},
     }
     say = progress or (lambda message: None)
     kernel_flops = attention_kernel_flops(config, prepared.llama_config, topology.chips)
-    if "train" in steps:
+    resident = sum(v for k, v in result["state_bytes_per_chip"].items() if k != "frozen_by_dtype")
+    if "train" in steps and resident > chip.hbm_bytes:
+        say(f"the state alone exceeds a {topology.name} chip's HBM: not compiling the train step")
+        result["steps"]["train"] = _state_exceeds_hbm(resident, chip)
+    elif "train" in steps:
         say(f"compiling the train step for {topology.name} ...")
         train = compile_step(prepared.steps.lower_train(state, batch), chip, name="train",
                              kernel_flops=kernel_flops)
+        _add_state_to_refusal(train, resident)
         # The Pallas kernel skips masked blocks: the model FLOPs count the causal pairs only (an MFU
         # estimate must not credit the step with products no chip computes)
         train["model_flops_per_step"] = model_flops(
@@ -275,6 +296,28 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
     return result
 
 
+def _add_state_to_refusal(step: dict, resident: int) -> None:
+    """The compiler's out-of-memory figure is its temporaries alone: a refused step's total adds the
+    state it takes as arguments (frozen weights, trainables, optimizer state; the batch is small)."""
+    memory = step["bytes_per_chip"]
+    if step["compiled"] or memory["arguments"] is not None or memory["temp"] is None:
+        return
+    memory["arguments"] = resident
+    memory["total"] = memory["temp"] + resident
+
+
+def _state_exceeds_hbm(resident: int, chip: chips_lib.ChipSpec) -> dict:
+    """The train step of a run whose state (frozen weights, trainables, optimizer state) per chip is
+    already more than the chip's HBM: it cannot fit whatever the step's temporaries, and compiling it
+    (minutes for a 70B model) would tell nothing more. Its memory is that lower bound."""
+    return {"fits": False, "compiled": False, "compile_s": 0.0,
+            "bytes_per_chip": {"arguments": resident, "outputs": None, "aliased": None, "temp": None, "code": None,
+                               "total": resident},
+            "not_compiled": f"the state alone is {resident / chips_lib.GiB:.2f} GiB per chip, over the chip's "
+                            f"{chip.hbm_bytes / chips_lib.GiB:.0f} GiB of HBM (a lower bound: activations come on top)",
+            "collectives": {}, "xla_flops": None, "xla_bytes_accessed": None, "estimated_step_s": None, "bound": None}
+
+
 def _resident_after_merge(result: dict) -> None:
     """After the first ReMoRA merge the loop still holds the frozen weights it started from
     (``loop.run`` keeps them for a restore, the caller keeps its params): the train step then runs
@@ -295,11 +338,20 @@ def _run_summary(config: RunConfig, prepared: Prepared) -> dict:
         "model": config.model.hf_path or config.model.preset,
         "layers": llama.num_hidden_layers, "hidden_size": llama.hidden_size, "vocab_size": llama.vocab_size,
         "dtype": config.model.dtype, "param_dtype": config.model.param_dtype,
+        "quantize": _quantize_summary(config), "loss_chunk": config.train.loss_chunk,
         "remat_policy": config.model.remat_policy, "scan_layers": config.model.scan_layers,
         "batch_size": config.train.batch_size, "seq_len": config.train.seq_len, "grad_accum": config.train.grad_accum,
         "per_chip_micro_batch": config.train.batch_size / config.train.grad_accum / _batch_shards(prepared),
         "remora_every": config.remora.every,
     }
+
+
+def _quantize_summary(config: RunConfig) -> dict:
+    """The base's storage: ``{"format": "none"}`` for a float base, else the quantization's fields."""
+    quantize = getattr(config.model, "quantize", None)
+    if quantize is None or getattr(quantize, "format", "none") == "none":
+        return {"format": "none"}
+    return {k: v for k, v in dataclasses.asdict(quantize).items()}
 
 
 def _batch_shards(prepared: Prepared) -> int:

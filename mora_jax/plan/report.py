@@ -79,6 +79,15 @@ def table(plan: dict) -> str:
         lines += ["", f"model FLOPs per step {train['model_flops_per_step']:.3g}; estimated "
                       f"{train['estimated_tokens_per_s']:,.0f} tokens/s, MFU {100 * train['estimated_mfu']:.1f}% "
                       f"({ESTIMATE_NOTE})"]
+    by_dtype = plan.get("state_bytes_per_chip", {}).get("frozen_by_dtype")
+    if by_dtype:
+        lines += ["", "frozen weights per chip: " + ", ".join(f"{_gib(n)} GiB {d}" for d, n in by_dtype.items())]
+    dequantize = (train or {}).get("dequantize")
+    if dequantize:
+        lines.append(f"dequantization: {dequantize['elements']:.3g} weight elements per step, "
+                     f"{dequantize['code_hbm_bytes'] / GiB:.2f} GiB of integer codes read from HBM")
+    if train and train.get("not_compiled"):
+        lines.append(f"train step not compiled: {train['not_compiled']}")
     if plan.get("compare"):
         lines += ["", compare_table(plan)]
     lines += ["", "fits" if plan["fits"] else "DOES NOT FIT"]

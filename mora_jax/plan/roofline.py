@@ -13,6 +13,14 @@ Three lower bounds on the time of one step, from the compiled program's own coun
   all-reduce) / the bandwidth of one bidirectional ring over a mesh axis (two of the chip's ICI
   ports, one direction each).
 
+A quantized base's weights enter as what the compiled program does with them: the int8 / 4-bit
+codes it reads from HBM are in the memory bound at their own width (``dequantize.code_hbm_bytes``),
+and a dequantized copy the compiler writes to HBM instead of fusing it into the matmul is there too.
+The dequantization itself (a convert and a multiply per weight element, for each use of the weight:
+forward, recomputation, backward) is elementwise work on the vector units; it is counted
+(``dequantize.elements``, with its ratio to the matmul FLOPs) but, like all elementwise work, not
+timed: no vector-unit peak is published for these chips.
+
 ``estimated_step_s`` is the largest of the three (perfect overlap) and ``bound`` names it;
 ``estimated_step_s_serial`` is their sum (no overlap). Both are estimates: real steps lose time to
 fusions below peak, latencies and imperfect overlap, and a collective that spans two mesh axes may use
@@ -32,8 +40,17 @@ def estimate(stats: HloStats, chip: ChipSpec, *, kernel_flops: float = 0.0) -> d
         "communication": stats.wire_bytes / chip.ici_link_bytes_per_s,
     }
     bound = max(times, key=times.get)
-    return {"roofline_s": {k: v for k, v in times.items()}, "estimated_step_s": times[bound],
-            "estimated_step_s_serial": sum(times.values()), "bound": bound}
+    out = {"roofline_s": {k: v for k, v in times.items()}, "estimated_step_s": times[bound],
+           "estimated_step_s_serial": sum(times.values()), "bound": bound}
+    if stats.dequant_elements:
+        matmul = stats.matmul_flops + kernel_flops
+        out["dequantize"] = {
+            "elements": stats.dequant_elements, "code_hbm_bytes": stats.code_hbm_bytes,
+            "code_share_of_hbm_bytes": stats.code_hbm_bytes / stats.hbm_bytes if stats.hbm_bytes else None,
+            # a convert and a scale multiply per element, against the matmuls' multiply-adds
+            "elementwise_ops_per_matmul_flop": 2 * stats.dequant_elements / matmul if matmul else None,
+        }
+    return out
 
 
 def mfu(step: dict, chip: ChipSpec, chips: int) -> float | None:
