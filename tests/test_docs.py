@@ -168,6 +168,15 @@ def _check_nnx(ns):
         ("layers_1", "q_proj", "kernel"), ("layers_1", "down_proj", "kernel")}
 
 
+def _check_nnx_quantized(ns):
+    import mora_jax.nnx as mnx
+    from mora_jax.quant import formats
+
+    layer = ns["model"].model.layers[0].mlp.up_proj
+    assert isinstance(layer, mnx.QuantizedLinear) and formats.is_quantized(layer.kernel.get_value())
+    assert layer.kernel_mora_m.shape[0] == layer.mora_spec.r_hat  # MoRA attached on the quantized layer
+
+
 # What each example must have computed, besides running: (markers that identify it, check).
 EXAMPLE_CHECKS = (
     (("class MLP", "mj.partition"), _check_readme_api),
@@ -175,7 +184,8 @@ EXAMPLE_CHECKS = (
     (("assembly.assemble",), _check_assembly),
     (("hf.save_adapter", "param_sharding_fn"), _check_hf),
     (("mj.generate(",), _check_generation),
-    (("mnx.attach",), _check_nnx),
+    (("mnx.attach", "losses"), _check_nnx),
+    (("mnx.quantize",), _check_nnx_quantized),
 )
 
 
