@@ -46,15 +46,19 @@ def _options(config: RunConfig) -> dict:
                 attention=m.attention, **dict(m.overrides))
 
 
-def model_config(config: RunConfig) -> LlamaConfig:
-    """The ``LlamaConfig`` of ``config.model`` (no weights are read), checked against
-    ``train.seq_len``."""
+def architecture(config: RunConfig) -> LlamaConfig:
+    """The ``LlamaConfig`` of ``config.model``: a Hugging Face directory's ``config.json``, a GGUF file's
+    metadata or the preset (no weights are read)."""
     m = config.model
     if _is_gguf(config):
-        llama_config = gguf_weights.read_config(gguf_weights.GGUFFile(m.hf_path), **_options(config))
-    else:
-        llama_config = read_config(m.hf_path, **_options(config)) if m.hf_path else m.preset_config()
-    m.check_seq_len(config.train.seq_len, llama_config.max_position_embeddings)
+        return gguf_weights.read_config(gguf_weights.GGUFFile(m.hf_path), **_options(config))
+    return read_config(m.hf_path, **_options(config)) if m.hf_path else m.preset_config()
+
+
+def model_config(config: RunConfig) -> LlamaConfig:
+    """:func:`architecture`, checked against ``train.seq_len``."""
+    llama_config = architecture(config)
+    config.model.check_seq_len(config.train.seq_len, llama_config.max_position_embeddings)
     return llama_config
 
 
@@ -171,5 +175,5 @@ def assemble(config: RunConfig, *, devices: Sequence | None = None, rules=None, 
                     build_steps(config, model, mesh, rules, **step_options))
 
 
-__all__ = ["Assembly", "assemble", "build_steps", "check_vocab", "initial_state", "load_params", "make_mesh", "model_config",
+__all__ = ["Assembly", "architecture", "assemble", "build_steps", "check_vocab", "initial_state", "load_params", "make_mesh", "model_config",
            "scan_layout", "uses_dropout"]

@@ -38,7 +38,7 @@ def _tokenizer(config: RunConfig):
                           "model with: python -m train.train_tokenizer --input corpus.txt --vocab-size 8000 --out tok)")
     tokenizer = data_lib.Tokenizer(path)
     if config.model.hf_path:  # before any weight is read: a tokenizer from another model is an error
-        c = assembly.model_config(config)  # (a Hugging Face directory's config.json, or a GGUF file's metadata)
+        c = assembly.architecture(config)  # (a Hugging Face directory's config.json, or a GGUF file's metadata)
         tokenizer.check_fits(c.vocab_size, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
                              model=config.model.hf_path)
     return tokenizer
