@@ -247,6 +247,7 @@ def test_validate_schema_rejects_extra_row_keys(result):
         report.validate_schema(bad)
 
 
+@pytest.mark.slow  # about 70 s on two cores: 15 compiled steps
 def test_scaling_runs_and_writes_markdown_and_plot(tmp_path):
     c = _quick_config()
     b = c.benchmark
@@ -646,6 +647,7 @@ def test_peft_family_peer_rows():
     assert "PyTorch step / PEFT LoRA step" in report.report(result)
 
 
+@pytest.mark.slow  # about 50 s on two cores: 6 compiled steps
 def test_quantized_base_comparison_reports_exact_bytes_and_one_rotation():
     from mora_jax.bench import quantized
 

@@ -178,6 +178,7 @@ def test_quantized_bases_train_at_the_reference_rate(tiny_model, tmp_path):
     c = _quick("quantized_quick", tiny_model, tmp_path / "cmp", sweep_steps=1, eval_steps=(2,), num_pairs=8)
     c.train.steps, c.train.batch_size = 2, 8
     c.experiment.methods.nf4.model.quantize.block_size = 16  # the tiny model's 32 features
+    c.data.tokenizer = str(tiny_model)  # the preset names SmolLM2's converted directory (for its GGUF form)
     results = compare_finetuning.compare(c, ("float", "int8", "nf4"), seeds=(0,), command="pytest")
     chosen = results["sweep"]["float"]["chosen_lr"]
     assert len(results["sweep"]["float"]["runs"]) == 4
