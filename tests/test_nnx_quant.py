@@ -17,6 +17,7 @@ from mora_jax.nnx import llama as nnx_llama
 from mora_jax.quant import formats
 from mora_jax.quant.config import QuantConfig
 from mora_jax.quant.transform import quantize as quantize_params
+from test_nnx import _ScannedModel  # blocks stacked by nnx.vmap, run by nnx.scan
 
 CFG = LLAMA_CONFIGS["tiny"].replace(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -149,42 +150,14 @@ def test_bad_requests_get_one_line_and_change_nothing(params):
     assert not mnx.adapted_layers(quantized)
 
 
-class _Block(nnx.Module):
-    def __init__(self, rngs):
-        self.up = nnx.Linear(16, 32, use_bias=True, rngs=rngs)
-        self.down = nnx.Linear(32, 16, use_bias=False, rngs=rngs)
-
-    def __call__(self, x_BxTxD):
-        return x_BxTxD + self.down(jax.nn.silu(self.up(x_BxTxD)))
-
-
-class _Scanned(nnx.Module):
-    """Three blocks stacked by nnx.vmap, run by nnx.scan."""
-
-    def __init__(self, rngs):
-        @nnx.split_rngs(splits=3)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs):
-            return _Block(rngs)
-
-        self.layers = make(rngs)
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, layer):
-            return layer(x)
-
-        return body(x, self.layers)
-
-
 def test_layers_stacked_by_vmap_are_quantized_per_layer_and_run_under_scan():
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
-    model = _Scanned(nnx.Rngs(0))
+    model = _ScannedModel(nnx.Rngs(0))  # up 16 -> 24, down 24 -> 16 and an Einsum, stacked 3 times
     kernels = {name: getattr(model.layers, name).kernel[...] for name in ("up", "down")}
     mnx.quantize(model, QuantConfig("int4", block_size=8, targets=r"layers/(up|down)/kernel"))
     leaf = model.layers.up.kernel.get_value()
-    assert leaf.shape == (3, 16, 32) and leaf.q.scale.shape == (3, 2, 32)  # per layer, blocks of 8 inputs
-    reference = _Scanned(nnx.Rngs(0))
+    assert leaf.shape == (3, 16, 24) and leaf.q.scale.shape == (3, 2, 24)  # per layer, blocks of 8 inputs
+    reference = _ScannedModel(nnx.Rngs(0))
     for name, kernel in kernels.items():  # each layer's slice quantized on its own = the stacked quantization
         getattr(reference.layers, name).kernel[...] = jnp.stack(
             [formats.dequantize(formats.quantize_kernel(kernel[i], "int4", block_size=8)) for i in range(3)])
