@@ -150,9 +150,11 @@ def test_smollm2_from_the_package_index_matches_transformers(smollm2_files):
 
 
 @pytest.mark.slow
-def test_smollm2_quick_finetune_runs(smollm2_files, tmp_path):
+@pytest.mark.parametrize("base", ["float32", "nf4"])
+def test_smollm2_quick_finetune_runs(smollm2_files, tmp_path, base):
     """``python -m train.finetune --config=configs/smollm2.py:quick`` on the real model (its own process:
-    about 4 GB at its peak): steps, evaluation (loss and generated answers), the exported adapter."""
+    about 4 GB at its peak): steps, evaluation (loss and generated answers), the exported adapter; also
+    on the base stored in NF4 (``--config.model.quantize.format=nf4``, as the README shows)."""
     from mora_jax import data as data_lib
 
     data_lib.write_synthetic_math(tmp_path / "train.jsonl", 64, seed=0)
@@ -160,7 +162,7 @@ def test_smollm2_quick_finetune_runs(smollm2_files, tmp_path):
     command = [sys.executable, "-m", "train.finetune", "--config=configs/smollm2.py:quick", "--config.train.steps=2",
                f"--config.model.hf_path={smollm2_files[0]}", f"--config.workdir={tmp_path / 'run'}",
                f"--config.data.source={tmp_path / 'train.jsonl'}", f"--config.data.eval_source={tmp_path / 'eval.jsonl'}",
-               "--config.train.progress=False"]
+               "--config.train.progress=False"] + (["--config.model.quantize.format=nf4"] if base == "nf4" else [])
     done = subprocess.run(command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
