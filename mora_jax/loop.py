@@ -252,7 +252,7 @@ def _merge(steps: steps_lib.Steps, state, step: int, config: RunConfig, initial_
     next_type = config.remora.type_at(step) if config.method == "mora" else None
     row: dict = {"remora_merge": 1, **({"mora_type": next_type} if next_type else {})}
     if config.remora.diagnostics:
-        row.update(remora_diagnostics.delta_norms(state.adapters))
+        row.update(remora_diagnostics.delta_norms(state.adapters, state.frozen))
         probes = remora_diagnostics.probe_paths(state.adapters)
     state = steps.merge(state, next_type)
     bad = health.first_non_finite(state.frozen)

@@ -30,13 +30,27 @@ def _frobenius(adapter):
     return jnp.sqrt(jnp.sum(jnp.square(adapter.delta_weight())))
 
 
-def delta_norms(adapters) -> dict[str, float]:
+@jax.jit
+def _merged_frobenius(adapter, kernel):
+    """``‖merge(K) − K‖_F`` in float32: the change the merge writes, for every method (HiRA's
+    ``K ⊙ A·B``, DoRA's and a magnitude's rescaling need the kernel; a quantized one is dequantized)."""
+    k32 = as_float(kernel).astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(adapter.add_to(k32) - k32)))
+
+
+def delta_norms(adapters, frozen=None) -> dict[str, float]:
     """``{"merge_delta_norm/<layer type>": ‖ΔW‖_F}`` over every adapter of that layer type (the
-    module name that owns the kernel, e.g. ``q_proj``)."""
+    module name that owns the kernel, e.g. ``q_proj``). With the frozen weights ``frozen`` (the
+    parameter tree the adapters merge into) ``ΔW`` is what the merge writes, ``merge(K) − K``;
+    without them, the adapter's own ``delta_weight()`` (exact for MoRA and LoRA, not for methods
+    whose update depends on the kernel)."""
+    kernels = flatten(frozen) if frozen is not None else {}
     squares: dict[str, float] = {}
     for path, adapter in sorted(flatten(adapters).items()):
         kind = str(path[-2]) if len(path) >= 2 else str(path[-1])
-        squares[kind] = squares.get(kind, 0.0) + float(_frobenius(adapter)) ** 2
+        kernel = kernels.get(path)
+        norm = _frobenius(adapter) if kernel is None else _merged_frobenius(adapter, kernel)
+        squares[kind] = squares.get(kind, 0.0) + float(norm) ** 2
     return {f"merge_delta_norm/{kind}": float(np.sqrt(total)) for kind, total in squares.items()}
 
 

@@ -34,6 +34,25 @@ def test_delta_norms_are_the_norms_of_the_merged_change():
                            for i in range(LLAMA_CONFIGS["tiny"].num_hidden_layers)))
     np.testing.assert_allclose(norms["merge_delta_norm/q_proj"], expected, rtol=1e-4)
     assert set(norms) == {f"merge_delta_norm/{k}_proj" for k in ("q", "k", "v", "o", "gate", "up", "down")}
+    np.testing.assert_allclose(remora_diagnostics.delta_norms(adapters, params)["merge_delta_norm/q_proj"], expected,
+                               rtol=1e-4)
+
+
+def test_delta_norms_with_the_kernels_are_what_the_merge_writes_for_hira():
+    """HiRA's update is K ⊙ (A·B): its adapter alone does not know it; with the frozen kernels the norm
+    is the merge's own change."""
+    from mora_jax.methods import HiRAConfig
+
+    params = init_params(LLAMA_CONFIGS["tiny"], jax.random.key(0))
+    adapters = mj.init_adapters(params, HiRAConfig(r=4), jax.random.key(1))
+    adapters = jax.tree_util.tree_map(lambda x: x + 0.05, adapters)
+    merged = mj.merge(params, adapters)
+    expected = np.sqrt(sum(np.sum((np.asarray(merged["model"][f"layers_{i}"]["mlp"]["up_proj"]["kernel"])
+                                   - np.asarray(params["model"][f"layers_{i}"]["mlp"]["up_proj"]["kernel"])) ** 2)
+                           for i in range(LLAMA_CONFIGS["tiny"].num_hidden_layers)))
+    with_kernels = remora_diagnostics.delta_norms(adapters, params)["merge_delta_norm/up_proj"]
+    np.testing.assert_allclose(with_kernels, expected, rtol=1e-4)
+    assert abs(remora_diagnostics.delta_norms(adapters)["merge_delta_norm/up_proj"] - expected) > 0.1 * expected
 
 
 class _Batches:
