@@ -390,27 +390,37 @@ class AdaptedEinsum(_AdaptedMixin, nnx.Einsum):
 _ADAPTED.update({nnx.Linear: AdaptedLinear, nnx.LinearGeneral: AdaptedLinearGeneral, nnx.Einsum: AdaptedEinsum})
 
 
+def mixed_class(registry: dict, mixin: type, cls: type, prefix: str, namespace: dict) -> type:
+    """The subclass ``(mixin, cls)`` of ``cls``, made once per class and kept in ``registry``: published
+    in ``namespace`` (a module's globals) under a unique name ``<prefix><cls name>``, so that graph
+    definitions holding it compare equal across models and pickle. ``cls`` already mixed: itself."""
+    if issubclass(cls, mixin):
+        return cls
+    if cls not in registry:
+        name, n = f"{prefix}{cls.__name__}", 1
+        while name in namespace:
+            name, n = f"{prefix}{cls.__name__}_{n}", n + 1
+        made = type(name, (mixin, cls), {"__module__": namespace["__name__"], "__qualname__": name})
+        namespace[name] = registry[cls] = made
+    return registry[cls]
+
+
+def unmixed_class(registry: dict, cls: type) -> type:
+    """The class :func:`mixed_class` made ``cls`` from (``cls`` itself when it made none)."""
+    for base, made in registry.items():
+        if made is cls:
+            return base
+    return cls
+
+
 def adapted_class(cls: type) -> type:
     """The adapted subclass of ``cls`` (one per class, so graph definitions compare equal)."""
-    if issubclass(cls, _AdaptedMixin):
-        return cls
-    if cls not in _ADAPTED:
-        # Made once and published in this module under a unique name, so that graph definitions holding it
-        # compare equal across models and pickle.
-        name, n = f"Adapted{cls.__name__}", 1
-        while name in globals():
-            name, n = f"Adapted{cls.__name__}_{n}", n + 1
-        adapted = type(name, (_AdaptedMixin, cls), {"__module__": __name__, "__qualname__": name})
-        globals()[name] = _ADAPTED[cls] = adapted
-    return _ADAPTED[cls]
+    return mixed_class(_ADAPTED, _AdaptedMixin, cls, "Adapted", globals())
 
 
 def base_class(cls: type) -> type:
     """The original class of an adapted layer class."""
-    for base, adapted in _ADAPTED.items():
-        if adapted is cls:
-            return base
-    return cls
+    return unmixed_class(_ADAPTED, cls)
 
 
 # ---------------------------------------------------------------------------------------------

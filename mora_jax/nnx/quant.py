@@ -55,20 +55,12 @@ def is_quantized_layer(layer) -> bool:
 
 def quantized_class(cls: type) -> type:
     """The quantized subclass of an ``nnx.Linear`` class (one per class, so graph definitions compare equal)."""
-    if issubclass(cls, _QuantizedMixin):
-        return cls
-    if cls not in _QUANTIZED:
-        name = f"Quantized{cls.__name__}"
-        made = type(name, (_QuantizedMixin, cls), {"__module__": __name__, "__qualname__": name})
-        globals()[name] = _QUANTIZED[cls] = made
-    return _QUANTIZED[cls]
+    return layers_lib.mixed_class(_QUANTIZED, _QuantizedMixin, cls, "Quantized", globals())
 
 
 def float_class(cls: type) -> type:
-    for base, made in _QUANTIZED.items():
-        if made is cls:
-            return base
-    return cls
+    """The float class of a quantized layer class."""
+    return layers_lib.unmixed_class(_QUANTIZED, cls)
 
 
 def quantize(model, config: QuantConfig | dict):
