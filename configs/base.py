@@ -35,6 +35,9 @@ def base_config():
     c.model.quantize.block_size = 64  # int4 / nf4: input features per scale (must divide them); GGUF formats: 32
     c.model.quantize.scale_dtype = "float32"  # "float32" or "bfloat16" scales (GGUF keeps its float16 ones)
     c.model.quantize.targets = LLAMA_TARGETS  # one regex over parameter paths: the seven projections, not embeddings/norms/lm_head
+    # a ReMoRA / ReLoRA merge into a quantized kernel: "residual" keeps the update exactly beside the codes (LoRA,
+    # MoRA without a magnitude), "requantize" quantizes the merged kernel again, "auto" residual on 4-bit formats
+    c.model.quantize.merge = "auto"
 
     c.adapter = ml_collections.ConfigDict()
     c.adapter.r = 8  # LoRA rank; MoRA uses r̂ = round(sqrt((k+d)·r)) (same trainable count)

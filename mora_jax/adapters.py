@@ -358,11 +358,22 @@ def _merge(params, adapters, sign: float):
                 f"adapter path {path_str(path)!r} is not in params; the adapters were built for another model"
             )
         stored = flat_params[path]  # a quantized kernel is re-quantized after the merge (docs/quantization.md)
+        if is_quantized(stored) and stored.residual is not None and keeps_merges_beside_codes(adapter):
+            _check_fits(path, stored, adapter)  # merges kept exactly beside the codes (mora_jax.quant.residual)
+            flat_params[path] = stored.replace(residual=stored.residual.absorb(adapter, sign))
+            continue
         kernel = as_float(stored)
         stack = _check_fits(path, kernel, adapter)
         kernel_KxD = kernel.reshape(*stack, adapter.in_features, adapter.out_features)
         flat_params[path] = store_like(stored, adapter.add_to(kernel_KxD, sign).reshape(kernel.shape))
     return unflatten(flat_params)
+
+
+def keeps_merges_beside_codes(adapter) -> bool:
+    """Whether ``adapter``'s merges into a quantized kernel can be kept exactly beside its codes
+    (:mod:`mora_jax.quant.residual`): LoRA and MoRA without a magnitude, whose ``ΔK`` is linear in
+    their parameters."""
+    return type(adapter) is LoRAAdapter or (type(adapter) is MoRAAdapter and adapter.magnitude is None)
 
 
 def _needs_norms(adapter) -> bool:

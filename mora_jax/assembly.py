@@ -36,6 +36,7 @@ from mora_jax.methods import PiSSAConfig
 from mora_jax.models.config import LlamaConfig
 from mora_jax.models.llama import LlamaForCausalLM, abstract_params, init_params
 from mora_jax.models.params import stack_layers
+from mora_jax.quant import residual
 from mora_jax.quant.transform import quantize
 from mora_jax.run_config import RunConfig
 
@@ -118,7 +119,8 @@ def initial_state(params, config: RunConfig, layout=None) -> training.TrainState
     """The state a run starts from: ``params`` (the kernels ``model.quantize`` names quantized) frozen
     or trained as ``config.adapter`` says, fresh
     adapters (ReMoRA: of the cycle's first type; PiSSA: from the kernels' SVD, the kernels replaced
-    by their residuals) and optimizer states."""
+    by their residuals), room beside quantized kernels for the merges they keep
+    (``model.quantize.merge``) and optimizer states."""
     rng = jax.random.key(config.seed)
     params = quantize(params, config.model.quantize)  # (kept as they are when load_params quantized them)
     adapter_config = config.initial_adapter_config()
@@ -126,6 +128,9 @@ def initial_state(params, config: RunConfig, layout=None) -> training.TrainState
         params, adapters = pissa.init(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
     else:
         adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.fold_in(rng, 1), layout=layout)
+    if config.remora.every and config.model.quantize.keeps_merges(adapter_config):  # room for the run's merges
+        params = residual.add_slots(params, adapters, type_cycle=config.remora.type_cycle,
+                                    merges=residual.merges_in_run(config.train.steps, config.remora.every))
     return training.create_train_state(params, adapters, adapter_config, config.optim.optimizer(),
                                        jax.random.fold_in(rng, 2))
 

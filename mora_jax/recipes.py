@@ -122,7 +122,7 @@ def run(config, task: str) -> loop.RunResult:
     tokenizer = _tokenizer(config)
     assembly.check_vocab(config, assembled.model_config, tokenizer.vocab_size)
     params = assembled.load_params()
-    merge_warning = config.model.quantize.merge_warning(config.remora.every)
+    merge_warning = config.model.quantize.merge_warning(config.remora.every, config.adapter)
     if merge_warning and jax.process_index() == 0:
         print(f"warning: {merge_warning}", flush=True)
     train_batches, eval_batches = build_data(config, task, tokenizer)

@@ -384,6 +384,8 @@ class RunConfig:
         if self.model.hf_path.endswith(".gguf") and not self.data.tokenizer:
             raise ConfigError(f"model.hf_path {self.model.hf_path} is a GGUF file: give data.tokenizer too (the "
                               "tokenizer.json of the directory `mora-jax convert-gguf FILE OUT_DIR` writes)")
+        if self.remora.every:
+            self.model.quantize.keeps_merges(self.adapter)  # merge='residual' with a method it cannot keep: one line
         if self.optim.warmup_steps > self.train.steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} is longer than the run "
                               f"(train.steps={self.train.steps})")

@@ -249,13 +249,19 @@ def _adapter_specs(path: str, adapter, mesh: Mesh, rules: ShardingRules):
 def _quantized_specs(path: str, leaf: QuantizedKernel, mesh: Mesh, rules: ShardingRules):
     """A quantized kernel (:mod:`mora_jax.quant`) follows its kernel's rule: the codes have the
     kernel's shape, the block scales (and Q4_1's minima) the same logical axes (a block dimension the
-    mesh does not divide stays replicated)."""
+    mesh does not divide stays replicated); merges kept beside the codes follow the adapters' rules."""
     logical = rules.param_logical_axes(path)
     spec = lambda x: None if x is None else (  # noqa: E731
         PartitionSpec(*([None] * len(x.shape))) if logical is None
         else spec_from_logical(x.shape, logical, mesh, rules, what=path))
+    kept = leaf.residual
+    if kept is not None:  # merges kept beside the codes: sharded as live adapters of this kernel would be
+        kept = kept.replace(
+            mora=tuple(_adapter_specs(path, a, mesh, rules) for a in kept.mora),
+            lora=None if kept.lora is None else _adapter_specs(path, kept.lora, mesh, rules),
+            count=None if kept.count is None else PartitionSpec(*([None] * kept.count.ndim)))
     return leaf.replace(q=leaf.q.replace(qvalue=spec(leaf.q.qvalue), scale=spec(leaf.q.scale)),
-                        offset=spec(leaf.offset))
+                        offset=spec(leaf.offset), residual=kept)
 
 
 def _is_node(x) -> bool:

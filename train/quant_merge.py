@@ -1,19 +1,23 @@
-"""Measure what a ReMoRA merge into a quantized base loses: each merge re-quantizes the merged kernel
-(``mora_jax.adapters.merge`` on :mod:`mora_jax.quant` leaves), so part of the merged update ``ΔK`` is
-rounded away and the rest of the kernel may be re-rounded. For each format, the same small model,
-data and seed (ReMoRA, MoRA type cycle 1→2→3→4) train; at every merge it records
+"""Measure what a ReMoRA merge into a quantized base loses, for both merges ``model.quantize.merge``
+offers: ``requantize`` (the merged kernel is quantized again, so part of the merged update ``ΔK`` is
+rounded away and the rest of the kernel may be re-rounded) and ``residual`` (the update is kept
+exactly beside the codes, :mod:`mora_jax.quant.residual`, at the cost of computing it in each step).
+For each format and merge, the same small model, data and seed (ReMoRA, MoRA type cycle 1→2→3→4)
+train; at every merge it records
 
 * ``retained``: the share of ``ΔK`` the re-quantized kernel keeps, ``⟨K'−K, ΔK⟩ / ‖ΔK‖²`` (1 = all);
 * ``error / ‖ΔK‖``: ``‖K' − (K + ΔK)‖ / ‖ΔK‖``, the merge's error relative to the update;
 * ``error / ‖K‖``: the same relative to the kernel;
 * ``Δ eval loss``: the held-out loss after the merge minus before it (float base: 0 up to rounding);
 
-over all adapted kernels together (sums of squares), and the final held-out loss. A second table
+over all adapted kernels together (sums of squares), the final held-out loss and the median train
+step time relative to the same format's ``requantize`` run (measured in this process, the runs one
+after the other: a ratio, not a time). A second table
 isolates the update's size: one re-quantization of a ``576 × 1536`` kernel (SmolLM2's MLP shape, weights
 ``N(0, 0.02²)``) merged with a random rank-8 update of relative size ``‖ΔK‖/‖K‖`` from 1e-4 to 1e-1.
 
     python -m train.quant_merge                        # writes benchmarks/quant_merge.{json,md}
-    python -m train.quant_merge --formats=none,int8,nf4 --steps=40 --every=10
+    python -m train.quant_merge --formats=none,int8,nf4 --merges=requantize,residual --steps=40 --every=10
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import pathlib
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -38,7 +43,7 @@ MODEL = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "
          "num_key_value_heads": 2}
 
 
-def run_config(corpus: pathlib.Path, fmt: str, steps: int, every: int, lr: float) -> RunConfig:
+def run_config(corpus: pathlib.Path, fmt: str, steps: int, every: int, lr: float, merge: str = "requantize") -> RunConfig:
     c = c4_pretrain.get_config("tiny")
     c.workdir = str(corpus / "unused")
     c.data.source, c.data.eval_source = str(corpus / "corpus.txt"), str(corpus / "corpus_eval.txt")
@@ -47,6 +52,7 @@ def run_config(corpus: pathlib.Path, fmt: str, steps: int, every: int, lr: float
     c.train.progress = False
     c.model.overrides.update(MODEL)
     c.model.quantize.format = fmt
+    c.model.quantize.merge = merge
     return RunConfig.from_dict(c)
 
 
@@ -55,8 +61,8 @@ def _host_kernels(frozen, paths):
     return {p: np.asarray(as_float(flat[p]), np.float64) for p in paths}
 
 
-def measure(corpus: pathlib.Path, fmt: str, steps: int, every: int, lr: float) -> dict:
-    config = run_config(corpus, fmt, steps, every, lr)
+def measure(corpus: pathlib.Path, fmt: str, steps: int, every: int, lr: float, merge: str = "requantize") -> dict:
+    config = run_config(corpus, fmt, steps, every, lr, merge)
     a = assembly.assemble(config)
     tokenizer = data_lib.Tokenizer(config.data.tokenizer)
     train_batches, eval_batches = recipes.build_data(config, "pretrain", tokenizer)
@@ -69,8 +75,14 @@ def measure(corpus: pathlib.Path, fmt: str, steps: int, every: int, lr: float) -
 
     merges = []
     batches = iter(train_batches)
+    times = []
     for step in range(1, steps + 1):
-        state, _ = a.steps.train(state, a.steps.shard_batch(next(batches)))
+        batch = a.steps.shard_batch(next(batches))
+        t0 = time.perf_counter()
+        state, metrics = a.steps.train(state, batch)
+        jax.block_until_ready(metrics)
+        if step > 2 and not config.remora.is_merge_step(step - 1):  # the first steps and those after a merge compile
+            times.append(time.perf_counter() - t0)
         if not config.remora.is_merge_step(step):
             continue
         paths = sorted(adapters_lib.flatten(state.adapters))
@@ -87,7 +99,18 @@ def measure(corpus: pathlib.Path, fmt: str, steps: int, every: int, lr: float) -
         merges.append({"step": step, "retained": dot / d2, "error_over_delta": (e2 / d2) ** 0.5,
                        "error_over_kernel": (e2 / k2) ** 0.5, "delta_over_kernel": (d2 / k2) ** 0.5,
                        "eval_loss_change": eval_loss(state) - loss_before})
-    return {"format": fmt, "merges": merges, "final_eval_loss": eval_loss(state)}
+    steady = sorted(times) or [float("nan")]
+    return {"format": fmt, "merge": merge if fmt != "none" else "exact", "merges": merges,
+            "final_eval_loss": eval_loss(state), "median_step_s": steady[len(steady) // 2]}
+
+
+def _label(r) -> str:
+    return r["format"] if r["format"] == "none" else f"{r['format']}, {r['merge']}"
+
+
+def _relative_time(r, results) -> str:
+    ref = [x for x in results if x["format"] == r["format"] and x["merge"] == "requantize"]
+    return f"{r['median_step_s'] / ref[0]['median_step_s']:.2f}" if ref else "—"
 
 
 SIZES = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -118,17 +141,18 @@ def update_sizes(formats: list[str]) -> list[dict]:
 def markdown(results: list[dict], sizes: list[dict], record: dict, args) -> str:
     lines = [f"# ReMoRA merges into a quantized base ({args.steps} steps, merge every {args.every}, lr {args.lr})", "",
              "`python -m train.quant_merge` (docs/quantization.md). Per merge: the share of the merged update the "
-             "re-quantized kernel keeps, the merge's error relative to the update and to the kernel, the update's "
-             "size, and the held-out loss after minus before the merge. Model: the tiny preset widened to "
+             "kept kernel holds (re-quantized, or with the update kept beside the codes), the merge's error relative "
+             "to the update and to the kernel, the update's size, and the held-out loss after minus before the merge. "
+             "Model: the tiny preset widened to "
              f"{MODEL}; synthetic corpus; MoRA r=8, types 1→2→3→4.", "",
              "| base | merge at step | retained | ‖err‖/‖ΔK‖ | ‖err‖/‖K‖ | ‖ΔK‖/‖K‖ | Δ eval loss |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         for m in r["merges"]:
-            lines.append(f"| {r['format']} | {m['step']} | {m['retained']:.3f} | {m['error_over_delta']:.3f} | "
+            lines.append(f"| {_label(r)} | {m['step']} | {m['retained']:.3f} | {m['error_over_delta']:.3f} | "
                          f"{m['error_over_kernel']:.2e} | {m['delta_over_kernel']:.2e} | {m['eval_loss_change']:+.4f} |")
-    lines += ["", "| base | final held-out loss |", "|---|---|"]
-    lines += [f"| {r['format']} | {r['final_eval_loss']:.4f} |" for r in results]
+    lines += ["", "| base | final held-out loss | train step time / the format's requantize run |", "|---|---|---|"]
+    lines += [f"| {_label(r)} | {r['final_eval_loss']:.4f} | {_relative_time(r, results)} |" for r in results]
     lines += ["", "One merge by the update's size (576 × 1536 kernel, N(0, 0.02²) weights, random rank-8 update):", "",
               "| base | ‖ΔK‖/‖K‖ | retained | ‖err‖/‖ΔK‖ | ‖err‖/‖K‖ |", "|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {r['size']:.0e} | {r['retained']:.3f} | {r['error_over_delta']:.3f} | "
@@ -139,6 +163,7 @@ def markdown(results: list[dict], sizes: list[dict], record: dict, args) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.quant_merge", description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default="none,int8,int4,nf4,q4_1")
+    parser.add_argument("--merges", default="requantize,residual", help="model.quantize.merge values to measure")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -151,8 +176,9 @@ def main(argv=None) -> int:
         data_lib.train_tokenizer(str(corpus / "corpus.txt"), str(corpus / "tok"), vocab_size=512)
         results = []
         for fmt in args.formats.split(","):
-            results.append(measure(corpus, fmt, args.steps, args.every, args.lr))
-            print(json.dumps(results[-1]), flush=True)
+            for merge in args.merges.split(",") if fmt != "none" else ["requantize"]:
+                results.append(measure(corpus, fmt, args.steps, args.every, args.lr, merge))
+                print(json.dumps(results[-1]), flush=True)
     sizes = update_sizes(args.formats.split(","))
     record = provenance(seeds=[0])
     out = pathlib.Path(args.out)

@@ -6,11 +6,12 @@ import dataclasses
 import re
 
 from mora_jax.errors import ConfigError
-from mora_jax.methods import LLAMA_TARGETS
+from mora_jax.methods import LLAMA_TARGETS, LoRAConfig, MoRAConfig
 
 FORMATS = ("none", "int8", "int4", "nf4", "gguf", "q8_0", "q4_0", "q4_1")
 SCALE_DTYPES = ("float32", "bfloat16")
 FOUR_BIT = ("int4", "nf4", "q4_0", "q4_1")
+MERGES = ("auto", "residual", "requantize")
 PROJECTION_TARGETS = LLAMA_TARGETS  # the seven projections of a block (not the embeddings, norms or lm_head)
 
 
@@ -25,14 +26,22 @@ class QuantConfig:
       scale_dtype: "float32" or "bfloat16" scales (GGUF formats keep their float16 ones).
       targets: a regular expression matched whole (``re.fullmatch``) against '/'-joined parameter
         paths; default the seven projections.
+      merge: what a ReMoRA / ReLoRA merge does to a quantized kernel: "residual" keeps the merged
+        update exactly beside the codes (``mora_jax.quant.residual``; LoRA and MoRA without a magnitude),
+        "requantize" dequantizes, merges and quantizes again (rounds away most of an update on a 4-bit
+        base), "auto" (default, from the measurements in docs/quantization.md) keeps merges on 4-bit
+        formats where the method allows it and re-quantizes otherwise (int8 keeps an update whole).
     """
 
     format: str = "none"
     block_size: int = 64
     scale_dtype: str = "float32"
     targets: str = PROJECTION_TARGETS
+    merge: str = "auto"
 
     def __post_init__(self):
+        if self.merge not in MERGES:
+            raise ConfigError(f"model.quantize.merge={self.merge!r}: choose one of {', '.join(MERGES)}")
         if self.format not in FORMATS:
             raise ConfigError(f"model.quantize.format={self.format!r}: choose one of {', '.join(FORMATS)}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2 \
@@ -54,13 +63,27 @@ class QuantConfig:
     def enabled(self) -> bool:
         return self.format != "none"
 
-    def merge_warning(self, merge_every: int) -> str | None:
-        """A line for runs that merge into a 4-bit base (measured in ``docs/quantization.md``), else None."""
+    def keeps_merges(self, adapter_config) -> bool:
+        """Whether merges of ``adapter_config``'s adapters are kept beside the quantized codes."""
+        if not self.enabled or self.merge == "requantize":
+            return False
+        allowed = type(adapter_config) is LoRAConfig or (type(adapter_config) is MoRAConfig
+                                                          and not adapter_config.magnitude)
+        if self.merge == "residual" and not allowed:
+            raise ConfigError(f"model.quantize.merge='residual' keeps LoRA and MoRA (without a magnitude) merges, not "
+                              f"{adapter_config.method}'s: set model.quantize.merge='requantize' (or 'auto')")
+        return allowed and (self.merge == "residual" or self.format in FOUR_BIT)
+
+    def merge_warning(self, merge_every: int, adapter_config=None) -> str | None:
+        """A line for runs whose merges re-quantize a 4-bit base (measured in ``docs/quantization.md``), else None."""
         if not merge_every or self.format not in FOUR_BIT:
+            return None
+        if adapter_config is not None and self.keeps_merges(adapter_config):
             return None
         return (f"model.quantize.format={self.format!r} with merges every {merge_every} steps: re-quantizing a merged "
                 "kernel to 4 bits rounds away most of an update smaller than ~10% of the kernel (docs/quantization.md); "
-                "consider remora.every=0 or model.quantize.format='int8'")
+                "with LoRA or MoRA (no magnitude) model.quantize.merge='residual' keeps merges exactly; else consider "
+                "remora.every=0 or model.quantize.format='int8'")
 
     @classmethod
     def from_value(cls, value) -> "QuantConfig":
@@ -77,4 +100,4 @@ class QuantConfig:
         return cls(**values)
 
 
-__all__ = ["FOUR_BIT", "FORMATS", "PROJECTION_TARGETS", "SCALE_DTYPES", "QuantConfig"]
+__all__ = ["FOUR_BIT", "FORMATS", "MERGES", "PROJECTION_TARGETS", "SCALE_DTYPES", "QuantConfig"]

@@ -59,10 +59,13 @@ class QuantizedKernel:
     """A frozen kernel ``(*stack, k, d)`` stored quantized (see the module docstring).
 
     ``q``: the qwix ``QArray`` (``qvalue`` the kernel's shape, ``scale`` ``(*stack, k/block, d)``);
-    ``offset``: GGUF Q4_1's block minimum (same shape as the scale), else None."""
+    ``offset``: GGUF Q4_1's block minimum (same shape as the scale), else None;
+    ``residual``: merges kept exactly beside the codes (:class:`mora_jax.quant.residual.MergeResidual`),
+    else None: the leaf stands for ``dequant(codes) + ΔK_residual``."""
 
     q: qwix.QArray
     offset: jax.Array | None = None
+    residual: object = None
     format: str = flax.struct.field(pytree_node=False, default="int8")
     block_size: int = flax.struct.field(pytree_node=False, default=0)  # 0: one scale per output channel
     dtype: str = flax.struct.field(pytree_node=False, default="float32")  # the float kernel's dtype
@@ -93,6 +96,7 @@ def nbytes(leaf) -> int:
     byte), scales and offsets at theirs. Works on arrays, ``ShapeDtypeStruct``s and quantized leaves."""
     if isinstance(leaf, QuantizedKernel):
         extra = [leaf.q.scale] + ([leaf.offset] if leaf.offset is not None else [])
+        extra += jax.tree_util.tree_leaves(leaf.residual)
         return leaf.size * code_bits(leaf.format) // 8 + sum(nbytes(x) for x in extra)
     size = 1
     for n in leaf.shape:
@@ -182,9 +186,9 @@ def quantize_kernel(w, format: str, *, block_size: int = 64, scale_dtype="float3
                            block_size=block, dtype=jnp.dtype(w.dtype).name)
 
 
-def dequantize(leaf: QuantizedKernel, dtype=jnp.float32) -> jax.Array:
-    """The float kernel a quantized leaf stands for (``qwix.dequantize`` with float32 scales, as
-    ggml's dequantization computes; Q4_1 adds its block minimum), in ``dtype``."""
+def dequantize_codes(leaf: QuantizedKernel, dtype=jnp.float32) -> jax.Array:
+    """The codes' kernel, without kept merges (``qwix.dequantize`` with float32 scales, as ggml's
+    dequantization computes; Q4_1 adds its block minimum), in ``dtype``."""
     w = qwix.dequantize(leaf.q.astype(jnp.float32))
     if leaf.offset is not None:
         *stack, k, d = w.shape
@@ -193,10 +197,21 @@ def dequantize(leaf: QuantizedKernel, dtype=jnp.float32) -> jax.Array:
     return w.astype(dtype)
 
 
+def dequantize(leaf: QuantizedKernel, dtype=jnp.float32) -> jax.Array:
+    """The float kernel a quantized leaf stands for: its codes dequantized plus the merges kept
+    beside them (if any), in ``dtype``."""
+    w = dequantize_codes(leaf)
+    if leaf.residual is not None:
+        w = w + leaf.residual.delta_weight().reshape(w.shape)
+    return w.astype(dtype)
+
+
 def requantize_like(leaf: QuantizedKernel, w) -> QuantizedKernel:
-    """``w`` quantized in ``leaf``'s format, block size and scale dtype (a merge into a quantized base)."""
-    return quantize_kernel(w.astype(jnp.float32), leaf.format, block_size=leaf.block_size or 64,
-                           scale_dtype=leaf.q.scale.dtype).replace(dtype=leaf.dtype)
+    """``w`` quantized in ``leaf``'s format, block size and scale dtype (a merge into a quantized base);
+    kept merges, if ``leaf`` has room for them, start empty (``w`` holds them)."""
+    out = quantize_kernel(w.astype(jnp.float32), leaf.format, block_size=leaf.block_size or 64,
+                          scale_dtype=leaf.q.scale.dtype).replace(dtype=leaf.dtype)
+    return out if leaf.residual is None else out.replace(residual=leaf.residual.cleared())
 
 
 def as_float(kernel):
@@ -211,5 +226,6 @@ def store_like(kernel, new):
     return requantize_like(kernel, new) if is_quantized(kernel) else new.astype(kernel.dtype)
 
 
-__all__ = ["GGUF_BLOCK", "GGUF_FORMATS", "QuantizedKernel", "as_float", "code_bits", "dequantize", "is_quantized", "nbytes",
+__all__ = ["GGUF_BLOCK", "GGUF_FORMATS", "QuantizedKernel", "as_float", "code_bits", "dequantize", "dequantize_codes",
+           "is_quantized", "nbytes",
            "quantize_kernel", "requantize_like", "store_like"]

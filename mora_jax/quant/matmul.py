@@ -5,6 +5,9 @@ compute dtype, one ``dot_general`` over the last input axis, then the bias) on
 ``formats.dequantize(leaf)``: weight-only, so the activations stay in the compute dtype and every
 gradient through the layer is the one on the dequantized base.
 
+Merges kept beside the codes (``leaf.residual``, :mod:`mora_jax.quant.residual`) are added in
+activation space, ``Σ Δy(x)``, like a live adapter: no dense ``ΔK`` is built in the step.
+
 It runs under ``jax.checkpoint``: the backward pass keeps the layer's input and the quantized leaf
 and dequantizes again, so no dequantized kernel is saved between the forward and backward passes
 (without it, the float copy of every kernel would be a residual of its matmul: a full-precision model
@@ -17,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from mora_jax.quant.formats import QuantizedKernel, dequantize
+from mora_jax.quant.formats import QuantizedKernel, dequantize, dequantize_codes
 
 
 def float_dense(x, kernel, bias, dtype, precision):
@@ -33,7 +36,10 @@ def dense(x, leaf: QuantizedKernel, bias=None, *, dtype=None, precision=None):
         raise ValueError(f"a quantized Dense kernel must be 2-D (in, out) where it is called, got {leaf.shape}")
 
     def run(x, leaf, bias):
-        return float_dense(x, dequantize(leaf), bias, dtype, precision)
+        y = float_dense(x, dequantize_codes(leaf), bias, dtype, precision)
+        if leaf.residual is not None:
+            y = y + leaf.residual.delta(x.astype(y.dtype)).astype(y.dtype)
+        return y
 
     return jax.checkpoint(run)(x, leaf, bias)
 
