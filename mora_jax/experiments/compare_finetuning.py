@@ -385,26 +385,11 @@ def plot_results(results, path: pathlib.Path) -> None:
 
 def plot_sweep(results, path: pathlib.Path) -> None:
     """The sweep's validation metric against the learning rate, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metric, _ = results["select"][0]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in results["methods"]:
-        points = [(r["lr"], r["eval"][str(results["sweep_steps"])][metric]) for r in results["sweep"][name]["runs"]
-                  if not r["diverged"] and str(results["sweep_steps"]) in r["eval"]]
-        if points:
-            ax.plot(*zip(*points), "o-", ms=4, label=results["labels"][name])
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel(f"validation {metric} after {results['sweep_steps']} steps")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    step = str(results["sweep_steps"])
+    runs.plot_sweep({results["labels"][name]: [(r["lr"], r["eval"][step][metric]) for r in results["sweep"][name]["runs"]
+                                               if not r["diverged"] and step in r["eval"]] for name in results["methods"]},
+                    f"validation {metric} after {results['sweep_steps']} steps", path)
 
 
 __all__ = ["Comparison", "check_config", "choose_lr", "compare", "label", "method_names", "results_markdown",

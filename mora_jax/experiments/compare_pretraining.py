@@ -251,27 +251,10 @@ def results_markdown(results) -> str:
 
 def plot_sweep(results, path: pathlib.Path) -> None:
     """Each method's sweep: eval loss after ``sweep_steps`` against the peak learning rate."""
-    if not results.get("sweep"):
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in results["methods"]:
-        sw = results["sweep"][method]
-        points = [(lr, s) for lr, s in zip(sw["lrs"], sw["scores"]) if np.isfinite(s)]
-        if points:
-            ax.plot(*zip(*points), "o-", ms=4, label=LABELS[method])
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel(f"eval loss after {results['sweep_steps']} steps")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if results.get("sweep"):
+        runs_lib.plot_sweep({LABELS[m]: [(lr, s) for lr, s in zip(results["sweep"][m]["lrs"], results["sweep"][m]["scores"])
+                                         if np.isfinite(s)] for m in results["methods"]},
+                            f"eval loss after {results['sweep_steps']} steps", path)
 
 
 def plot_perplexity(results, path: pathlib.Path) -> None:

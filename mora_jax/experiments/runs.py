@@ -1,5 +1,5 @@
 """What the comparisons share: a record per finished run (so a comparison resumes where it stopped),
-mean ± std over seeds, the persistent compilation cache, and progress lines.
+mean ± std over seeds, the persistent compilation cache, progress lines and the learning-rate sweep's plot.
 
 A run of a comparison lives in its own folder; when it finishes, :func:`cached_run` writes its
 record to ``done.json`` there, and a later invocation reads the record instead of training again.
@@ -101,4 +101,25 @@ class Progress:
             self.trained_steps += steps
 
 
-__all__ = ["DONE", "Progress", "cached_run", "enable_compilation_cache", "mean_std"]
+def plot_sweep(lines: dict, ylabel: str, path: pathlib.Path) -> None:
+    """A learning-rate sweep: ``{label: [(lr, value), ...]}``, one line per method, log-scaled rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in lines.items():
+        if points:
+            ax.plot(*zip(*points), "o-", ms=4, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["DONE", "Progress", "cached_run", "enable_compilation_cache", "mean_std", "plot_sweep"]
