@@ -15,6 +15,7 @@ step time relative to the same format's ``requantize`` run (measured in this pro
 after the other: a ratio, not a time). A second table
 isolates the update's size: one re-quantization of a ``576 × 1536`` kernel (SmolLM2's MLP shape, weights
 ``N(0, 0.02²)``) merged with a random rank-8 update of relative size ``‖ΔK‖/‖K‖`` from 1e-4 to 1e-1.
+A third (:func:`step_cost`) times what keeping merges costs per step at the 250M widths.
 
     python -m train.quant_merge                        # writes benchmarks/quant_merge.{json,md}
     python -m train.quant_merge --formats=none,int8,nf4 --merges=requantize,residual --steps=40 --every=10
@@ -113,6 +114,43 @@ def _relative_time(r, results) -> str:
     return f"{r['median_step_s'] / ref[0]['median_step_s']:.2f}" if ref else "—"
 
 
+COST_MODEL = {"num_hidden_layers": 4}  # the 250M preset's widths (hidden 768, MLP 2560), 4 layers scanned
+
+
+def step_cost(method: str, r: int, merges: int, steps: int) -> dict:
+    """What keeping merges costs per train step at the 250M widths on an NF4 base: the same step with
+    room for ``merges`` kept merges (LoRA: rank ``r·merges`` beside each kernel; MoRA: one ``m`` per type
+    of the cycle 1→2→3→4) and without (``requantize``), timed alternately in this process; the median
+    ratio. The slots' values do not change the work, so no merge is run."""
+    assembled = {}
+    for merge in ("requantize", "residual"):
+        config = RunConfig.from_dict({
+            "method": method, "workdir": "/unused",
+            "model": {"preset": "mora-250m", "overrides": COST_MODEL, "scan_layers": True,
+                      "quantize": {"format": "nf4", "merge": merge}},
+            "adapter": {"r": r, "mora_type": 1} if method == "mora" else {"r": r},
+            "remora": {"every": 10}, "optim": {"warmup_steps": 0},
+            "train": {"steps": 10 * merges + 1, "batch_size": 1, "seq_len": 256}})
+        a = assembly.assemble(config)
+        state = a.steps.place(a.initial_state(a.load_params()))
+        batch = a.steps.shard_batch({"input_ids": np.arange(256, dtype=np.int32)[None] % 1000})
+        state, metrics = a.steps.train(state, batch)  # compiles
+        jax.block_until_ready(metrics)
+        assembled[merge] = [a, state, batch]
+    times = {"requantize": [], "residual": []}
+    for _ in range(steps):
+        for merge, entry in assembled.items():
+            a, state, batch = entry
+            t0 = time.perf_counter()
+            entry[1], metrics = a.steps.train(state, batch)
+            jax.block_until_ready(metrics)
+            times[merge].append(time.perf_counter() - t0)
+    ratios = sorted(k / q for k, q in zip(times["residual"], times["requantize"]))
+    return {"method": method, "r": r, "merges": merges, "ratio_median": ratios[len(ratios) // 2],
+            "ratio_min": ratios[0], "ratio_max": ratios[-1],
+            "requantize_median_s": sorted(times["requantize"])[steps // 2]}
+
+
 SIZES = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -138,7 +176,7 @@ def update_sizes(formats: list[str]) -> list[dict]:
     return rows
 
 
-def markdown(results: list[dict], sizes: list[dict], record: dict, args) -> str:
+def markdown(results: list[dict], sizes: list[dict], record: dict, args, costs: list[dict] = ()) -> str:
     lines = [f"# ReMoRA merges into a quantized base ({args.steps} steps, merge every {args.every}, lr {args.lr})", "",
              "`python -m train.quant_merge` (docs/quantization.md). Per merge: the share of the merged update the "
              "kept kernel holds (re-quantized, or with the update kept beside the codes), the merge's error relative "
@@ -157,6 +195,16 @@ def markdown(results: list[dict], sizes: list[dict], record: dict, args) -> str:
               "| base | ‖ΔK‖/‖K‖ | retained | ‖err‖/‖ΔK‖ | ‖err‖/‖K‖ |", "|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {r['size']:.0e} | {r['retained']:.3f} | {r['error_over_delta']:.3f} | "
               f"{r['error_over_kernel']:.2e} |" for r in sizes]
+    if costs:
+        lines += ["", "The cost of keeping merges: the 250M widths (hidden 768, MLP 2560), 4 layers scanned, batch 1 × 256, "
+                  "float32, an NF4 base; train step time with room for the kept merges over the same step without "
+                  "(alternating, median and range over the timed pairs):", "",
+                  "| method | kept beside each kernel | step time, residual / requantize |", "|---|---|---|"]
+        for c in costs:
+            kept = (f"MoRA: 4 frozen m (types 1-4), r = {c['r']}" if c["method"] == "mora"
+                    else f"LoRA: rank {c['r']} × {c['merges']} merges")
+            lines.append(f"| {c['method']} r={c['r']} | {kept} | {c['ratio_median']:.3f} "
+                         f"({c['ratio_min']:.3f}–{c['ratio_max']:.3f}) |")
     return "\n".join(lines + ["", provenance_markdown(record), ""])
 
 
@@ -167,6 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--cost-steps", type=int, default=6, help="timed step pairs of the cost table (0: skip it)")
     parser.add_argument("--out", default="benchmarks/quant_merge")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,11 +229,16 @@ def main(argv=None) -> int:
                 results.append(measure(corpus, fmt, args.steps, args.every, args.lr, merge))
                 print(json.dumps(results[-1]), flush=True)
     sizes = update_sizes(args.formats.split(","))
+    costs = []
+    if args.cost_steps:
+        for method, r in (("mora", 8), ("mora", 128), ("lora", 8), ("lora", 128)):
+            costs.append(step_cost(method, r, merges=4, steps=args.cost_steps))
+            print(json.dumps(costs[-1]), flush=True)
     record = provenance(seeds=[0])
     out = pathlib.Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"results": results, "update_sizes": sizes, "provenance": record,
-                                                    "args": vars(args)}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results, sizes, record, args))
+    out.with_suffix(".json").write_text(json.dumps({"results": results, "update_sizes": sizes, "step_costs": costs,
+                                                    "provenance": record, "args": vars(args)}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results, sizes, record, args, costs))
     print(out.with_suffix(".md").read_text())
     return 0
 
