@@ -38,6 +38,11 @@ def get_config(variant: str = ""):
     c.model.num_attention_heads = 4
     c.model.num_key_value_heads = 4
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
+    # QMoRA: the pre-trained base's projections stored quantized while LoRA / MoRA fine-tune on it
+    # (docs/quantization.md); "full" cannot train a quantized kernel, so leave it out of `run` then
+    c.model.quantize = ml_collections.ConfigDict()
+    c.model.quantize.format = "none"  # "none", "int8", "int4", "nf4", "q8_0", "q4_0", "q4_1"
+    c.model.quantize.block_size = 8  # int4 / nf4: input features per scale (must divide 128 and 344 here)
 
     c.pretrain_steps = 600  # base-model training on fresh random pairs (learns the format only)
     c.pretrain_lr = 3e-3  # its peak learning rate

@@ -9,6 +9,7 @@ import pytest
 from configs import uuid_memorization
 from mora_jax.experiments import uuid_memorization as experiments
 from mora_jax.experiments import uuid_task
+from mora_jax.errors import ConfigError
 
 
 def test_pairs_are_reproducible_distinct_uuids():
@@ -108,4 +109,22 @@ def test_unknown_method_in_run_list_is_an_error(tmp_path):
     config.run = "full,dora"
     config.pretrain_steps = 0
     with pytest.raises(ValueError, match=r"config.run names \['dora'\]"):
+        experiments.run_uuid_memorization(config)
+
+
+def test_the_experiment_fine_tunes_on_a_quantized_base(tmp_path):
+    config = uuid_memorization.get_config("tiny")
+    config.workdir, config.base_dir = str(tmp_path / "float"), str(tmp_path / "base")
+    config.run = "lora_large,mora_large"
+    plain = experiments.run_uuid_memorization(config)
+    config.workdir = str(tmp_path / "nf4")
+    config.model.quantize.format = "nf4"
+    quantized = experiments.run_uuid_memorization(config)  # the same float base, reused, stored as NF4 blocks of 8
+    assert (tmp_path / "base" / "uuid_pretraining.json").exists() and not (tmp_path / "nf4" / "base").exists()
+    for a, b in zip(plain["methods"], quantized["methods"]):
+        assert a["trainable_params"] == b["trainable_params"] and a["final_loss"] != b["final_loss"]
+        assert np.isfinite(b["final_loss"])
+    assert "stored as nf4 (blocks of 8)" in (tmp_path / "nf4" / "results.md").read_text()
+    config.run = "full"
+    with pytest.raises(ConfigError, match="is a quantized frozen kernel and cannot be trained in full"):
         experiments.run_uuid_memorization(config)

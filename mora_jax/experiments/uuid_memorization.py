@@ -24,7 +24,8 @@ from mora_jax.hf.checkpoints import load_llama, save_llama
 from mora_jax.methods import FullConfig, LoRAConfig, MoRAConfig
 from mora_jax.models.config import LlamaConfig
 from mora_jax.models.llama import LlamaForCausalLM, init_params
-from mora_jax.run_config import CheckpointConfig, OptimConfig, RunConfig, TrainConfig
+from mora_jax.quant.config import QuantConfig
+from mora_jax.run_config import CheckpointConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 
 
 def model_config(config) -> LlamaConfig:
@@ -47,11 +48,13 @@ def adapter_config(spec, targets: str):
     raise ValueError(f"unknown method {spec.method!r} in config.methods: use full, lora or mora")
 
 
-def run_config(method_config, *, steps, lr, warmup, weight_decay, seed, workdir, batch_size) -> RunConfig:
+def run_config(method_config, *, steps, lr, warmup, weight_decay, seed, workdir, batch_size,
+               quantize=None) -> RunConfig:
     """One training run of the experiment: constant learning rate after warm-up, clipping at 1, no
-    checkpoints."""
+    checkpoints; the base's projections stored as ``quantize`` says (a ``model.quantize`` section)."""
     return RunConfig(
         seed=seed, workdir=str(workdir), adapter=method_config,
+        model=ModelConfig(quantize=QuantConfig.from_value(None if quantize is None else dict(quantize))),
         optim=OptimConfig(lr=lr, warmup_steps=min(warmup, steps), decay="constant", weight_decay=weight_decay),
         train=TrainConfig(steps=steps, batch_size=batch_size, seq_len=uuid_task.SEQ_LEN,
                           log_every=max(1, min(50, steps // 10)), progress=False),
@@ -60,7 +63,8 @@ def run_config(method_config, *, steps, lr, warmup, weight_decay, seed, workdir,
 
 
 def _pretrain_signature(config) -> dict:
-    return {"seed": config.seed, "model": config.model.to_dict(), "steps": config.pretrain_steps,
+    model = {k: v for k, v in config.model.to_dict().items() if k != "quantize"}  # the base trains in float
+    return {"seed": config.seed, "model": model, "steps": config.pretrain_steps,
             "lr": config.pretrain_lr, "batch_size": config.batch_size, "warmup_steps": config.warmup_steps}
 
 
@@ -154,7 +158,7 @@ def _run_seed(config, workdir: pathlib.Path, seeds) -> dict:
             model, base_params,
             run_config(method_config, steps=eval_steps[-1], lr=spec.lr, warmup=config.warmup_steps,
                        weight_decay=config.weight_decay, seed=config.seed, workdir=workdir / name,
-                       batch_size=config.batch_size),
+                       batch_size=config.batch_size, quantize=config.model.get("quantize")),
             train_batches=uuid_task.PairBatches(pairs, config.batch_size, seed=config.seed), callbacks=[on_step],
         )
         metrics.plot_loss_curve(run.history, workdir / name / "loss_curve.png", title=f"{name} training loss")
@@ -194,6 +198,11 @@ def results_markdown(results) -> str:
     for row in results["methods"]:
         lines.append(f"| {_label(row)} | {row['trainable_params']:,} | " + " | ".join(_cell(row, s) for s in steps) + " |")
     text = "\n".join(lines) + "\n"
+    quantize = results.get("config", {}).get("model", {}).get("quantize") or {}
+    if quantize.get("format", "none") != "none":
+        text += (f"\nThe base's projections stored as {quantize['format']}"
+                 + (f" (blocks of {quantize['block_size']})" if quantize["format"] in ("int4", "nf4") else "")
+                 + " while the methods fine-tune (docs/quantization.md).\n")
     if results.get("provenance"):
         text += "\n" + provenance_markdown(results["provenance"]) + "\n"
     return text
