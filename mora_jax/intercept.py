@@ -90,14 +90,19 @@ def _adapter_interceptor(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     quantized = _quantized_kernel(module)
+    adapter = module.get_variable(ADAPTER_COLLECTION, "kernel") if module.has_variable(ADAPTER_COLLECTION, "kernel") \
+        else None
+    if quantized is not None and quantized.residual is not None and adapter is not None and not (
+            adapter.dropout > 0.0 and module.scope.has_rng("dropout")):  # a kept merge of the live type: one matmul less
+        kept, adapter = quantized.residual.fold_into(adapter)
+        quantized = quantized.replace(residual=kept)
     if quantized is None:
         base_fn = lambda: next_fun(*args, **kwargs)  # noqa: E731
     else:
         base_fn = lambda: quant_matmul.dense(x, quantized, _bias(module), dtype=module.dtype,  # noqa: E731
                                              precision=module.precision)
-    if not module.has_variable(ADAPTER_COLLECTION, "kernel"):
+    if adapter is None:
         return base_fn()
-    adapter = module.get_variable(ADAPTER_COLLECTION, "kernel")
     if getattr(adapter, "uses_kernel", False):
         if quantized is not None:
             return _quantized_kernel_adapter_output(module, adapter, x, quantized)

@@ -183,3 +183,39 @@ def test_the_merge_measurement_reports_both_merges(tmp_path):
     text = quant_merge.markdown([rounded, kept], [], provenance(seeds=[0]), args)
     assert kept["median_step_s"] > 0 and "| nf4, residual | 3 | 1.000 | 0.000 |" in text
     assert f"| nf4, residual | {kept['final_eval_loss']:.4f} | " in text and "| nf4, requantize | " in text
+
+
+@pytest.mark.parametrize("method", ["mora", "lora"])
+def test_a_layer_with_kept_merges_has_the_float_kernels_output_and_gradients(method):
+    """The live type's kept m rides on the live adapter (one operator less): values and the live
+    adapter's gradients equal those on the float kernel the leaf stands for."""
+    from mora_jax.intercept import apply_model
+    from mora_jax.models.config import LLAMA_CONFIGS
+    from mora_jax.models.llama import LlamaForCausalLM, init_params
+    from mora_jax.quant import residual
+    from mora_jax.quant.transform import quantize
+
+    config = LLAMA_CONFIGS["tiny"].replace(intermediate_size=128)
+    params = quantize(init_params(config, jax.random.key(0)), QuantConfig("nf4", block_size=32))
+    adapter_config = MoRAConfig(r=4, mora_type=2) if method == "mora" else LoRAConfig(r=4)
+    adapters = adapters_lib.init_adapters(params, adapter_config, jax.random.key(1))
+    params = residual.add_slots(params, adapters, type_cycle=(1, 2, 3, 4), merges=2)
+    keys = iter(jax.random.split(jax.random.key(2), 1000))
+    noise = lambda x: 0.05 * jax.random.normal(next(keys), x.shape, x.dtype)  # noqa: E731
+    filled = jax.tree_util.tree_map(lambda x: noise(x) if x.dtype == jnp.float32 and x.ndim >= 2 else x, params)
+    params = jax.tree_util.tree_map(lambda old, new: new, params, filled)  # random kept merges in every slot
+    adapters = jax.tree_util.tree_map(noise, adapters)
+    model, ids = LlamaForCausalLM(config), jnp.arange(12, dtype=jnp.int32)[None] % config.vocab_size
+
+    def loss(a, p):
+        return jnp.mean(apply_model(model, p, ids, adapters=a) ** 2)
+
+    reference = dequantize_params(params)
+    value, grads = jax.value_and_grad(loss)(adapters, params)
+    ref_value, ref_grads = jax.value_and_grad(loss)(adapters, reference)
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+    for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-4, atol=1e-6)
+    leaf = adapters_lib.flatten(params)[UP]
+    kept_delta = leaf.residual.delta_weight()
+    assert float(jnp.abs(kept_delta).max()) > 1e-3  # the kept merges are not zero: the check has teeth

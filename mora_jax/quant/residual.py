@@ -12,7 +12,8 @@ no shape (no recompilation, checkpoints restore into the same structure):
 
 * **MoRA** (without a magnitude): ``ΔK`` is linear in ``m`` for a fixed operator type, so one frozen
   ``m`` per type of ``remora.type_cycle`` holds the sum of every merged ``m`` of that type. Cost: one
-  MoRA operator per type per layer call (``r̂²`` numbers per kernel and type).
+  MoRA operator per type per layer call (``r̂²`` numbers per kernel and type), less the live type's,
+  which rides on the live adapter (:meth:`MergeResidual.fold_into`).
 * **LoRA**: the merged factors sit side by side in one rank ``r·n`` pair (``n`` = the run's merges),
   the ``k``-th merge's in block ``k`` (a per-kernel counter says which is next); unused blocks are zero.
   Cost: a LoRA of rank ``r·n`` per layer call.
@@ -100,6 +101,18 @@ class MergeResidual:
                 new_b = jnp.where(hit[..., :, None], 0.0, self.lora.b)
             return self.replace(lora=self.lora.replace(a=new_a, b=new_b), count=count)
         raise ValueError("a LoRA merge, but this residual has no LoRA slot (it was made for MoRA)")
+
+    def fold_into(self, adapter):
+        """``(residual, adapter)`` computing the same output with one operator less: the kept ``m`` of the
+        live MoRA adapter's type added to the live ``m`` (``ΔK`` is linear in ``m``, so the output and the
+        gradient with respect to the live ``m`` are unchanged). Other adapters: unchanged."""
+        if type(adapter) is not MoRAAdapter or adapter.magnitude is not None:
+            return self, adapter
+        for i, kept in enumerate(self.mora):
+            if kept.mora_type == adapter.mora_type and kept.m.shape == adapter.m.shape:
+                rest = self.replace(mora=self.mora[:i] + self.mora[i + 1:])
+                return rest, adapter.replace(m=adapter.m + kept.m.astype(adapter.m.dtype))
+        return self, adapter
 
     def cleared(self) -> "MergeResidual":
         """The same slots, empty (after the kept updates were folded into re-quantized codes)."""
