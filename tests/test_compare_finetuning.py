@@ -189,6 +189,11 @@ def test_quantized_bases_train_at_the_reference_rate(tiny_model, tmp_path):
     losses = {n: results["runs"][n][0]["eval"]["2"]["loss"] for n in ("float", "int8", "nf4")}
     assert losses["int8"] != losses["float"] and abs(losses["int8"] - losses["float"]) < 0.05 * losses["float"]
     assert "the rate chosen for MoRA 6 r=8, float32 base (reference)" in (tmp_path / "cmp" / "results.md").read_text()
+    # each form of the base is scored before fine-tuning on its own (the base column of its row)
+    bases = results["base_by_method"]
+    assert bases["float"] == results["base"] and bases["int8"]["test"]["loss"] != bases["float"]["test"]["loss"]
+    assert (tmp_path / "cmp" / "base" / "nf4" / "done.json").exists()
+    assert f"| {bases['nf4']['test']['char_accuracy']:.1f} |" in (tmp_path / "cmp" / "results.md").read_text()
     with pytest.raises(ValueError, match="lr_from='float': name a method of this comparison"):
         compare_finetuning.compare(c, ("int8",), seeds=(0,))
     with pytest.raises(FileNotFoundError, match="q4_1.model.hf_path=.* does not exist"):

@@ -234,7 +234,11 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
     sources = {n: e.methods[n].get("lr_from", "") for n in names}  # a method may take another's chosen rate
     lrs = {n: [] if sources[n] else [float(x) for x in e.methods[n].lrs] for n in names}
     total_steps = sum(len(lrs[n]) for n in names) * sweep_steps + len(names) * len(seeds) * train_steps
-    progress = runs.Progress(total_steps, 1 + sum(len(lrs[n]) for n in names) + len(names) * len(seeds))
+    forms = {n: run_config(config, n, lr=1.0, seed=int(config.seed), steps=sweep_steps, workdir=workdir / "base")
+             for n in names}  # each method's base (model.hf_path, model.quantize): evaluated once per form
+    forms = {n: (rc.model.hf_path, repr(rc.model.quantize), rc) for n, rc in forms.items()}
+    progress = runs.Progress(total_steps, len({f[:2] for f in forms.values()}) + sum(len(lrs[n]) for n in names)
+                             + len(names) * len(seeds))
 
     def run(label, folder, steps, **kwargs):
         cached = (folder / runs.DONE).exists()
@@ -245,10 +249,20 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
         progress.finished(steps, trained=not cached)
         return record
 
-    first = run_config(config, names[0], lr=1.0, seed=int(config.seed), steps=sweep_steps, workdir=workdir / "base")
-    progress.run("the pretrained model, before fine-tuning", 0, (workdir / "base" / runs.DONE).exists())
     base_sig = signature(config, None, seq_len=config.train.seq_len, batch_size=config.train.batch_size)
-    base = runs.cached_run(workdir / "base", lambda: cmp.evaluate_base(first), base_sig)
+    bases, base_of = {}, {}  # the pretrained model's scores per form of the base (model.hf_path, model.quantize)
+    for name in names:
+        *form, rc = forms[name]
+        form = tuple(form)
+        if form not in bases:  # the first form in workdir/base, another one (a quantized base) beside it
+            folder = workdir / "base" if not bases else workdir / "base" / name
+            progress.run(f"the pretrained model, before fine-tuning{f' ({name} base)' if bases else ''}", 0,
+                         (folder / runs.DONE).exists())
+            sig = base_sig if not bases else {**base_sig, "form": {"hf_path": rc.model.hf_path,
+                                                                    "quantize": repr(rc.model.quantize)}}
+            bases[form] = runs.cached_run(folder, lambda rc=rc: cmp.evaluate_base(rc), sig)
+        base_of[name] = bases[form]
+    base = base_of[names[0]]
     sweep = {}
     for name in [n for n in names if not sources[n]]:
         records = [run(f"sweep {name} lr={lr:g}", workdir / "sweep" / name / f"lr{lr:g}", sweep_steps, name=name,
@@ -268,7 +282,7 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
     results = {"label": e.get("label", ""), "task": cmp.task.name, "task_data": cmp.task.describe(), "methods": list(names), "seeds": list(seeds),
                "eval_steps": sorted({int(s) for s in e.eval_steps} | {train_steps}), "sweep_steps": sweep_steps,
                "columns": [list(c) for c in cmp.task.columns], "select": [list(s) for s in cmp.task.select],
-               "labels": {n: label(e.methods[n]) for n in names}, "base": base, "sweep": sweep, "runs": finals,
+               "labels": {n: label(e.methods[n]) for n in names}, "base": base, "base_by_method": base_of, "sweep": sweep, "runs": finals,
                "config": _plain(config), "command": command, "provenance": started,
                "model": {"hf_path": config.model.hf_path, "layers": cmp.model_config.num_hidden_layers,
                          "hidden": cmp.model_config.hidden_size, "vocab": cmp.model_config.vocab_size}}
@@ -321,8 +335,9 @@ def results_markdown(results) -> str:
         for name in results["methods"]:
             recs, sw = results["runs"][name], results["sweep"][name]
             edge = " (edge)" if sw["at_edge"] else ""
+            own_base = results.get("base_by_method", {}).get(name, results["base"])["test"]  # a quantized base: its own
             lines.append(f"| {results['labels'][name]} | {recs[0]['trainable_params']:,} | {sw['chosen_lr']:.0e}{edge} | "
-                         f"{base_test[metric]:.1f} | " + " | ".join(_cell(recs, s, metric) for s in steps) + " |")
+                         f"{own_base[metric]:.1f} | " + " | ".join(_cell(recs, s, metric) for s in steps) + " |")
         lines.append("")
     metric, higher = results["select"][0]
     lines += [f"Learning-rate sweep: {results['sweep_steps']} steps at seed {results['seeds'][0]}, validation "
@@ -369,7 +384,8 @@ def plot_results(results, path: pathlib.Path) -> None:
             if not recs:
                 continue
             steps = [0] + [s for s in results["eval_steps"] if str(s) in recs[0]["eval"]]
-            values = np.array([[results["base"]["test"][metric]] + [r["eval"][str(s)][metric] for s in steps[1:]]
+            own_base = results.get("base_by_method", {}).get(name, results["base"])["test"]
+            values = np.array([[own_base[metric]] + [r["eval"][str(s)][metric] for s in steps[1:]]
                                for r in recs])
             line, = ax.plot(steps, values.mean(0), "o-", ms=3, label=results["labels"][name])
             if len(recs) > 1:
