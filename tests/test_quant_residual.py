@@ -42,7 +42,8 @@ def _leaf(tree, scan):
     return adapters_lib.flatten(tree)[UP_SCANNED if scan else UP]
 
 
-@pytest.mark.parametrize("method,scan", [("mora", False), ("mora", True), ("lora", False), ("lora", True)])
+@pytest.mark.parametrize("method,scan", [("mora", False), pytest.param("mora", True, marks=pytest.mark.slow),
+                                         pytest.param("lora", False, marks=pytest.mark.slow), ("lora", True)])
 def test_merges_kept_beside_a_four_bit_kernel_are_exact_and_change_no_shape(method, scan):
     config = _config(method=method, scan=scan)
     assert merges_in_run(config.train.steps, config.remora.every) == 3
@@ -165,6 +166,7 @@ def test_export_dequantizes_the_kept_merges_into_the_kernel():
     assert all(float(jnp.abs(k.m).max()) == 0.0 for k in again.residual.mora)
 
 
+@pytest.mark.slow  # about a minute on two cores: two small ReMoRA runs
 def test_the_merge_measurement_reports_both_merges(tmp_path):
     from mora_jax import data as data_lib
     from mora_jax.experiments.provenance import provenance
