@@ -98,13 +98,16 @@ def _task_settings(config) -> dict:
 
 def signature(config, rc: RunConfig | None, **extra) -> dict:
     """What a run's record depends on: its run config (but where it is written, how often it logs or
-    saves), the task's data settings, ``extra``."""
+    saves, and what a merge into a quantized base would do when the run does not merge), the task's
+    data settings, ``extra``."""
     run = {}
     if rc is not None:
         run = rc.to_dict()
         run.pop("workdir")
         run.pop("checkpoint")
         run["train"] = {k: v for k, v in run["train"].items() if k not in ("progress", "log_every")}
+        if not rc.remora.every:  # records made before model.quantize.merge existed stay valid
+            run["model"]["quantize"].pop("merge", None)
     return {"run": run, "task": _task_settings(config), "model": config.model.hf_path, **extra}
 
 
