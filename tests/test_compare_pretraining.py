@@ -99,6 +99,7 @@ def test_comparison_sweeps_each_method_then_runs_merges_where_configured_and_res
     assert saved["provenance"]["seeds"] == [0] and saved["provenance"]["packages"]["jax"]
     text = (tmp_path / "cmp" / "results.md").read_text()
     assert "ReMoRA" in text and "lr (chosen)" in text and "Learning-rate sweep: 3 steps" in text
+    assert (tmp_path / "cmp" / "relora" / "seed0" / "done.json").exists()  # a short sweep: seed 0 trains again
     assert f"**{results['sweep']['remora']['chosen_lr']:.0e}: " in text
     # a second call reads the finished runs (sweep included) instead of training again
     (tmp_path / "cmp" / "relora" / "seed0" / "metrics.jsonl").unlink()
@@ -109,6 +110,17 @@ def test_comparison_sweeps_each_method_then_runs_merges_where_configured_and_res
     config.experiment.sweep_steps = 4
     with pytest.raises(ValueError, match="sweep/relora/lr0.001/done.json was made with other settings"):
         compare_pretraining.compare(config, ("relora",), seeds=(0,))
+
+
+@pytest.mark.slow
+def test_a_sweep_as_long_as_the_run_is_the_first_seeds_run(corpus, tmp_path):
+    config = _config(corpus, tmp_path / "cmp")
+    config.experiment.sweep_steps = config.train.steps
+    results = compare_pretraining.compare(config, ("mora",), seeds=(0, 1))
+    chosen = results["sweep"]["mora"]["chosen_lr"]
+    seed0 = next(r for r in results["sweep"]["mora"]["runs"] if r["lr"] == chosen)
+    assert results["runs"][0] == seed0 and results["runs"][1]["seed"] == 1 and results["runs"][1]["lr"] == chosen
+    assert not (tmp_path / "cmp" / "mora" / "seed0").exists() and (tmp_path / "cmp" / "mora" / "seed1").exists()
 
 
 def _record(lr, loss, diverged=None):

@@ -11,7 +11,7 @@ learning-rate re-warm-up (ReMoRA cycling MoRA's operator types). "full" trains e
 The rate is tuned per method as in the fine-tuning comparison: every rate of the method's grid
 (``experiment.lrs[method]``, at least four, log-spaced) trains ``experiment.sweep_steps`` steps at
 the first seed; the rate with the lowest eval loss at the end is chosen (a diverged rate loses) and
-every seed trains ``train.steps`` at it. The peak rate lives in the optimizer state
+every seed trains ``train.steps`` at it (a sweep as long as the run is the first seed's run). The peak rate lives in the optimizer state
 (``optim.lr_in_state``), so the compiled step of a method's first sweep run, kept in
 ``<workdir>/compilation_cache``, serves its other rates and seeds.
 
@@ -194,6 +194,8 @@ def compare(config, methods=METHODS, seeds=(0,)) -> dict:
     for s in seeds:  # seed by seed, so the first seeds' results are complete while later ones still train
         for m in methods:
             lr, folder = sweeps[m]["chosen_lr"], workdir / m / f"seed{s}"
+            if sweep_steps == steps and s == int(config.seed):  # a full-length sweep already ran this one
+                folder = workdir / "sweep" / m / f"lr{lr:g}"
             cached = (folder / runs_lib.DONE).exists()
             progress.run(f"{m} lr={lr:g} seed {s}", steps, cached)
             runs.append(run_one(config, m, s, folder, lr=lr))
