@@ -95,7 +95,7 @@ def _adapter_interceptor(next_fun, args, kwargs, context):
     if quantized is not None and quantized.residual is not None and adapter is not None and not (
             adapter.dropout > 0.0 and module.scope.has_rng("dropout")):  # a kept merge of the live type: one matmul less
         kept, adapter = quantized.residual.fold_into(adapter)
-        quantized = quantized.replace(residual=kept)
+        quantized = quantized.replace(residual=None if kept.empty else kept)
     if quantized is None:
         base_fn = lambda: next_fun(*args, **kwargs)  # noqa: E731
     else:

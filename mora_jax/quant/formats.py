@@ -201,7 +201,7 @@ def dequantize(leaf: QuantizedKernel, dtype=jnp.float32) -> jax.Array:
     """The float kernel a quantized leaf stands for: its codes dequantized plus the merges kept
     beside them (if any), in ``dtype``."""
     w = dequantize_codes(leaf)
-    if leaf.residual is not None:
+    if leaf.residual is not None and not leaf.residual.empty:
         w = w + leaf.residual.delta_weight().reshape(w.shape)
     return w.astype(dtype)
 

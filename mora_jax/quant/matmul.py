@@ -37,7 +37,7 @@ def dense(x, leaf: QuantizedKernel, bias=None, *, dtype=None, precision=None):
 
     def run(x, leaf, bias):
         y = float_dense(x, dequantize_codes(leaf), bias, dtype, precision)
-        if leaf.residual is not None:
+        if leaf.residual is not None and not leaf.residual.empty:
             y = y + leaf.residual.delta(x.astype(y.dtype)).astype(y.dtype)
         return y
 

@@ -48,6 +48,11 @@ class MergeResidual:
     def _adapters(self):
         return [*self.mora, *([self.lora] if self.lora is not None else [])]
 
+    @property
+    def empty(self) -> bool:
+        """No slot left (a single-type cycle's only ``m`` rides on the live adapter)."""
+        return not self._adapters()
+
     def delta(self, x_BxK):
         """``Σ Δy`` of the kept merges for inputs ``(..., k)`` (single layer), in float32."""
         out = None
