@@ -127,6 +127,11 @@ def run_config(config, name: str, *, lr: float, seed: int, steps: int, workdir: 
     return RunConfig.from_dict(c)
 
 
+def base_form(rc: RunConfig) -> tuple:
+    """Which base a run trains on: its ``model.hf_path`` and ``model.quantize`` (loaded and scored once each)."""
+    return rc.model.hf_path, repr(rc.model.quantize)
+
+
 class Comparison:
     """The model, its weights (loaded once), the task and the compiled steps of each method."""
 
@@ -148,7 +153,7 @@ class Comparison:
 
     def params(self, rc: RunConfig):
         """The base weights of ``rc`` (its ``model.hf_path`` and ``model.quantize``), loaded once per form."""
-        key = (rc.model.hf_path, repr(rc.model.quantize))
+        key = base_form(rc)
         if key not in self._params:
             self._params[key] = assembly.load_params(rc, self.model_config)
         return self._params[key]
@@ -237,11 +242,10 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
     sources = {n: e.methods[n].get("lr_from", "") for n in names}  # a method may take another's chosen rate
     lrs = {n: [] if sources[n] else [float(x) for x in e.methods[n].lrs] for n in names}
     total_steps = sum(len(lrs[n]) for n in names) * sweep_steps + len(names) * len(seeds) * train_steps
-    forms = {n: run_config(config, n, lr=1.0, seed=int(config.seed), steps=sweep_steps, workdir=workdir / "base")
-             for n in names}  # each method's base (model.hf_path, model.quantize): evaluated once per form
-    forms = {n: (rc.model.hf_path, repr(rc.model.quantize), rc) for n, rc in forms.items()}
-    progress = runs.Progress(total_steps, len({f[:2] for f in forms.values()}) + sum(len(lrs[n]) for n in names)
-                             + len(names) * len(seeds))
+    probes = {n: run_config(config, n, lr=1.0, seed=int(config.seed), steps=sweep_steps, workdir=workdir / "base")
+              for n in names}  # each method's base: evaluated once per form (base_form)
+    progress = runs.Progress(total_steps, len({base_form(rc) for rc in probes.values()})
+                             + sum(len(lrs[n]) for n in names) + len(names) * len(seeds))
 
     def run(label, folder, steps, **kwargs):
         cached = (folder / runs.DONE).exists()
@@ -255,8 +259,8 @@ def compare(config, methods=None, seeds=(0,), command: str = "") -> dict:
     base_sig = signature(config, None, seq_len=config.train.seq_len, batch_size=config.train.batch_size)
     bases, base_of = {}, {}  # the pretrained model's scores per form of the base (model.hf_path, model.quantize)
     for name in names:
-        *form, rc = forms[name]
-        form = tuple(form)
+        rc = probes[name]
+        form = base_form(rc)
         if form not in bases:  # the first form in workdir/base, another one (a quantized base) beside it
             folder = workdir / "base" if not bases else workdir / "base" / name
             progress.run(f"the pretrained model, before fine-tuning{f' ({name} base)' if bases else ''}", 0,
