@@ -153,9 +153,10 @@ def test_a_tpu_program_takes_the_sliced_chunk_sum():
 
 
 @pytest.mark.parametrize("k,d,r", EDGE_SHAPES + [(768, 768, 128), (2560, 768, 8), (768, 2560, 8), (2560, 768, 128)])
-def test_type6_rotated_and_folded_forms_are_equal(k, d, r):
+def test_type6_rotated_folded_and_windowed_forms_are_equal(k, d, r):
     # CPU programs multiply the rotated chunks by the one M (the last chunk by the columns that reach the
-    # output), TPU programs the chunks by the folded blocks R_c·M (lax.platform_dependent): the same
+    # output), TPU programs each chunk's lane-aligned window of x by its zero-padded block R_c·M, other
+    # platforms the chunks by the folded blocks in one batched matmul (lax.platform_dependent): the same
     # values and gradients, though CPU tests run only one.
     from mora_jax import ops
 
@@ -166,11 +167,12 @@ def test_type6_rotated_and_folded_forms_are_equal(k, d, r):
     n = min(-(-k // r_hat), -(-d // r_hat))
     x, m, probe = _random((2, 3, k), 15), _random((r_hat, r_hat), 16) * 0.1, _random((2, 3, d), 17)
     results = []
-    for form in (ops._type6_rotated, ops._type6_folded):
+    for form in (ops._type6_rotated, ops._type6_folded, ops._type6_windowed):
         y, pullback = jax.vjp(lambda x, m, form=form: form(x, m, n, d), x, m)
         results.append((y, *pullback(probe)))
-    for ours, theirs in zip(*results):
-        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=2e-5)
+    for other in results[1:]:
+        for ours, theirs in zip(results[0], other):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("k,d,r", [(2560, 768, 128), (768, 2560, 128), (768, 768, 8), (172, 64, 8), (64, 32, 8)])
@@ -193,10 +195,12 @@ def test_type6_cpu_program_multiplies_only_the_columns_that_reach_the_output(k, 
 def test_type6_form_follows_the_lowering_platform():
     f = lambda x, m: apply_mora(x, m, in_features=768, out_features=2560, mora_type=6)
     args = (jax.ShapeDtypeStruct((4, 768), jnp.float32), jax.ShapeDtypeStruct((162, 162), jnp.float32))
-    tpu = jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-    cpu = jax.jit(f).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
-    assert "batching_dims" in tpu and "batching_dims" not in cpu  # folded blocks: a dot batched over chunks
+    tpu, cpu, gpu = (jax.jit(f).trace(*args).lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cpu", "cuda"))
     assert "tensor<20x162xf32>" in cpu  # rotated: 4 rows x 5 chunks, one 2-D matmul with m
+    assert "batching_dims" in gpu and "batching_dims" not in cpu + tpu  # folded blocks: a dot batched over chunks
+    # windowed: each chunk's lane-aligned window of x (chunk 1 = features 162..323 in lanes 128..383), its own
+    # matmul; the chunk that wraps (648..809 -> 648..767 and 0..41) as two
+    assert "tensor<4x256xf32>" in tpu and tpu.count("stablehlo.dot_general") == 6
 
 
 def test_wrap_padding_beyond_2k():

@@ -528,6 +528,37 @@ def test_hlo_reads_one_layer_of_a_stack_sliced_through_a_relayout():
     assert stats.hbm_bytes == layer + layer + 4  # read the slice, write it, read the index
 
 
+# A matmul fusion reading one lane-aligned window of its input, the slice in a nested fusion of its
+# own (how TPU HLO fuses type 6's windowed chunks, and their gradients, into the dots): it reads the
+# window, not the whole input.
+WINDOW_DOT_HLO = """HloModule jit_step, num_partitions=1
+
+%window (p: bf16[64,1024]) -> bf16[64,256] {
+  %p = bf16[64,1024]{1,0:T(8,128)(2,1)} parameter(0)
+  ROOT %s = bf16[64,256]{1,0:T(8,128)(2,1)} slice(%p), slice={[0:64], [384:640]}
+}
+
+%window_dot (x: bf16[64,1024], b: bf16[256,32]) -> bf16[64,32] {
+  %x = bf16[64,1024]{1,0:T(8,128)(2,1)} parameter(0)
+  %w = bf16[64,256]{1,0:T(8,128)(2,1)} fusion(%x), kind=kLoop, calls=%window
+  %b = bf16[256,32]{1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %dot = bf16[64,32]{1,0:T(8,128)(2,1)} convolution(%w, %b), dim_labels=bf_io->bf
+}
+
+ENTRY %main (x: bf16[64,1024], b: bf16[256,32]) -> bf16[64,32] {
+  %x = bf16[64,1024]{1,0} parameter(0)
+  %b = bf16[256,32]{1,0} parameter(1)
+  ROOT %y = bf16[64,32]{1,0} fusion(%x, %b), kind=kOutput, calls=%window_dot
+}
+"""
+
+
+def test_hlo_matmul_reads_only_the_window_a_nested_slice_fusion_takes():
+    stats = hlo.analyze(WINDOW_DOT_HLO)
+    assert stats.hbm_bytes == 2 * (64 * 256 + 256 * 32 + 64 * 32)  # the window, the block, the output
+    assert stats.matmul_flops == 2 * 64 * 32 * 256
+
+
 @pytest.mark.parametrize("dtype, code_bytes", [("int4", 256 * 512 // 2), ("int8", 256 * 512)])
 def test_hlo_counts_dequantization_and_the_integer_codes_read(dtype, code_bytes):
     """A quantized kernel's codes are read at their own width (4-bit: half a byte) and each element

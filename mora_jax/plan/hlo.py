@@ -174,6 +174,16 @@ def _is_copy_fusion(inst: Instruction, computations: dict[str, Computation] | No
     return body is not None and all(i.opcode in ("parameter", "copy", "bitcast") for i in body.instructions)
 
 
+def _is_slice_fusion(inst: Instruction, computations: dict[str, Computation] | None) -> bool:
+    """A nested fusion that only slices its operand (and bitcasts or copies the slice): TPU HLO puts
+    the slice a matmul reads through inside the matmul's fusion this way; it reads the slice only."""
+    if inst.opcode != "fusion" or computations is None:
+        return False
+    body = computations.get(dict(callees(inst)).get("calls", ""))
+    return (body is not None and any(i.opcode in _SLICING for i in body.instructions)
+            and all(i.opcode in ("parameter", "copy", "bitcast", *_SLICING) for i in body.instructions))
+
+
 def _fusion_traffic(fused: Computation, reads: list[float], write: float,
                     computations: dict[str, Computation] | None = None) -> tuple[list[float], float]:
     """A fusion's HBM traffic from its body: a parameter read only through slices (directly, or
@@ -203,7 +213,7 @@ def _fusion_traffic(fused: Computation, reads: list[float], write: float,
             return None
         total = 0.0
         for u in uses:
-            if u.opcode in _SLICING and u.operands[:1] == [name]:
+            if (u.opcode in _SLICING or _is_slice_fusion(u, computations)) and u.operands[:1] == [name]:
                 total += sum(a.bytes for a in u.arrays)
             elif u.opcode in ("bitcast", "copy") or _is_copy_fusion(u, computations):
                 inner = sliced_bytes(u.name, depth + 1)
