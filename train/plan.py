@@ -31,6 +31,7 @@ line on stderr and status 2.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -46,6 +47,8 @@ _SEARCH = flags.DEFINE_bool("search", False, "try mesh shapes, remat policies an
 _BUDGET = flags.DEFINE_integer("search_budget", 12, "--search: at most this many compiles")
 _COMPARE = flags.DEFINE_list("compare", [], "also plan the same run with these methods (lora, full, mora) for a "
                                             "side-by-side table; bare --compare=all plans the other two")
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "write each compiled step's HLO text (what the plan's counts are "
+                                 "read from) under this folder: <method>/<step>.hlo.txt")
 _STEPS = flags.DEFINE_list("steps", ["train", "eval", "merge"], "steps to compile")
 
 
@@ -77,14 +80,17 @@ def main(argv):
                 config = search_lib.with_choice(config, best["mesh"], best["remat_policy"], best["grad_accum"])
                 print(f"planning the best: mesh {best['mesh']}, remat {best['remat_policy']}, "
                       f"{best['grad_accum']} micro-batches", flush=True)
-        result = planner.plan(config, topology, steps=tuple(_STEPS.value), progress=_progress)
+        dump = (lambda method: os.path.join(_DUMP_HLO.value, method)) if _DUMP_HLO.value else (lambda method: None)
+        result = planner.plan(config, topology, steps=tuple(_STEPS.value), progress=_progress,
+                              hlo_dir=dump(config.method))
         if _SEARCH.value:
             result["search"] = found
         if methods:
             result["compare"] = {}
             for method in methods:
                 other = report.with_method(config, method)
-                result["compare"][method] = planner.plan(other, topology, steps=("train",), progress=_progress)
+                result["compare"][method] = planner.plan(other, topology, steps=("train",), progress=_progress,
+                                                         hlo_dir=dump(method))
     except PlanError as e:
         _fail(str(e))
     except ValueError as e:  # a config value refused by the config layer

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import time
 from typing import Any, Sequence
@@ -138,9 +139,10 @@ def attention_kernel_flops(config: RunConfig, llama_config, chips: int):
     return count
 
 
-def compile_step(lowered, chip: chips_lib.ChipSpec, *, name: str, kernel_flops=None) -> dict:
+def compile_step(lowered, chip: chips_lib.ChipSpec, *, name: str, kernel_flops=None, hlo_dir: str | None = None) -> dict:
     """Compile one lowered step for the slice and describe it (see the module docstring);
-    ``kernel_flops(kernels)`` gives the FLOPs per chip of the custom kernels it runs."""
+    ``kernel_flops(kernels)`` gives the FLOPs per chip of the custom kernels it runs; with ``hlo_dir``
+    the compiled program's HLO text is written there as ``<name>.hlo.txt`` (what the counts are read from)."""
     t0 = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -159,7 +161,12 @@ def compile_step(lowered, chip: chips_lib.ChipSpec, *, name: str, kernel_flops=N
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    stats = hlo_lib.analyze(compiled.as_text())
+    text = compiled.as_text()
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
+            f.write(text)
+    stats = hlo_lib.analyze(text)
     used = {"arguments": int(memory.argument_size_in_bytes), "outputs": int(memory.output_size_in_bytes),
             "aliased": int(memory.alias_size_in_bytes), "temp": int(memory.temp_size_in_bytes),
             "code": int(memory.generated_code_size_in_bytes)}
@@ -227,9 +234,10 @@ def model_flops(config: RunConfig, llama_config, *, skip_masked_attention: bool 
 
 
 def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequence[str] = STEP_NAMES,
-         devices: Sequence | None = None, progress=None) -> dict:
+         devices: Sequence | None = None, progress=None, hlo_dir: str | None = None) -> dict:
     """Compile ``steps`` of ``config`` for ``topology`` and return the plan (a JSON-able dict; see
-    ``train/plan.py`` for its fields). ``progress(message)`` is called before each compile."""
+    ``train/plan.py`` for its fields). ``progress(message)`` is called before each compile; with
+    ``hlo_dir`` each compiled step's HLO text is written there (:func:`compile_step`)."""
     unknown = set(steps) - set(STEP_NAMES)
     if unknown:
         raise PlanError(f"unknown step(s) {sorted(unknown)}: choose from {STEP_NAMES}")
@@ -259,7 +267,7 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
     elif "train" in steps:
         say(f"compiling the train step for {topology.name} ...")
         train = compile_step(prepared.steps.lower_train(state, batch), chip, name="train",
-                             kernel_flops=kernel_flops)
+                             kernel_flops=kernel_flops, hlo_dir=hlo_dir)
         _add_state_to_refusal(train, resident)
         # The Pallas kernel skips masked blocks: the model FLOPs count the causal pairs only (an MFU
         # estimate must not credit the step with products no chip computes)
@@ -273,7 +281,7 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
         if config.data.eval_source:
             say(f"compiling the eval step for {topology.name} ...")
             result["steps"]["eval"] = compile_step(prepared.steps.lower_eval(state, batch), chip, name="eval",
-                                                     kernel_flops=kernel_flops)
+                                                     kernel_flops=kernel_flops, hlo_dir=hlo_dir)
         else:
             result["steps"]["eval"] = None
             result["eval_note"] = "the run evaluates nothing (data.eval_source is empty): set it to plan the eval step"
@@ -285,7 +293,8 @@ def plan(config: RunConfig, topology: chips_lib.Topology | str, *, steps: Sequen
             next_type = config.remora.type_at(config.remora.every) if config.method == "mora" else None
             say(f"compiling the ReMoRA merge for {topology.name} ...")
             # The first merge may not donate the frozen weights (they are the caller's): the larger one.
-            merge = compile_step(prepared.steps.lower_merge(state, next_type, donate=False), chip, name="merge")
+            merge = compile_step(prepared.steps.lower_merge(state, next_type, donate=False), chip, name="merge",
+                                 hlo_dir=hlo_dir)
             merge["next_mora_type"] = next_type
             result["steps"]["merge"] = merge
         else:
