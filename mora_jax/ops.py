@@ -303,7 +303,7 @@ def _type6_windowed(x, m, n: int, out_features: int):
             part = x[..., lo:hi] @ block
             u = part if u is None else u + part
         outs.append(u)
-    u = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+    u = _row_major(outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1))
     return _row_major(_tile_by_sum(u, out_features))
 
 
