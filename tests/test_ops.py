@@ -201,8 +201,9 @@ def test_type6_form_follows_the_lowering_platform():
     # windowed: each chunk's lane-aligned window of x (chunk 1 = features 162..323 in lanes 128..383), its own
     # matmul; the chunk that wraps (648..809 -> 648..767 and 0..41) as two
     assert "tensor<4x256xf32>" in tpu and tpu.count("stablehlo.dot_general") == 6
-    # and pins x and the output to the row-major layout (XLA otherwise relayouts whole activations for them)
-    assert tpu.count("@LayoutConstraint") == 2 and "LayoutConstraint" not in cpu + gpu
+    # and pins x, the chunk products and the output to the row-major layout (XLA otherwise relayouts whole
+    # activations for the narrow matmuls)
+    assert tpu.count("@LayoutConstraint") == 3 and "LayoutConstraint" not in cpu + gpu
 
 
 def test_wrap_padding_beyond_2k():
