@@ -251,7 +251,9 @@ def test_mora_step_has_no_weight_gradient_for_frozen_kernels():
     from mora_jax.plan import planner
 
     def gradient_dots(method):
-        config = _config("math_finetune", "tiny", method=method, adapter__dropout=0.0, train__seq_len=64)
+        # r=4: type 6's window blocks on this 64-wide model are (64, r̂) and (128, r̂); at r=8 (r̂ = 32 on
+        # the 64x64 kernels) their gradients would have k_proj's shape, (64, 32), and be counted by shape
+        config = _config("math_finetune", "tiny", method=method, adapter__dropout=0.0, adapter__r=4, train__seq_len=64)
         prepared = planner.prepare(config, "v5e:2x2")
         assert prepared.steps.mesh.shape["data"] == 4  # weights replicated: a weight gradient is kernel-sized
         text = prepared.steps.lower_train(prepared.state, prepared.batch).compile().as_text()
