@@ -262,21 +262,6 @@ def _type6_product(x, m, n: int, out_features: int):
 TPU_LANES = 128  # the minor-dimension tile of a TPU array: slices at multiples of it are read in place
 
 
-def _chunk_spans(k: int, r_hat: int, n: int):
-    """Where chunk ``c`` of the wrap-padded input lies in ``x``: ``[(start, stop, row)]``, the features
-    ``x[start:stop]`` being rows ``row…`` of the chunk (two spans for the chunk that wraps past ``k``)."""
-    spans = []
-    for c in range(n):
-        pieces, p = [], c * r_hat
-        while p < (c + 1) * r_hat:
-            start = p % k
-            stop = min(start + (c + 1) * r_hat - p, k)
-            pieces.append((start, stop, p - c * r_hat))
-            p += stop - start
-        spans.append(pieces)
-    return spans
-
-
 def _type6_windowed(x, m, n: int, out_features: int):
     """``concat_c(chunk_c @ (R_c·M))``, tiled, with each chunk read where it lies in ``x``: the smallest
     window of whole :data:`TPU_LANES`-lane tiles around it, times its block ``R_c·M`` (float32, then
@@ -291,15 +276,15 @@ def _type6_windowed(x, m, n: int, out_features: int):
     r_hat, k = m.shape[-1], x.shape[-1]
     x = _row_major(x)
     width = min(out_features, n * r_hat)
-    blocks_NxRxR = rotated_blocks(m, n).astype(x.dtype)
     outs = []
-    for c, spans in enumerate(_chunk_spans(k, r_hat, n)):
+    for c, rows in enumerate(_block_rows(rotated_blocks(m, n), k)):
         cols = min(r_hat, width - c * r_hat)
         u = None
-        for start, stop, row in spans:
+        for start, block in rows:
+            stop = start + block.shape[0]
             lo = start // TPU_LANES * TPU_LANES
             hi = min(-(-stop // TPU_LANES) * TPU_LANES, k)
-            block = jnp.pad(blocks_NxRxR[c, row:row + stop - start, :cols], ((start - lo, hi - stop), (0, 0)))
+            block = jnp.pad(block[:, :cols].astype(x.dtype), ((start - lo, hi - stop), (0, 0)))
             part = x[..., lo:hi] @ block
             u = part if u is None else u + part
         outs.append(u)
@@ -486,9 +471,25 @@ def _type6_pieces(m_RxR, k: int, d: int):
     n = -(-k // r_hat)
     width = min(d, n * r_hat)  # columns of Cp·B that the truncate/tile can reach
     n_blocks = -(-width // r_hat)
-    blocks_NxRxR = rotated_blocks(m_RxR, n_blocks)
-    rows_of_block = []  # per block: [(first output row, rows of the block)]
-    for c in range(n_blocks):
+    rows_of_block = _block_rows(rotated_blocks(m_RxR, n_blocks), k)
+    pieces = []
+    for tile_start in range(0, d, width):
+        for c in range(n_blocks):
+            col = tile_start + c * r_hat
+            n_cols = min(r_hat, width - c * r_hat, d - col)
+            if n_cols <= 0:
+                break
+            pieces += [(row, col, piece[:, :n_cols]) for row, piece in rows_of_block[c]]
+    return pieces
+
+
+def _block_rows(blocks_NxRxR, k: int):
+    """Where each block ``R_c·M`` meets the input's ``k`` features: per block, ``[(first feature, rows)]``.
+    Padded input row ``p = c·r̂ + s`` is feature ``p mod k``: a block that runs past ``k`` splits in two
+    (its last rows meet the first features), and a single chunk longer than the input is folded onto it."""
+    r_hat = blocks_NxRxR.shape[-1]
+    rows_of_block = []
+    for c in range(blocks_NxRxR.shape[0]):
         block = blocks_NxRxR[c]
         start = c * r_hat
         if r_hat > k:  # a single chunk longer than the input wraps onto itself: fold it
@@ -499,15 +500,7 @@ def _type6_pieces(m_RxR, k: int, d: int):
             rows_of_block.append([(start, block)])
         else:  # the last chunk's rows wrap to the first input features
             rows_of_block.append([(start, block[: k - start]), (0, block[k - start:])])
-    pieces = []
-    for tile_start in range(0, d, width):
-        for c in range(n_blocks):
-            col = tile_start + c * r_hat
-            n_cols = min(r_hat, width - c * r_hat, d - col)
-            if n_cols <= 0:
-                break
-            pieces += [(row, col, piece[:, :n_cols]) for row, piece in rows_of_block[c]]
-    return pieces
+    return rows_of_block
 
 
 def merge_into(kernel_KxD, m, *, in_features: int, out_features: int, mora_type: int, sign: float = 1.0):
