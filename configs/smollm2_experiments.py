@@ -6,8 +6,10 @@ learning rate (docs/finetuning.md):
     python -m train.compare_finetuning --config=configs/smollm2_experiments.py:continual_results --seeds=3
 
 Presets, ``<experiment>_quick`` (minutes on two CPU cores: one seed, a few steps; a check that the
-pipeline works, not a result) and ``<experiment>_results`` (hours; the run the docs' tables come
-from; resume it by running the same command again):
+pipeline works, not a result), ``<experiment>_results`` (the run the docs' tables come from, sized to
+finish in 30-60 minutes on two idle CPU cores with ``--seeds=3``: few steps, small evaluation sets)
+and ``<experiment>_long`` (the same comparison at 10-50x the tokens: hours to a day on two cores,
+minutes on an accelerator; not run here). Resume a run by running the same command again.
 
 * ``memorization``: the paper's UUID key -> value pairs (needs nothing installed);
 * ``continual``: continual pretraining on Indonesian technical prose (the Debian Reference's translation,
@@ -68,12 +70,12 @@ def _methods(ranks, adapter_lrs, full_lrs):
 
 def get_config(preset: str = "memorization_quick"):
     experiment, _, size = preset.rpartition("_")
-    if experiment not in ("memorization", "continual", "word_relations", "quantized") or size not in ("quick",
-                                                                                                      "results"):
-        raise ValueError(f"unknown preset {preset!r}: use memorization_quick, memorization_results, continual_quick, "
-                         "continual_results, word_relations_quick, word_relations_results, quantized_quick or "
-                         "quantized_results")
-    quick = size == "quick"
+    experiments = ("memorization", "continual", "word_relations", "quantized")
+    if experiment not in experiments or size not in ("quick", "results", "long") or preset == "quantized_long":
+        raise ValueError(f"unknown preset {preset!r}: use <experiment>_quick, <experiment>_results or "
+                         f"<experiment>_long with <experiment> one of {', '.join(experiments[:3])}, or "
+                         "quantized_quick / quantized_results")
+    quick, long = size == "quick", size == "long"
     c = base_config()
     c.workdir = f"runs/compare_finetuning/{preset}"  # results.md/json/png, sweep.png, data/, one folder per run
     c.model.hf_path = str(model_dir(MODEL))  # the pretrained model, where python -m train.get_model writes it
@@ -123,14 +125,15 @@ def get_config(preset: str = "memorization_quick"):
         # LoRA against MoRA at a low and a high rank (equal trainable parameters at each), and full fine-tuning
         e.methods = _methods((8, 64), adapter_lrs=(3e-4, 1e-3, 3e-3, 1e-2), full_lrs=(3e-5, 1e-4, 3e-4, 1e-3))
         e.run = "full,lora_r8,mora6_r8,lora_r64,mora1_r64"  # the paper's pairing: type 6 at low r, type 1 at high r
-        e.num_pairs = 4 if quick else 64  # UUID pairs to memorise
-        c.train.batch_size = 4 if quick else 16
+        if not quick:  # and the PEFT family at the low rank (LoRA's parameter count)
+            e.run += ",dora_r8,pissa_r8,hira_r8"
         c.train.seq_len = 80  # key (36 tokens) + " ->" + value (37) + EOS, with SmolLM2's tokenizer
         c.optim.decay = "constant"  # the four step counts are points along one run, as in the paper
-        c.optim.warmup_steps = 2 if quick else 10
-        e.sweep_steps = 5 if quick else 100
-        c.train.steps = 20 if quick else 400
-        e.eval_steps = (5, 10, 15, 20) if quick else (100, 200, 300, 400)  # character accuracy measured here
+        e.num_pairs, c.train.batch_size = {"quick": (4, 4), "results": (8, 4), "long": (64, 16)}[size]  # UUID pairs
+        c.optim.warmup_steps = {"quick": 2, "results": 3, "long": 10}[size]
+        e.sweep_steps = {"quick": 5, "results": 10, "long": 100}[size]
+        c.train.steps = {"quick": 20, "results": 32, "long": 400}[size]
+        e.eval_steps = tuple(c.train.steps * k // 4 for k in (1, 2, 3, 4))  # character accuracy measured here
     elif experiment == "continual":
         e.methods = _methods((8,), adapter_lrs=ADAPTER_LRS, full_lrs=FULL_LRS)
         e.run = "full,lora,mora1,mora6"
@@ -140,25 +143,25 @@ def get_config(preset: str = "memorization_quick"):
         e.general_source = "/usr/share/debian-reference/debian-reference.en.txt.gz"
         e.eval_fraction = 0.1  # paragraphs held out of each corpus (by hash)
         e.train_rows = ml_collections.FieldReference(None, field_type=int)  # cap on the domain's training rows
-        c.train.batch_size = 4 if quick else 8
-        c.train.seq_len = 128 if quick else 256
-        e.eval_batches = 2 if quick else 8  # batches per split: valid and test (domain), test (general)
-        c.optim.warmup_steps = 2 if quick else 20
-        e.sweep_steps = 4 if quick else 60
-        c.train.steps = 12 if quick else 240
-        e.eval_steps = (4, 8, 12) if quick else (60, 120, 180, 240)
+        c.train.batch_size = 8 if long else 4
+        c.train.seq_len = 256 if long else 128
+        e.eval_batches = {"quick": 2, "results": 3, "long": 8}[size]  # batches per split: valid, test (domain), general
+        c.optim.warmup_steps = {"quick": 2, "results": 4, "long": 20}[size]
+        e.sweep_steps = {"quick": 4, "results": 8, "long": 60}[size]
+        c.train.steps = {"quick": 12, "results": 24, "long": 240}[size]
+        e.eval_steps = (4, 8, 12) if quick else tuple(c.train.steps * k // 4 for k in (1, 2, 3, 4))
     else:
         e.methods = _methods((8,), adapter_lrs=ADAPTER_LRS, full_lrs=FULL_LRS)
         e.run = "full,lora,mora1,mora6"
         e.wordnet_dir = "/usr/share/wordnet"  # apt-get install wordnet-base
         e.relations_file = ""  # or a JSONL file of questions (python -m train.make_word_relations)
         e.train_examples = 2000 if quick else 100000  # questions trained on (at most)
-        e.eval_examples = 32 if quick else 500  # held-out questions per split (valid, test)
+        e.eval_examples = {"quick": 32, "results": 64, "long": 500}[size]  # held-out questions per split (valid, test)
         e.max_new_tokens = 6  # generation budget per answer
-        c.train.batch_size = 16 if quick else 32
+        c.train.batch_size = 32 if long else 16
         c.train.seq_len = 24  # prompt + answer + EOS
-        c.optim.warmup_steps = 2 if quick else 20
-        e.sweep_steps = 6 if quick else 100
-        c.train.steps = 18 if quick else 600
-        e.eval_steps = (6, 12, 18) if quick else (150, 300, 450, 600)
+        c.optim.warmup_steps = {"quick": 2, "results": 4, "long": 20}[size]
+        e.sweep_steps = {"quick": 6, "results": 12, "long": 100}[size]
+        c.train.steps = {"quick": 18, "results": 36, "long": 600}[size]
+        e.eval_steps = (6, 12, 18) if quick else tuple(c.train.steps * k // 4 for k in (1, 2, 3, 4))
     return c

@@ -49,7 +49,7 @@ def _quick(preset, model, workdir, **experiment):
 
 def test_presets_build_and_bad_settings_get_one_line(tiny_model):
     for experiment in ("memorization", "continual", "word_relations"):
-        for size in ("quick", "results"):
+        for size in ("quick", "results", "long"):
             c = smollm2_experiments.get_config(f"{experiment}_{size}")
             names = compare_finetuning.method_names(c)
             assert {"full", "lora", "mora"} <= {c.experiment.methods[n].method for n in names}
@@ -57,6 +57,8 @@ def test_presets_build_and_bad_settings_get_one_line(tiny_model):
             assert max(c.experiment.eval_steps) <= c.train.steps
     with pytest.raises(ValueError, match="unknown preset"):
         smollm2_experiments.get_config("memorization_huge")
+    with pytest.raises(ValueError, match="unknown preset"):
+        smollm2_experiments.get_config("quantized_long")
     c = _quick("memorization_quick", tiny_model, "/unused")
     with pytest.raises(ValueError, match="unknown.*lora_r9.*defines"):
         compare_finetuning.method_names(c, ["lora_r9"])
@@ -215,7 +217,10 @@ def test_sweep_choice_ranks_by_the_task_metrics_and_puts_divergence_last():
 
     select = finetune_tasks.Memorization.select
     assert compare_finetuning.choose_lr([rec(1e-3, 10, 2.0), rec(3e-3, 30, 1.0), rec(1e-2, 0, 0, "nan")], select, 5) == 3e-3
-    assert compare_finetuning.choose_lr([rec(1e-3, 30, 2.0), rec(3e-3, 30, 1.0)], select, 5) == 3e-3  # tie: loss
+    assert compare_finetuning.choose_lr([rec(1e-3, 30, 2.0), rec(3e-3, 30, 1.0)], select, 5) == 3e-3
+    # memorization ranks by loss first: a diverging rate that guesses more characters right loses
+    assert compare_finetuning.choose_lr([rec(3e-3, 6.9, 2.31), rec(1e-2, 11.8, 5.96)], select, 5) == 3e-3
+    assert compare_finetuning.choose_lr([rec(1e-3, 20, 1.0), rec(3e-3, 30, 1.0)], select, 5) == 3e-3  # tie: accuracy
     assert compare_finetuning.choose_lr([rec(1e-3, 0, float("nan")), rec(3e-3, 0, 1.0)], select, 5) == 3e-3
 
 
