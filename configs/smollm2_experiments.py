@@ -155,6 +155,8 @@ def get_config(preset: str = "memorization_quick"):
         e.eval_steps = (4, 8, 12) if quick else tuple(c.train.steps * k // 4 for k in (1, 2, 3, 4))
     else:
         e.methods = _methods((8,), adapter_lrs=ADAPTER_LRS, full_lrs=FULL_LRS)
+        # LoRA's best of the four adapter rates was the largest, 3e-3 (word_relations_results' sweep): one higher
+        e.methods.lora.lrs = ADAPTER_LRS + (1e-2,)
         e.run = "full,lora,mora1,mora6"
         e.wordnet_dir = "/usr/share/wordnet"  # apt-get install wordnet-base
         e.relations_file = ""  # or a JSONL file of questions (python -m train.make_word_relations)
