@@ -157,6 +157,7 @@ def get_config(preset: str = "memorization_quick"):
         e.methods = _methods((8,), adapter_lrs=ADAPTER_LRS, full_lrs=FULL_LRS)
         # LoRA's best of the four adapter rates was the largest, 3e-3 (word_relations_results' sweep): one higher
         e.methods.lora.lrs = ADAPTER_LRS + (1e-2,)
+        e.methods.full.lrs = FULL_LRS + (1e-3,)  # so was full fine-tuning's, 3e-4: one higher too
         e.run = "full,lora,mora1,mora6"
         e.wordnet_dir = "/usr/share/wordnet"  # apt-get install wordnet-base
         e.relations_file = ""  # or a JSONL file of questions (python -m train.make_word_relations)
