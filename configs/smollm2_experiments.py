@@ -139,8 +139,9 @@ def get_config(preset: str = "memorization_quick"):
         e.eval_steps = tuple(c.train.steps * k // 4 for k in (1, 2, 3, 4))  # character accuracy measured here
     elif experiment == "continual":
         e.methods = _methods((8,), adapter_lrs=ADAPTER_LRS, full_lrs=FULL_LRS)
-        # LoRA's best of the four adapter rates was the largest, 3e-3 (continual_results' sweep): one higher
-        e.methods.lora.lrs = ADAPTER_LRS + (1e-2,)
+        # LoRA's and MoRA type 6's best of the four adapter rates was the largest, 3e-3 (continual_results'
+        # sweep): one higher
+        e.methods.lora.lrs = e.methods.mora6.lrs = ADAPTER_LRS + (1e-2,)
         e.run = "full,lora,mora1,mora6"
         # the Debian Reference in Indonesian (new to SmolLM2: 3.1x the perplexity of the English original) and in
         # English, its original (forgetting); apt-get install debian-reference-id debian-reference-en
